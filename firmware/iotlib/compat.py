@@ -1,0 +1,65 @@
+# Runtime shims shared by every iotlib module. Feature detection, never platform checks.
+try:
+    from micropython import const
+except ImportError:  # CPython  # pragma: no cover
+    def const(x):
+        return x
+
+import time
+
+try:
+    ticks_ms = time.ticks_ms
+    ticks_diff = time.ticks_diff
+    ticks_add = time.ticks_add
+except AttributeError:  # CPython
+    def ticks_ms():
+        return int(time.monotonic() * 1000)
+
+    def ticks_diff(a, b):
+        return a - b
+
+    def ticks_add(a, b):
+        return a + b
+
+try:
+    import asyncio
+except ImportError:  # pragma: no cover - very old MicroPython
+    import uasyncio as asyncio  # noqa: F401
+
+
+def sleep_ms(ms):
+    return asyncio.sleep(ms / 1000)
+
+
+def epoch_ms():
+    """Wall-clock milliseconds since 1970 from the local clock (TimeSyncManager corrects it)."""
+    try:
+        return time.time_ns() // 1000000
+    except AttributeError:  # pragma: no cover - ports without time_ns
+        return int(time.time()) * 1000
+
+
+def urandom(n):
+    import os
+    return os.urandom(n)
+
+
+def format_exc(exc):
+    """The traceback of exc as a string, on both runtimes."""
+    import io
+    import sys
+    buf = io.StringIO()
+    if hasattr(sys, "print_exception"):
+        sys.print_exception(exc, buf)
+    else:  # CPython
+        import traceback
+        traceback.print_exception(type(exc), exc, exc.__traceback__, file=buf)
+    return buf.getvalue()
+
+
+def mem_free():
+    import gc
+    try:
+        return gc.mem_free()
+    except AttributeError:  # CPython
+        return -1

@@ -1,0 +1,47 @@
+"""Compile firmware to .mpy with mpy-cross (what ships to a board and what the unix port runs in simulation)."""
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from . import paths
+
+# microdot modules a device bundle needs (the core and the WebSocket extension); microdot's other
+# extensions stay off the board.
+MICRODOT_MODULES = ("__init__.py", "microdot.py", "websocket.py", "helpers.py")
+
+
+class BuildError(RuntimeError):
+    pass
+
+
+def compile_file(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.exists() and dst.stat().st_mtime >= src.stat().st_mtime:
+        return
+    proc = subprocess.run([paths.mpy_cross_bin(), "-o", str(dst), "-s", src.name, str(src)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise BuildError(f"mpy-cross failed on {src}:\n{proc.stderr}{proc.stdout}")
+
+
+def compile_tree(src_root: Path, dst_root: Path, files: list[Path] | None = None) -> list[Path]:
+    """Compile every .py under src_root (or the given files) to dst_root, keeping the layout."""
+    out = []
+    for src in files if files is not None else sorted(src_root.rglob("*.py")):
+        if "__pycache__" in src.parts:
+            continue
+        rel = src.relative_to(src_root).with_suffix(".mpy")
+        dst = dst_root / rel
+        compile_file(src, dst)
+        out.append(dst)
+    return out
+
+
+def build_firmware(dst_root: Path, with_microdot: bool = True) -> list[Path]:
+    """The device bundle: iotlib, the controllers and microdot, all as .mpy."""
+    out = compile_tree(paths.FIRMWARE, dst_root)
+    if with_microdot:
+        md = paths.microdot_dir()
+        out += compile_tree(md, dst_root / "microdot", [md / m for m in MICRODOT_MODULES if (md / m).exists()])
+    return out

@@ -1,0 +1,50 @@
+"""The `picoiot` command."""
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(help="picoiot: Pico W IoT platform — control plane, simulation and device tooling.",
+                  no_args_is_help=True)
+firmware_app = typer.Typer(help="Build and test the MicroPython firmware.", no_args_is_help=True)
+app.add_typer(firmware_app, name="firmware")
+
+
+@firmware_app.command("test")
+def firmware_test(heap: str = typer.Option("192K", help="MicroPython heap size (-X heapsize)"),
+                  pattern: str = typer.Option("test_", help="only test modules whose name starts with this"),
+                  verbose: bool = typer.Option(False, "-v", "--verbose")) -> None:
+    """Run tests/firmware under the unix micropython, firmware compiled to .mpy, with a Pico-sized heap."""
+    from .fwtest import run_suite
+    passed, failed = run_suite(heap=heap, pattern=pattern, verbose=verbose, echo=typer.echo)
+    typer.echo(f"{passed} passed, {failed} failed")
+    if failed or not passed:
+        raise typer.Exit(1)
+
+
+@firmware_app.command("build")
+def firmware_build(out: str = typer.Option("build/firmware", help="output directory")) -> None:
+    """Compile iotlib, the controllers and microdot to .mpy (the bundle that goes onto a board)."""
+    from pathlib import Path
+
+    from .build import build_firmware
+    files = build_firmware(Path(out))
+    typer.echo(f"{len(files)} files in {out}")
+
+
+def _register_optional() -> None:
+    # Commands living in their own modules register themselves here; a missing module must not break the CLI.
+    import importlib
+    for name in ("server_cli", "device_cli", "demo"):
+        try:
+            mod = importlib.import_module(f"picoiot.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"picoiot.{name}":
+                raise
+            continue
+        mod.register(app)
+
+
+_register_optional()
+
+if __name__ == "__main__":  # pragma: no cover
+    app()
