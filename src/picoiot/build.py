@@ -1,6 +1,7 @@
 """Compile firmware to .mpy with mpy-cross (what ships to a board and what the unix port runs in simulation)."""
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -19,10 +20,13 @@ def compile_file(src: Path, dst: Path) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     if dst.exists() and dst.stat().st_mtime >= src.stat().st_mtime:
         return
-    proc = subprocess.run([paths.mpy_cross_bin(), "-o", str(dst), "-s", src.name, str(src)],
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")  # several test runs may build at once
+    proc = subprocess.run([paths.mpy_cross_bin(), "-o", str(tmp), "-s", src.name, str(src)],
                           capture_output=True, text=True)
     if proc.returncode != 0:
+        tmp.unlink(missing_ok=True)
         raise BuildError(f"mpy-cross failed on {src}:\n{proc.stderr}{proc.stdout}")
+    os.replace(tmp, dst)
 
 
 def compile_tree(src_root: Path, dst_root: Path, files: list[Path] | None = None) -> list[Path]:

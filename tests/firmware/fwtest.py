@@ -44,7 +44,9 @@ def rmtree(path):
 
 def tmpdir(name="t"):
     """A fresh empty directory for one test (removed first if it exists)."""
-    base = os.getenv("PICOIOT_FWTEST_TMP") or "/tmp/picoiot-fwtest"
+    base = os.getenv("PICOIOT_FWTEST_TMP")
+    if not base:
+        base = "/tmp/picoiot-fwtest-%d" % (os.getpid() if hasattr(os, "getpid") else 0)
     _counter[0] += 1
     if not _exists(base):
         os.mkdir(base)
