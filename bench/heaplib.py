@@ -1,0 +1,126 @@
+"""Shared helpers for the memory benchmarks: find the minimum `-X heapsize` at which a MicroPython run succeeds.
+
+A run "succeeds" when the caller's check says so (exit status, expected output, no MemoryError, all HTTP answers as
+expected). The search is a bisection over KiB, each candidate confirmed by a second run so one lucky run can't set the
+figure.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+from picoiot import build, paths  # noqa: E402
+
+BUILD = REPO / "build" / "bench"
+
+
+def bundle() -> Path:
+    """Firmware + microdot compiled to .mpy (the same bundle that goes onto a board)."""
+    build.build_firmware(BUILD)
+    return BUILD
+
+
+def compile_script(src: Path) -> Path:
+    """A bench script compiled to .mpy next to the bundle, so the measured code is all bytecode."""
+    dst = BUILD / (src.stem + ".mpy")
+    build.compile_file(src, dst)
+    return dst
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def mp_env(extra: dict | None = None) -> dict:
+    env = dict(os.environ, MICROPYPATH=f"{BUILD}:.frozen")
+    env.update(extra or {})
+    return env
+
+
+def run_module(module: str, heap_k: int, args: list[str] = (), timeout: float = 120, env: dict | None = None):
+    """Run `micropython -X heapsize=<heap_k>K -m module args…` to completion."""
+    return subprocess.run([paths.micropython_bin(), "-X", f"heapsize={heap_k}K", "-m", module, *args],
+                          capture_output=True, text=True, timeout=timeout, env=env or mp_env())
+
+
+def start_module(module: str, heap_k: int, args: list[str] = (), env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen([paths.micropython_bin(), "-X", f"heapsize={heap_k}K", "-m", module, *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env or mp_env())
+
+
+def wait_port(port: int, proc: subprocess.Popen, timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return True
+        except OSError:
+            time.sleep(0.05)
+    return False
+
+
+def min_heap(ok: Callable[[int], bool], lo: int = 8, hi: int = 512) -> int | None:
+    """Smallest heap (KiB) in [lo, hi] for which ok(heap) holds, confirmed twice; None if even hi fails."""
+    if not (ok(hi) and ok(hi)):
+        return None
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if ok(mid) and ok(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def http_get(port: int, path: str = "/", headers: dict | None = None, timeout: float = 5) -> tuple[int, bytes]:
+    """One HTTP/1.0 GET on a fresh connection (what microdot serves); (status, body), status 0 on failure."""
+    req = f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n"
+    for k, v in (headers or {}).items():
+        req += f"{k}: {v}\r\n"
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+            s.sendall((req + "\r\n").encode())
+            data = b""
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+    except OSError:
+        return 0, b""
+    head, _, body = data.partition(b"\r\n\r\n")
+    try:
+        return int(head.split(b" ", 2)[1]), body
+    except (IndexError, ValueError):
+        return 0, b""
+
+
+def served_ok(module: str, heap_k: int, path: str = "/", requests: int = 50, concurrency: int = 4,
+              headers: dict | None = None, expect: int = 200) -> bool:
+    """Start a server module at heap_k, send `requests` GETs (`concurrency` at a time); True if every answer
+    was `expect` and the process printed no MemoryError."""
+    from concurrent.futures import ThreadPoolExecutor
+    port = free_port()
+    proc = start_module(module, heap_k, [str(port)])
+    try:
+        if not wait_port(port, proc):
+            return False
+        with ThreadPoolExecutor(concurrency) as ex:
+            codes = list(ex.map(lambda _: http_get(port, path, headers)[0], range(requests)))
+        alive = proc.poll() is None
+    finally:
+        proc.kill()
+        out = proc.communicate()[0]
+    return alive and all(c == expect for c in codes) and "MemoryError" not in out
