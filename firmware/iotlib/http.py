@@ -1,0 +1,264 @@
+# A small async HTTP/1.1 client on asyncio streams for the device's calls to the control plane.
+# One request at a time over one connection (Connection: close): a Pico W has 5 TCP sockets in all and cannot afford
+# two TLS sessions. Every transport failure comes out as HTTPError, so callers handle exactly one exception type.
+import json as _json
+
+from iotlib.compat import asyncio, const
+
+_CRLF = b"\r\n"
+_CHUNK = const(512)
+
+
+class HTTPError(Exception):
+    """The request did not produce a complete, well-formed HTTP response. str(e) is the reason."""
+
+
+class Response:
+    __slots__ = ("status", "reason", "headers", "body")
+
+    def __init__(self, status, reason, headers, body):
+        self.status = status
+        self.reason = reason
+        self.headers = headers  # lower-case names
+        self.body = body
+
+    def json(self):
+        try:
+            return _json.loads(self.body)
+        except (ValueError, TypeError):
+            raise HTTPError("response body is not JSON")
+
+    def __repr__(self):
+        return "<Response %d %d bytes>" % (self.status, len(self.body))
+
+
+def parse_url(url):
+    """(scheme, host, port, path) of an http/https URL; HTTPError if it is not one."""
+    if url.startswith("https://"):
+        scheme, rest, port = "https", url[8:], 443
+    elif url.startswith("http://"):
+        scheme, rest, port = "http", url[7:], 80
+    else:
+        raise HTTPError("unsupported URL: %s" % url)
+    i = rest.find("/")
+    hostport, path = (rest, "/") if i < 0 else (rest[:i], rest[i:])
+    host = hostport
+    if ":" in hostport:
+        host, p = hostport.rsplit(":", 1)
+        try:
+            port = int(p)
+        except ValueError:
+            raise HTTPError("bad port in URL: %s" % url)
+    if not host or not 0 < port < 65536:
+        raise HTTPError("bad host or port in URL: %s" % url)
+    return scheme, host, port, path
+
+
+def pem_to_der(pem):
+    """The first certificate of a PEM text as DER (the unix port's TLS takes DER cadata only)."""
+    import binascii
+    if isinstance(pem, str):
+        pem = pem.encode()
+    begin = pem.find(b"-----BEGIN CERTIFICATE-----")
+    end = pem.find(b"-----END CERTIFICATE-----")
+    if begin < 0 or end < begin:
+        raise ValueError("no PEM certificate")
+    return binascii.a2b_base64(b"".join(pem[begin + 27:end].split()))
+
+
+def _tls_context(cadata):
+    import ssl
+    if cadata is not None and (isinstance(cadata, str) or cadata[:5] == b"-----"):
+        cadata = pem_to_der(cadata)
+    if hasattr(ssl, "create_default_context"):  # CPython
+        return ssl.create_default_context(cadata=cadata) if cadata is not None else ssl.create_default_context()
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    # set explicitly: MicroPython's client context does not verify unless told to
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    if cadata is not None:
+        ctx.load_verify_locations(cadata=cadata)
+    return ctx
+
+
+class HTTPClient:
+    """`await HTTPClient().request("GET", url)` → Response. Serialises requests (one connection at a time)."""
+
+    #: ms allowed for TCP connect (+ DNS, which is blocking on MicroPython)
+    connect_timeout_ms = 5000
+    #: ms allowed for sending the request and reading the whole response (long-polls pass their own)
+    timeout_ms = 10000
+    #: largest response body accepted; the control plane's documents are ≤ 8 KiB, so this is generous
+    max_body = 16 * 1024
+    #: bytes of status line + headers accepted
+    max_header_bytes = 4096
+    #: header lines accepted
+    max_headers = 32
+
+    def __init__(self, timeout_ms=None, cadata=None, connect_timeout_ms=None, max_body=None, user_agent="iotlib"):
+        if timeout_ms is not None:
+            self.timeout_ms = timeout_ms
+        if connect_timeout_ms is not None:
+            self.connect_timeout_ms = connect_timeout_ms
+        if max_body is not None:
+            self.max_body = max_body
+        self.cadata = cadata
+        self.user_agent = user_agent
+        self._ctx = None
+        self._lock = None
+        self.requests = 0
+        self.failures = 0
+
+    def _tls(self):
+        if self._ctx is None:
+            try:
+                self._ctx = _tls_context(self.cadata)
+            except (ValueError, OSError) as e:
+                raise HTTPError("TLS setup failed: %s" % (e,))
+        return self._ctx
+
+    async def request(self, method, url, json=None, headers=None, body=None, timeout_ms=None):
+        scheme, host, port, path = parse_url(url)
+        if json is not None:
+            body = _json.dumps(json)
+        if isinstance(body, str):
+            body = body.encode()
+        lines = ["%s %s HTTP/1.1" % (method, path), "Host: %s" % (host if port in (80, 443) else "%s:%d" % (host, port)),
+                 "Connection: close", "User-Agent: " + self.user_agent]
+        if body is not None or method in ("POST", "PUT", "PATCH"):
+            lines.append("Content-Length: %d" % (len(body) if body else 0))
+        if json is not None:
+            lines.append("Content-Type: application/json")
+        if headers:
+            for k in headers:
+                lines.append("%s: %s" % (k, headers[k]))
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode()
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            self.requests += 1
+            try:
+                return await self._exchange(scheme, host, port, head, body, method,
+                                            self.timeout_ms if timeout_ms is None else timeout_ms)
+            except HTTPError:
+                self.failures += 1
+                raise
+
+    async def _exchange(self, scheme, host, port, head, body, method, timeout_ms):
+        ssl = self._tls() if scheme == "https" else None
+        try:
+            if ssl is None:
+                conn = asyncio.open_connection(host, port)
+            else:
+                conn = asyncio.open_connection(host, port, ssl=ssl, server_hostname=host)
+            reader, writer = await asyncio.wait_for(conn, self.connect_timeout_ms / 1000)
+        except asyncio.TimeoutError:
+            raise HTTPError("connect to %s:%d timed out" % (host, port))
+        except (OSError, ValueError) as e:  # ValueError: TLS verification on the unix port
+            raise HTTPError("connect to %s:%d failed: %s" % (host, port, _reason(e)))
+        try:
+            return await asyncio.wait_for(self._send_receive(reader, writer, head, body, method), timeout_ms / 1000)
+        except asyncio.TimeoutError:
+            raise HTTPError("no complete response from %s:%d within %d ms" % (host, port, timeout_ms))
+        except (OSError, ValueError, EOFError, IndexError) as e:
+            raise HTTPError("%s:%d: %s" % (host, port, _reason(e)))
+        finally:
+            try:
+                writer.close()
+                await writer.wait_closed()
+            except Exception:  # closing a broken TLS stream may raise; the socket is gone either way
+                pass
+
+    async def _send_receive(self, reader, writer, head, body, method):
+        writer.write(head)
+        if body:
+            writer.write(body)
+        await writer.drain()
+        line = await reader.readline()
+        if line[-1:] != b"\n":
+            raise HTTPError("connection closed before the status line")
+        parts = line.split(None, 2)
+        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit() or len(parts[1]) != 3:
+            raise HTTPError("malformed status line")
+        status = int(parts[1])
+        reason = parts[2].strip().decode() if len(parts) > 2 else ""
+        headers = {}
+        total = len(line)
+        while True:
+            line = await reader.readline()
+            total += len(line)
+            if total > self.max_header_bytes or len(headers) >= self.max_headers:
+                raise HTTPError("response headers too large")
+            if line[-1:] != b"\n":
+                raise HTTPError("connection closed inside the headers")
+            if line == _CRLF or line == b"\n":
+                break
+            i = line.find(b":")
+            if i <= 0:
+                raise HTTPError("malformed header line")
+            headers[line[:i].strip().decode().lower()] = line[i + 1:].strip().decode()
+        if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
+            body = b""
+        elif "chunked" in headers.get("transfer-encoding", "").lower():
+            body = await self._read_chunked(reader)
+        elif "content-length" in headers:
+            cl = headers["content-length"]
+            if not cl.isdigit():
+                raise HTTPError("bad Content-Length")
+            n = int(cl)
+            if n > self.max_body:
+                raise HTTPError("response body too large (%d > %d)" % (n, self.max_body))
+            body = await self._read_exactly(reader, n)
+        else:
+            body = await self._read_to_eof(reader)
+        return Response(status, reason, headers, body)
+
+    async def _read_exactly(self, reader, n):
+        buf = b""
+        while len(buf) < n:
+            part = await reader.read(min(n - len(buf), _CHUNK))
+            if not part:
+                raise HTTPError("truncated body (%d of %d bytes)" % (len(buf), n))
+            buf += part
+        return buf
+
+    async def _read_to_eof(self, reader):
+        buf = b""
+        while True:
+            part = await reader.read(_CHUNK)
+            if not part:
+                return buf
+            buf += part
+            if len(buf) > self.max_body:
+                raise HTTPError("response body too large (> %d)" % self.max_body)
+
+    async def _read_chunked(self, reader):
+        buf = b""
+        while True:
+            line = await reader.readline()
+            if not line:
+                raise HTTPError("truncated chunked body")
+            size = line.split(b";", 1)[0].strip()
+            try:
+                n = int(size, 16)
+            except ValueError:
+                raise HTTPError("bad chunk size")
+            if n < 0 or len(size) > 8:
+                raise HTTPError("bad chunk size")
+            if n == 0:
+                break
+            if len(buf) + n > self.max_body:
+                raise HTTPError("response body too large (> %d)" % self.max_body)
+            buf += await self._read_exactly(reader, n)
+            if await reader.readline() not in (_CRLF, b"\n"):
+                raise HTTPError("chunk not terminated by CRLF")
+        for _ in range(self.max_headers):  # trailers up to the blank line
+            line = await reader.readline()
+            if not line or line in (_CRLF, b"\n"):
+                return buf
+        raise HTTPError("too many trailer lines")
+
+
+def _reason(e):
+    # str(OSError) on MicroPython is just "[Errno 111] ECONNREFUSED"; keep the class name for the others
+    s = str(e)
+    return "%s: %s" % (type(e).__name__, s) if s else type(e).__name__
