@@ -1,0 +1,294 @@
+# A small metrics registry rendering the Prometheus text exposition format 0.0.4 (what /metrics serves).
+# Counters and gauges with labels, callback gauges, and the device's built-in gauges (heap, largest free block,
+# event-loop lag). Updating a metric never raises for a runtime reason: a label set past the series limit is dropped
+# and counted.
+from .compat import ticks_ms, ticks_diff, sleep_ms
+
+_NAME_FIRST = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_:"
+_NAME_REST = _NAME_FIRST + "0123456789"
+
+
+def _check_name(name, label=False):
+    first = _NAME_FIRST[:-1] if label else _NAME_FIRST  # label names have no ':'
+    rest = _NAME_REST.replace(":", "") if label else _NAME_REST
+    ok = bool(name) and name[0] in first and not (label and name.startswith("__"))
+    for c in name:
+        if c not in rest:
+            ok = False
+    if not ok:
+        raise ValueError("invalid %s name: %r" % ("label" if label else "metric", name))
+
+
+def escape_label(v):
+    return v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def escape_help(v):
+    return v.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def format_value(v):
+    if v is True or v is False:
+        return "1" if v else "0"
+    if isinstance(v, int):
+        return str(v)
+    v = float(v)
+    if v != v:
+        return "NaN"
+    if v - v != 0:
+        return "+Inf" if v > 0 else "-Inf"
+    if v == int(v) and abs(v) < 1e15:
+        return str(int(v))
+    return repr(v)
+
+
+class Metric:
+    """One metric family: a value per label set. Counters only go up (inc); gauges are set, inc'd or dec'd."""
+
+    #: Most label sets one metric holds; more would let a bad label (an id, a path) eat the heap.
+    MAX_SERIES = 32
+
+    def __init__(self, registry, name, help, kind, labels=()):
+        _check_name(name)
+        for ln in labels:
+            _check_name(ln, True)
+        self.registry = registry
+        self.name = name
+        self.help = help
+        self.kind = kind
+        self.labelnames = tuple(labels)
+        self.series = {}  # tuple of label values -> number
+        if not self.labelnames:
+            self.series[()] = 0  # an unlabelled metric is exposed (as 0) from the start
+
+    def _key(self, labels):
+        if len(labels) != len(self.labelnames):
+            raise ValueError("%s takes labels %s, got %s" % (self.name, self.labelnames, tuple(labels)))
+        try:
+            return tuple(str(labels[n]) for n in self.labelnames)
+        except KeyError:
+            raise ValueError("%s takes labels %s, got %s" % (self.name, self.labelnames, tuple(labels)))
+
+    def _slot(self, key):
+        if key in self.series:
+            return True
+        if len(self.series) >= self.MAX_SERIES:
+            self.registry.dropped += 1
+            return False
+        self.series[key] = 0
+        return True
+
+    def inc(self, n=1, **labels):
+        if self.kind == "counter" and n < 0:
+            raise ValueError("counter %s cannot decrease" % self.name)
+        key = self._key(labels)
+        if self._slot(key):
+            self.series[key] += n
+
+    def dec(self, n=1, **labels):
+        if self.kind == "counter":
+            raise ValueError("counter %s cannot decrease" % self.name)
+        self.inc(-n, **labels)
+
+    def set(self, v, **labels):
+        if self.kind == "counter":
+            raise ValueError("counter %s cannot be set; use inc()" % self.name)
+        key = self._key(labels)
+        if self._slot(key):
+            self.series[key] = v
+
+    def value(self, **labels):
+        return self.series.get(self._key(labels), 0)
+
+    def exposed_name(self):
+        # Prometheus convention (and prometheus_client's own output): a counter's samples end in _total.
+        if self.kind == "counter" and not self.name.endswith("_total"):
+            return self.name + "_total"
+        return self.name
+
+    def samples(self):
+        return self.series.items()
+
+    def render(self, out):
+        name = self.exposed_name()
+        out.append("# HELP %s %s\n# TYPE %s %s\n" % (name, escape_help(self.help), name, self.kind))
+        for key, v in self.samples():
+            if key:
+                lab = ",".join('%s="%s"' % (n, escape_label(key[i])) for i, n in enumerate(self.labelnames))
+                out.append("%s{%s} %s\n" % (name, lab, format_value(v)))
+            else:
+                out.append("%s %s\n" % (name, format_value(v)))
+
+
+class _FnGauge(Metric):
+    def __init__(self, registry, name, help, fn):
+        Metric.__init__(self, registry, name, help, "gauge")
+        self.fn = fn
+
+    def samples(self):
+        # A failing or unavailable source (None) yields no sample rather than a wrong one.
+        try:
+            v = self.fn()
+        except Exception:
+            self.registry.errors += 1
+            return ()
+        return () if v is None else (((), v),)
+
+    def value(self):
+        for _, v in self.samples():
+            return v
+        return None
+
+
+class Metrics:
+    """A registry of metric families, rendered in registration order."""
+
+    def __init__(self):
+        self.metrics = {}
+        self.order = []
+        self.dropped = 0  # label sets refused by MAX_SERIES
+        self.errors = 0  # callback gauges that raised while rendering
+
+    def _add(self, m):
+        old = self.metrics.get(m.name)
+        if old is not None:
+            if old.kind != m.kind or old.labelnames != m.labelnames or type(old) is not type(m):
+                raise ValueError("metric %s already registered differently" % m.name)
+            return old  # idempotent: a module may declare its metrics each time it is constructed
+        self.metrics[m.name] = m
+        self.order.append(m)
+        return m
+
+    def counter(self, name, help, labels=()):
+        if name.endswith("_total"):
+            name = name[:-6]
+        return self._add(Metric(self, name, help, "counter", labels))
+
+    def gauge(self, name, help, labels=()):
+        return self._add(Metric(self, name, help, "gauge", labels))
+
+    def gauge_fn(self, name, help, fn):
+        """A gauge read from fn() at render time (fn returns a number, or None for 'not available')."""
+        m = self._add(_FnGauge(self, name, help, fn))
+        m.fn = fn  # re-registration rebinds the callback (e.g. a new manager instance after a restart)
+        return m
+
+    def get(self, name):
+        return self.metrics.get(name)
+
+    def unregister(self, name):
+        m = self.metrics.pop(name, None)
+        if m is not None:
+            self.order.remove(m)
+
+    def render(self):
+        out = []
+        for m in self.order:
+            m.render(out)
+        return "".join(out)
+
+
+REGISTRY = Metrics()
+
+
+def counter(name, help, labels=()):
+    return REGISTRY.counter(name, help, labels)
+
+
+def gauge(name, help, labels=()):
+    return REGISTRY.gauge(name, help, labels)
+
+
+def gauge_fn(name, help, fn):
+    return REGISTRY.gauge_fn(name, help, fn)
+
+
+def heap_free():
+    try:
+        import gc
+        return gc.mem_free()
+    except (ImportError, AttributeError):  # CPython: no GC heap to report
+        return None
+
+
+#: Granularity of the largest-free-block probe (bytes); MicroPython's GC allocates in 16-byte blocks.
+PROBE_STEP = 256
+#: Most allocation attempts one probe makes: each failed attempt costs a garbage collection (~ms on a Pico).
+PROBE_TRIES = 8
+
+
+def largest_free_block():
+    """Largest single allocation that succeeds now (bytes, within PROBE_STEP), or None where there is no GC heap.
+
+    MicroPython has no cheap API for it: micropython.mem_info(1) prints the whole heap map to stdout (slow, and
+    not capturable on a board). We probe instead: try gc.mem_free() bytes at once (succeeds on an unfragmented
+    heap: one allocation), else bisect with at most PROBE_TRIES attempts, then collect. It runs only when
+    /metrics is rendered; its cost is up to PROBE_TRIES collections."""
+    import gc
+    try:
+        hi = gc.mem_free()
+    except AttributeError:
+        return None
+    lo = 0
+    best = 0
+    size = hi - hi % PROBE_STEP
+    tries = 0
+    while size > lo and tries < PROBE_TRIES:
+        tries += 1
+        try:
+            b = bytearray(size)
+            del b
+            best = lo = size
+        except MemoryError:
+            hi = size
+        size = (lo + hi) // 2
+        size -= size % PROBE_STEP
+        if size <= lo:
+            break
+    gc.collect()  # free the probe now instead of leaving the heap looking full until the next collection
+    return best
+
+
+class LoopLag:
+    """How late the event loop wakes a sleeper: a long synchronous stretch (a blocking call, a big JSON parse)
+    shows here, and on a Pico W anything near the 8.3 s watchdog limit resets the board."""
+
+    def __init__(self):
+        self.last_ms = 0
+        self.max_ms = 0
+        self.samples = 0
+
+    def record(self, lag):
+        if lag < 0:
+            lag = 0
+        self.last_ms = lag
+        self.samples += 1
+        if lag > self.max_ms:
+            self.max_ms = lag
+
+
+LOOP_LAG = LoopLag()
+
+
+async def loop_lag_monitor(period_ms=100, lag=None, iterations=-1):
+    """Sleep period_ms again and again and record how much later than asked each sleep returns.
+    Runs until cancelled (or for `iterations` rounds, for tests)."""
+    lag = LOOP_LAG if lag is None else lag
+    while iterations != 0:
+        t0 = ticks_ms()
+        await sleep_ms(period_ms)
+        lag.record(ticks_diff(ticks_ms(), t0) - period_ms)
+        if iterations > 0:
+            iterations -= 1
+
+
+def register_builtins(registry=None, lag=None):
+    """Register the device's built-in gauges (idempotent)."""
+    r = REGISTRY if registry is None else registry
+    lag = LOOP_LAG if lag is None else lag
+    r.gauge_fn("iotlib_heap_free_bytes", "Free bytes in the MicroPython GC heap (gc.mem_free()).", heap_free)
+    r.gauge_fn("iotlib_heap_largest_free_block_bytes",
+               "Largest allocation that succeeded when probed (bytes, 256-byte granularity).", largest_free_block)
+    r.gauge_fn("iotlib_loop_lag_ms", "Lateness of the last event-loop wake-up (ms).", lambda: lag.last_ms)
+    r.gauge_fn("iotlib_loop_lag_max_ms", "Largest event-loop wake-up lateness since boot (ms).", lambda: lag.max_ms)
+    return r
