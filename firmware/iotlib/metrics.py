@@ -78,24 +78,25 @@ class Metric:
         self.series[key] = 0
         return True
 
-    def inc(self, n=1, **labels):
-        if self.kind == "counter" and n < 0:
+    # The amount is named _n/_v so that any label name (even "n" or "v") can be passed as a keyword.
+    def inc(self, _n=1, **labels):
+        if self.kind == "counter" and _n < 0:
             raise ValueError("counter %s cannot decrease" % self.name)
         key = self._key(labels)
         if self._slot(key):
-            self.series[key] += n
+            self.series[key] += _n
 
-    def dec(self, n=1, **labels):
+    def dec(self, _n=1, **labels):
         if self.kind == "counter":
             raise ValueError("counter %s cannot decrease" % self.name)
-        self.inc(-n, **labels)
+        self.inc(-_n, **labels)
 
-    def set(self, v, **labels):
+    def set(self, _v, **labels):
         if self.kind == "counter":
             raise ValueError("counter %s cannot be set; use inc()" % self.name)
         key = self._key(labels)
         if self._slot(key):
-            self.series[key] = v
+            self.series[key] = _v
 
     def value(self, **labels):
         return self.series.get(self._key(labels), 0)
