@@ -1,0 +1,848 @@
+# The simulated Pico W that iotlib.hal hands out where there is no real `machine`/`network` (unix port, CPython).
+# One module-level `board` holds everything a test may script: pins (with a transition log), ADC signals, I2C sensor
+# models, the Wi-Fi link, the watchdog, the RTC, the clock and the flash directory. See docs/simulation.md.
+#
+# Scripted values (ADC channels, sensor fields, RSSI) take one of: a number (constant), a list (one item per read, the
+# last one sticks), or a callable f(now_ms). An exception instance in a list is raised by the read that reaches it.
+import os
+
+from iotlib.compat import const, ticks_ms, ticks_add, ticks_diff
+
+_WDT_MAX_MS = const(8388)
+_EIO = const(5)
+_ETIMEDOUT = const(110)
+_EHOSTUNREACH = const(113)
+
+
+class SimulatedReset(SystemExit):
+    """The simulated device reset (hal.reset(), soft_reset() or a starved WDT). A SystemExit, so it ends asyncio.run
+    on both runtimes like a reset ends everything on a board; `.cause` says why. Call `board.boot()` to go on."""
+
+    def __init__(self, cause):
+        super().__init__(cause)
+        self.cause = cause
+
+
+def _sample(store, key, now):
+    v = store[key]
+    if isinstance(v, list):
+        x = v.pop(0) if len(v) > 1 else v[0]
+    elif callable(v):
+        x = v(now)
+    else:
+        x = v
+    if isinstance(x, BaseException):
+        raise x
+    return x
+
+
+# ---- RP2040 internal temperature sensor (ADC channel 4): the datasheet's conversion, both ways ----
+def temp_to_u16(celsius):
+    volts = 0.706 - (celsius - 27) * 0.001721
+    return _volts_to_u16(volts)
+
+
+def u16_to_temp(u16):
+    return 27 - (u16 * 3.3 / 65535 - 0.706) / 0.001721
+
+
+def _volts_to_u16(volts):
+    raw12 = int(volts / 3.3 * 4095 + 0.5)
+    raw12 = 0 if raw12 < 0 else 4095 if raw12 > 4095 else raw12
+    return (raw12 << 4) | (raw12 >> 8)  # how the rp2 port scales its 12-bit reading to 16 bits
+
+
+def _default_temperature(now):
+    import math
+    return 24.0 + 1.5 * math.sin(now / 95493.0)  # a slow ±1.5 °C drift over ~10 minutes
+
+
+# ---- civil dates for the RTC (UTC; Howard Hinnant's algorithms) ----
+def _days_from_civil(y, m, d):
+    y -= m <= 2
+    era = y // 400
+    yoe = y - era * 400
+    doy = (153 * (m + (-3 if m > 2 else 9)) + 2) // 5 + d - 1
+    return era * 146097 + yoe * 365 + yoe // 4 - yoe // 100 + doy - 719468
+
+
+def _civil_from_days(z):
+    z += 719468
+    era = z // 146097
+    doe = z - era * 146097
+    yoe = (doe - doe // 1460 + doe // 36524 - doe // 146096) // 365
+    doy = doe - (365 * yoe + yoe // 4 - yoe // 100)
+    mp = (5 * doy + 2) // 153
+    d = doy - (153 * mp + 2) // 5 + 1
+    m = mp + (3 if mp < 10 else -9)
+    return yoe + era * 400 + (m <= 2), m, d
+
+
+_RTC_BOOT_EPOCH_S = const(1609459200)  # rp2 MicroPython sets the RTC to 2021-01-01 00:00:00 at boot
+
+
+class Board:
+    """The whole simulated device. Volatile parts are rebuilt by boot(); the flash directory, the I2C sensors, the ADC
+    signals and the Wi-Fi environment (scripts, access point) are outside the chip and survive a reset."""
+
+    #: Pin transitions kept for tests (oldest dropped first): enough for relay interlock proofs, bounded for long sims.
+    max_pin_events = 256
+
+    def __init__(self, flash_root=None, clock="real"):
+        self._flash_root = flash_root or os.getenv("PICOIOT_FLASH") or "flash"
+        self._flash_ready = False
+        self.manual_clock = clock == "manual"
+        self._now = 0           # manual clock
+        self._offset = 0        # real clock + offset (advance() moves it)
+        self.reset_count = 0    # boots after a simulated reset since configure()
+        self.last_reset = None
+        self.adc = {4: _default_temperature_u16}
+        self.i2c = {0: {}, 1: {}}
+        self.wlan = _WLAN(self)
+        self._volatile()
+
+    def _volatile(self):
+        self.pins = {}          # id -> [mode, value, pull, irq handler, irq trigger]
+        self.pin_events = []    # (ms, pin id, level), in order
+        self.pin_events_dropped = 0
+        self.wdt_timeout = None
+        self.wdt_last_feed = 0
+        self.wdt_feeds = 0
+        self.rtc_epoch_ms = _RTC_BOOT_EPOCH_S * 1000
+        self.rtc_set_at = self.now_ms()
+        self.wlan._power_on()
+
+    # ---- flash ----
+    @property
+    def flash_root(self):
+        if not self._flash_ready:
+            from iotlib import fsutil
+            fsutil.makedirs(self._flash_root)
+            self._flash_ready = True
+        return self._flash_root
+
+    def unique_id(self):
+        import hashlib
+        return hashlib.sha256(self._flash_root.encode()).digest()[:8]
+
+    # ---- clock ----
+    def now_ms(self):
+        """The board's tick count in ms: real ticks + whatever advance() added, or a manual clock."""
+        if self.manual_clock:
+            return self._now
+        return ticks_add(ticks_ms(), self._offset)
+
+    def advance(self, ms):
+        """Move the board's clock forward by ms without waiting (a starved WDT fires on the way)."""
+        if self.manual_clock:
+            self._now = ticks_add(self._now, ms)
+        else:
+            self._offset += ms
+        self.wdt_check()
+
+    # ---- reset / boot ----
+    def reset(self, cause):
+        from iotlib import hal
+        hal._record_cause(cause)
+        self.last_reset = cause
+        raise SimulatedReset(cause)
+
+    def boot(self):
+        """Power the simulated chip up again after a SimulatedReset: pins, WDT, RTC and the Wi-Fi chip start fresh;
+        hal.reset_cause() reads the cause the reset left on flash."""
+        from iotlib import hal
+        hal._forget_cause()
+        self.reset_count += 1
+        self._volatile()
+
+    # ---- watchdog ----
+    def wdt_start(self, timeout_ms):
+        if timeout_ms > _WDT_MAX_MS:
+            raise ValueError("WDT timeout %d ms above the RP2040 maximum of 8388 ms" % timeout_ms)
+        if timeout_ms < 1:
+            raise ValueError("WDT timeout must be at least 1 ms")
+        self.wdt_timeout = timeout_ms
+        self.wdt_last_feed = self.now_ms()
+
+    def wdt_feed(self):
+        self.wdt_check()  # too late: the chip has already reset
+        self.wdt_last_feed = self.now_ms()
+        self.wdt_feeds += 1
+
+    def wdt_check(self, now_ms=None):
+        """Reset the device (SimulatedReset, cause "watchdog") if the WDT has gone unfed past its timeout."""
+        if self.wdt_timeout is None:
+            return
+        now = self.now_ms() if now_ms is None else now_ms
+        if ticks_diff(now, self.wdt_last_feed) > self.wdt_timeout:
+            self.wdt_timeout = None  # the chip is gone; a caught SimulatedReset must not fire again before boot()
+            self.reset("watchdog")
+
+    def wdt_remaining_ms(self):
+        if self.wdt_timeout is None:
+            return None
+        return self.wdt_timeout - ticks_diff(self.now_ms(), self.wdt_last_feed)
+
+    # ---- pins ----
+    def _pin_event(self, pid, level):
+        ev = self.pin_events
+        if len(ev) >= self.max_pin_events:
+            ev.pop(0)
+            self.pin_events_dropped += 1
+        ev.append((self.now_ms(), pid, level))
+
+    def pin_value(self, pid):
+        st = self.pins.get(pid)
+        return st[1] if st else None
+
+    def drive(self, pid, level):
+        """Drive an input pin from outside (a button, a sensor line); runs its irq handler like the hardware would."""
+        st = self.pins.get(pid)
+        if st is None:
+            st = self.pins[pid] = [Pin.IN, 0, None, None, 0]
+        level = 1 if level else 0
+        old = st[1]
+        st[1] = level
+        if old != level:
+            self._pin_event(pid, level)
+            if st[3] is not None:
+                trig = Pin.IRQ_RISING if level else Pin.IRQ_FALLING
+                if st[4] & trig:
+                    st[3](Pin(pid))
+
+    def first_overlap(self, pins, level=1):
+        """The first pin event after which every one of `pins` was at `level` at once (e.g. two interlocked relays
+        both on), or None. Replays the transition log, so it sees overlaps that lasted no time at all."""
+        state = {}
+        for e in self.pin_events:
+            state[e[1]] = e[2]
+            if all(state.get(p) == level for p in pins):
+                return e
+        return None
+
+    def events_of(self, pid):
+        return [e for e in self.pin_events if e[1] == pid]
+
+    # ---- ADC ----
+    def set_adc(self, channel, value):
+        """Script an ADC channel in raw read_u16 units (number, list or callable)."""
+        self.adc[channel] = value
+
+    def set_adc_volts(self, channel, volts):
+        self.adc[channel] = _map(volts, _volts_to_u16)
+
+    def set_temperature(self, celsius):
+        """Script the RP2040 internal sensor (ADC 4) in °C (number, list or callable); reads see the real conversion."""
+        self.adc[4] = _map(celsius, temp_to_u16)
+
+    def read_adc(self, channel):
+        if channel not in self.adc:
+            return 0
+        return _sample(self.adc, channel, self.now_ms())
+
+    # ---- I2C ----
+    def attach(self, device, bus=0):
+        """Put an I2C device model on a bus (replacing one at the same address)."""
+        self.i2c.setdefault(bus, {})[device.addr] = device
+        device._board = self
+        return device
+
+    def detach(self, addr, bus=0):
+        self.i2c.get(bus, {}).pop(addr, None)
+
+    # ---- RTC ----
+    def rtc_now_ms(self):
+        return self.rtc_epoch_ms + ticks_diff(self.now_ms(), self.rtc_set_at)
+
+
+def _map(value, fn):
+    if isinstance(value, list):
+        return [v if isinstance(v, BaseException) else fn(v) for v in value]
+    if callable(value):
+        return lambda now: fn(value(now))
+    return fn(value)
+
+
+def _default_temperature_u16(now):
+    return temp_to_u16(_default_temperature(now))
+
+
+# ---------------------------------------------------------------- machine.Pin
+class Pin:
+    IN = const(0)
+    OUT = const(1)
+    OPEN_DRAIN = const(2)
+    PULL_UP = const(1)
+    PULL_DOWN = const(2)
+    IRQ_FALLING = const(4)
+    IRQ_RISING = const(8)
+
+    def __init__(self, id, mode=-1, pull=-1, value=None):
+        self.id = id
+        self.init(mode, pull, value)
+
+    def init(self, mode=-1, pull=-1, value=None):
+        pins = board.pins
+        st = pins.get(self.id)
+        if st is None:
+            level = 1 if pull == Pin.PULL_UP else 0
+            st = pins[self.id] = [Pin.IN, level, None, None, 0]
+            board._pin_event(self.id, level)  # the log starts with every pin's first level
+        if mode != -1:
+            st[0] = mode
+        if pull != -1:
+            st[2] = pull
+        if value is not None:
+            self.value(value)
+
+    def value(self, v=None):
+        st = board.pins[self.id]
+        if v is None:
+            return st[1]
+        v = 1 if v else 0
+        if st[1] != v:
+            st[1] = v
+            board._pin_event(self.id, v)
+        return None
+
+    def __call__(self, v=None):
+        return self.value(v)
+
+    def on(self):
+        self.value(1)
+
+    def off(self):
+        self.value(0)
+
+    def high(self):
+        self.value(1)
+
+    def low(self):
+        self.value(0)
+
+    def toggle(self):
+        self.value(1 - board.pins[self.id][1])
+
+    def irq(self, handler=None, trigger=IRQ_FALLING | IRQ_RISING):
+        st = board.pins[self.id]
+        st[3] = handler
+        st[4] = trigger
+
+    def __repr__(self):
+        return "Pin(%r)" % (self.id,)
+
+
+# ---------------------------------------------------------------- machine.ADC
+class ADC:
+    CORE_TEMP = const(4)
+
+    def __init__(self, pin):
+        if isinstance(pin, Pin):
+            pin = pin.id
+        if isinstance(pin, int) and 26 <= pin <= 29:
+            pin -= 26  # GPIO26..29 are ADC0..3
+        if not isinstance(pin, int) or not 0 <= pin <= 4:
+            raise ValueError("invalid ADC channel %r" % (pin,))
+        self.channel = pin
+
+    def read_u16(self):
+        return board.read_adc(self.channel)
+
+
+# ---------------------------------------------------------------- machine.I2C and device models
+class I2C:
+    def __init__(self, id=0, scl=None, sda=None, freq=400000, timeout=50000):
+        if id not in (0, 1):
+            raise ValueError("I2C(%r) doesn't exist" % (id,))
+        self.id = id
+        self.freq = freq
+
+    def _dev(self, addr):
+        d = board.i2c.get(self.id, {}).get(addr)
+        if d is None or not d.present:
+            raise OSError(_EIO)  # what rp2 raises when nobody ACKs the address
+        d._tx()
+        return d
+
+    def scan(self):
+        return sorted(a for a, d in board.i2c.get(self.id, {}).items() if d.present)
+
+    def writeto(self, addr, buf, stop=True):
+        self._dev(addr).write(bytes(buf))
+        return len(buf)
+
+    def writevto(self, addr, vector, stop=True):
+        data = b"".join(bytes(b) for b in vector)
+        self._dev(addr).write(data)
+        return len(data)
+
+    def readfrom(self, addr, nbytes, stop=True):
+        return self._dev(addr).read(nbytes)
+
+    def readfrom_into(self, addr, buf, stop=True):
+        data = self._dev(addr).read(len(buf))
+        for i in range(len(buf)):
+            buf[i] = data[i]
+
+    def writeto_mem(self, addr, memaddr, buf, addrsize=8):
+        self._dev(addr).write(bytes([memaddr]) + bytes(buf))
+
+    def readfrom_mem(self, addr, memaddr, nbytes, addrsize=8):
+        d = self._dev(addr)
+        d.write(bytes([memaddr]))
+        return d.read(nbytes)
+
+    def readfrom_mem_into(self, addr, memaddr, buf, addrsize=8):
+        data = self.readfrom_mem(addr, memaddr, len(buf))
+        for i in range(len(buf)):
+            buf[i] = data[i]
+
+
+class I2CDevice:
+    """Base of the sensor models: scripted field values, `present` (False = the address NACKs: unplugged), and
+    `fail(exc, count)` to make the next `count` bus transactions raise (default OSError(EIO), a NACK mid-transfer)."""
+
+    def __init__(self, addr, **values):
+        self.addr = addr
+        self.present = True
+        self.values = {}
+        self.transactions = 0
+        self._faults = []
+        self._board = None
+        self.set(**values)
+
+    def set(self, **values):
+        self.values.update(values)
+
+    def fail(self, exc=None, count=1):
+        for _ in range(count):
+            self._faults.append(exc if exc is not None else OSError(_EIO))
+
+    def _tx(self):
+        self.transactions += 1
+        if self._faults:
+            raise self._faults.pop(0)
+
+    def value(self, name):
+        return _sample(self.values, name, board.now_ms())
+
+
+def _crc8(data):
+    crc = 0xFF
+    for b in data:
+        crc ^= b
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x31) & 0xFF if crc & 0x80 else (crc << 1) & 0xFF
+    return crc
+
+
+class SHT3x(I2CDevice):
+    """Sensirion SHT3x at 0x44/0x45, command level: single-shot (0x24xx, 0x2Cxx), periodic (0x2xxx) + fetch (0xE000),
+    break, soft reset, status, heater; 6-byte answers with CRC-8. Fields: temperature (°C), humidity (%RH).
+    `corrupt_crc = True` makes every answer fail its CRC check. Reading with no measurement pending NACKs."""
+
+    def __init__(self, addr=0x44, temperature=22.0, humidity=45.0):
+        super().__init__(addr, temperature=temperature, humidity=humidity)
+        self.corrupt_crc = False
+        self.heater = False
+        self.periodic = False
+        self.commands = []   # every command word received, in order
+        self._pending = None
+
+    def _word(self, w):
+        b = bytes([w >> 8, w & 0xFF])
+        crc = _crc8(b)
+        if self.corrupt_crc:
+            crc ^= 0x5A
+        return b + bytes([crc])
+
+    def _measure(self):
+        t = self.value("temperature")
+        h = self.value("humidity")
+        st = int((t + 45) * 65535 / 175 + 0.5)
+        sh = int(h * 65535 / 100 + 0.5)
+        st = 0 if st < 0 else 65535 if st > 65535 else st
+        sh = 0 if sh < 0 else 65535 if sh > 65535 else sh
+        return self._word(st) + self._word(sh)
+
+    def write(self, data):
+        if len(data) < 2:
+            raise OSError(_EIO)
+        cmd = (data[0] << 8) | data[1]
+        self.commands.append(cmd)
+        hi = cmd >> 8
+        if hi in (0x24, 0x2C):
+            self._pending = self._measure()
+        elif cmd == 0xE000:
+            self._pending = self._measure() if self.periodic else None
+        elif 0x20 <= hi <= 0x27:
+            self.periodic = True
+        elif cmd == 0x3093:
+            self.periodic = False
+        elif cmd == 0x30A2:
+            self.periodic = self.heater = False
+            self._pending = None
+        elif cmd == 0xF32D:
+            self._pending = self._word(0x2000 if self.heater else 0)
+        elif cmd == 0x306D:
+            self.heater = True
+        elif cmd == 0x3066:
+            self.heater = False
+        elif cmd == 0x3041:
+            pass
+        else:
+            raise OSError(_EIO)  # the sensor NACKs an unknown command
+
+    def read(self, n):
+        if self._pending is None:
+            raise OSError(_EIO)
+        data = self._pending[:n]
+        self._pending = None
+        return data
+
+
+class BME280(I2CDevice):
+    """Bosch BME280 at 0x76/0x77, register level: chip id 0xD0 = 0x60, reset 0xE0, ctrl_hum 0xF2 (takes effect on the
+    next ctrl_meas write, as the datasheet says), status 0xF3, ctrl_meas 0xF4 (sleep / forced / normal), config 0xF5,
+    data 0xF7..0xFE, calibration 0x88..0xA1 and 0xE1..0xE7. Raw ADC values are found by inverting the datasheet's
+    integer compensation, so a driver using those formulas reads back the scripted temperature (°C), pressure (Pa)
+    and humidity (%RH). A disabled channel (oversampling 0) reads 0x80000 / 0x8000, like the chip."""
+
+    # Calibration words (the datasheet's worked example for T and P, a real part's for H).
+    CAL_T = (27504, 26435, -1000)
+    CAL_P = (36477, -10685, 3024, 2855, 140, -7, 15500, -14600, 6000)
+    CAL_H = (75, 362, 0, 313, 50, 30)
+
+    def __init__(self, addr=0x76, temperature=21.5, pressure=101325.0, humidity=40.0):
+        super().__init__(addr, temperature=temperature, pressure=pressure, humidity=humidity)
+        self.regs = bytearray(256)
+        self._ptr = 0
+        self._hum_pending = 0
+        self.measurements = 0
+        self._power_on()
+
+    def _power_on(self):
+        r = self.regs
+        for i in range(256):
+            r[i] = 0
+        r[0xD0] = 0x60
+        i = 0x88
+        for k, v in enumerate(self.CAL_T + self.CAL_P):
+            v &= 0xFFFF
+            r[i] = v & 0xFF
+            r[i + 1] = v >> 8
+            i += 2
+        h1, h2, h3, h4, h5, h6 = self.CAL_H
+        r[0xA1] = h1
+        r[0xE1] = h2 & 0xFF
+        r[0xE2] = (h2 >> 8) & 0xFF
+        r[0xE3] = h3
+        r[0xE4] = (h4 >> 4) & 0xFF
+        r[0xE5] = (h4 & 0x0F) | ((h5 & 0x0F) << 4)
+        r[0xE6] = (h5 >> 4) & 0xFF
+        r[0xE7] = h6 & 0xFF
+        r[0xF7:0xFF] = b"\x80\x00\x00\x80\x00\x00\x80\x00"
+        self._hum_pending = 0
+
+    def write(self, data):
+        if not data:
+            return
+        self._ptr = data[0]
+        # Writes are (register, value) pairs; auto-increment is for reads only.
+        i = 1
+        reg = data[0]
+        while i < len(data):
+            self._write_reg(reg, data[i])
+            if i + 1 < len(data):
+                reg = data[i + 1]
+            i += 2
+
+    def _write_reg(self, reg, v):
+        r = self.regs
+        if reg == 0xE0:
+            if v == 0xB6:
+                self._power_on()
+        elif reg == 0xF2:
+            self._hum_pending = v & 7
+        elif reg == 0xF4:
+            r[0xF2] = self._hum_pending
+            r[0xF4] = v
+            if v & 3 in (1, 2):  # forced: one measurement, then back to sleep
+                self._measure()
+                r[0xF4] = v & 0xFC
+        elif reg == 0xF5:
+            r[0xF5] = v
+
+    def read(self, n):
+        p = self._ptr
+        if self.regs[0xF4] & 3 == 3 and p <= 0xFE and p + n > 0xF7:
+            self._measure()  # normal mode: always a fresh sample
+        data = bytes(self.regs[p:p + n])
+        self._ptr = p + n
+        return data
+
+    # Datasheet compensation, integer versions (Python's >> is the arithmetic shift the datasheet assumes).
+    def _t_fine(self, adc_t):
+        t1, t2, t3 = self.CAL_T
+        v1 = (((adc_t >> 3) - (t1 << 1)) * t2) >> 11
+        d = (adc_t >> 4) - t1
+        v2 = (((d * d) >> 12) * t3) >> 14
+        return v1 + v2
+
+    def _press(self, adc_p, t_fine):
+        p1, p2, p3, p4, p5, p6, p7, p8, p9 = self.CAL_P
+        v1 = t_fine - 128000
+        v2 = v1 * v1 * p6 + ((v1 * p5) << 17) + (p4 << 35)
+        v1 = ((v1 * v1 * p3) >> 8) + ((v1 * p2) << 12)
+        v1 = (((1 << 47) + v1) * p1) >> 33
+        if v1 == 0:
+            return 0
+        p = 1048576 - adc_p
+        num = ((p << 31) - v2) * 3125
+        p = num // v1 if num >= 0 else -((-num) // v1)  # C division truncates
+        v1 = (p9 * (p >> 13) * (p >> 13)) >> 25
+        v2 = (p8 * p) >> 19
+        return ((p + v1 + v2) >> 8) + (p7 << 4)  # Pa * 256
+
+    def _hum(self, adc_h, t_fine):
+        h1, h2, h3, h4, h5, h6 = self.CAL_H
+        v = t_fine - 76800
+        v = ((((adc_h << 14) - (h4 << 20) - (h5 * v)) + 16384) >> 15) * \
+            (((((((v * h6) >> 10) * (((v * h3) >> 11) + 32768)) >> 10) + 2097152) * h2 + 8192) >> 14)
+        v = v - (((((v >> 15) * (v >> 15)) >> 7) * h1) >> 4)
+        v = 0 if v < 0 else 419430400 if v > 419430400 else v
+        return v >> 12  # %RH * 1024
+
+    @staticmethod
+    def _search(f, target, hi, rising):
+        # smallest raw value whose compensated reading reaches the target (compensation is monotonic)
+        lo = 0
+        while lo < hi:
+            mid = (lo + hi) // 2
+            y = f(mid)
+            if (y >= target) if rising else (y <= target):
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+
+    def _measure(self):
+        self.measurements += 1
+        r = self.regs
+        ctrl = r[0xF4]
+        osrs_t, osrs_p, osrs_h = ctrl >> 5, (ctrl >> 2) & 7, r[0xF2] & 7
+        t = self.value("temperature")
+        adc_t = self._search(lambda a: (self._t_fine(a) * 5 + 128) >> 8, int(t * 100 + 0.5), 0xFFFFF, True)
+        t_fine = self._t_fine(adc_t)
+        if not osrs_t:
+            adc_t = 0x80000
+        adc_p = 0x80000
+        if osrs_p:
+            p = self.value("pressure")
+            adc_p = self._search(lambda a: self._press(a, t_fine), int(p * 256), 0xFFFFF, False)
+        adc_h = 0x8000
+        if osrs_h:
+            h = self.value("humidity")
+            adc_h = self._search(lambda a: self._hum(a, t_fine), int(h * 1024 + 0.5), 0xFFFF, True)
+        r[0xF7] = adc_p >> 12
+        r[0xF8] = (adc_p >> 4) & 0xFF
+        r[0xF9] = (adc_p & 0xF) << 4
+        r[0xFA] = adc_t >> 12
+        r[0xFB] = (adc_t >> 4) & 0xFF
+        r[0xFC] = (adc_t & 0xF) << 4
+        r[0xFD] = adc_h >> 8
+        r[0xFE] = adc_h & 0xFF
+
+
+# ---------------------------------------------------------------- network.WLAN
+class _WLAN:
+    """The Pico W's station interface. Each connect() takes the next scripted attempt (a list of statuses that
+    successive status() calls step through, the last one sticking), or `fallback` when none is scripted, or what the
+    configured access point says (-2 unknown SSID, -3 wrong password). `kill_link()` makes the link die silently:
+    status() stays 3 and isconnected() True, but check_io() (what the clients call before I/O) fails."""
+
+    PM_NONE = const(0xA11140)
+    PM_PERFORMANCE = const(0xA11142)
+    PM_POWERSAVE = const(0x111022)
+
+    def __init__(self, board):
+        self._board = board
+        self.attempts = []          # scripted connect attempts, each a list of statuses
+        self.fallback = [1, 2, 3]   # what an unscripted connect does: join, DHCP, up
+        self.ap = None              # (ssid, password) the simulated access point accepts; None accepts anything
+        self.rssi = -58             # dBm; number, list or callable
+        self.heal_on_reconnect = True
+        self.ip = "192.168.4.23"
+        self.connects = []          # SSIDs of every connect() call (never the password)
+        self.config_log = []        # every config(key=value) set, in order
+
+    def _power_on(self):
+        self._active = False
+        self._status = 0
+        self._seq = []
+        self.link_dead = False
+        self._cfg = {"pm": self.PM_PERFORMANCE, "mac": b"\x28\xcd\xc1\x00\x00\x01", "hostname": "PicoW",
+                     "ssid": "", "channel": 0, "txpower": 31, "security": 0}
+
+    # -- test scripting --
+    def script(self, *attempts):
+        """Queue connect attempts: script([1, -2], [1, 2, 3]) = first attempt finds no AP, the second works."""
+        for a in attempts:
+            self.attempts.append(list(a))
+
+    def drop(self, status=-1):
+        """The link goes down visibly (AP gone, deauth): isconnected() False, status() as given."""
+        self._status = status
+        self._seq = []
+
+    def kill_link(self):
+        """Silent link death (micropython#16290): everything looks connected, no packet gets through."""
+        self.link_dead = True
+
+    def check_io(self):
+        if not self._active or self._status != 3:
+            raise OSError(_EHOSTUNREACH)
+        if self.link_dead:
+            raise OSError(_ETIMEDOUT)
+
+    # -- network.WLAN API --
+    def active(self, on=None):
+        if on is None:
+            return self._active
+        self._active = bool(on)
+        if not on:
+            self._status = 0
+            self._seq = []
+            if self.heal_on_reconnect:
+                self.link_dead = False
+
+    def connect(self, ssid=None, key=None, bssid=None):
+        if not self._active:
+            raise OSError("WLAN not active")
+        self.connects.append(ssid)
+        self._cfg["ssid"] = ssid
+        if self.heal_on_reconnect:
+            self.link_dead = False
+        if self.attempts:
+            seq = self.attempts.pop(0)
+        elif self.ap is not None and ssid != self.ap[0]:
+            seq = [1, -2]
+        elif self.ap is not None and key != self.ap[1]:
+            seq = [1, -3]
+        else:
+            seq = list(self.fallback)
+        self._status = 1
+        self._seq = seq
+
+    def disconnect(self):
+        self._status = 0
+        self._seq = []
+        if self.heal_on_reconnect:
+            self.link_dead = False
+
+    def status(self, param=None):
+        if param == "rssi":
+            return _sample(self.__dict__, "rssi", self._board.now_ms())
+        if param is not None:
+            raise ValueError("unknown status param")
+        if self._seq:
+            self._status = self._seq.pop(0)  # the last scripted status then sticks
+        return self._status
+
+    def isconnected(self):
+        return self._active and self._status == 3
+
+    def ifconfig(self, cfg=None):
+        if self.isconnected():
+            return (self.ip, "255.255.255.0", "192.168.4.1", "192.168.4.1")
+        return ("0.0.0.0", "0.0.0.0", "0.0.0.0", "0.0.0.0")
+
+    def ipconfig(self, key):
+        if key == "addr4":
+            c = self.ifconfig()
+            return (c[0], c[1])
+        raise ValueError("unknown ipconfig key")
+
+    def config(self, *args, **kw):
+        if args:
+            if args[0] not in self._cfg:
+                raise ValueError("unknown config param")
+            return self._cfg[args[0]]
+        for k in kw:
+            if k not in self._cfg:
+                raise ValueError("unknown config param")
+            self._cfg[k] = kw[k]
+            self.config_log.append((k, kw[k]))
+
+    def scan(self):
+        if not self._active:
+            raise OSError("WLAN not active")
+        ssid = self.ap[0] if self.ap else "picoiot-sim"
+        return [(ssid.encode(), b"\x02\x00\x00\x00\x00\x01", 6, self.status("rssi"), 3, False)]
+
+
+def WLAN(interface=0):
+    """network.WLAN: the board's one station interface (the access-point interface is not simulated)."""
+    if interface != 0:
+        raise ValueError("only the station interface (STA_IF) is simulated")
+    return board.wlan
+
+
+# ---------------------------------------------------------------- machine.WDT / machine.RTC
+class WDT:
+    """machine.WDT on the simulated board: ValueError above the RP2040's 8388 ms; once started it cannot be stopped
+    (until the next boot). Starving it past its timeout resets the device: the next feed(), check() or
+    board.advance() raises SimulatedReset("watchdog") and leaves "watchdog" as the reset cause on flash."""
+
+    def __init__(self, id=0, timeout=5000):
+        board.wdt_start(timeout)
+
+    def feed(self):
+        board.wdt_feed()
+
+    def check(self, now_ms=None):
+        """Simulation only (a real WDT needs no help): fire now if starved. WatchdogManager calls it every tick."""
+        board.wdt_check(now_ms)
+
+
+class RTC:
+    def datetime(self, dt=None):
+        """(year, month, day, weekday, hours, minutes, seconds, subseconds), UTC, weekday 0 = Monday."""
+        if dt is not None:
+            y, mo, d, _wd, h, mi, s = dt[:7]
+            board.rtc_epoch_ms = ((_days_from_civil(y, mo, d) * 86400) + h * 3600 + mi * 60 + s) * 1000
+            board.rtc_set_at = board.now_ms()
+            return None
+        ms = board.rtc_now_ms()
+        secs = ms // 1000
+        days = secs // 86400
+        rem = secs - days * 86400
+        y, mo, d = _civil_from_days(days)
+        return (y, mo, d, (days + 3) % 7, rem // 3600, rem // 60 % 60, rem % 60, 0)
+
+
+def _new_board(flash_root, clock, devices):
+    b = Board(flash_root, clock)
+    if devices:
+        b.attach(BME280())
+        b.attach(SHT3x())
+    return b
+
+
+board = _new_board(None, "real", True)
+
+
+def configure(flash_root=None, clock="real", devices=True):
+    """Start a fresh simulated board (the tests' set-up): flash_root (default $PICOIOT_FLASH or ./flash), clock
+    "real" (host ticks, advance() adds to them) or "manual" (only advance() moves it), and with `devices` the
+    default sensors: a BME280 at 0x76 and an SHT3x at 0x44 on I2C bus 0. Returns the board."""
+    global board
+    board = _new_board(flash_root, clock, devices)
+    from iotlib import hal
+    hal._forget_cause()
+    return board
+
+
+def boot():
+    board.boot()
+    return board
