@@ -686,9 +686,10 @@ class _WLAN:
 
     # -- test scripting --
     def script(self, *attempts):
-        """Queue connect attempts: script([1, -2], [1, 2, 3]) = first attempt finds no AP, the second works."""
+        """Queue connect attempts: script([1, -2], [1, 2, 3]) = first attempt finds no AP, the second works.
+        An exception instance instead of a list is raised by that connect() call."""
         for a in attempts:
-            self.attempts.append(list(a))
+            self.attempts.append(a if isinstance(a, BaseException) else list(a))
 
     def drop(self, status=-1):
         """The link goes down visibly (AP gone, deauth): isconnected() False, status() as given."""
@@ -725,6 +726,8 @@ class _WLAN:
             self.link_dead = False
         if self.attempts:
             seq = self.attempts.pop(0)
+            if isinstance(seq, BaseException):
+                raise seq
         elif self.ap is not None and ssid != self.ap[0]:
             seq = [1, -2]
         elif self.ap is not None and key != self.ap[1]:
