@@ -1,0 +1,85 @@
+"""`create_app(settings)`: the whole control plane as one FastAPI app; services can also be mounted one by one."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Iterable
+
+import sqlalchemy as sa
+from fastapi import APIRouter, FastAPI
+
+from . import alarms, config, discovery, heartbeat, operators, ops, state
+from . import db as tables
+from . import errors
+from .core import ControlPlane
+from .db import migrate, now_ms
+from .devicetypes import BUILTIN
+from .metrics import MetricsAndLimits
+from .settings import Settings
+
+log = logging.getLogger("picoiot.server")
+
+#: every service's router, by name (create_app(services=[…]) mounts a subset)
+SERVICES: dict[str, APIRouter] = {
+    "discovery": discovery.router,
+    "config": config.router,
+    "state": state.router,
+    "heartbeat": heartbeat.router,
+    "alarms": alarms.router,
+    "operators": operators.router,
+    "ops": ops.router,
+}
+
+
+def seed_device_types(conn: sa.Connection) -> None:
+    """Install the built-in types if missing (an admin may have replaced them: never overwrite)."""
+    t = tables.device_types
+    for name, (schema, defaults) in BUILTIN.items():
+        if conn.execute(sa.select(t.c.name).where(t.c.name == name)).first() is None:
+            conn.execute(t.insert().values(name=name, json_schema=schema, defaults=defaults, version=1,
+                                           updated_ts=now_ms()))
+
+
+async def _housekeeping(cp: ControlPlane) -> None:
+    while True:
+        await asyncio.sleep(min(cp.settings.sweep_interval_s, cp.settings.heartbeat_flush_s or 1e9))
+        try:
+            await cp.liveness.housekeeping()
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # a database hiccup must not end the sweeper
+            log.warning("housekeeping failed: %s", type(e).__name__)
+
+
+def create_app(settings: Settings | None = None, services: Iterable[str] | None = None) -> FastAPI:
+    settings = settings or Settings()
+    cp = ControlPlane(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await asyncio.to_thread(migrate, cp.db.engine, settings)
+        await cp.db.run(seed_device_types)
+        cp.started_ms = now_ms()
+        await cp.notifier.start()
+        task = asyncio.create_task(_housekeeping(cp))
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            with contextlib.suppress(Exception):
+                await cp.liveness.flush()  # a clean stop keeps every heartbeat
+            await cp.notifier.stop()
+            cp.db.dispose()
+
+    app = FastAPI(title="picoiot control plane", version="0.1.0", lifespan=lifespan,
+                  description="Discovery, configuration, state, heartbeat and alarms for picoiot devices "
+                              "(docs/protocol.md, docs/control-plane.md).")
+    app.state.cp = cp
+    errors.install(app)
+    for name in services or SERVICES:
+        app.include_router(SERVICES[name])
+    app.add_middleware(MetricsAndLimits, metrics=cp.metrics, max_body=settings.max_body_bytes)
+    return app

@@ -1,0 +1,113 @@
+"""Keys and tokens: derived device keys, registration HMACs, device and operator JWTs, role checks."""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import time
+from dataclasses import dataclass
+
+import jwt
+from fastapi import Request
+
+from .errors import ApiError
+
+ROLES = {"viewer": 1, "operator": 2, "admin": 3}
+DEVICE_ROLE = "device"
+ALL_NAMESPACES = "*"
+
+
+def derive_device_key(enrollment_key: str, device_id: str) -> str:
+    return hmac.new(enrollment_key.encode(), device_id.encode(), hashlib.sha256).hexdigest()
+
+
+def registration_signature(device_key: str, nonce: str, device_id: str) -> str:
+    return hmac.new(device_key.encode(), f"{nonce}|{device_id}".encode(), hashlib.sha256).hexdigest()
+
+
+def signature_ok(device_key: str, nonce: str, device_id: str, signature: str) -> bool:
+    expected = registration_signature(device_key, nonce, device_id)
+    return hmac.compare_digest(expected.encode(), signature.lower().encode())
+
+
+def issue_token(signing_key: str, sub: str, ns: str, role: str, ttl_s: int) -> str:
+    now = int(time.time())
+    return jwt.encode({"sub": sub, "ns": ns, "role": role, "iat": now, "exp": now + int(ttl_s)},
+                      signing_key, algorithm="HS256")
+
+
+def device_local_token(device_key: str, device_id: str, role: str, ttl_s: int, sub: str = "operator") -> str:
+    """A token for a device's own REST/WebSocket API, signed with that device's key (no fleet secret on devices)."""
+    now = int(time.time())
+    return jwt.encode({"sub": sub, "role": role, "aud": device_id, "iat": now, "exp": now + int(ttl_s)},
+                      device_key, algorithm="HS256")
+
+
+@dataclass(frozen=True)
+class Principal:
+    sub: str
+    ns: str
+    role: str
+    exp: int
+
+    @property
+    def is_device(self) -> bool:
+        return self.role == DEVICE_ROLE
+
+    def at_least(self, role: str) -> bool:
+        return ROLES.get(self.role, 0) >= ROLES[role]
+
+    def sees(self, ns: str) -> bool:
+        return self.ns == ns or (self.ns == ALL_NAMESPACES and not self.is_device)
+
+
+def decode(signing_key: str, token: str) -> Principal:
+    try:
+        claims = jwt.decode(token, signing_key, algorithms=["HS256"], options={"require": ["exp", "sub"]})
+    except jwt.ExpiredSignatureError:
+        raise ApiError(401, "token expired", headers={"WWW-Authenticate": "Bearer"}) from None
+    except jwt.PyJWTError:
+        raise ApiError(401, "invalid token", headers={"WWW-Authenticate": "Bearer"}) from None
+    role, ns, sub = claims.get("role"), claims.get("ns"), claims.get("sub")
+    if role not in ROLES and role != DEVICE_ROLE or not isinstance(ns, str) or not isinstance(sub, str):
+        raise ApiError(401, "invalid token claims", headers={"WWW-Authenticate": "Bearer"})
+    return Principal(sub=sub, ns=ns, role=role, exp=int(claims["exp"]))
+
+
+def bearer(request: Request) -> str:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise ApiError(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
+    return token.strip()
+
+
+def principal(request: Request) -> Principal:
+    """FastAPI dependency: the caller, from its bearer token."""
+    return decode(request.app.state.cp.settings.secrets.signing_key, bearer(request))
+
+
+def require_role(p: Principal, role: str) -> None:
+    if p.is_device or not p.at_least(role):
+        raise ApiError(403, f"role {role} required", {"role": p.role})
+
+
+def require_ns(p: Principal, ns: str, request: Request) -> None:
+    """Another namespace looks exactly like a missing one (no existence leak)."""
+    if not p.sees(ns) or request.app.state.cp.settings.secrets.enrollment_key(ns) is None:
+        raise ApiError(404, "unknown namespace")
+
+
+def require_device_or_role(p: Principal, device_id: str, role: str) -> None:
+    if p.is_device:
+        if p.sub != device_id:
+            raise ApiError(404, "not found")
+        return
+    require_role(p, role)
+
+
+def device_ns(p: Principal, device_id: str, role: str) -> str:
+    """Namespace for the device-facing endpoints (no namespace in the path): the device's own, or the operator's."""
+    require_device_or_role(p, device_id, role)
+    if p.ns == ALL_NAMESPACES:
+        raise ApiError(400, "this endpoint needs a token of one namespace; use /api/v1/namespaces/{ns}/…")
+    return p.ns

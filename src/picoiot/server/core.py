@@ -1,0 +1,118 @@
+"""The control plane's shared parts (settings, database, notifier, caches, metrics) and the write helper."""
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Callable, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError, OperationalError
+
+from . import db as tables
+from .db import Database
+from .metrics import Metrics
+from .notifier import Notifier, make_notifier
+from .settings import Settings
+
+T = TypeVar("T")
+
+
+class VersionCache:
+    """(ns, device) → [config_version, default-shadow version, ttl_s]: what the heartbeat answers as `pending`, without a query.
+
+    Filled on first use from the database and kept current by change events (local and, on PostgreSQL, from the other
+    processes through NOTIFY); versions only grow, so applying an event twice or late is harmless.
+    """
+
+    def __init__(self) -> None:
+        self._v: dict[tuple[str, str], list[int]] = {}
+
+    def on_event(self, e: dict) -> None:
+        key = (e["ns"], e["dev"])
+        if e["kind"] == "deleted":
+            self._v.pop(key, None)
+            return
+        entry = self._v.get(key)
+        if entry is None:
+            return
+        if e["kind"] == "config":
+            entry[0] = max(entry[0], int(e["version"]))
+        elif e["kind"] == "state" and e.get("name") == "default":
+            entry[1] = max(entry[1], int(e["version"]))
+        elif e["kind"] == "device" and "ttl" in e:
+            entry[2] = int(e["ttl"])
+
+    def get(self, ns: str, dev: str) -> list[int] | None:
+        return self._v.get((ns, dev))
+
+    def put(self, ns: str, dev: str, config_version: int, state_version: int, ttl_s: int) -> list[int]:
+        entry = [config_version, state_version, ttl_s]
+        self._v[(ns, dev)] = entry
+        return entry
+
+    def __len__(self) -> int:
+        return len(self._v)
+
+
+def load_versions(conn: sa.Connection, ns: str, dev: str) -> tuple[int, int, int] | None:
+    d, s = tables.devices, tables.shadows
+    row = conn.execute(
+        sa.select(d.c.config_version, s.c.version, d.c.ttl_s)
+        .select_from(d.outerjoin(s, sa.and_(s.c.ns == d.c.ns, s.c.device_id == d.c.device_id, s.c.name == "default")))
+        .where(d.c.ns == ns, d.c.device_id == dev)).first()
+    if row is None:
+        return None
+    return int(row[0]), int(row[1] or 0), int(row[2])
+
+
+class ControlPlane:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.db = Database(settings)
+        self.notifier: Notifier = make_notifier(settings.notifier, self.db.engine, settings.db_schema)
+        self.versions = VersionCache()
+        self.notifier.add_listener(self.versions.on_event)
+        self.metrics = Metrics()
+        from .liveness import Liveness
+        self.liveness = Liveness(self)
+        self.started_ms = 0
+
+    def emit(self, conn: sa.Connection, events: list[dict], event: dict) -> None:
+        """Record a change made in this transaction: NOTIFY on PostgreSQL now, local wake-up after commit."""
+        self.notifier.sql_notify(conn, event)
+        events.append(event)
+
+    async def write(self, fn: Callable[..., T], *args: Any, retries: int = 3) -> T:
+        """Run fn(conn, events, *args) in a transaction; deliver its events after commit.
+
+        A unique-key race between two writers (two processes inserting the same row) or a transient lock error is
+        retried: fn reads before it writes, so the retry sees the winner's row.
+        """
+        for attempt in range(retries):
+            events: list[dict] = []
+            try:
+                result = await self.db.run(fn, events, *args)
+            except (IntegrityError, OperationalError):
+                if attempt == retries - 1:
+                    raise
+                await asyncio.sleep(0.01 * (attempt + 1))
+                continue
+            self.notifier.deliver_all(events)
+            return result
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def read(self, fn: Callable[..., T], *args: Any) -> T:
+        return await self.db.run(fn, *args)
+
+    async def versions_of(self, ns: str, dev: str) -> list[int] | None:
+        entry = self.versions.get(ns, dev)
+        if entry is None:
+            loaded = await self.read(load_versions, ns, dev)
+            if loaded is None:
+                return None
+            entry = self.versions.get(ns, dev) or self.versions.put(ns, dev, *loaded)
+        return entry
+
+    def base_url(self, request) -> str:
+        if self.settings.public_url:
+            return self.settings.public_url.rstrip("/")
+        return str(request.base_url).rstrip("/")

@@ -1,0 +1,198 @@
+"""Tables, engine, migrations. SQLAlchemy Core (no ORM): every query is visible and small."""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, TypeVar
+
+import anyio
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSONB
+
+from .settings import Settings
+
+T = TypeVar("T")
+JSONType = sa.JSON().with_variant(JSONB(), "postgresql")
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+metadata = sa.MetaData()
+
+schema_migrations = sa.Table(
+    "schema_migrations", metadata,
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("applied_ts", sa.BigInteger, nullable=False),
+)
+
+devices = sa.Table(
+    "devices", metadata,
+    sa.Column("ns", sa.String(64), primary_key=True),
+    sa.Column("device_id", sa.String(64), primary_key=True),
+    sa.Column("device_type", sa.String(64)),
+    sa.Column("group_name", sa.String(64)),
+    sa.Column("device_key", sa.String(256)),  # individually registered key; NULL = derived from the enrollment key
+    sa.Column("firmware", sa.String(64)),
+    sa.Column("capabilities", JSONType, nullable=False, default=list),
+    sa.Column("address", sa.String(256)),
+    sa.Column("reset_cause", sa.String(64)),
+    sa.Column("created_ts", sa.BigInteger, nullable=False),
+    sa.Column("first_seen", sa.BigInteger),
+    sa.Column("last_seen", sa.BigInteger),
+    sa.Column("registered_ts", sa.BigInteger),
+    sa.Column("online", sa.Boolean, nullable=False, default=False),
+    sa.Column("ttl_s", sa.Integer, nullable=False),
+    sa.Column("heartbeat", JSONType),  # the last heartbeat body
+    sa.Column("config_overrides", JSONType, nullable=False, default=dict),
+    sa.Column("config_version", sa.Integer, nullable=False, default=0),
+    sa.Column("config_report", JSONType),  # {version, status, reason, ts}
+)
+
+device_configs = sa.Table(
+    "device_configs", metadata,
+    sa.Column("ns", sa.String(64), primary_key=True),
+    sa.Column("device_id", sa.String(64), primary_key=True),
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("config", JSONType, nullable=False),
+    sa.Column("created_ts", sa.BigInteger, nullable=False),
+)
+
+device_types = sa.Table(
+    "device_types", metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("json_schema", JSONType, nullable=False),
+    sa.Column("defaults", JSONType, nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("updated_ts", sa.BigInteger, nullable=False),
+)
+
+groups = sa.Table(
+    "groups", metadata,
+    sa.Column("ns", sa.String(64), primary_key=True),
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("overrides", JSONType, nullable=False),
+    sa.Column("updated_ts", sa.BigInteger, nullable=False),
+)
+
+shadows = sa.Table(
+    "shadows", metadata,
+    sa.Column("ns", sa.String(64), primary_key=True),
+    sa.Column("device_id", sa.String(64), primary_key=True),
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("desired", JSONType, nullable=False),
+    sa.Column("reported", JSONType, nullable=False),
+    sa.Column("meta", JSONType, nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("updated_ts", sa.BigInteger, nullable=False),
+)
+
+alarms = sa.Table(
+    "alarms", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("ns", sa.String(64), nullable=False),
+    sa.Column("device_id", sa.String(64), nullable=False),
+    sa.Column("key", sa.String(128), nullable=False),
+    sa.Column("severity", sa.String(16), nullable=False),
+    sa.Column("message", sa.String(1024), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    # count = count_base (closed episodes) + episode_count (max running count seen in the current episode)
+    sa.Column("count_base", sa.Integer, nullable=False),
+    sa.Column("episode_count", sa.Integer, nullable=False),
+    sa.Column("episodes", sa.Integer, nullable=False),
+    sa.Column("first_ts", sa.BigInteger, nullable=False),
+    sa.Column("last_ts", sa.BigInteger, nullable=False),
+    sa.Column("acked", sa.Boolean, nullable=False),
+    sa.Column("acked_by", sa.String(128)),
+    sa.Column("acked_ts", sa.BigInteger),
+    sa.Column("updated_ts", sa.BigInteger, nullable=False),
+    sa.UniqueConstraint("ns", "device_id", "key", name="alarms_dedup"),
+    sa.Index("alarms_ns_state", "ns", "state"),
+)
+
+nonces = sa.Table(
+    "nonces", metadata,
+    sa.Column("nonce", sa.String(64), primary_key=True),
+    sa.Column("ns", sa.String(64), nullable=False),
+    sa.Column("device_id", sa.String(64), nullable=False),
+    sa.Column("expires_ts", sa.BigInteger, nullable=False),
+)
+
+
+def _migration_1(conn: sa.Connection) -> None:
+    for table in (devices, device_configs, device_types, groups, shadows, alarms, nonces):
+        table.create(conn, checkfirst=True)
+
+
+#: Versioned migrations, applied in order inside one transaction each; append, never edit a released one.
+MIGRATIONS: list[tuple[int, Callable[[sa.Connection], None]]] = [(1, _migration_1)]
+LATEST = MIGRATIONS[-1][0]
+
+
+def make_engine(settings: Settings) -> sa.Engine:
+    url = settings.db_url
+    if url.startswith("sqlite"):
+        engine = sa.create_engine(url, connect_args={"check_same_thread": False, "timeout": 30},
+                                  pool_size=8, max_overflow=16)
+
+        @sa.event.listens_for(engine, "connect")
+        def _sqlite_connect(dbapi_conn, _rec):  # pragma: no cover - driver hook
+            dbapi_conn.isolation_level = None  # we issue BEGIN ourselves (below)
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.close()
+
+        @sa.event.listens_for(engine, "begin")
+        def _sqlite_begin(conn):  # pragma: no cover - driver hook
+            # IMMEDIATE takes the write lock up front: a deferred transaction that later writes can fail with
+            # SQLITE_BUSY without waiting for busy_timeout.
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        return engine
+    connect_args: dict[str, Any] = {}
+    if settings.db_schema:
+        connect_args["options"] = f"-csearch_path={settings.db_schema}"
+    return sa.create_engine(url, connect_args=connect_args, pool_size=10, max_overflow=20, pool_pre_ping=True)
+
+
+def migrate(engine: sa.Engine, settings: Settings) -> int:
+    """Create the schema (PostgreSQL) and apply pending migrations; returns the version now applied."""
+    pg = engine.dialect.name == "postgresql"
+    with engine.begin() as conn:
+        if pg:
+            conn.exec_driver_sql("SELECT pg_advisory_xact_lock(727272)")  # several processes may start together
+            if settings.db_schema:
+                conn.exec_driver_sql(f'CREATE SCHEMA IF NOT EXISTS "{settings.db_schema}"')
+        schema_migrations.create(conn, checkfirst=True)
+        done = {r[0] for r in conn.execute(sa.select(schema_migrations.c.version))}
+        for version, fn in MIGRATIONS:
+            if version not in done:
+                fn(conn)
+                conn.execute(schema_migrations.insert().values(version=version, applied_ts=now_ms()))
+    return LATEST
+
+
+def applied_version(engine: sa.Engine) -> int | None:
+    with engine.connect() as conn:
+        return conn.execute(sa.select(sa.func.max(schema_migrations.c.version))).scalar()
+
+
+class Database:
+    """The engine plus `await db.run(fn, *args)`: fn(conn, *args) in one transaction, on a worker thread."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.engine = make_engine(settings)
+        self.is_postgres = self.engine.dialect.name == "postgresql"
+        self.limiter = anyio.CapacityLimiter(24)
+
+    def run_sync(self, fn: Callable[..., T], *args: Any) -> T:
+        with self.engine.begin() as conn:
+            return fn(conn, *args)
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await anyio.to_thread.run_sync(self.run_sync, fn, *args, limiter=self.limiter)
+
+    def dispose(self) -> None:
+        self.engine.dispose()

@@ -1,0 +1,145 @@
+"""The built-in device types (`relays`, `sensors`): default configs and JSON schemas, plus schema validation.
+
+These match what the firmware controllers validate on the device (docs/control-plane.md §Device types). Sections are
+strict about the types of the fields they know and permissive about extra keys, so a newer firmware can add fields.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import jsonschema
+
+from .errors import ApiError
+
+_COMMON_PROPS: dict[str, Any] = {
+    "heartbeat_interval_s": {"type": "integer", "minimum": 1, "maximum": 3600},
+    "time": {"type": "object", "properties": {
+        "servers": {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": 4},
+        "interval_s": {"type": "integer", "minimum": 16, "maximum": 86400},
+    }},
+    "api": {"type": "object", "properties": {
+        "token_hashes": {"type": "array", "items": {"type": "string", "pattern": "^[0-9a-f]{64}$"}, "maxItems": 16},
+        "rate_per_s": {"type": "number", "exclusiveMinimum": 0, "maximum": 1000},
+        "burst": {"type": "integer", "minimum": 1, "maximum": 1000},
+    }},
+    "log": {"type": "object", "properties": {
+        "level": {"enum": ["debug", "info", "warning", "error", "critical"]},
+    }},
+}
+
+_COMMON_DEFAULTS: dict[str, Any] = {
+    "heartbeat_interval_s": 10,
+    "time": {"servers": ["pool.ntp.org"], "interval_s": 3600},
+    "api": {"token_hashes": [], "rate_per_s": 5, "burst": 10},
+    "log": {"level": "info"},
+}
+
+_RELAY = {
+    "type": "object",
+    "required": ["pin"],
+    "properties": {
+        "pin": {"type": "integer", "minimum": 0, "maximum": 28},
+        "active_low": {"type": "boolean"},
+        "power_on": {"enum": ["off", "on", "restore"]},
+        "interlock": {"type": "string", "minLength": 1, "maxLength": 32},
+        "max_on_s": {"type": "number", "minimum": 0},
+        "failsafe": {"enum": ["off", "on", "keep"]},
+    },
+}
+
+RELAYS_SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "relays device config",
+    "type": "object",
+    "required": ["relays"],
+    "properties": {
+        **_COMMON_PROPS,
+        "relays": {"type": "object", "maxProperties": 16,
+                   "propertyNames": {"pattern": "^[A-Za-z0-9_-]{1,32}$"},
+                   "additionalProperties": _RELAY},
+        "failsafe_after_s": {"type": "number", "minimum": 0},
+    },
+}
+
+RELAYS_DEFAULTS: dict[str, Any] = {
+    **copy.deepcopy(_COMMON_DEFAULTS),
+    "relays": {
+        "relay1": {"pin": 16, "active_low": False, "power_on": "off", "max_on_s": 0, "failsafe": "off"},
+        "relay2": {"pin": 17, "active_low": False, "power_on": "off", "max_on_s": 0, "failsafe": "off"},
+    },
+    "failsafe_after_s": 0,
+}
+
+SENSORS_SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "sensors device config",
+    "type": "object",
+    "required": ["sampling"],
+    "properties": {
+        **_COMMON_PROPS,
+        "sampling": {"type": "object", "required": ["interval_ms"], "properties": {
+            "interval_ms": {"type": "integer", "minimum": 10, "maximum": 3600000},
+            "fields": {"type": "array", "items": {"type": "string", "minLength": 1, "maxLength": 32},
+                       "maxItems": 16, "uniqueItems": True},
+        }},
+        "filters": {"type": "object", "additionalProperties": {"type": "object", "properties": {
+            "kind": {"enum": ["none", "ema", "median", "deadband"]},
+            "alpha": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+            "window": {"type": "integer", "minimum": 1, "maximum": 32},
+            "threshold": {"type": "number", "minimum": 0},
+        }}},
+        "ws": {"type": "object", "properties": {
+            "max_clients": {"type": "integer", "minimum": 1, "maximum": 4},
+            "max_rate_hz": {"type": "number", "exclusiveMinimum": 0, "maximum": 50},
+        }},
+    },
+}
+
+SENSORS_DEFAULTS: dict[str, Any] = {
+    **copy.deepcopy(_COMMON_DEFAULTS),
+    "sampling": {"interval_ms": 1000, "fields": ["temperature", "humidity", "pressure", "cpu_temp"]},
+    "filters": {},
+    "ws": {"max_clients": 3, "max_rate_hz": 10},
+}
+
+BUILTIN: dict[str, tuple[dict, dict]] = {
+    "relays": (RELAYS_SCHEMA, RELAYS_DEFAULTS),
+    "sensors": (SENSORS_SCHEMA, SENSORS_DEFAULTS),
+}
+
+
+def check_schema(schema: dict) -> None:
+    try:
+        jsonschema.Draft202012Validator.check_schema(schema)
+    except jsonschema.SchemaError as e:
+        raise ApiError(422, "invalid JSON schema", {"path": _path(e.absolute_path), "message": e.message}) from None
+
+
+def _path(parts) -> str:
+    return ".".join(str(p) for p in parts)
+
+
+def config_errors(schema: dict, config: Any) -> list[dict[str, str]]:
+    """Every schema violation as {path, message}, sorted by path (stable, so the first one is reproducible)."""
+    validator = jsonschema.Draft202012Validator(schema)
+    out = []
+    for e in validator.iter_errors(config):
+        path = _path(e.absolute_path)
+        if e.validator == "required" and isinstance(e.validator_value, list):
+            missing = [p for p in e.validator_value if isinstance(e.instance, dict) and p not in e.instance]
+            if missing:
+                path = f"{path}.{missing[0]}" if path else missing[0]
+        out.append({"path": path, "message": e.message})
+    out.sort(key=lambda x: x["path"])
+    return out
+
+
+def validate_config(schema: dict, config: Any, device_id: str | None = None) -> None:
+    errors = config_errors(schema, config)
+    if errors:
+        first = errors[0]
+        detail: dict[str, Any] = {"path": first["path"], "message": first["message"], "errors": errors[:10]}
+        if device_id is not None:
+            detail["device_id"] = device_id
+        raise ApiError(422, f"invalid config: {first['path'] or '(root)'}: {first['message']}", detail)

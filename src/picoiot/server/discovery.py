@@ -1,0 +1,143 @@
+"""ServiceDiscovery: challenge → HMAC-signed registration → device JWT, service URLs and intervals; token refresh."""
+from __future__ import annotations
+
+import secrets
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+from fastapi import APIRouter, Depends, Request
+
+from . import db as tables
+from .alarms import resolve_server_alarm
+from .auth import DEVICE_ROLE, Principal, derive_device_key, issue_token, principal, signature_ok
+from .config import device_row, effective, store_if_changed, type_row
+from .db import now_ms
+from .errors import ApiError
+from .liveness import OFFLINE_KEY
+from .models import ChallengeIn, ChallengeOut, ErrorBody, RegisterIn, RegisterOut, TokenOut
+
+if TYPE_CHECKING:
+    from .core import ControlPlane
+
+D, N = tables.devices, tables.nonces
+
+
+def ttl_for(heartbeat_s: int) -> int:
+    """Three missed heartbeats plus slack for a slow Wi-Fi reconnect (10 s → 35 s)."""
+    return heartbeat_s * 3 + 5
+
+
+def _new_nonce(conn: sa.Connection, ns: str, dev: str, ttl_s: int) -> str:
+    nonce = secrets.token_hex(16)
+    conn.execute(N.insert().values(nonce=nonce, ns=ns, device_id=dev, expires_ts=now_ms() + ttl_s * 1000))
+    return nonce
+
+
+def _take_nonce(conn: sa.Connection, nonce: str):
+    """Single use: the nonce is deleted by the first attempt that names it, whatever the outcome."""
+    return conn.execute(N.delete().where(N.c.nonce == nonce).returning(N.c.ns, N.c.device_id, N.c.expires_ts)).first()
+
+
+def _register(conn: sa.Connection, events: list, cp: "ControlPlane", ns: str, body: RegisterIn,
+              enrollment_key: str | None) -> tuple[dict, int]:
+    dev = body.device_id
+    row = device_row(conn, ns, dev, lock=True)
+    if row is not None and row["device_key"]:
+        key = row["device_key"]
+    elif enrollment_key is not None:
+        key = derive_device_key(enrollment_key, dev)
+    else:
+        raise ApiError(404, "unknown device")
+    if not signature_ok(key, body.nonce, dev, body.signature):
+        raise ApiError(401, "bad signature")
+    dtype = body.device_type or (row["device_type"] if row else None)
+    if dtype is not None and type_row(conn, dtype) is None:
+        raise ApiError(422, f"unknown device type {dtype!r}", {"path": "device_type"})
+    now = now_ms()
+    values: dict[str, Any] = {"device_type": dtype, "firmware": body.firmware, "capabilities": body.capabilities,
+                              "address": body.address, "reset_cause": body.reset_cause, "registered_ts": now,
+                              "last_seen": now, "online": True}
+    if row is None:
+        conn.execute(D.insert().values(ns=ns, device_id=dev, created_ts=now, first_seen=now,
+                                       ttl_s=ttl_for(cp.settings.default_heartbeat_s), config_overrides={},
+                                       config_version=0, **values))
+    else:
+        if row["first_seen"] is None:
+            values["first_seen"] = now
+        conn.execute(D.update().where(D.c.ns == ns, D.c.device_id == dev).values(**values))
+        if not row["online"]:
+            resolve_server_alarm(conn, ns, dev, OFFLINE_KEY, now)
+    cfg: dict = {}
+    if dtype is not None:
+        fresh = device_row(conn, ns, dev)
+        cfg, schema = effective(conn, ns, fresh)
+        store_if_changed(conn, events, cp, ns, fresh, cfg, schema)
+    hb = int(cfg.get("heartbeat_interval_s") or cp.settings.default_heartbeat_s)
+    ttl = ttl_for(hb)
+    conn.execute(D.update().where(D.c.ns == ns, D.c.device_id == dev).values(ttl_s=ttl))
+    cp.emit(conn, events, {"ns": ns, "dev": dev, "kind": "device", "ttl": ttl})
+    return cfg, ttl
+
+
+_ERR: dict[int | str, dict[str, Any]] = {s: {"model": ErrorBody} for s in (400, 401, 404)}
+router = APIRouter(tags=["discovery"])
+
+
+@router.post("/api/devices/challenge", response_model=ChallengeOut, responses=_ERR)
+async def challenge(body: ChallengeIn, request: Request) -> ChallengeOut:
+    """A single-use nonce bound to this device id, to be signed with the device key."""
+    cp: ControlPlane = request.app.state.cp
+    if cp.settings.secrets.enrollment_key(body.namespace) is None:
+        raise ApiError(404, "unknown namespace")
+    nonce = await cp.write(lambda conn, _ev: _new_nonce(conn, body.namespace, body.device_id,
+                                                        cp.settings.nonce_ttl_s))
+    return ChallengeOut(nonce=nonce, expires_in=cp.settings.nonce_ttl_s)
+
+
+@router.post("/api/devices/register", response_model=RegisterOut, responses={**_ERR, 422: {"model": ErrorBody}})
+async def register(body: RegisterIn, request: Request) -> RegisterOut:
+    """Answer the challenge: HMAC-SHA256(device_key, nonce|device_id) → token, service URLs, intervals."""
+    cp: ControlPlane = request.app.state.cp
+    taken = await cp.write(lambda conn, _ev: _take_nonce(conn, body.nonce))
+    if (taken is None or taken[1] != body.device_id or taken[2] < now_ms()
+            or ("namespace" in body.model_fields_set and body.namespace != taken[0])):
+        cp.metrics.registrations.labels("bad_nonce").inc()
+        raise ApiError(401, "unknown or expired nonce")
+    ns = taken[0]
+    try:
+        cfg, ttl = await cp.write(_register, cp, ns, body, cp.settings.secrets.enrollment_key(ns))
+    except ApiError as e:
+        cp.metrics.registrations.labels("refused").inc()
+        raise e
+    cp.metrics.registrations.labels("ok").inc()
+    cp.liveness.known_online(ns, body.device_id)
+    st = cp.settings
+    base = cp.base_url(request)
+    dev = body.device_id
+    token = issue_token(st.secrets.signing_key, dev, ns, DEVICE_ROLE, st.token_ttl_s)
+    hb = int(cfg.get("heartbeat_interval_s") or st.default_heartbeat_s)
+    return RegisterOut(
+        token=token, token_expires_in=st.token_ttl_s, namespace=ns, device_id=dev,
+        services={"config": f"{base}/api/v1/devices/{dev}/config",
+                  "state": f"{base}/api/v1/namespaces/{ns}/devices/{dev}/shadows/default",
+                  "heartbeat": f"{base}/api/v1/devices/{dev}/heartbeat",
+                  "alarms": f"{base}/api/v1/devices/{dev}/alarms",
+                  "ota": f"{base}/api/v1/devices/{dev}/ota",
+                  "refresh": f"{base}/api/devices/refresh",
+                  "ntp": st.ntp_address},
+        intervals={"heartbeat": hb, "ttl": ttl, "config_poll": st.config_poll_s,
+                   "time_sync": int((cfg.get("time") or {}).get("interval_s") or st.time_sync_s)},
+        server_time=now_ms())
+
+
+@router.post("/api/devices/refresh", response_model=TokenOut, responses=_ERR)
+async def refresh(request: Request, p: Principal = Depends(principal)) -> TokenOut:
+    """A fresh device token for a still-valid one (the device is still on record)."""
+    if not p.is_device:
+        raise ApiError(403, "device token required")
+    cp: ControlPlane = request.app.state.cp
+    if await cp.versions_of(p.ns, p.sub) is None:
+        raise ApiError(401, "device no longer registered")
+    st = cp.settings
+    return TokenOut(token=issue_token(st.secrets.signing_key, p.sub, p.ns, DEVICE_ROLE, st.token_ttl_s),
+                    token_expires_in=st.token_ttl_s)

@@ -1,0 +1,62 @@
+"""One exception type for every API error, and the handlers that turn everything into `{"error": …}` JSON."""
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, error: str, detail: Any = None, headers: dict[str, str] | None = None,
+                 **extra: Any):
+        super().__init__(error)
+        self.status = status
+        self.error = error
+        self.detail = detail
+        self.headers = headers
+        self.extra = extra
+
+    def body(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"error": self.error}
+        if self.detail is not None:
+            out["detail"] = self.detail
+        out.update(self.extra)
+        return out
+
+
+def error_response(status: int, error: str, detail: Any = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(ApiError(status, error, detail).body(), status_code=status, headers=headers)
+
+
+def _loc_path(loc: tuple) -> str:
+    # ("body", "state", "reported") -> "state.reported"; ("query", "wait") -> "wait"
+    parts = [str(p) for p in loc[1:]] if loc and loc[0] in ("body", "query", "path", "header") else [str(p) for p in loc]
+    return ".".join(parts)
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(_req: Request, exc: ApiError):
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_req: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        for e in errors:
+            if e.get("type") == "json_invalid":
+                return error_response(400, "malformed JSON", {"message": str(e.get("ctx", {}).get("error", ""))})
+        first = errors[0] if errors else {}
+        where = first.get("loc", ())
+        return error_response(422, "invalid request", {
+            "path": _loc_path(tuple(where)), "in": where[0] if where else None, "message": first.get("msg", "")})
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_req: Request, exc: StarletteHTTPException):
+        msg = exc.detail if isinstance(exc.detail, str) else "error"
+        if exc.status_code == 400 and msg == "There was an error parsing the body":
+            msg = "malformed JSON (unparseable or nested too deeply)"
+        return error_response(exc.status_code, msg.lower() if exc.status_code in (404, 405) else msg,
+                              headers=getattr(exc, "headers", None))

@@ -1,0 +1,51 @@
+"""Heartbeat endpoint: proof of life for the device's watchdog, and the change notification (`pending`)."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from fastapi import APIRouter, Depends, Query, Request
+
+from .auth import Principal, device_ns, principal
+from .db import now_ms
+from .errors import ApiError
+from .longpoll import wait_for_change
+from .models import ErrorBody, HeartbeatIn, HeartbeatOut, Pending
+
+if TYPE_CHECKING:
+    from .core import ControlPlane
+
+router = APIRouter(tags=["heartbeat"])
+_ERR: dict[int | str, dict[str, Any]] = {s: {"model": ErrorBody} for s in (400, 401, 403, 404)}
+
+
+@router.post("/api/v1/devices/{device_id}/heartbeat", response_model=HeartbeatOut, responses=_ERR)
+async def heartbeat(device_id: str, body: HeartbeatIn, request: Request, p: Principal = Depends(principal),
+                    wait: float | None = Query(None, ge=0)) -> HeartbeatOut:
+    """Record a sign of life; answer the current config/state versions. With `wait`, a long-poll for a change."""
+    if not p.is_device:
+        raise ApiError(403, "only devices send heartbeats")
+    ns = device_ns(p, device_id, "admin")
+    cp: ControlPlane = request.app.state.cp
+    entry = await cp.versions_of(ns, device_id)
+    if entry is None:
+        raise ApiError(404, "unknown device")
+    hb = body.model_dump(exclude_none=True)
+    if not await cp.liveness.beat(ns, device_id, hb):
+        raise ApiError(404, "unknown device")
+    cp.metrics.heartbeats.inc()
+
+    def changed(v: list[int]) -> bool:
+        return ((body.config_version is not None and v[0] != body.config_version)
+                or (body.state_version is not None and v[1] != body.state_version))
+
+    if wait and not changed(entry):
+        # never wait past half the TTL: the device must not look silent while we hold its request
+        limit = min(wait, cp.settings.max_heartbeat_wait_s, entry[2] / 2)
+
+        async def fetch():
+            return await cp.versions_of(ns, device_id) or entry
+
+        entry = await wait_for_change(cp, ns, device_id, limit, "heartbeat", fetch, changed)
+        await cp.liveness.beat(ns, device_id, hb)
+    return HeartbeatOut(ack=body.seq, server_time=now_ms(), ttl=entry[2],
+                        pending=Pending(config_version=entry[0], state_version=entry[1], ota=None))

@@ -1,0 +1,309 @@
+"""Wire schemas (docs/protocol.md), defined once and used by the server, the OpenAPI document and the tests."""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+DeviceId = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+Severity = Literal["info", "warning", "error", "critical"]
+Role = Literal["viewer", "operator", "admin"]
+
+
+class ErrorBody(BaseModel):
+    error: str
+    detail: Any = None
+
+
+class Ok(BaseModel):
+    ok: bool = True
+
+
+# --- discovery ---
+class ChallengeIn(BaseModel):
+    device_id: str = DeviceId
+    namespace: str = Field(default="default", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+class ChallengeOut(BaseModel):
+    nonce: str
+    expires_in: int
+
+
+class RegisterIn(BaseModel):
+    device_id: str = DeviceId
+    namespace: str = Field(default="default", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    nonce: str = Field(min_length=1, max_length=64)
+    signature: str = Field(pattern=r"^[0-9a-fA-F]{64}$")
+    device_type: str | None = Field(default=None, max_length=64)
+    firmware: str | None = Field(default=None, max_length=64)
+    capabilities: list[str] = Field(default_factory=list, max_length=32)
+    address: str | None = Field(default=None, max_length=256)
+    reset_cause: str | None = Field(default=None, max_length=64)
+
+
+class Services(BaseModel):
+    config: str
+    state: str
+    heartbeat: str
+    alarms: str
+    ota: str
+    refresh: str
+    ntp: str | None = None
+
+
+class Intervals(BaseModel):
+    heartbeat: int
+    ttl: int
+    config_poll: int
+    time_sync: int
+
+
+class RegisterOut(BaseModel):
+    token: str
+    token_expires_in: int
+    namespace: str
+    device_id: str
+    services: Services
+    intervals: Intervals
+    server_time: int
+
+
+class TokenOut(BaseModel):
+    token: str
+    token_expires_in: int
+
+
+# --- config ---
+class ConfigOut(BaseModel):
+    version: int
+    config: dict[str, Any]
+
+
+class ConfigReportIn(BaseModel):
+    version: int = Field(ge=0)
+    status: Literal["applied", "rejected"]
+    reason: str | None = Field(default=None, max_length=512)
+
+
+class ConfigReport(BaseModel):
+    version: int
+    status: str
+    reason: str | None = None
+    ts: int
+
+
+class DeviceConfigOut(BaseModel):
+    version: int
+    config: dict[str, Any]
+    overrides: dict[str, Any]
+    group: str | None = None
+    device_type: str | None = None
+    report: ConfigReport | None = None
+
+
+# --- state ---
+class ShadowStateIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    desired: dict[str, Any] | None = None
+    reported: dict[str, Any] | None = None
+
+
+class ShadowUpdateIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    state: ShadowStateIn
+    version: int | None = Field(default=None, ge=0)
+
+
+class ShadowState(BaseModel):
+    desired: dict[str, Any]
+    reported: dict[str, Any]
+    delta: dict[str, Any]
+
+
+class ShadowMeta(BaseModel):
+    desired: dict[str, Any]
+    reported: dict[str, Any]
+
+
+class ShadowOut(BaseModel):
+    state: ShadowState
+    metadata: ShadowMeta
+    version: int
+    timestamp: int
+
+
+class ConflictBody(BaseModel):
+    error: str
+    version: int
+
+
+# --- heartbeat ---
+class HeartbeatIn(BaseModel):
+    seq: int = Field(default=0, ge=0)
+    uptime: float | None = Field(default=None, ge=0)
+    mem_free: int | None = Field(default=None, ge=0)
+    rssi: int | None = None
+    reconnects: int | None = Field(default=None, ge=0)
+    firmware: str | None = Field(default=None, max_length=64)
+    config_version: int | None = Field(default=None, ge=0)
+    state_version: int | None = Field(default=None, ge=0)
+
+
+class Pending(BaseModel):
+    config_version: int
+    state_version: int
+    ota: Any = None
+
+
+class HeartbeatOut(BaseModel):
+    ack: int
+    server_time: int
+    ttl: int
+    pending: Pending
+
+
+# --- alarms ---
+class AlarmIn(BaseModel):
+    key: str = Field(min_length=1, max_length=128)
+    severity: Severity = "warning"
+    message: str = Field(default="", max_length=1024)
+    count: int = Field(default=1, ge=1)
+    first_ts: int | None = Field(default=None, ge=0)
+    last_ts: int | None = Field(default=None, ge=0)
+    state: Literal["firing", "resolved"] = "firing"
+
+
+class AlarmBatchIn(BaseModel):
+    alarms: list[AlarmIn] = Field(max_length=100)
+
+
+class AlarmBatchOut(BaseModel):
+    accepted: int
+
+
+class AlarmOut(BaseModel):
+    id: int
+    namespace: str
+    device_id: str
+    key: str
+    severity: str
+    message: str
+    state: str
+    count: int
+    episodes: int
+    first_ts: int
+    last_ts: int
+    acked: bool
+    acked_by: str | None = None
+    acked_ts: int | None = None
+
+
+class AlarmList(BaseModel):
+    alarms: list[AlarmOut]
+
+
+# --- operators: devices, types, groups, namespaces ---
+class DeviceOut(BaseModel):
+    namespace: str
+    device_id: str
+    device_type: str | None = None
+    group: str | None = None
+    firmware: str | None = None
+    capabilities: list[str] = []
+    address: str | None = None
+    reset_cause: str | None = None
+    online: bool
+    ttl_s: int
+    created_ts: int
+    first_seen: int | None = None
+    last_seen: int | None = None
+    registered_ts: int | None = None
+    config_version: int
+    key_mode: Literal["derived", "individual"]
+    heartbeat: dict[str, Any] | None = None
+    config_report: ConfigReport | None = None
+
+
+class DeviceList(BaseModel):
+    devices: list[DeviceOut]
+
+
+class DevicePatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    group: str | None = Field(default=None, max_length=64)
+    device_type: str | None = Field(default=None, max_length=64)
+
+
+class ProvisionIn(BaseModel):
+    device_id: str = DeviceId
+    device_type: str | None = Field(default=None, max_length=64)
+    group: str | None = Field(default=None, max_length=64)
+    key_mode: Literal["derived", "individual"] = "derived"
+
+
+class ProvisionOut(BaseModel):
+    device_id: str
+    device_key: str
+    namespace: str
+    service_discovery_url: str
+
+
+class DeviceTypeIn(BaseModel):
+    json_schema: dict[str, Any]
+    defaults: dict[str, Any]
+
+
+class DeviceTypeOut(BaseModel):
+    name: str
+    json_schema: dict[str, Any]
+    defaults: dict[str, Any]
+    version: int
+    updated_ts: int
+
+
+class DeviceTypeList(BaseModel):
+    device_types: list[DeviceTypeOut]
+
+
+class GroupIn(BaseModel):
+    overrides: dict[str, Any]
+
+
+class GroupOut(BaseModel):
+    namespace: str
+    name: str
+    overrides: dict[str, Any]
+    updated_ts: int
+
+
+class GroupList(BaseModel):
+    groups: list[GroupOut]
+
+
+class OverridesIn(BaseModel):
+    overrides: dict[str, Any]
+
+
+class NamespaceIn(BaseModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+class NamespaceList(BaseModel):
+    namespaces: list[str]
+
+
+class ShadowNames(BaseModel):
+    shadows: list[str]
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Ready(BaseModel):
+    ready: bool
+    database: bool
+    migrations: int | None = None
+    expected_migrations: int
+    error: str | None = None

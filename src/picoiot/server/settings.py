@@ -1,0 +1,160 @@
+"""Server settings and the secrets file (signing key, one enrollment key per namespace)."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SECRETS_FILE = "secrets.json"
+NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")  # device ids and namespace names (protocol §1)
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("PICOIOT_DATA_DIR") or ".picoiot")
+
+
+def normalise_db_url(url: str) -> str:
+    """`postgresql://` and `postgres://` mean psycopg 3 (the driver we ship), not SQLAlchemy's default psycopg2."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix):]
+    return url
+
+
+class SecretStore:
+    """The signing key and the namespaces' enrollment keys, in one 0600 JSON file (or only in memory).
+
+    Namespaces exist exactly when they have an enrollment key. The file is re-read when it changed on disk, so
+    `picoiot provision --namespace NEW` is seen by a running server without a restart.
+    """
+
+    def __init__(self, path: Path | None = None, signing_key: str | None = None,
+                 enrollment_keys: dict[str, str] | None = None):
+        self.path = path
+        self._lock = threading.Lock()
+        self._mtime = None
+        self.signing_key = signing_key or ""
+        self.enrollment_keys: dict[str, str] = dict(enrollment_keys or {})
+        if path is not None:
+            self._load_or_create()
+        if not self.signing_key:
+            self.signing_key = secrets.token_hex(32)
+        if not self.enrollment_keys:
+            self.enrollment_keys["default"] = secrets.token_hex(32)
+
+    @classmethod
+    def in_dir(cls, data_dir: Path) -> "SecretStore":
+        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # also holds the database (individual device keys)
+        return cls(data_dir / SECRETS_FILE)
+
+    def _load_or_create(self) -> None:
+        assert self.path is not None
+        if self.path.exists():
+            self._read()
+            return
+        self.signing_key = self.signing_key or secrets.token_hex(32)
+        self.enrollment_keys = self.enrollment_keys or {"default": secrets.token_hex(32)}
+        self._write()
+
+    def _read(self) -> None:
+        assert self.path is not None
+        st = self.path.stat()
+        data = json.loads(self.path.read_text())
+        self.signing_key = data["signing_key"]
+        self.enrollment_keys = dict(data.get("enrollment_keys", {}))
+        self._mtime = st.st_mtime_ns
+
+    def _write(self) -> None:
+        assert self.path is not None
+        tmp = self.path.with_name(self.path.name + f".tmp{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"signing_key": self.signing_key, "enrollment_keys": self.enrollment_keys}, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, self.path)
+        self._mtime = self.path.stat().st_mtime_ns
+
+    def _refresh(self) -> None:
+        if self.path is None:
+            return
+        try:
+            if self.path.stat().st_mtime_ns != self._mtime:
+                self._read()
+        except (OSError, ValueError, KeyError):
+            pass  # keep what we have; a half-edited file must not take the server down
+
+    def enrollment_key(self, namespace: str) -> str | None:
+        with self._lock:
+            key = self.enrollment_keys.get(namespace)
+            if key is None:
+                self._refresh()
+                key = self.enrollment_keys.get(namespace)
+            return key
+
+    def namespaces(self) -> list[str]:
+        with self._lock:
+            self._refresh()
+            return sorted(self.enrollment_keys)
+
+    def add_namespace(self, namespace: str) -> bool:
+        """Create the namespace's enrollment key; False if it already existed."""
+        if not NAME_RE.match(namespace):
+            raise ValueError(f"bad namespace name {namespace!r}")
+        with self._lock:
+            self._refresh()
+            if namespace in self.enrollment_keys:
+                return False
+            self.enrollment_keys[namespace] = secrets.token_hex(32)
+            if self.path is not None:
+                self._write()
+            return True
+
+
+@dataclass
+class Settings:
+    db_url: str = "sqlite:///.picoiot/picoiot.db"
+    #: PostgreSQL only: a schema of our own (created if missing) — lets test runs share one database without colliding.
+    db_schema: str | None = None
+    data_dir: Path | None = None
+    secrets: SecretStore = field(default_factory=SecretStore)
+    #: base URL put into service URLs; None = taken from each request
+    public_url: str | None = None
+    #: `host:port` of the SNTP responder advertised as services.ntp (None = not advertised)
+    ntp_address: str | None = None
+    token_ttl_s: int = 3600
+    nonce_ttl_s: int = 60
+    default_heartbeat_s: int = 10
+    config_poll_s: int = 60
+    time_sync_s: int = 3600
+    #: housekeeping period: liveness flush, offline sweep, nonce expiry, gauges
+    sweep_interval_s: float = 1.0
+    #: heartbeats update last_seen in memory and are written in batches this often; 0 = write every heartbeat
+    heartbeat_flush_s: float = 1.0
+    max_config_wait_s: int = 300
+    max_state_wait_s: int = 300
+    max_heartbeat_wait_s: int = 60
+    max_body_bytes: int = 64 * 1024
+    max_doc_bytes: int = 8 * 1024
+    max_doc_depth: int = 6
+    #: "auto" = PostgreSQL LISTEN/NOTIFY on PostgreSQL, in-process otherwise
+    notifier: str = "auto"
+
+    def __post_init__(self) -> None:
+        self.db_url = normalise_db_url(self.db_url)
+
+    @classmethod
+    def from_data_dir(cls, data_dir: Path, db_url: str | None = None, **kw) -> "Settings":
+        data_dir = Path(data_dir)
+        store = SecretStore.in_dir(data_dir)
+        url = db_url or f"sqlite:///{(data_dir / 'picoiot.db').resolve()}"
+        return cls(db_url=url, data_dir=data_dir, secrets=store, **kw)
+
+    @property
+    def is_postgres(self) -> bool:
+        return self.db_url.startswith("postgresql")

@@ -1,0 +1,420 @@
+"""`picoiot server | provision | token | devices | config | state | alarms` — the control plane's commands.
+
+`server`, `provision` and `token` work on the data directory (secrets + default SQLite database) directly.
+`devices`, `config`, `state` and `alarms` talk to a running server over HTTP with a token: `--token`/`$PICOIOT_TOKEN`,
+or one minted for the call from the data directory's signing key (so on the server's own box no token is needed).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from .server.settings import NAME_RE, Settings, default_data_dir
+
+SERVER_INFO = "server.json"  # written by `picoiot server`: where it listens, so the other commands find it
+
+DataDir = typer.Option(None, "--data-dir", envvar="PICOIOT_DATA_DIR",
+                       help="secrets + default SQLite database [default: ./.picoiot]")
+DbUrl = typer.Option(None, "--db", envvar="PICOIOT_DB", help="database URL (sqlite:///… or postgresql://…)")
+DbSchema = typer.Option(None, "--db-schema", envvar="PICOIOT_DB_SCHEMA", help="PostgreSQL schema to use")
+
+
+def _settings(data_dir: Optional[Path], db: Optional[str], db_schema: Optional[str] = None, **kw) -> Settings:
+    return Settings.from_data_dir(data_dir or default_data_dir(), db_url=db, db_schema=db_schema, **kw)
+
+
+def _server_url(data_dir: Optional[Path]) -> str:
+    try:
+        return json.loads(((data_dir or default_data_dir()) / SERVER_INFO).read_text())["url"]
+    except (OSError, ValueError, KeyError):
+        return "http://127.0.0.1:8080"
+
+
+def _fail(msg: str) -> None:
+    typer.secho(f"error: {msg}", fg="red", err=True)
+    raise typer.Exit(2)
+
+
+# ------------------------------------------------------------------------------------------------ server
+def server(db: Optional[str] = DbUrl, host: str = typer.Option("127.0.0.1", help="address to bind"),
+           port: int = typer.Option(8080, help="TCP port (0 = any free port)"),
+           sntp_port: Optional[int] = typer.Option(None, help="also answer SNTP on this UDP port"),
+           data_dir: Optional[Path] = DataDir, public_url: Optional[str] = typer.Option(
+               None, help="base URL devices use to reach this server (default: the URL of each request)"),
+           db_schema: Optional[str] = DbSchema,
+           sweep_interval: float = typer.Option(1.0, help="seconds between liveness flush / offline sweeps"),
+           heartbeat_flush: float = typer.Option(1.0, help="write last_seen every N s (0 = on every heartbeat)"),
+           token_ttl: int = typer.Option(3600, help="device token lifetime, seconds")) -> None:
+    """Run the control plane (discovery, config, state, heartbeat, alarms[, SNTP]) until SIGTERM/SIGINT."""
+    import uvicorn
+
+    from .server.app import create_app
+
+    ddir = data_dir or default_data_dir()
+    settings = _settings(ddir, db, db_schema, public_url=public_url, sweep_interval_s=sweep_interval,
+                         heartbeat_flush_s=heartbeat_flush, token_ttl_s=token_ttl)
+    sntp = None
+    if sntp_port is not None:
+        try:
+            from .server import sntp as sntp_mod  # written by the operations work; optional
+        except ModuleNotFoundError:
+            _fail("--sntp-port: picoiot.server.sntp is not available in this build")
+        sntp = getattr(sntp_mod, "serve_sntp", None) or getattr(sntp_mod, "serve", None)
+        if sntp is None:
+            _fail("--sntp-port: picoiot.server.sntp has no serve_sntp()")
+        settings.ntp_address = f"{host}:{sntp_port}"
+    app = create_app(settings)
+    try:
+        import uvloop  # noqa: F401
+        loop = "uvloop"
+    except ImportError:  # pragma: no cover
+        loop = "asyncio"
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, loop=loop,
+                            timeout_graceful_shutdown=5, server_header=False)
+    srv = uvicorn.Server(config)
+
+    async def main() -> None:
+        serving = asyncio.create_task(srv.serve())
+        sntp_task = None
+        while not srv.started:
+            if serving.done():
+                serving.result()
+                raise typer.Exit(1)
+            await asyncio.sleep(0.02)
+        bound = srv.servers[0].sockets[0].getsockname()[1] if srv.servers else port
+        url = f"http://{host}:{bound}"
+        info = ddir / SERVER_INFO
+        tmp = info.with_name(info.name + ".tmp")
+        tmp.write_text(json.dumps({"url": public_url or url, "pid": os.getpid()}))
+        os.replace(tmp, info)
+        if sntp is not None:
+            sntp_task = asyncio.create_task(sntp(host, sntp_port))
+        typer.echo(f"picoiot server listening on {url}")
+        try:
+            await serving
+        finally:
+            if sntp_task is not None:
+                sntp_task.cancel()
+
+    try:
+        asyncio.run(main()) if loop == "asyncio" else __import__("uvloop").run(main())
+    except KeyboardInterrupt:  # pragma: no cover - uvicorn normally handles the signal itself
+        pass
+
+
+# ------------------------------------------------------------------------------------------------ provision / token
+def provision(device_id: str = typer.Argument(..., help="device id: 1–64 of [A-Za-z0-9_.-]"),
+              namespace: str = typer.Option("default", "--namespace", "-n"),
+              type_: Optional[str] = typer.Option(None, "--type", help="device type (relays, sensors, …)"),
+              group: Optional[str] = typer.Option(None, help="config group"),
+              individual: bool = typer.Option(False, help="a random key stored by the server instead of a derived one"),
+              out: Optional[Path] = typer.Option(None, "--out", "-o", help="write the key file here (0600)"),
+              create_namespace: bool = typer.Option(True, help="create the namespace if it does not exist"),
+              data_dir: Optional[Path] = DataDir, db: Optional[str] = DbUrl,
+              db_schema: Optional[str] = DbSchema) -> None:
+    """Enroll a device and print (or write) its key file {device_id, device_key, namespace, service_discovery_url}."""
+    from .server.app import seed_device_types
+    from .server.core import ControlPlane
+    from .server.db import migrate
+    from .server.errors import ApiError
+    from .server.models import ProvisionIn
+    from .server.operators import _provision
+
+    if not NAME_RE.match(device_id) or not NAME_RE.match(namespace):
+        _fail("device id and namespace: 1-64 characters of A-Z a-z 0-9 _ . -")
+    settings = _settings(data_dir, db, db_schema)
+    if settings.secrets.enrollment_key(namespace) is None:
+        if not create_namespace:
+            _fail(f"unknown namespace {namespace!r}")
+        settings.secrets.add_namespace(namespace)
+    cp = ControlPlane(settings)
+    try:
+        migrate(cp.db.engine, settings)
+        cp.db.run_sync(seed_device_types)
+        body = ProvisionIn(device_id=device_id, device_type=type_, group=group,
+                           key_mode="individual" if individual else "derived")
+        key = cp.db.run_sync(lambda conn: _provision(conn, [], cp, namespace, body,
+                                                     settings.secrets.enrollment_key(namespace)))
+    except ApiError as e:
+        _fail(f"{e.error}")
+    finally:
+        cp.db.dispose()
+    doc = {"device_id": device_id, "device_key": key, "namespace": namespace,
+           "service_discovery_url": f"{settings.public_url or _server_url(data_dir)}/api/devices"}
+    text = json.dumps(doc, indent=1)
+    if out is None:
+        typer.echo(text)
+    else:
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text + "\n")
+        os.chmod(out, 0o600)
+        typer.echo(f"wrote {out}")
+
+
+def token(role: str = typer.Option(..., "--role", help="viewer | operator | admin"),
+          namespace: str = typer.Option("default", "--namespace", "-n", help="namespace, or '*' for all (admin)"),
+          device: Optional[str] = typer.Option(None, "--device", help="a token for this device's own local API"),
+          ttl: int = typer.Option(3600, "--ttl", help="lifetime, seconds"),
+          sub: str = typer.Option("cli", help="subject (who the token is for)"),
+          data_dir: Optional[Path] = DataDir, db: Optional[str] = DbUrl, db_schema: Optional[str] = DbSchema) -> None:
+    """Print a token: for the control plane's operators' API, or (--device) for a device's local REST/WS API."""
+    from .server.auth import ROLES, derive_device_key, device_local_token, issue_token
+
+    if role not in ROLES:
+        _fail(f"role must be one of {', '.join(ROLES)}")
+    if ttl <= 0:
+        _fail("--ttl must be positive")
+    settings = _settings(data_dir, db, db_schema)
+    if device is None:
+        if namespace != "*" and settings.secrets.enrollment_key(namespace) is None:
+            _fail(f"unknown namespace {namespace!r}")
+        typer.echo(issue_token(settings.secrets.signing_key, sub, namespace, role, ttl))
+        return
+    enrollment = settings.secrets.enrollment_key(namespace)
+    if enrollment is None:
+        _fail(f"unknown namespace {namespace!r}")
+    key = _individual_key(settings, namespace, device) or derive_device_key(enrollment, device)
+    typer.echo(device_local_token(key, device, role, ttl, sub=sub))
+
+
+def _individual_key(settings: Settings, ns: str, dev: str) -> str | None:
+    import sqlalchemy as sa
+
+    from .server import db as tables
+    from .server.db import make_engine
+    engine = make_engine(settings)
+    try:
+        with engine.connect() as conn:
+            d = tables.devices
+            return conn.execute(sa.select(d.c.device_key).where(d.c.ns == ns, d.c.device_id == dev)).scalar()
+    except Exception:  # no database yet: derived keys need none
+        return None
+    finally:
+        engine.dispose()
+
+
+# ------------------------------------------------------------------------------------------------ HTTP client commands
+class _Api:
+    def __init__(self, url: Optional[str], tok: Optional[str], data_dir: Optional[Path], namespace: str, role: str):
+        import httpx
+
+        from .server.auth import issue_token
+        self.ns = namespace
+        base = (url or _server_url(data_dir)).rstrip("/")
+        if not tok:
+            settings = Settings.from_data_dir(data_dir or default_data_dir())
+            tok = issue_token(settings.secrets.signing_key, "cli", namespace, role, 300)
+        self.client = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {tok}"}, timeout=30)
+
+    def call(self, method: str, path: str, **kw) -> Any:
+        import httpx
+        try:
+            r = self.client.request(method, path, **kw)
+        except httpx.HTTPError as e:
+            _fail(f"cannot reach the server at {self.client.base_url}: {type(e).__name__}")
+        if r.status_code >= 400:
+            try:
+                body = r.json()
+            except ValueError:
+                body = {"error": r.text}
+            _fail(f"{r.status_code} {body.get('error')}" + (f" {json.dumps(body['detail'])}" if body.get("detail")
+                                                               else ""))
+        return r.json() if r.content else None
+
+
+Url = typer.Option(None, "--url", envvar="PICOIOT_URL", help="server URL [default: from the data dir, or :8080]")
+Tok = typer.Option(None, "--token", envvar="PICOIOT_TOKEN", help="bearer token [default: minted from the data dir]")
+Ns = typer.Option("default", "--namespace", "-n")
+
+
+def _print_json(obj: Any) -> None:
+    from rich.console import Console
+    Console().print_json(json.dumps(obj))
+
+
+def _parse_assignments(pairs: list[str]) -> dict:
+    """`a.b=5 c=on d=null` → {"a": {"b": 5}, "c": "on", "d": None}: values are JSON if they parse, else strings."""
+    out: dict = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            _fail(f"expected KEY=VALUE, got {pair!r}")
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = raw
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                _fail(f"{key}: conflicts with another assignment")
+        node[parts[-1]] = value
+    return out
+
+
+def _ago(ts: Optional[int]) -> str:
+    import time
+    if not ts:
+        return "-"
+    s = max(0, int(time.time() - ts / 1000))
+    return f"{s}s ago" if s < 120 else f"{s // 60}m ago" if s < 7200 else f"{s // 3600}h ago"
+
+
+devices_app = typer.Typer(help="List, inspect, regroup and delete devices (over HTTP).", no_args_is_help=True)
+config_app = typer.Typer(help="Show and change device and group config (over HTTP).", no_args_is_help=True)
+state_app = typer.Typer(help="Show shadows and set desired state (over HTTP).", no_args_is_help=True)
+alarms_app = typer.Typer(help="List and acknowledge alarms (over HTTP).", no_args_is_help=True)
+
+
+@devices_app.command("list")
+def devices_list(namespace: str = Ns, online: Optional[bool] = typer.Option(None, "--online/--offline"),
+                 as_json: bool = typer.Option(False, "--json"), url: Optional[str] = Url,
+                 tok: Optional[str] = Tok, data_dir: Optional[Path] = DataDir) -> None:
+    """Devices of a namespace."""
+    from rich.console import Console
+    from rich.table import Table
+    api = _Api(url, tok, data_dir, namespace, "viewer")
+    params = {} if online is None else {"online": str(online).lower()}
+    devs = api.call("GET", f"/api/v1/namespaces/{namespace}/devices", params=params)["devices"]
+    if as_json:
+        _print_json(devs)
+        return
+    t = Table("device", "type", "group", "online", "last seen", "firmware", "config v", "address")
+    for d in devs:
+        t.add_row(d["device_id"], d["device_type"] or "-", d["group"] or "-",
+                  "[green]yes[/]" if d["online"] else "[red]no[/]", _ago(d["last_seen"]), d["firmware"] or "-",
+                  str(d["config_version"]), d["address"] or "-")
+    Console().print(t)
+
+
+@devices_app.command("show")
+def devices_show(device_id: str, namespace: str = Ns, url: Optional[str] = Url, tok: Optional[str] = Tok,
+                 data_dir: Optional[Path] = DataDir) -> None:
+    """One device record."""
+    _print_json(_Api(url, tok, data_dir, namespace, "viewer").call("GET", f"/api/v1/namespaces/{namespace}/devices/"
+                                                                          f"{device_id}"))
+
+
+@devices_app.command("group")
+def devices_group(device_id: str, group: str = typer.Argument(..., help="group name, or '-' for none"),
+                  namespace: str = Ns, url: Optional[str] = Url, tok: Optional[str] = Tok,
+                  data_dir: Optional[Path] = DataDir) -> None:
+    """Move a device to a config group."""
+    api = _Api(url, tok, data_dir, namespace, "admin")
+    d = api.call("PATCH", f"/api/v1/namespaces/{namespace}/devices/{device_id}",
+                 json={"group": None if group == "-" else group})
+    typer.echo(f"{device_id}: group {d['group'] or '-'}, config v{d['config_version']}")
+
+
+@devices_app.command("delete")
+def devices_delete(device_id: str, namespace: str = Ns, url: Optional[str] = Url, tok: Optional[str] = Tok,
+                   data_dir: Optional[Path] = DataDir) -> None:
+    """Forget a device (record, config history, shadows, alarms)."""
+    _Api(url, tok, data_dir, namespace, "admin").call("DELETE", f"/api/v1/namespaces/{namespace}/devices/{device_id}")
+    typer.echo(f"deleted {device_id}")
+
+
+@config_app.command("show")
+def config_show(device_id: str, namespace: str = Ns, url: Optional[str] = Url, tok: Optional[str] = Tok,
+                data_dir: Optional[Path] = DataDir) -> None:
+    """Effective config, overrides and the device's last report."""
+    _print_json(_Api(url, tok, data_dir, namespace, "viewer").call(
+        "GET", f"/api/v1/namespaces/{namespace}/devices/{device_id}/config"))
+
+
+@config_app.command("set")
+def config_set(device_id: str, assignments: list[str] = typer.Argument(..., help="KEY.PATH=VALUE (VALUE as JSON; "
+                                                                                   "null removes)"),
+               namespace: str = Ns, url: Optional[str] = Url, tok: Optional[str] = Tok,
+               data_dir: Optional[Path] = DataDir) -> None:
+    """Merge into a device's config overrides, e.g. `sampling.interval_ms=500`."""
+    out = _Api(url, tok, data_dir, namespace, "admin").call(
+        "PATCH", f"/api/v1/namespaces/{namespace}/devices/{device_id}/config",
+        json={"overrides": _parse_assignments(assignments)})
+    typer.echo(f"{device_id}: config v{out['version']}")
+
+
+@config_app.command("group")
+def config_group(name: str, assignments: list[str] = typer.Argument(None, help="KEY.PATH=VALUE (replaces the "
+                                                                                 "group's overrides)"),
+                 namespace: str = Ns, url: Optional[str] = Url, tok: Optional[str] = Tok,
+                 data_dir: Optional[Path] = DataDir) -> None:
+    """Create or replace a group's overrides."""
+    out = _Api(url, tok, data_dir, namespace, "admin").call(
+        "PUT", f"/api/v1/namespaces/{namespace}/groups/{name}",
+        json={"overrides": _parse_assignments(assignments or [])})
+    typer.echo(f"group {out['name']}: {json.dumps(out['overrides'])}")
+
+
+@state_app.command("show")
+def state_show(device_id: str, shadow: str = typer.Option("default"), namespace: str = Ns,
+               url: Optional[str] = Url, tok: Optional[str] = Tok, data_dir: Optional[Path] = DataDir) -> None:
+    """A shadow document (desired, reported, delta, version)."""
+    _print_json(_Api(url, tok, data_dir, namespace, "viewer").call(
+        "GET", f"/api/v1/namespaces/{namespace}/devices/{device_id}/shadows/{shadow}"))
+
+
+@state_app.command("set")
+def state_set(device_id: str, assignments: list[str] = typer.Argument(..., help="KEY=VALUE, e.g. relay1=on"),
+              shadow: str = typer.Option("default"), version: Optional[int] = typer.Option(
+                  None, help="apply only if the shadow is still at this version"),
+              namespace: str = Ns, url: Optional[str] = Url, tok: Optional[str] = Tok,
+              data_dir: Optional[Path] = DataDir) -> None:
+    """Set desired state (the device applies it and reports back), e.g. `state set relay-1 relay1=on`."""
+    body: dict[str, Any] = {"state": {"desired": _parse_assignments(assignments)}}
+    if version is not None:
+        body["version"] = version
+    doc = _Api(url, tok, data_dir, namespace, "operator").call(
+        "POST", f"/api/v1/namespaces/{namespace}/devices/{device_id}/shadows/{shadow}", json=body)
+    typer.echo(f"{device_id}/{shadow}: v{doc['version']} delta {json.dumps(doc['state']['delta'])}")
+
+
+@alarms_app.command("list")
+def alarms_list(namespace: str = Ns, state: Optional[str] = typer.Option(None, help="firing | resolved"),
+                device: Optional[str] = None, severity: Optional[str] = None,
+                unacked: bool = typer.Option(False, help="only alarms not acknowledged"),
+                as_json: bool = typer.Option(False, "--json"), url: Optional[str] = Url,
+                tok: Optional[str] = Tok, data_dir: Optional[Path] = DataDir) -> None:
+    """Alarms, newest first."""
+    from rich.console import Console
+    from rich.table import Table
+    params: dict[str, Any] = {k: v for k, v in (("state", state), ("device", device), ("severity", severity)) if v}
+    if unacked:
+        params["acked"] = "false"
+    rows = _Api(url, tok, data_dir, namespace, "viewer").call("GET", f"/api/v1/namespaces/{namespace}/alarms",
+                                                              params=params)["alarms"]
+    if as_json:
+        _print_json(rows)
+        return
+    colour = {"critical": "red", "error": "red", "warning": "yellow", "info": "blue"}
+    t = Table("id", "device", "key", "severity", "state", "count", "last", "acked", "message")
+    for a in rows:
+        t.add_row(str(a["id"]), a["device_id"], a["key"], f"[{colour.get(a['severity'], 'white')}]{a['severity']}[/]",
+                  a["state"], str(a["count"]), _ago(a["last_ts"]), a["acked_by"] or "-", a["message"])
+    Console().print(t)
+
+
+@alarms_app.command("ack")
+def alarms_ack(alarm_id: int, namespace: str = Ns, url: Optional[str] = Url, tok: Optional[str] = Tok,
+               data_dir: Optional[Path] = DataDir) -> None:
+    """Acknowledge an alarm."""
+    a = _Api(url, tok, data_dir, namespace, "operator").call("POST",
+                                                             f"/api/v1/namespaces/{namespace}/alarms/{alarm_id}/ack")
+    typer.echo(f"alarm {a['id']} ({a['device_id']}/{a['key']}) acknowledged by {a['acked_by']}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("server")(server)
+    app.command("provision")(provision)
+    app.command("token")(token)
+    app.add_typer(devices_app, name="devices")
+    app.add_typer(config_app, name="config")
+    app.add_typer(state_app, name="state")
+    app.add_typer(alarms_app, name="alarms")
