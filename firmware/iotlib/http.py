@@ -260,5 +260,5 @@ class HTTPClient:
 
 def _reason(e):
     # str(OSError) on MicroPython is just "[Errno 111] ECONNREFUSED"; keep the class name for the others
-    s = str(e)
+    s = " ".join(str(e).split())  # mbedtls messages start with a newline
     return "%s: %s" % (type(e).__name__, s) if s else type(e).__name__
