@@ -404,9 +404,9 @@ class AuthManager:
         """Claims (with a valid `role`) for an API caller's token, or AuthError.
 
         bearer: the Authorization header value ("Bearer …") or the bare token. A JWT must be HS256-signed with this
-        device's key (`picoiot token --device`; its `aud`, when present, must name this device — `sub` is the person), and
-        carry a role viewer/operator/admin; anything else is
-        looked up by SHA-256 among the static tokens (static_hashes or self.static_tokens).
+        device's key (`picoiot token --device`), carry a role viewer/operator/admin, and its `aud`, when present, must
+        name this device (`sub` is the person). Anything else is looked up by SHA-256 among the static tokens
+        (static_hashes, or self.static_tokens as hot-reloaded from config).
         """
         if not isinstance(bearer, str) or not bearer:
             raise AuthError("missing token")

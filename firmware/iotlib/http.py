@@ -122,8 +122,8 @@ class HTTPClient:
             body = _json.dumps(json)
         if isinstance(body, str):
             body = body.encode()
-        lines = ["%s %s HTTP/1.1" % (method, path), "Host: %s" % (host if port in (80, 443) else "%s:%d" % (host, port)),
-                 "Connection: close", "User-Agent: " + self.user_agent]
+        hostport = host if port in (80, 443) else "%s:%d" % (host, port)
+        lines = ["%s %s HTTP/1.1" % (method, path), "Host: " + hostport, "Connection: close", "User-Agent: " + self.user_agent]
         if body is not None or method in ("POST", "PUT", "PATCH"):
             lines.append("Content-Length: %d" % (len(body) if body else 0))
         if json is not None:

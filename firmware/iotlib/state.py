@@ -285,7 +285,7 @@ class StateManager:
         return self.version != before
 
     async def run(self):
-        """The supervised task: full sync on (re)connect, then flush reports and fetch on notify, resync now and then."""
+        """The supervised task: full sync on (re)connect, then flush reports, fetch on notify, resync now and then."""
         self._event = asyncio.Event()
         backoff = self.retry_s
         while True:

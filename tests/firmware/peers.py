@@ -61,7 +61,8 @@ async def read_request(reader):
 
 def response(status, obj=None, extra=""):
     body = b"" if obj is None else json.dumps(obj).encode()
-    head = "HTTP/1.1 %d X\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s\r\n" % (status, len(body), extra)
+    head = "HTTP/1.1 %d X\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s\r\n" % (
+        status, len(body), extra)
     return head.encode() + body
 
 

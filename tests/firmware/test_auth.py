@@ -353,3 +353,10 @@ def test_refresh_margin_for_short_lifetimes():
     assert not m.needs_refresh()
     t[0] = 50000 + 3240000
     assert m.needs_refresh()
+
+
+def test_lazy_exports():
+    import iotlib
+    from iotlib import state, timesync
+    assert iotlib.AuthManager is AuthManager and iotlib.AuthError is AuthError and iotlib.RateLimiter is RateLimiter
+    assert iotlib.StateError is state.StateError and iotlib.SNTPError is timesync.SNTPError

@@ -89,7 +89,8 @@ class StubAuth:
 async def _start(shadow):
     app = peers.App(shadow)
     base = await app.start()
-    sm = StateManager(HTTPClient(timeout_ms=1000), StubAuth(), base + "/api/v1/namespaces/ns/devices/d1/shadows/default")
+    url = base + "/api/v1/namespaces/ns/devices/d1/shadows/default"
+    sm = StateManager(HTTPClient(timeout_ms=1000), StubAuth(), url)
     return app, sm
 
 

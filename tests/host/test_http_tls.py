@@ -79,7 +79,7 @@ async def _https_server(pki):
 
 @pytest.fixture
 async def quiet_loop_errors():
-    # handshakes the client aborts on purpose are reported through the loop's exception handler; keep them out of the log
+    # handshakes the client aborts on purpose reach the loop's exception handler; keep them out of the log
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(lambda loop, ctx: None)
 
