@@ -102,6 +102,7 @@ class Board:
         self._volatile()
 
     def _volatile(self):
+        self._sleepers = []     # (wake-up tick, asyncio.Event) of pending vsleep() calls
         self.pins = {}          # id -> [mode, value, pull, irq handler, irq trigger]
         self.pin_events = []    # (ms, pin id, level), in order
         self.pin_events_dropped = 0
@@ -139,6 +140,40 @@ class Board:
         else:
             self._offset += ms
         self.wdt_check()
+
+    async def vsleep(self, ms):
+        """asyncio sleep on the board's clock: resumes when run_for() has moved the clock past it. Inject it as a
+        manager's sleep_ms and minutes of device time pass in milliseconds of test time, in the right order."""
+        from iotlib.compat import asyncio
+        ev = asyncio.Event()
+        self._sleepers.append((ticks_add(self.now_ms(), ms), ev))
+        await ev.wait()
+
+    async def run_for(self, ms, settle=10):
+        """Drive the board's clock forward by ms: jump to the next vsleep() wake-up, wake it, let the woken tasks
+        run (`settle` event-loop passes), repeat. A starved WDT raises SimulatedReset from here."""
+        from iotlib.compat import asyncio
+        end = ticks_add(self.now_ms(), ms)
+        while True:
+            for _ in range(settle):
+                await asyncio.sleep(0)
+            now = self.now_ms()
+            nxt = None
+            woke = False
+            for s in self._sleepers[:]:
+                d = ticks_diff(s[0], now)
+                if d <= 0:
+                    self._sleepers.remove(s)
+                    s[1].set()
+                    woke = True
+                elif nxt is None or d < nxt:
+                    nxt = d
+            if woke:
+                continue
+            left = ticks_diff(end, now)
+            if left <= 0:
+                return
+            self.advance(left if nxt is None or nxt > left else nxt)
 
     # ---- reset / boot ----
     def reset(self, cause):
