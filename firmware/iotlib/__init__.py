@@ -14,6 +14,7 @@ _attrs = {
     "HTTPClient": "http",
     "HTTPError": "http",
     "WatchdogManager": "watchdog",
+    "SimulatedReset": "hal",
     "StateManager": "state",
     "StateError": "state",
     "TimeSyncManager": "timesync",
