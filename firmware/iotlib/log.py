@@ -148,13 +148,28 @@ def mask(obj, depth=0):
     if depth >= MAX_DEPTH:
         return "..."
     if isinstance(obj, dict):
-        d = {}
+        # Copy only when something changes: most records carry nothing to mask, and a copy per line is heap churn.
+        d = None
         for k, v in obj.items():
-            k = k if isinstance(k, str) else str(k)
-            d[k] = MASK if is_secret_key(k) and v is not None and v != "" else mask(v, depth + 1)
-        return d
-    if isinstance(obj, (list, tuple)):
-        return [mask(v, depth + 1) for v in obj]
+            if not isinstance(k, str):
+                return {str(k2): v2 for k2, v2 in mask({str(k2): v2 for k2, v2 in obj.items()}, depth).items()}
+            m = MASK if is_secret_key(k) and v is not None and v != "" else mask(v, depth + 1)
+            if m is not v:
+                if d is None:
+                    d = dict(obj)
+                d[k] = m
+        return obj if d is None else d
+    if isinstance(obj, list):
+        out = None
+        for i, v in enumerate(obj):
+            m = mask(v, depth + 1)
+            if m is not v:
+                if out is None:
+                    out = list(obj)
+                out[i] = m
+        return obj if out is None else out
+    if isinstance(obj, tuple):
+        return mask(list(obj), depth)
     if isinstance(obj, (bytes, bytearray, memoryview)):
         return "<%d bytes>" % len(obj)  # raw bytes may be key material: never dumped
     return mask(str(obj))
@@ -252,18 +267,23 @@ def configure(level="info", console=True, path=None, max_bytes=None, backups=Non
         _state.sink = FileSink(path, max_bytes, backups)
 
 
+_ENVELOPE = ("ts", "level", "module", "msg")
+
+
 def _line(level, module, msg, fields):
-    parts = ['{"ts":', str(epoch_ms()), ',"level":"', _NAMES.get(level, "info"), '","module":',
-             json.dumps(module), ',"msg":', json.dumps(mask(msg if isinstance(msg, str) else str(msg)))]
-    for k, v in fields.items():
-        if k in ("ts", "level", "module", "msg"):
-            k = "_" + k  # never let a field overwrite the envelope
-        parts.append(",")
-        parts.append(json.dumps(k))
-        parts.append(":")
-        parts.append(json.dumps(MASK if is_secret_key(k) and v is not None and v != "" else mask(v)))
-    parts.append("}")
-    return "".join(parts)
+    # Few allocations per line: the message, the fields as one json.dumps (masking copies only what it changes)
+    # and the joined line.
+    for k in _ENVELOPE:
+        if k in fields:  # never let a field overwrite the envelope
+            fields = {("_" + k2 if k2 in _ENVELOPE else k2): v for k2, v in fields.items()}
+            break
+    head = '{"ts":%d,"level":"%s","module":%s,"msg":%s' % (
+        epoch_ms(), _NAMES.get(level, "info"), json.dumps(module), json.dumps(mask(msg if isinstance(msg, str)
+                                                                                     else str(msg))))
+    if not fields:
+        return head + "}"
+    body = json.dumps(mask(fields))
+    return "%s,%s" % (head, body[1:])
 
 
 def emit(level, module, msg, fields):

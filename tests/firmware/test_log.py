@@ -112,6 +112,7 @@ def test_mask_makes_values_json_safe_and_bounded():
     m = log.mask({"b": b"\x00key material", "f": float("inf"), "t": (1, 2), "o": object(), "s": "x" * 2000})
     assert m["b"] == "<13 bytes>" and m["f"] == "inf" and m["t"] == [1, 2] and isinstance(m["o"], str)
     assert len(m["s"]) == log.MAX_STR and m["s"].endswith("...")
+    assert log.mask({1: "a", "k": {2: "Bearer x"}}) == {"1": "a", "k": {"2": "Bearer ***"}}
     deep = {}
     cur = deep
     for _ in range(20):
@@ -225,3 +226,12 @@ def test_no_sinks_is_silent():
     log.configure(console=False)
     log.get("quiet").critical("nowhere")
     assert log.get("quiet") is log.get("quiet")
+
+
+def test_mask_never_mutates_the_callers_data_and_copies_only_when_needed():
+    src = {"cfg": {"password": "pw", "list": ["Bearer abc", "ok"]}, "n": 1}
+    m = log.mask(src)
+    assert src == {"cfg": {"password": "pw", "list": ["Bearer abc", "ok"]}, "n": 1}
+    assert m == {"cfg": {"password": "***", "list": ["Bearer ***", "ok"]}, "n": 1}
+    clean = {"a": [1, "two", {"b": None}], "c": 1.5}
+    assert log.mask(clean) is clean
