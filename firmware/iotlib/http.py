@@ -213,13 +213,11 @@ class HTTPClient:
         return Response(status, reason, headers, body)
 
     async def _read_exactly(self, reader, n):
-        buf = b""
-        while len(buf) < n:
-            part = await reader.read(min(n - len(buf), _CHUNK))
-            if not part:
-                raise HTTPError("truncated body (%d of %d bytes)" % (len(buf), n))
-            buf += part
-        return buf
+        # one allocation of n where the stream allows it (fewer growing copies fragmenting a Pico's heap)
+        try:
+            return await reader.readexactly(n)
+        except EOFError:  # CPython's IncompleteReadError is one too
+            raise HTTPError("truncated body (expected %d bytes)" % n)
 
     async def _read_to_eof(self, reader):
         buf = b""

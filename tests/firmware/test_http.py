@@ -205,3 +205,15 @@ def test_pem_to_der():
     pem = "-----BEGIN CERTIFICATE-----\nAAEC\nAwQ=\n-----END CERTIFICATE-----\n"
     assert pem_to_der(pem) == b"\x00\x01\x02\x03\x04"
     fwtest.raises(ValueError, pem_to_der, "garbage")
+
+
+def test_large_bodies_across_many_segments():
+    big = bytes(i % 251 for i in range(12000))
+
+    async def go():
+        r, _ = await _one(b"HTTP/1.1 200 OK\r\nContent-Length: 12000\r\n\r\n" + big)
+        assert r.body == big
+        chunks = b"".join(b"%x\r\n%s\r\n" % (4000, big[i:i + 4000]) for i in range(0, 12000, 4000))
+        r, _ = await _one(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunks + b"0\r\n\r\n")
+        assert r.body == big
+    fwtest.run(go())
