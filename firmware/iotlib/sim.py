@@ -134,7 +134,11 @@ class Board:
         return ticks_add(ticks_ms(), self._offset)
 
     def advance(self, ms):
-        """Move the board's clock forward by ms without waiting (a starved WDT fires on the way)."""
+        """Move the board's clock forward by ms without waiting. A WDT that starves on the way fires at its
+        deadline (the clock stops at the first ms past it), not at the end of the jump."""
+        left = self.wdt_remaining_ms()
+        if left is not None and ms > left + 1:
+            ms = left + 1 if left >= 0 else 0
         if self.manual_clock:
             self._now = ticks_add(self._now, ms)
         else:

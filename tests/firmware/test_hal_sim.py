@@ -479,3 +479,47 @@ def test_rtc_boots_at_2021_then_follows_the_board_clock():
     assert rtc.datetime() == (2026, 11, 27, 4, 0, 0, 1, 0)
     rtc.datetime((2024, 2, 29, 3, 12, 0, 0, 0))
     assert rtc.datetime()[:3] == (2024, 2, 29)
+
+
+def test_iotlib_sensor_drivers_read_the_simulated_sensors():
+    from iotlib import sensors
+    b = _board()
+    i2c = hal.I2C(0)
+    b.i2c[0][0x76].set(temperature=19.75, pressure=99870.0, humidity=61.0)
+    b.i2c[0][0x44].set(temperature=-3.5, humidity=88.0)
+    b.set_temperature(31.0)
+    bme = fwtest.run(sensors.BME280(i2c).read())
+    sht = fwtest.run(sensors.SHT3x(i2c).read())
+    cpu = fwtest.run(sensors.InternalTemp(hal.ADC).read())
+    assert abs(bme["temperature"] - 19.75) < 0.02 and abs(bme["pressure"] - 998.70) < 0.03
+    assert abs(bme["humidity"] - 61.0) < 0.1
+    assert abs(sht["temperature"] + 3.5) < 0.01 and abs(sht["humidity"] - 88.0) < 0.01
+    assert abs(cpu["temperature"] - 31.0) < 0.5
+
+
+def test_virtual_time_wakes_sleepers_in_order_and_fires_the_wdt():
+    from iotlib.compat import asyncio
+    b = _board()
+    woke = []
+
+    async def sleeper(name, ms):
+        await b.vsleep(ms)
+        woke.append((name, b.now_ms()))
+
+    async def main():
+        asyncio.create_task(sleeper("late", 90000))
+        asyncio.create_task(sleeper("early", 1500))
+        asyncio.create_task(sleeper("mid", 30000))
+        await b.run_for(60000)
+        assert b.now_ms() == 60000
+        await b.run_for(30000)
+
+    fwtest.run(main())
+    assert woke == [("early", 1500), ("mid", 30000), ("late", 90000)]
+
+    async def starve():
+        hal.WDT(timeout=8000)
+        await b.run_for(60000)
+
+    fwtest.raises(sim.SimulatedReset, fwtest.run, starve())
+    assert b.now_ms() == 90000 + 8001  # the clock stops where the WDT fired, not at the end of the jump
