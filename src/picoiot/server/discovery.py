@@ -22,9 +22,9 @@ if TYPE_CHECKING:
 D, N = tables.devices, tables.nonces
 
 
-def ttl_for(heartbeat_s: int) -> int:
+def ttl_for(settings, heartbeat_s: int) -> int:
     """Three missed heartbeats plus slack for a slow Wi-Fi reconnect (10 s → 35 s)."""
-    return heartbeat_s * 3 + 5
+    return heartbeat_s * settings.ttl_missed + settings.ttl_slack_s
 
 
 def _new_nonce(conn: sa.Connection, ns: str, dev: str, ttl_s: int) -> str:
@@ -59,7 +59,7 @@ def _register(conn: sa.Connection, events: list, cp: "ControlPlane", ns: str, bo
                               "last_seen": now, "online": True}
     if row is None:
         conn.execute(D.insert().values(ns=ns, device_id=dev, created_ts=now, first_seen=now,
-                                       ttl_s=ttl_for(cp.settings.default_heartbeat_s), config_overrides={},
+                                       ttl_s=ttl_for(cp.settings, cp.settings.default_heartbeat_s), config_overrides={},
                                        config_version=0, **values))
     else:
         if row["first_seen"] is None:
@@ -73,7 +73,7 @@ def _register(conn: sa.Connection, events: list, cp: "ControlPlane", ns: str, bo
         cfg, schema = effective(conn, ns, fresh)
         store_if_changed(conn, events, cp, ns, fresh, cfg, schema)
     hb = int(cfg.get("heartbeat_interval_s") or cp.settings.default_heartbeat_s)
-    ttl = ttl_for(hb)
+    ttl = ttl_for(cp.settings, hb)
     conn.execute(D.update().where(D.c.ns == ns, D.c.device_id == dev).values(ttl_s=ttl))
     cp.emit(conn, events, {"ns": ns, "dev": dev, "kind": "device", "ttl": ttl})
     return cfg, ttl

@@ -124,7 +124,17 @@ class PostgresNotifier(Notifier):
     async def stop(self) -> None:
         self._stop.set()
         if self._thread is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 5.0)
+            await asyncio.get_running_loop().run_in_executor(None, self._wake_and_join)
+
+    def _wake_and_join(self) -> None:
+        import psycopg
+        try:  # an empty notification ends the listener's wait at once instead of at its next timeout
+            with psycopg.connect(self._conninfo, autocommit=True) as conn:
+                conn.execute("SELECT pg_notify(%s, '')", (self.channel,))
+        except Exception:
+            pass
+        assert self._thread is not None
+        self._thread.join(5.0)
 
     def _listen(self) -> None:
         import psycopg
@@ -134,7 +144,9 @@ class PostgresNotifier(Notifier):
                     conn.execute(f'LISTEN "{self.channel}"')
                     self._ready.set()
                     while not self._stop.is_set():
-                        for n in conn.notifies(timeout=0.5):
+                        for n in conn.notifies(timeout=1.0):
+                            if self._stop.is_set():
+                                break
                             self._received(n.payload)
             except Exception as e:  # connection lost: long-polls still time out and re-read, so only latency suffers
                 log.warning("LISTEN connection failed (%s); retrying", type(e).__name__)
@@ -145,6 +157,8 @@ class PostgresNotifier(Notifier):
         try:
             event = json.loads(payload)
         except ValueError:
+            return
+        if not isinstance(event, dict) or "ns" not in event or "dev" not in event or "kind" not in event:
             return
         loop = self.loop
         if loop is not None and not loop.is_closed():

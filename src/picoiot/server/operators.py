@@ -121,7 +121,7 @@ def _provision(conn, events, cp: "ControlPlane", ns: str, body: ProvisionIn, enr
     now = now_ms()
     conn.execute(D.insert().values(ns=ns, device_id=body.device_id, device_type=body.device_type,
                                    group_name=body.group, device_key=individual, capabilities=[], created_ts=now,
-                                   online=False, ttl_s=ttl_for(cp.settings.default_heartbeat_s),
+                                   online=False, ttl_s=ttl_for(cp.settings, cp.settings.default_heartbeat_s),
                                    config_overrides={}, config_version=0))
     if body.device_type:
         recompute(conn, events, cp, ns, body.device_id)

@@ -130,6 +130,9 @@ class Settings:
     token_ttl_s: int = 3600
     nonce_ttl_s: int = 60
     default_heartbeat_s: int = 10
+    #: a device's TTL = its heartbeat interval × ttl_missed + ttl_slack_s (10 s → 35 s)
+    ttl_missed: int = 3
+    ttl_slack_s: int = 5
     config_poll_s: int = 60
     time_sync_s: int = 3600
     #: housekeeping period: liveness flush, offline sweep, nonce expiry, gauges

@@ -1,0 +1,159 @@
+"""ServiceDiscovery: challenge, registration, nonces, keys, tokens (protocol §2)."""
+import jwt
+import sqlalchemy as sa
+
+from picoiot.server import db as tables
+from picoiot.server.auth import derive_device_key, issue_token
+
+from cptest import sign
+
+
+def _challenge(server, dev, ns="default"):
+    r = server.client.post("/api/devices/challenge", json={"device_id": dev, "namespace": ns})
+    assert r.status_code == 200, r.text
+    return r.json()["nonce"]
+
+
+def _register(server, dev, nonce, key, **kw):
+    return server.client.post("/api/devices/register", json={
+        "device_id": dev, "nonce": nonce, "signature": sign(key, nonce, dev), "device_type": "relays", **kw})
+
+
+def _key(server, dev, ns="default"):
+    return derive_device_key(server.settings.secrets.enrollment_key(ns), dev)
+
+
+def test_register_returns_token_services_intervals_and_records_the_device(server):
+    d = server.register("relay-1", firmware="0.2.0", capabilities=["relays", "rest"], address="http://10.1.1.1:80",
+                        reset_cause="watchdog")
+    claims = jwt.decode(d.token, server.settings.secrets.signing_key, algorithms=["HS256"])
+    assert claims["sub"] == "relay-1" and claims["ns"] == "default" and claims["role"] == "device"
+    assert claims["exp"] > claims["iat"]
+    assert d.services["config"] == f"{server.url}/api/v1/devices/relay-1/config"
+    assert d.services["state"] == f"{server.url}/api/v1/namespaces/default/devices/relay-1/shadows/default"
+    assert d.services["heartbeat"].endswith("/api/v1/devices/relay-1/heartbeat")
+    assert d.intervals == {"heartbeat": 10, "ttl": 35, "config_poll": 60, "time_sync": 3600}
+    rec = server.client.get("/api/v1/namespaces/default/devices/relay-1", headers=server.auth("viewer")).json()
+    assert rec["device_type"] == "relays" and rec["firmware"] == "0.2.0"
+    assert rec["capabilities"] == ["relays", "rest"] and rec["address"] == "http://10.1.1.1:80"
+    assert rec["reset_cause"] == "watchdog" and rec["online"] is True and rec["key_mode"] == "derived"
+    assert rec["first_seen"] and rec["last_seen"] >= rec["first_seen"]
+
+
+def test_public_url_is_used_for_service_urls(server_factory):
+    s = server_factory(public_url="https://iot.example.net/")
+    d = s.register("relay-2")
+    assert d.services["config"] == "https://iot.example.net/api/v1/devices/relay-2/config"
+
+
+def test_replayed_nonce_is_refused(server):
+    nonce = _challenge(server, "relay-1")
+    assert _register(server, "relay-1", nonce, _key(server, "relay-1")).status_code == 200
+    r = _register(server, "relay-1", nonce, _key(server, "relay-1"))
+    assert r.status_code == 401 and r.json()["error"] == "unknown or expired nonce"
+
+
+def test_bad_signature_is_refused_and_burns_the_nonce(server):
+    nonce = _challenge(server, "relay-1")
+    r = _register(server, "relay-1", nonce, "0" * 64)
+    assert r.status_code == 401 and r.json()["error"] == "bad signature"
+    # the nonce is gone even though the attempt failed: no second guess with it
+    r = _register(server, "relay-1", nonce, _key(server, "relay-1"))
+    assert r.status_code == 401 and r.json()["error"] == "unknown or expired nonce"
+
+
+def test_nonce_is_bound_to_the_device_id(server):
+    nonce = _challenge(server, "relay-1")
+    r = _register(server, "relay-2", nonce, _key(server, "relay-2"))
+    assert r.status_code == 401
+
+
+def test_expired_nonce_is_refused(server):
+    nonce = _challenge(server, "relay-1")
+    n = tables.nonces
+    server.sql(lambda c: c.execute(n.update().where(n.c.nonce == nonce).values(expires_ts=1)))
+    r = _register(server, "relay-1", nonce, _key(server, "relay-1"))
+    assert r.status_code == 401 and "expired" in r.json()["error"]
+
+
+def test_key_of_another_namespace_does_not_register(server):
+    nonce = _challenge(server, "relay-1", ns="default")
+    r = _register(server, "relay-1", nonce, _key(server, "relay-1", ns="other"))
+    assert r.status_code == 401
+
+
+def test_namespace_in_register_must_match_the_challenge(server):
+    nonce = _challenge(server, "relay-1", ns="default")
+    r = _register(server, "relay-1", nonce, _key(server, "relay-1"), namespace="other")
+    assert r.status_code == 401
+
+
+def test_unknown_namespace_is_404(server):
+    r = server.client.post("/api/devices/challenge", json={"device_id": "relay-1", "namespace": "nope"})
+    assert r.status_code == 404 and r.json()["error"] == "unknown namespace"
+
+
+def test_individually_registered_key(server):
+    r = server.client.post("/api/v1/namespaces/default/devices", headers=server.auth("admin"),
+                           json={"device_id": "solo", "device_type": "sensors", "key_mode": "individual"})
+    assert r.status_code == 201, r.text
+    key = r.json()["device_key"]
+    assert key != _key(server, "solo")
+    # the derived key no longer works for this device; its own key does
+    assert _register(server, "solo", _challenge(server, "solo"), _key(server, "solo")).status_code == 401
+    d = server.register("solo", device_type=None, key=key)
+    assert d.intervals["ttl"] == 35
+    rec = server.client.get("/api/v1/namespaces/default/devices/solo", headers=server.auth("viewer")).json()
+    assert rec["key_mode"] == "individual" and rec["device_type"] == "sensors"
+
+
+def test_unknown_device_type_is_422(server):
+    r = _register(server, "relay-1", _challenge(server, "relay-1"), _key(server, "relay-1"), device_type="toaster")
+    assert r.status_code == 422 and r.json()["detail"]["path"] == "device_type"
+
+
+def test_malformed_bodies(server):
+    c = server.client
+    r = c.post("/api/devices/challenge", content=b'{"device_id": ', headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"] == "malformed JSON"
+    r = c.post("/api/devices/challenge", json={"device_id": "bad id with spaces"})
+    assert r.status_code == 422 and r.json()["detail"]["path"] == "device_id"
+    r = c.post("/api/devices/register", json={"device_id": "relay-1", "nonce": "x", "signature": "nothex"})
+    assert r.status_code == 422 and r.json()["detail"]["path"] == "signature"
+    r = c.post("/api/devices/challenge", json=["not", "an", "object"])
+    assert r.status_code == 422 and "error" in r.json()
+
+
+def test_refresh(server):
+    d = server.register("relay-1")
+    r = server.client.post("/api/devices/refresh", headers=d.headers)
+    assert r.status_code == 200
+    new = r.json()["token"]
+    assert jwt.decode(new, server.settings.secrets.signing_key, algorithms=["HS256"])["sub"] == "relay-1"
+    # operators cannot mint device tokens this way
+    assert server.client.post("/api/devices/refresh", headers=server.auth("admin")).status_code == 403
+    # an expired device token cannot be refreshed: the device registers again
+    old = issue_token(server.settings.secrets.signing_key, "relay-1", "default", "device", -10)
+    r = server.client.post("/api/devices/refresh", headers={"Authorization": f"Bearer {old}"})
+    assert r.status_code == 401 and r.json()["error"] == "token expired"
+
+
+def test_tokens_signed_with_another_key_or_garbage_are_401(server):
+    forged = issue_token("not-the-key-" + "x" * 32, "relay-1", "default", "device", 300)
+    for header in (f"Bearer {forged}", "Bearer garbage", "Basic abc", ""):
+        r = server.client.post("/api/v1/devices/relay-1/heartbeat", json={"seq": 1},
+                               headers={"Authorization": header} if header else {})
+        assert r.status_code == 401, header
+        assert r.json()["error"] in ("invalid token", "missing bearer token")
+
+
+def test_reregistration_keeps_first_seen_and_updates_firmware(server):
+    server.register("relay-1", firmware="0.1.0")
+    first = server.client.get("/api/v1/namespaces/default/devices/relay-1", headers=server.auth()).json()
+    server.register("relay-1", firmware="0.2.0")
+    again = server.client.get("/api/v1/namespaces/default/devices/relay-1", headers=server.auth()).json()
+    assert again["first_seen"] == first["first_seen"] and again["firmware"] == "0.2.0"
+    assert again["config_version"] == first["config_version"]  # same config: no new version
+    d = tables.devices
+    rows = server.sql(lambda c: c.execute(sa.select(sa.func.count()).select_from(d)).scalar())
+    assert rows == 1
