@@ -217,3 +217,41 @@ def test_large_bodies_across_many_segments():
         r, _ = await _one(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunks + b"0\r\n\r\n")
         assert r.body == big
     fwtest.run(go())
+
+
+def test_connect_timeout_when_the_accept_queue_is_full():
+    import socket
+    ls = socket.socket()
+    base = peers._base_port()
+    for i in range(40):
+        addr = socket.getaddrinfo("127.0.0.1", base + i)[0][-1]
+        try:
+            ls.bind(addr)
+            port = base + i
+            break
+        except OSError:
+            pass
+    ls.listen(0)  # never accepted: once the kernel's queue is full, further SYNs are dropped
+    fill = []
+    for _ in range(4):
+        s = socket.socket()
+        s.setblocking(False)
+        try:
+            s.connect(addr)
+        except OSError:
+            pass
+        fill.append(s)
+
+    async def go():
+        c = HTTPClient(connect_timeout_ms=150, timeout_ms=150)
+        try:
+            await c.request("GET", "http://127.0.0.1:%d/" % port)
+        except HTTPError as e:
+            return str(e)
+    try:
+        msg = fwtest.run(go())
+    finally:
+        for s in fill:
+            s.close()
+        ls.close()
+    assert msg == "connect to 127.0.0.1:%d timed out" % port, msg
