@@ -19,6 +19,8 @@ class ConfigError(ValueError):
 
 #: Most problems reported by one validation (the first ones; a report must stay small).
 MAX_ERRORS = 8
+#: Longest reason sent in a report (characters; the control plane accepts up to 512).
+MAX_REASON = 500
 
 _TYPES = {
     "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
@@ -304,7 +306,7 @@ class ConfigManager:
             self._report = {"version": version, "status": "applied"}
         else:
             self.rejected = (version, reason)
-            self._report = {"version": version, "status": "rejected", "reason": reason}
+            self._report = {"version": version, "status": "rejected", "reason": reason[:MAX_REASON]}
         await self._send_report(http, url, token)
         return ok, reason
 

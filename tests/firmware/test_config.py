@@ -318,6 +318,17 @@ def test_fetch_rejects_invalid_reports_reason_and_does_not_retry_same_version():
     assert len(http.calls) == 3  # no second report for the same rejected version
 
 
+def test_report_reason_is_bounded():
+    cm = _manager()
+    relays = {"relay_with_a_really_rather_long_name_%02d" % i: {"pin": 99} for i in range(20)}
+    bad = {"version": 6, "config": {"relays": relays}}
+    http = FakeHTTP([FakeResponse(200, bad), FakeResponse(200, {"ok": True})])
+    ok, reason = fwtest.run(cm.fetch(http, URL, "tok"))
+    assert not ok and len(reason) > config.MAX_REASON
+    sent = http.calls[1][2]["reason"]
+    assert len(sent) == config.MAX_REASON and reason.startswith(sent)
+
+
 def test_fetch_report_failure_is_retried_on_next_fetch():
     from iotlib.http import HTTPError
     cm = _manager()
