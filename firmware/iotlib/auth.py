@@ -267,7 +267,7 @@ class AuthManager:
     #: leeway (s) for exp/nbf of tokens presented to the device's API
     leeway_s = JWT_LEEWAY_S
 
-    def __init__(self, device_id, device_key, sd_url=None, info=None, clock=ticks_ms, now_s=None):
+    def __init__(self, device_id, device_key, sd_url=None, info=None, namespace=None, clock=ticks_ms, now_s=None):
         if not device_id or not device_key:
             raise ValueError("device_id and device_key are required")
         self.device_id = device_id
@@ -277,7 +277,7 @@ class AuthManager:
         self.token = None
         self.token_expires_in = 0
         self.services = {}
-        self.namespace = None
+        self.namespace = namespace  # from the key file; the registration answer confirms it
         self.intervals = {}
         self.server_time = None
         self.static_tokens = ()

@@ -254,6 +254,7 @@ def test_register_success_and_fields():
         assert p2 == "/api/devices/register" and b2["device_type"] == "relays" and b2["firmware"] == "0.1.0"
         assert b2["signature"] == hx(auth.hmac_sha256(KEY, b2["nonce"] + "|relay-1"))
         assert KEY not in json.dumps(b2)  # the key never crosses the wire
+        assert AuthManager("d", KEY, namespace="lab").namespace == "lab"
     fwtest.run(go())
 
 
@@ -315,8 +316,9 @@ def test_ensure_token_refreshes_near_expiry_and_reregisters_on_401():
         app = await _sd(sd)
         http = HTTPClient(timeout_ms=1000)
         try:
-            m = AuthManager("relay-1", KEY, sd_url=sd.base + "/api/devices", clock=lambda: t[0])
+            m = AuthManager("relay-1", KEY, sd_url=sd.base + "/api/devices", namespace="lab", clock=lambda: t[0])
             tok = await m.ensure_token(http)
+            assert app.log[0][3] == {"device_id": "relay-1", "namespace": "lab"}
             assert tok == "h.p1.s" and m.registrations == 1
             t[0] = 3000 * 1000  # 600 s left: more than 10 % (360 s)
             assert await m.ensure_token(http) == tok and len(app.log) == 2
