@@ -143,3 +143,12 @@ def make_settings(backend: str, tmp_path: Path, schema: str | None = None, **kw)
     return Settings(db_url=PG_URL, db_schema=schema, secrets=secrets, data_dir=tmp_path, **kw)
 
 
+
+
+def wait_until(pred, timeout: float = 15.0, step: float = 0.01) -> None:
+    """Poll a condition (a synchronisation aid, not a timing assertion); fails the test if it never holds."""
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached")
+        time.sleep(step)

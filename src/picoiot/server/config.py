@@ -11,7 +11,7 @@ from . import db as tables
 from .auth import Principal, device_ns, principal
 from .db import now_ms
 from .devicetypes import validate_config
-from .documents import merge
+from .documents import merge, overlay
 from .errors import ApiError
 from .longpoll import parse_etag, wait_for_change
 from .models import ConfigOut, ConfigReportIn, ErrorBody, Ok
@@ -99,7 +99,7 @@ def set_overrides(conn: sa.Connection, events: list, cp: "ControlPlane", ns: str
     row = device_row(conn, ns, dev, lock=True)
     if row is None:
         raise ApiError(404, "unknown device")
-    new = merge(row["config_overrides"] or {}, overrides) if patch else overrides
+    new = overlay(row["config_overrides"] or {}, overrides) if patch else overrides
     candidate = dict(row)
     candidate["config_overrides"] = new
     version = None

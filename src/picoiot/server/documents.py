@@ -27,6 +27,18 @@ def _merge_into(dst: dict, patch: dict) -> None:
             dst[k] = copy.deepcopy(v)
 
 
+def overlay(base: dict, patch: dict) -> dict:
+    """Merge two *override* documents: like merge(), but a None is kept (it deletes the key when the overrides are
+    later applied to the defaults)."""
+    out = copy.deepcopy(base)
+    for k, v in patch.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = overlay(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
 def strip_nulls(d: dict) -> dict:
     return {k: strip_nulls(v) if isinstance(v, dict) else copy.deepcopy(v) for k, v in d.items() if v is not None}
 
