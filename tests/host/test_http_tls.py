@@ -54,7 +54,7 @@ def pki(tmp_path_factory):
     return d
 
 
-async def _https_server(pki):
+async def _https_server(pki, host="127.0.0.1"):
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(pki / "srv.pem", pki / "srv.key")
     seen = []
@@ -73,7 +73,7 @@ async def _https_server(pki):
         finally:
             writer.close()
 
-    srv = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=ctx)
+    srv = await asyncio.start_server(handle, host, 0, ssl=ctx)
     return srv, srv.sockets[0].getsockname()[1], seen
 
 
@@ -149,4 +149,12 @@ async def test_micropython_client_refuses_an_unknown_ca(pki, tmp_path, quiet_loo
     async with srv:
         out = await _micropython(pki, "other.der", f"https://localhost:{port}/mp", tmp_path)
         assert out.startswith("HTTPError") and "localhost" in out, out
+        assert seen == []
+
+
+async def test_micropython_client_checks_the_host_name(pki, tmp_path, quiet_loop_errors):
+    srv, port, seen = await _https_server(pki, host="127.0.0.2")  # Linux routes all of 127/8 to lo
+    async with srv:
+        out = await _micropython(pki, "ca.der", f"https://127.0.0.2:{port}/mp", tmp_path)
+        assert out.startswith("HTTPError") and "does not match" in out, out
         assert seen == []
