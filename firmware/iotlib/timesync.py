@@ -76,7 +76,7 @@ def ms_to_ntp(ms):
 def request_packet():
     """A client request: LI 0, version 4, mode 3, and a random transmit timestamp the server must echo."""
     nonce = urandom(8)
-    return b"\x23" + b"\x00" * 39 + nonce, nonce
+    return bytes(((4 << 3) | _MODE_CLIENT,)) + b"\x00" * 39 + nonce, nonce
 
 
 def parse_reply(data, nonce, t0, t3):
