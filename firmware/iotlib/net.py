@@ -203,16 +203,27 @@ class NetworkManager:
         self.io_failures += 1
         if self.io_failures >= self.dead_after:
             self.link_deaths += 1
-            self._went_down("link_dead", "%d I/O failures in a row while the driver reports connected"
-                            % self.io_failures)
-            try:
-                w = self.wlan
-                w.disconnect()
-                w.active(False)  # power-cycle the chip: a wedged cyw43 needs more than a disconnect
-            except OSError:
-                pass
-            if self._wake is not None:
-                self._wake.set()
+            self._restart_link("link_dead", "%d I/O failures in a row while the driver reports connected"
+                               % self.io_failures)
+
+    def reconnect(self):
+        """Drop the link and let run() bring it up again (e.g. WatchdogManager's first escalation step). Returns at
+        once: the reconnection, with its backoff, happens in run()."""
+        if self.is_up:
+            self._restart_link("reconnect_requested", "reconnect requested")
+        elif self._wake is not None:
+            self._wake.set()
+
+    def _restart_link(self, reason, detail):
+        self._went_down(reason, detail)
+        try:
+            w = self.wlan
+            w.disconnect()
+            w.active(False)  # power-cycle the chip: a wedged cyw43 needs more than a disconnect
+        except OSError:
+            pass
+        if self._wake is not None:
+            self._wake.set()
 
     def io_ok(self):
         """A caller's network I/O succeeded: the link carries traffic."""

@@ -203,8 +203,18 @@ class WatchdogManager:
         self._on_answer = on_answer
         self._steps = {"reconnect": reconnect, "reregister": reregister, "persist": persist,
                        "reset": reset or _hal_reset}
-        window = 2 * (self.heartbeat_interval_ms + self.heartbeat_timeout_ms)
-        self.supervise("heartbeat", self._heartbeat_loop, critical=critical, window_ms=max(window, self.window_ms))
+        self.supervise("heartbeat", self._heartbeat_loop, critical=critical)
+        self.set_heartbeat_interval(self.heartbeat_interval_ms)
+
+    def set_heartbeat_interval(self, interval_ms, timeout_ms=None):
+        """Change the heartbeat period (e.g. to the interval the registration answer gives), keeping the heartbeat
+        task's check-in window in step with it."""
+        self.heartbeat_interval_ms = interval_ms
+        if timeout_ms is not None:
+            self.heartbeat_timeout_ms = timeout_ms
+        t = self._tasks.get("heartbeat")
+        if t is not None:
+            t.window_ms = max(2 * (self.heartbeat_interval_ms + self.heartbeat_timeout_ms), self.window_ms)
 
     async def _heartbeat_loop(self):
         while True:

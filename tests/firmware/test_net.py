@@ -249,3 +249,26 @@ def test_io_failures_while_down_do_not_count():
         nm.io_failed()
     assert nm.link_deaths == 0 and nm.io_failures == 0
     _done()
+
+
+def test_reconnect_request_drops_and_restores_the_link():
+    b, nm, _, lines = _setup(check_ms=1)
+    events = []
+    nm.on_change(events.append)
+
+    async def main():
+        task = asyncio.create_task(nm.run())
+        assert await _until(lambda: nm.is_up)
+        nm.reconnect()
+        assert not nm.is_up and not b.wlan.active()  # the interface was power-cycled
+        assert await _until(lambda: nm.is_up)
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+
+    fwtest.run(main())
+    assert events == [True, False, True] and nm.reconnects == 1 and nm.link_deaths == 0
+    assert [r["reason"] for r in lines.records() if r["msg"] == "wifi down"] == ["reconnect_requested"]
+    _done()

@@ -371,3 +371,35 @@ def test_heartbeat_loop_runs_supervised_at_its_interval():
     st = wdm.stats()
     assert st["tasks"]["heartbeat"]["critical"] and st["heartbeat"]["seq"] == 4
     _done()
+
+
+def test_heartbeat_window_follows_the_interval():
+    b, wdm, _ = _setup()
+    wdm.heartbeat(_Server([]).send)
+    assert wdm._tasks["heartbeat"].window_ms == 40000
+    wdm.set_heartbeat_interval(60000, timeout_ms=30000)
+    assert wdm._tasks["heartbeat"].window_ms == 180000 and wdm.heartbeat_interval_ms == 60000
+    _done()
+
+
+def test_escalation_reconnects_the_network_manager():
+    from iotlib.net import NetworkManager
+    b, wdm, _ = _setup()
+    nm = NetworkManager("lab", "pw", sleep_ms=b.vsleep)
+    nm.check_ms = 1
+    server = _Server([], default=OSError(113))
+    wdm.heartbeat(server.send, reconnect=nm.reconnect)
+
+    async def main():
+        t = asyncio.create_task(nm.run())
+        await b.run_for(1000)
+        assert nm.is_up
+        for _ in range(3):
+            await wdm.beat()
+        await b.run_for(1000)
+        t.cancel()
+        await asyncio.sleep(0)
+
+    fwtest.run(main())
+    assert nm.reconnects == 1 and nm.drops == 1 and b.wlan.connects == ["lab", "lab"]
+    _done()
