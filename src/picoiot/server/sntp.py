@@ -177,10 +177,10 @@ async def serve_sntp(host: str = "127.0.0.1", port: int = 1123, *, stratum: int 
 
     `port=0` picks a free port: read it from `transport.get_extra_info("sockname")[1]`. The protocol with its
     `stats` is `transport.get_protocol()`."""
-    loop = asyncio.get_running_loop()
-    transport, _ = await loop.create_datagram_endpoint(
-        lambda: SntpProtocol(stratum=stratum, ref_id=ref_id, limiter=limiter, clock=clock),
-        local_addr=(host, port))
+    # Built before the socket: a factory that raises inside create_datagram_endpoint leaks the bound socket.
+    protocol = SntpProtocol(stratum=stratum, ref_id=ref_id, limiter=limiter, clock=clock)
+    transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(lambda: protocol,
+                                                                              local_addr=(host, port))
     return transport
 
 
