@@ -12,10 +12,11 @@ class _Lines:
         self.buf = []
 
     def write(self, s):
-        self.buf.append(s)
+        if s != "\n":  # the logger writes each line, then its newline
+            self.buf.append(s)
 
     def records(self):
-        return [json.loads(l) for l in "".join(self.buf).split("\n") if l]
+        return [json.loads(l) for l in self.buf]
 
     def text(self):
         return "".join(self.buf)

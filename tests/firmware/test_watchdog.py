@@ -10,10 +10,11 @@ class _Lines:
         self.buf = []
 
     def write(self, s):
-        self.buf.append(s)
+        if s != "\n":  # the logger writes each line, then its newline
+            self.buf.append(s)
 
     def records(self, msg=None):
-        recs = [json.loads(l) for l in "".join(self.buf).split("\n") if l]
+        recs = [json.loads(l) for l in self.buf]
         return [r for r in recs if msg is None or r["msg"] == msg]
 
 
