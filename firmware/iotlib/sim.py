@@ -14,12 +14,17 @@ _ETIMEDOUT = const(110)
 _EHOSTUNREACH = const(113)
 
 
+#: Exit status of a process ended by an uncaught SimulatedReset (EX_TEMPFAIL: "start me again"); the cause is on flash.
+RESET_EXIT_CODE = const(75)
+
+
 class SimulatedReset(SystemExit):
     """The simulated device reset (hal.reset(), soft_reset() or a starved WDT). A SystemExit, so it ends asyncio.run
-    on both runtimes like a reset ends everything on a board; `.cause` says why. Call `board.boot()` to go on."""
+    on both runtimes like a reset ends everything on a board, and an uncaught one ends the process with status
+    RESET_EXIT_CODE; `.cause` says why. In a test, catch it and call `board.boot()` to go on."""
 
     def __init__(self, cause):
-        super().__init__(cause)
+        super().__init__(RESET_EXIT_CODE)
         self.cause = cause
 
 

@@ -524,3 +524,8 @@ def test_virtual_time_wakes_sleepers_in_order_and_fires_the_wdt():
 
     fwtest.raises(sim.SimulatedReset, fwtest.run, starve())
     assert b.now_ms() == 90000 + 8001  # the clock stops where the WDT fired, not at the end of the jump
+
+
+def test_uncaught_reset_ends_the_process_with_status_75():
+    e = sim.SimulatedReset("watchdog")
+    assert e.args == (75,) and e.cause == "watchdog" and sim.RESET_EXIT_CODE == 75
