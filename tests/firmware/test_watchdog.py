@@ -404,3 +404,88 @@ def test_escalation_reconnects_the_network_manager():
     fwtest.run(main())
     assert nm.reconnects == 1 and nm.drops == 1 and b.wlan.connects == ["lab", "lab"]
     _done()
+
+
+def test_heartbeat_over_real_http_through_link_death_and_a_lost_server():
+    # The pieces a controller wires together: NetworkManager, HTTPClient, a heartbeat peer on 127.0.0.1.
+    import peers
+    from iotlib.http import HTTPClient
+    from iotlib.net import NetworkManager
+    b, wdm, lines = _setup()
+
+    async def quick(ms):
+        await asyncio.sleep(0)
+
+    nm = NetworkManager("lab", "pw", sleep_ms=quick)
+    nm.check_ms = 1
+    http = HTTPClient(timeout_ms=3000)
+    url = [None]
+    apps = []
+    steps = []
+
+    def hb(method, path, headers, body):
+        return 200, {"ack": body["seq"], "server_time": 1795000000000, "ttl": 35,
+                     "pending": {"config_version": 1, "state_version": 0, "ota": None}}
+
+    async def send(body):
+        try:
+            hal.link_check()
+            r = await http.request("POST", url[0], json=body)
+        except Exception:
+            nm.io_failed()
+            raise
+        nm.io_ok()
+        if r.status != 200:
+            raise OSError("heartbeat answered %d" % r.status)
+        return r.json()
+
+    async def new_server():
+        app = peers.App(hb)
+        url[0] = await app.start() + "/api/v1/devices/relay-1/heartbeat"
+        apps.append(app)
+
+    def reconnect():
+        steps.append("reconnect")
+        nm.reconnect()
+
+    async def reregister():  # registration hands out the heartbeat URL: the service has moved
+        steps.append("reregister")
+        await new_server()
+
+    wdm.heartbeat(send, reconnect=reconnect, reregister=reregister,
+                  payload=lambda: {"rssi": nm.rssi, "reconnects": nm.reconnects})
+
+    async def until(cond):
+        for _ in range(3000):
+            if cond():
+                return True
+            await asyncio.sleep(0.001)
+        return False
+
+    async def main():
+        await new_server()
+        t = asyncio.create_task(nm.run())
+        assert await until(lambda: nm.is_up)
+        assert await wdm.beat()
+        b.wlan.kill_link()  # silent: only the heartbeats notice
+        for _ in range(3):
+            assert not await wdm.beat()
+        assert nm.link_deaths == 1
+        assert await until(lambda: nm.is_up)
+        assert await wdm.beat()  # over the healed link
+        await apps[0].stop()  # the control plane goes away
+        for _ in range(5):
+            assert not await wdm.beat()
+        assert await until(lambda: nm.is_up)
+        assert await wdm.beat()  # at the address re-registration gave
+        t.cancel()
+        for app in apps[1:]:
+            await app.stop()
+
+    fwtest.run(main())
+    assert [log[3]["seq"] for log in apps[0].log] == [1, 5]
+    assert [log[3]["seq"] for log in apps[1].log] == [11]
+    assert apps[0].log[0][3]["rssi"] == -58 and apps[1].log[0][3]["reconnects"] >= 1
+    assert steps == ["reconnect", "reconnect", "reregister"]
+    assert wdm.missed == 0 and wdm.acks == 3 and wdm.missed_total == 8
+    _done()
