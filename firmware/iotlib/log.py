@@ -12,8 +12,8 @@ WARNING = const(30)
 ERROR = const(40)
 CRITICAL = const(50)
 
-_LEVELS = {"debug": DEBUG, "info": INFO, "warning": WARNING, "error": ERROR, "critical": CRITICAL}
-_NAMES = {DEBUG: "debug", INFO: "info", WARNING: "warning", ERROR: "error", CRITICAL: "critical"}
+# Level n*10 is named _NAMES[n - 1] (a tuple costs less RAM than two dicts).
+_NAMES = ("debug", "info", "warning", "error", "critical")
 
 MASK = "***"
 #: Longest string value kept in a line (longer ones are cut with "..."): bounds one line's RAM and flash.
@@ -153,7 +153,15 @@ def mask(obj, depth=0):
         for k, v in obj.items():
             if not isinstance(k, str):
                 return {str(k2): v2 for k2, v2 in mask({str(k2): v2 for k2, v2 in obj.items()}, depth).items()}
-            m = MASK if is_secret_key(k) and v is not None and v != "" else mask(v, depth + 1)
+            if is_secret_key(k) and v is not None and v != "":
+                m = MASK
+            elif k == "traceback" and isinstance(v, str):
+                # A traceback's last line names the exception: keep the tail, not the head.
+                m = mask_text(v)
+                if len(m) > MAX_TRACEBACK:
+                    m = "..." + m[len(m) - MAX_TRACEBACK + 3:]
+            else:
+                m = mask(v, depth + 1)
             if m is not v:
                 if d is None:
                     d = dict(obj)
@@ -232,39 +240,37 @@ class FileSink:
         self.size += n
 
 
-class _State:
-    level = INFO
-    console = None  # a stream with .write(), or None
-    sink = None  # FileSink or None
-
-
-_state = _State()
+# The global settings, as module globals (a class per setting holder costs RAM for nothing).
+_level = INFO
+_console = None  # a stream with .write(), or None
+_sink = None  # FileSink or None
 _loggers = {}
 
 
 def level_value(level):
     if isinstance(level, int):
         return level
-    v = _LEVELS.get(str(level).lower())
-    if v is None:
+    name = str(level).lower()
+    if name not in _NAMES:
         raise ValueError("unknown log level: %s" % level)
-    return v
+    return (_NAMES.index(name) + 1) * 10
 
 
 def configure(level="info", console=True, path=None, max_bytes=None, backups=None):
     """Set the global level and the sinks. console: True (stdout), False, or any object with write(str).
     path: the log file on flash (None: no file). Safe to call again (e.g. from a config hot-reload callback)."""
-    _state.level = level_value(level)
-    _state.console = sys.stdout if console is True else (console or None)
+    global _level, _console, _sink
+    _level = level_value(level)
+    _console = sys.stdout if console is True else (console or None)
     if path is None:
-        _state.sink = None
+        _sink = None
     else:
         d = path.rsplit("/", 1)[0] if "/" in path else ""
         try:
             fsutil.makedirs(d)
         except OSError:
             pass  # the first write fails and is counted in `dropped`
-        _state.sink = FileSink(path, max_bytes, backups)
+        _sink = FileSink(path, max_bytes, backups)
 
 
 _ENVELOPE = ("ts", "level", "module", "msg")
@@ -277,9 +283,9 @@ def _line(level, module, msg, fields):
         if k in fields:  # never let a field overwrite the envelope
             fields = {("_" + k2 if k2 in _ENVELOPE else k2): v for k2, v in fields.items()}
             break
+    name = _NAMES[level // 10 - 1] if level % 10 == 0 and DEBUG <= level <= CRITICAL else "info"
     head = '{"ts":%d,"level":"%s","module":%s,"msg":%s' % (
-        epoch_ms(), _NAMES.get(level, "info"), json.dumps(module), json.dumps(mask(msg if isinstance(msg, str)
-                                                                                     else str(msg))))
+        epoch_ms(), name, json.dumps(module), json.dumps(mask(msg if isinstance(msg, str) else str(msg))))
     if not fields:
         return head + "}"
     body = json.dumps(mask(fields))
@@ -288,26 +294,26 @@ def _line(level, module, msg, fields):
 
 def emit(level, module, msg, fields):
     global dropped, written
-    st = _state
-    if st.console is None and st.sink is None:
+    console, sink = _console, _sink
+    if console is None and sink is None:
         return
     try:
         line = _line(level, module, msg, fields)
     except Exception:  # a field whose str() fails must not take the caller down
         line = '{"ts":%d,"level":"error","module":%s,"msg":"unloggable record"}' % (epoch_ms(), json.dumps(module))
-    if st.console is not None:
+    if console is not None:
         try:
-            st.console.write(line)
-            st.console.write("\n")
+            console.write(line)
+            console.write("\n")
         except Exception:
             dropped += 1
-    if st.sink is not None:
+    if sink is not None:
         try:
-            st.sink.write(line)
+            sink.write(line)
             written += 1
         except Exception:  # OSError (ENOSPC, EIO) on a full or failing flash
             dropped += 1
-            st.sink.size = -1  # re-read the real size next time: the failed write may have left part of a line
+            sink.size = -1  # re-read the real size next time: the failed write may have left part of a line
 
 
 class Logger:
@@ -319,7 +325,7 @@ class Logger:
         self.level = None if level is None else level_value(level)
 
     def enabled(self, level):
-        return level >= (_state.level if self.level is None else self.level)
+        return level >= (_level if self.level is None else self.level)
 
     def log(self, level, msg, **fields):
         if self.enabled(level):

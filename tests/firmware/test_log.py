@@ -235,3 +235,22 @@ def test_mask_never_mutates_the_callers_data_and_copies_only_when_needed():
     assert m == {"cfg": {"password": "***", "list": ["Bearer ***", "ok"]}, "n": 1}
     clean = {"a": [1, "two", {"b": None}], "c": 1.5}
     assert log.mask(clean) is clean
+
+
+def test_exc_keeps_the_final_line_of_a_long_traceback():
+    # Regression: mask() cut every string to its first MAX_STR characters, so the last traceback line (the one that
+    # names the exception) was lost for any traceback longer than MAX_STR.
+    cap = _capture()
+
+    def deep(n):
+        if n == 0:
+            raise ValueError("the final line")
+        deep(n - 1)
+
+    try:
+        deep(12)
+    except ValueError as e:
+        log.get("task").exc("task crashed", e)
+    tb = cap.records()[0]["traceback"]
+    assert "ValueError: the final line" in tb, tb
+    assert len(tb) <= log.MAX_TRACEBACK
