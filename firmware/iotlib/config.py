@@ -22,16 +22,26 @@ MAX_ERRORS = 8
 #: Longest reason sent in a report (characters; the control plane accepts up to 512).
 MAX_REASON = 500
 
-_TYPES = {
-    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
-    "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-    "bool": lambda v: isinstance(v, bool),
-    "str": lambda v: isinstance(v, str),
-    "list": lambda v: isinstance(v, list),
-    "dict": lambda v: isinstance(v, dict),
-    "any": lambda v: True,
-}
+
+# One function instead of a table of lambdas: a lambda costs a function object + its code in RAM.
+def _type_ok(t, v):
+    """True/False: whether v has schema type t; None: t is not a schema type."""
+    if t == "any":
+        return True
+    if t == "bool":
+        return isinstance(v, bool)
+    if t == "str":
+        return isinstance(v, str)
+    if t == "list":
+        return isinstance(v, list)
+    if t == "dict":
+        return isinstance(v, dict)
+    num = not isinstance(v, bool)  # bool is never a number
+    if t == "int":
+        return num and isinstance(v, int)
+    if t == "float" or t == "number":
+        return num and isinstance(v, (int, float))
+    return None
 
 
 def _is_leaf(spec):
@@ -41,9 +51,7 @@ def _is_leaf(spec):
 def _type_name(v):
     if v is None:
         return "null"
-    if isinstance(v, bool):
-        return "bool"
-    return {int: "int", float: "float", str: "str", list: "list", dict: "dict"}.get(type(v), type(v).__name__)
+    return type(v).__name__  # int, float, str, list, dict, bool: the schema's own names
 
 
 def _join(path, key):
@@ -56,10 +64,10 @@ def _check_leaf(spec, v, path, errs):
             errs.append("%s: must not be null" % path)
         return
     t = spec["type"]
-    check = _TYPES.get(t)
-    if check is None:
+    ok = _type_ok(t, v)
+    if ok is None:
         raise ConfigError("%s: unknown schema type %r" % (path, t))
-    if not check(v):
+    if not ok:
         errs.append("%s: expected %s, got %s" % (path, t, _type_name(v)))
         return
     enum = spec.get("enum")
@@ -151,11 +159,6 @@ def merge(base, over):
     return out
 
 
-def _reason(e):
-    s = str(e)
-    return type(e).__name__ + (": " + s if s else "")
-
-
 class ConfigManager:
     """The device's configuration: `config` (dict) at `version` (int; 0 = built-in defaults)."""
 
@@ -214,7 +217,7 @@ class ConfigManager:
                 done.append(sec)
                 self._call(sec, merged.get(sec))
             except Exception as e:
-                reason = "%s: hot-reload failed: %s" % (sec, _reason(e))
+                reason = "%s: hot-reload failed: %s" % (sec, log.exc_summary(e))
                 self.config, self.version = old, old_version
                 self._rollback(done, old)
                 self.failures += 1
@@ -235,7 +238,7 @@ class ConfigManager:
             try:
                 self._call(sec, old.get(sec))
             except Exception as e:  # keep restoring the others; the device runs on what it has
-                _log.error("rollback callback failed", section=sec, reason=_reason(e))
+                _log.error("rollback callback failed", section=sec, reason=log.exc_summary(e))
 
     def _persist(self):
         if not self.path:
@@ -243,7 +246,7 @@ class ConfigManager:
         try:
             fsutil.write_json_atomic(self.path, {"version": self.version, "config": self.config})
         except OSError as e:
-            _log.error("cannot persist config", path=self.path, reason=_reason(e))
+            _log.error("cannot persist config", path=self.path, reason=log.exc_summary(e))
 
     def load(self):
         """Boot: take the last-known-good config from flash (callbacks are not called: construct the components
@@ -321,7 +324,7 @@ class ConfigManager:
                                       headers={"Authorization": "Bearer " + token})
             status = resp.status
         except Exception as e:
-            _log.warning("config report not sent", reason=_reason(e))
+            _log.warning("config report not sent", reason=log.exc_summary(e))
             return False
         if 200 <= status < 300:
             if self._report is report:
