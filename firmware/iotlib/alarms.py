@@ -9,7 +9,7 @@ from . import log
 _log = log.get("alarms")
 
 SEVERITIES = ("info", "warning", "error", "critical")
-_LOG_LEVEL = {"info": log.INFO, "warning": log.WARNING, "error": log.ERROR, "critical": log.CRITICAL}
+# A severity's log level is log.INFO + 10 * its index in SEVERITIES (info 20 ... critical 50): no table in RAM.
 
 
 class _Alarm:
@@ -99,12 +99,10 @@ class AlarmManager:
         if a is None:
             self._make_room()
             a = self._alarms[key] = _Alarm(key, severity, message, now)
-            _log.log(_LOG_LEVEL[severity], "alarm", alarm=key, severity=severity, message=message)
         elif a.state == "resolved":
             persist_now = persist_now or a.severity == "critical"
             a.state, a.count, a.first_ts, a.last_ts = "firing", 1, now, now
             a.severity, a.message = severity, message
-            _log.log(_LOG_LEVEL[severity], "alarm", alarm=key, severity=severity, message=message)
         else:
             persist_now = (severity == "critical") != (a.severity == "critical")
             if a.severity == "critical" or severity == "critical":
@@ -112,6 +110,8 @@ class AlarmManager:
             a.count += 1
             a.last_ts = now
             a.severity, a.message = severity, message
+        if a.count == 1:  # a new episode (a repeat only counts)
+            _log.log(log.INFO + 10 * SEVERITIES.index(severity), "alarm", alarm=key, severity=severity, message=message)
         self._touch(a)
         if persist_now:
             self._persist()

@@ -43,12 +43,13 @@ def format_value(v):
 
 
 class Metric:
-    """One metric family: a value per label set. Counters only go up (inc); gauges are set, inc'd or dec'd."""
+    """One metric family: a value per label set. Counters only go up (inc); gauges are set, inc'd or dec'd.
+    A callback gauge (fn set; see Metrics.gauge_fn) has no stored value: fn() is read at render time."""
 
     #: Most label sets one metric holds; more would let a bad label (an id, a path) eat the heap.
     MAX_SERIES = 32
 
-    def __init__(self, registry, name, help, kind, labels=()):
+    def __init__(self, registry, name, help, kind, labels=(), fn=None):
         _check_name(name)
         for ln in labels:
             _check_name(ln, True)
@@ -57,8 +58,9 @@ class Metric:
         self.help = help
         self.kind = kind
         self.labelnames = tuple(labels)
+        self.fn = fn
         self.series = {}  # tuple of label values -> number
-        if not self.labelnames:
+        if not self.labelnames and fn is None:
             self.series[()] = 0  # an unlabelled metric is exposed (as 0) from the start
 
     def _key(self, labels):
@@ -99,6 +101,10 @@ class Metric:
             self.series[key] = _v
 
     def value(self, **labels):
+        if self.fn is not None:
+            for _, v in self.samples():
+                return v
+            return None
         return self.series.get(self._key(labels), 0)
 
     def exposed_name(self):
@@ -108,7 +114,15 @@ class Metric:
         return self.name
 
     def samples(self):
-        return self.series.items()
+        if self.fn is None:
+            return self.series.items()
+        # A failing or unavailable source (None) yields no sample rather than a wrong one.
+        try:
+            v = self.fn()
+        except Exception:
+            self.registry.errors += 1
+            return ()
+        return () if v is None else (((), v),)
 
     def render(self, out):
         name = self.exposed_name()
@@ -119,26 +133,6 @@ class Metric:
                 out.append("%s{%s} %s\n" % (name, lab, format_value(v)))
             else:
                 out.append("%s %s\n" % (name, format_value(v)))
-
-
-class _FnGauge(Metric):
-    def __init__(self, registry, name, help, fn):
-        Metric.__init__(self, registry, name, help, "gauge")
-        self.fn = fn
-
-    def samples(self):
-        # A failing or unavailable source (None) yields no sample rather than a wrong one.
-        try:
-            v = self.fn()
-        except Exception:
-            self.registry.errors += 1
-            return ()
-        return () if v is None else (((), v),)
-
-    def value(self):
-        for _, v in self.samples():
-            return v
-        return None
 
 
 class Metrics:
@@ -153,7 +147,7 @@ class Metrics:
     def _add(self, m):
         old = self.metrics.get(m.name)
         if old is not None:
-            if old.kind != m.kind or old.labelnames != m.labelnames or type(old) is not type(m):
+            if old.kind != m.kind or old.labelnames != m.labelnames or (old.fn is None) != (m.fn is None):
                 raise ValueError("metric %s already registered differently" % m.name)
             return old  # idempotent: a module may declare its metrics each time it is constructed
         self.metrics[m.name] = m
@@ -170,7 +164,7 @@ class Metrics:
 
     def gauge_fn(self, name, help, fn):
         """A gauge read from fn() at render time (fn returns a number, or None for 'not available')."""
-        m = self._add(_FnGauge(self, name, help, fn))
+        m = self._add(Metric(self, name, help, "gauge", (), fn))
         m.fn = fn  # re-registration rebinds the callback (e.g. a new manager instance after a restart)
         return m
 
