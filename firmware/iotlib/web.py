@@ -1,0 +1,319 @@
+# The device's web layer on microdot: every route declares the least role it needs; before the handler runs, the
+# caller is rate limited (token bucket per client address → 429 + Retry-After) and authenticated (Bearer device JWT or
+# static token → 401 / 403). Every error answer is JSON {"error": …} (404, 405, 413, 400 bad JSON, 500 too). A
+# connection cap answers 503 at once instead of queueing (a Pico W has 5 TCP sockets in all), a request that does not
+# arrive in time is dropped, and nothing a client does — garbage, a reset mid-request (microdot#105), a crashing
+# handler — stops the server. Handlers are coroutines and never block the loop (microdot#134): on CPython microdot would
+# otherwise run plain functions in threads.
+import json
+from iotlib.compat import asyncio, ticks_ms, ticks_diff, format_exc
+from iotlib import log as _logmod
+
+_log = _logmod.get("web")
+
+ROLES = ("viewer", "operator", "admin")
+_REASONS = {200: "OK", 201: "Created", 202: "Accepted", 204: "No Content", 400: "Bad Request", 401: "Unauthorized",
+            403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
+            413: "Payload Too Large", 429: "Too Many Requests", 500: "Internal Server Error",
+            503: "Service Unavailable"}
+
+
+class BadRequest(Exception):
+    pass
+
+
+def error(status, message, headers=None):
+    """A JSON error answer for a handler to return."""
+    return {"error": message}, status, headers or {}
+
+
+def json_body(req, required=True):
+    """The request body parsed as a JSON object; BadRequest (→ 400) for an empty body when required, invalid JSON or a
+    non-object."""
+    body = req.body
+    if not body:
+        if required:
+            raise BadRequest("request body must be a JSON object")
+        return {}
+    try:
+        obj = json.loads(body)
+    except (ValueError, UnicodeError):
+        raise BadRequest("request body is not valid JSON")
+    if not isinstance(obj, dict):
+        raise BadRequest("request body must be a JSON object")
+    return obj
+
+
+def client_ip(addr):
+    """A hashable client key from a peer address: (ip, port) on lwIP/CPython, a raw sockaddr on the unix port."""
+    if isinstance(addr, (tuple, list)) and addr:
+        return addr[0]
+    if isinstance(addr, (bytes, bytearray)) and len(addr) >= 8:
+        return bytes(addr[4:8])  # sockaddr_in: family(2) port(2) address(4)
+    return addr if isinstance(addr, (str, bytes, int)) else "?"
+
+
+def bearer_from(req):
+    """The token of a request: Authorization: Bearer …, else ?token= (for clients that cannot set headers)."""
+    h = req.headers.get("Authorization")
+    if h:
+        return h
+    return req.args.get("token") if req.args else None
+
+
+class DeviceWeb:
+    #: Connections served at once; more are answered 503 immediately. A Pico W has 5 lwIP TCP sockets in all: one is
+    #: the listening socket and one the control-plane client, WebSocket clients count here too.
+    max_connections = 3
+    #: Largest request body accepted (413 above): the device API takes small JSON commands only.
+    max_body = 1024
+    #: Seconds a client gets to send its request line and headers (a silent client must not hold a socket).
+    read_timeout_s = 5
+    #: Most bytes of an oversized body read and discarded before the 413 goes out (beyond it the client may see RST).
+    max_drain = 16 * 1024
+    #: Per-client token bucket defaults (requests/s sustained, burst); hot-reloadable through configure().
+    rate_per_s = 10
+    burst = 20
+
+    def __init__(self, verify, info=None, ready=None, on_reboot=None, metrics=None):
+        """verify(bearer) → claims with a "role", raising on a bad token (iotlib.auth.AuthManager.verify).
+        info() → dict for /info; ready() → (bool, dict) for /ready; on_reboot(): called shortly after POST /reboot
+        answered. metrics: an iotlib.metrics registry for /metrics (None: the module's REGISTRY)."""
+        from microdot import Microdot, Request
+        Request.max_content_length = self.max_body
+        Request.max_body_length = self.max_body
+        self._verify = verify
+        self._info = info
+        self._ready = ready
+        self._on_reboot = on_reboot
+        self._registry = metrics
+        self.active = 0
+        self.refused = 0
+        self.started_ms = ticks_ms()
+        self.server = None
+        self._limiter = None
+        web = self
+
+        class App(Microdot):
+            async def handle_request(self, reader, writer):
+                await web._handle(self, reader, writer)
+
+        self.app = App()
+        self._install_errors()
+        self._requests = None
+        if metrics is not False:
+            self._setup_metrics()
+        self.route("/health", None, self._health)
+        self.route("/ready", None, self._ready_h)
+        self.route("/metrics", "viewer", self._metrics_h)
+        self.route("/info", "viewer", self._info_h)
+        self.route("/reboot", "admin", self._reboot_h, methods=["POST"])
+
+    # --- configuration ---------------------------------------------------------------------------------------------
+    def configure(self, api=None):
+        """Apply an "api" config section: {"rate_per_s", "burst"} (static tokens are the verifier's business)."""
+        api = api or {}
+        rate = api.get("rate_per_s", self.rate_per_s)
+        burst = api.get("burst", self.burst)
+        if not isinstance(rate, (int, float)) or isinstance(rate, bool) or rate <= 0:
+            raise ValueError("api.rate_per_s: must be a number > 0")
+        if not isinstance(burst, int) or isinstance(burst, bool) or burst < 1:
+            raise ValueError("api.burst: must be an integer >= 1")
+        from iotlib.auth import RateLimiter
+        self._limiter = RateLimiter(rate, burst)
+
+    def _setup_metrics(self):
+        from iotlib import metrics as m
+        reg = self._registry or m.REGISTRY
+        self._requests = reg.counter("iotlib_http_requests_total", "Device API answers by status code.", ("code",))
+        self._refused = reg.counter("iotlib_http_refused_connections_total",
+                                    "Connections answered 503 at the connection cap.")
+        reg.gauge_fn("iotlib_http_connections", "Device API connections open now.", lambda: self.active)
+
+    # --- routing with auth -----------------------------------------------------------------------------------------
+    def route(self, path, role, handler, methods=None):
+        """Register coroutine handler(req, **url_args) at path, callable by role or above (None: public)."""
+        web = self
+
+        async def guarded(req, **kw):
+            denied = web.check(req, role)
+            if denied is not None:
+                return denied
+            try:
+                return await handler(req, **kw)
+            except BadRequest as e:
+                return error(400, str(e))
+        self.app.route(path, methods=methods or ["GET"])(guarded)
+        return guarded
+
+    def check(self, req, role):
+        """None when req may go ahead for role, else the error answer (429, 401, 403). Sets req.g.claims."""
+        if self._limiter is None:
+            self.configure()
+        ok, wait = self._limiter.allow(client_ip(req.client_addr))
+        if not ok:
+            return error(429, "rate limit exceeded", {"Retry-After": str(max(1, wait))})
+        req.g.claims = None
+        if role is None:
+            return None
+        bearer = bearer_from(req)
+        if not bearer:
+            return error(401, "missing token", {"WWW-Authenticate": "Bearer"})
+        try:
+            claims = self._verify(bearer)
+        except Exception as e:  # AuthError, or anything else a verifier raises: never a 500
+            return error(401, "invalid token: %s" % e, {"WWW-Authenticate": "Bearer"})
+        have = claims.get("role")
+        if have not in ROLES or ROLES.index(have) < ROLES.index(role):
+            return error(403, "role %s required" % role)
+        req.g.claims = claims
+        return None
+
+    def _install_errors(self):
+        app = self.app
+        for status, msg in ((400, "bad request"), (404, "not found"), (405, "method not allowed"),
+                            (413, "request body too large (max %d bytes)" % self.max_body),
+                            (500, "internal server error")):
+            self._error_handler(status, msg)
+
+        async def crashed(req, exc):
+            _log.error("handler failed", path=req.path if req else None, error=repr(exc))
+            return error(500, "internal server error")
+        app.errorhandler(Exception)(crashed)
+
+    def _error_handler(self, status, msg):
+        async def h(req):
+            return error(status, msg)
+        self.app.errorhandler(status)(h)
+
+    # --- connection handling -----------------------------------------------------------------------------------------
+    async def _handle(self, app, reader, writer):
+        from microdot import Request, Response
+        if self.active >= self.max_connections:
+            self.refused += 1
+            if self._requests is not None:
+                self._refused.inc()
+            # Read what the client already sent: closing on unread data would reset the connection (RST) and the
+            # client would never see the 503.
+            await self._drain(reader, 2048, 0.1)
+            await self._raw_answer(writer, 503, "too many connections", "Retry-After: 1\r\n")
+            return
+        self.active += 1
+        try:
+            try:
+                req = await asyncio.wait_for(
+                    Request.create(app, reader, writer, writer.get_extra_info("peername")), self.read_timeout_s)
+            except asyncio.TimeoutError:
+                await self._raw_answer(writer, 408, "request not received in time")
+                return
+            except Exception:  # malformed request line/headers, line too long, reset: answered 400 below
+                req = None
+            if req is None:
+                await self._drain(reader, 2048, 0.05)
+                await self._raw_answer(writer, 400, "malformed request")
+                return
+            res = await app.dispatch_request(req)
+            if self._requests is not None:
+                self._requests.inc(code=str(res.status_code))
+            if req.content_length > self.max_body:  # 413: swallow the body (bounded) so the answer is not lost to RST
+                await self._drain(reader, min(req.content_length, self.max_drain), 1)
+            if res is not Response.already_handled:
+                await res.write(writer)
+        except Exception as e:  # the peer vanished mid-answer (microdot#105) or worse: log, never propagate
+            _log.warning("connection failed", error=repr(e))
+        finally:
+            self.active -= 1
+            try:
+                await writer.aclose()
+            except Exception:
+                pass
+
+    async def _drain(self, reader, limit, timeout_s):
+        try:
+            while limit > 0:
+                chunk = await asyncio.wait_for(reader.read(min(limit, 512)), timeout_s)
+                if not chunk:
+                    return
+                limit -= len(chunk)
+        except Exception:
+            pass
+
+    async def _raw_answer(self, writer, status, msg, extra=""):
+        body = json.dumps({"error": msg})
+        try:
+            await writer.awrite(("HTTP/1.0 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s\r\n%s"
+                                 % (status, _REASONS.get(status, "Error"), len(body), extra, body)).encode())
+        except Exception:
+            pass
+        try:
+            await writer.aclose()
+        except Exception:
+            pass
+
+    async def start(self, host="0.0.0.0", port=80):
+        """Listen on host:port (OSError if taken) and return; connections are served by the event loop."""
+        app = self.app
+
+        async def serve(reader, writer):
+            if not hasattr(writer, "awrite"):  # CPython streams: add microdot's awrite/aclose
+                from types import MethodType
+
+                async def awrite(self, data):
+                    self.write(data)
+                    await self.drain()
+
+                async def aclose(self):
+                    self.close()
+                    await self.wait_closed()
+                writer.awrite = MethodType(awrite, writer)
+                writer.aclose = MethodType(aclose, writer)
+            await app.handle_request(reader, writer)
+        self.server = await asyncio.start_server(serve, host, port)
+        self.port = port
+        return self.server
+
+    async def stop(self):
+        if self.server is not None:
+            self.server.close()
+            try:
+                await self.server.wait_closed()
+            except Exception:
+                pass
+            self.server = None
+
+    # --- built-in routes ---------------------------------------------------------------------------------------------
+    def uptime_s(self):
+        return ticks_diff(ticks_ms(), self.started_ms) // 1000
+
+    async def _health(self, req):
+        return {"status": "ok", "uptime_s": self.uptime_s()}
+
+    async def _ready_h(self, req):
+        ok, detail = self._ready() if self._ready else (True, {})
+        detail = dict(detail)
+        detail["ready"] = ok
+        return detail, 200 if ok else 503
+
+    async def _metrics_h(self, req):
+        from iotlib import metrics as m
+        reg = self._registry or m.REGISTRY
+        return reg.render(), 200, {"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
+
+    async def _info_h(self, req):
+        return self._info() if self._info else {}
+
+    async def _reboot_h(self, req):
+        if self._on_reboot is None:
+            return error(503, "reboot not available")
+        _log.warning("reboot requested", by=(req.g.claims or {}).get("sub"))
+        asyncio.create_task(self._reboot_later())
+        return {"rebooting": True}, 202
+
+    async def _reboot_later(self):
+        await asyncio.sleep(0.2)  # let the 202 reach the client first
+        try:
+            r = self._on_reboot()
+            if hasattr(r, "send"):
+                await r
+        except Exception as e:  # SystemExit (a simulated reset) is not an Exception: it goes through
+            _log.error("reboot failed", error=format_exc(e))

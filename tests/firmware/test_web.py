@@ -1,0 +1,199 @@
+import fwtest
+import webclient as wc
+from iotlib.compat import asyncio, epoch_ms
+from iotlib.auth import AuthManager, jwt_encode, hash_token
+from iotlib.metrics import Metrics
+from iotlib.web import DeviceWeb, json_body, error
+
+KEY = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff"
+DEV = "dev-1"
+
+
+def token(role, key=KEY, aud=DEV, exp_in=600):
+    return jwt_encode({"sub": "tester", "role": role, "aud": aud, "exp": epoch_ms() // 1000 + exp_in}, key)
+
+
+def make_web(rate=1000, burst=1000, **kw):
+    am = AuthManager(DEV, KEY)
+    am.static_tokens = {hash_token("static-admin-token"): "admin"}
+    web = DeviceWeb(am.verify, metrics=Metrics(), **kw)
+    web.configure({"rate_per_s": rate, "burst": burst})
+    state = {"n": 0}
+
+    async def get_thing(req):
+        return {"n": state["n"]}
+
+    async def post_thing(req):
+        body = json_body(req)
+        if not isinstance(body.get("n"), int):
+            return error(400, "n must be an integer")
+        state["n"] = body["n"]
+        return {"n": state["n"]}
+
+    async def crash(req):
+        raise RuntimeError("boom")
+
+    web.route("/thing", "viewer", get_thing)
+    web.route("/thing", "operator", post_thing, methods=["POST"])
+    web.route("/crash", "viewer", crash)
+    return web, state
+
+
+def serve(fn, **kw):
+    async def go():
+        web, state = make_web(**kw)
+        port = await wc.start(web)
+        try:
+            await fn(web, port, state)
+        finally:
+            await web.stop()
+    fwtest.run(go())
+
+
+def test_roles_and_auth_paths():
+    async def t(web, port, state):
+        s, h, b = await wc.request(port, "GET", "/thing")
+        assert s == 401 and b["error"] == "missing token" and h["www-authenticate"] == "Bearer"
+        s, h, b = await wc.request(port, "GET", "/thing", token="garbage.token.here")
+        assert s == 401 and b["error"].startswith("invalid token")
+        s, h, b = await wc.request(port, "GET", "/thing", token=token("viewer", key="another-key"))
+        assert s == 401 and "bad signature" in b["error"]
+        s, h, b = await wc.request(port, "GET", "/thing", token=token("viewer", aud="other-device"))
+        assert s == 401
+        s, h, b = await wc.request(port, "GET", "/thing", token=token("viewer", exp_in=-3600))
+        assert s == 401 and "expired" in b["error"]
+        s, h, b = await wc.request(port, "GET", "/thing", token=token("viewer"))
+        assert s == 200 and b == {"n": 0}
+        s, h, b = await wc.request(port, "POST", "/thing", token=token("viewer"), body={"n": 5})
+        assert s == 403 and b["error"] == "role operator required" and state["n"] == 0
+        s, h, b = await wc.request(port, "POST", "/thing", token=token("operator"), body={"n": 5})
+        assert s == 200 and state["n"] == 5
+        s, h, b = await wc.request(port, "POST", "/thing", token="static-admin-token", body={"n": 7})
+        assert s == 200 and state["n"] == 7
+        s, h, b = await wc.request(port, "GET", "/thing?token=" + token("viewer"))
+        assert s == 200
+        s, h, b = await wc.request(port, "GET", "/thing", token=token("superuser"))
+        assert s == 401
+    serve(t)
+
+
+def test_json_errors_for_everything():
+    async def t(web, port, state):
+        op = token("operator")
+        s, h, b = await wc.request(port, "GET", "/nope", token=op)
+        assert s == 404 and b == {"error": "not found"}
+        s, h, b = await wc.request(port, "DELETE", "/thing", token=op)
+        assert s == 405 and b == {"error": "method not allowed"}
+        s, h, b = await wc.request(port, "POST", "/thing", token=op, raw_body=b"{not json")
+        assert s == 400 and b == {"error": "request body is not valid JSON"}
+        s, h, b = await wc.request(port, "POST", "/thing", token=op, raw_body=b"[1, 2]")
+        assert s == 400 and b["error"] == "request body must be a JSON object"
+        s, h, b = await wc.request(port, "POST", "/thing", token=op, body={"n": "x"})
+        assert s == 400 and b["error"] == "n must be an integer"
+        s, h, b = await wc.request(port, "POST", "/thing", token=op, raw_body=b"x" * 5000)
+        assert s == 413 and "too large" in b["error"]
+        s, h, b = await wc.request(port, "GET", "/crash", token=op)
+        assert s == 500 and b == {"error": "internal server error"}
+        assert state["n"] == 0
+        # and the server still serves
+        s, h, b = await wc.request(port, "GET", "/thing", token=op)
+        assert s == 200
+    serve(t)
+
+
+def test_rate_limit_429_retry_after():
+    async def t(web, port, state):
+        v = token("viewer")
+        codes = []
+        for _ in range(5):
+            s, h, b = await wc.request(port, "GET", "/thing", token=v)
+            codes.append(s)
+        assert codes[:3] == [200, 200, 200] and codes[3] == 429
+        s, h, b = await wc.request(port, "GET", "/thing", token=v)
+        assert s == 429 and b == {"error": "rate limit exceeded"} and int(h["retry-after"]) >= 1
+        # unauthenticated floods are limited too (before any signature work)
+        s, h, b = await wc.request(port, "GET", "/thing")
+        assert s == 429
+    serve(t, rate=0.01, burst=3)
+
+
+def test_bad_rate_config_rejected():
+    web, _ = make_web()
+    fwtest.raises(ValueError, web.configure, {"rate_per_s": 0})
+    e = fwtest.raises(ValueError, web.configure, {"burst": "many"})
+    assert "api.burst" in str(e)
+
+
+def test_garbage_and_resets_do_not_kill_server():
+    async def t(web, port, state):
+        for junk in (b"\x00\xff garbage\r\n\r\n", b"GET\r\n\r\n", b"GET / HTTP/1.1\r\nBadHeader\r\n\r\n",
+                     b"GET /" + b"a" * 3000 + b" HTTP/1.1\r\n\r\n"):
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            w.write(junk)
+            await w.drain()
+            raw = await wc.read_all(r)
+            await wc.close(w)
+            assert raw == b"" or raw.startswith(b"HTTP/1.0 400"), raw
+        # a client that connects and vanishes mid-request
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        w.write(b"POST /thing HTTP/1.1\r\nContent-Length: 100\r\n\r\n{")
+        await w.drain()
+        await wc.close(w)
+        await asyncio.sleep(0.05)
+        s, h, b = await wc.request(port, "GET", "/health")
+        assert s == 200 and b["status"] == "ok"
+        assert web.active == 0
+    serve(t)
+
+
+def test_connection_cap_answers_503_and_slow_clients_time_out():
+    async def t(web, port, state):
+        web.read_timeout_s = 0.3
+        held = []
+        for _ in range(web.max_connections):
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            w.write(b"GET /health HTTP/1.1\r\n")  # never finishes its headers
+            await w.drain()
+            held.append((r, w))
+        await asyncio.sleep(0.05)
+        assert web.active == web.max_connections
+        s, h, b = await wc.request(port, "GET", "/health")
+        assert s == 503 and b == {"error": "too many connections"} and h["retry-after"] == "1"
+        assert web.refused == 1
+        for r, w in held:  # the silent clients get 408 and lose their socket
+            raw = await wc.read_all(r)
+            assert raw.startswith(b"HTTP/1.0 408")
+            await wc.close(w)
+        s, h, b = await wc.request(port, "GET", "/health")
+        assert s == 200 and web.active == 0
+    serve(t)
+
+
+def test_health_ready_info_metrics_reboot():
+    ready = {"ok": False}
+    rebooted = []
+
+    async def t(web, port, state):
+        s, h, b = await wc.request(port, "GET", "/ready")
+        assert s == 503 and b == {"ready": False, "registered": False}
+        ready["ok"] = True
+        s, h, b = await wc.request(port, "GET", "/ready")
+        assert s == 200 and b["ready"] is True
+        s, h, b = await wc.request(port, "GET", "/info")
+        assert s == 401
+        s, h, b = await wc.request(port, "GET", "/info", token=token("viewer"))
+        assert s == 200 and b == {"device_id": DEV}
+        s, h, b = await wc.request(port, "GET", "/metrics", token=token("viewer"))
+        assert s == 200 and h["content-type"].startswith("text/plain; version=0.0.4")
+        assert 'iotlib_http_requests_total{code="200"}' in b
+        s, h, b = await wc.request(port, "POST", "/reboot", token=token("operator"))
+        assert s == 403 and rebooted == []
+        s, h, b = await wc.request(port, "POST", "/reboot", token=token("admin"))
+        assert s == 202 and b == {"rebooting": True}
+        for _ in range(50):
+            if rebooted:
+                break
+            await asyncio.sleep(0.02)
+        assert rebooted == [True]
+    serve(t, ready=lambda: (ready["ok"], {"registered": ready["ok"]}), info=lambda: {"device_id": DEV},
+          on_reboot=lambda: rebooted.append(True))
