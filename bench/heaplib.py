@@ -35,6 +35,22 @@ def compile_script(src: Path) -> Path:
     return dst
 
 
+def romfs_image(modules: list[str]) -> Path:
+    """A ROMFS image (mpremote romfs build) holding the bundle's iotlib and the given compiled bench modules, for
+    runs that execute the bytecode in place (bench/mp_romfs.py)."""
+    import shutil
+    src = BUILD / "romfs"
+    shutil.rmtree(src, ignore_errors=True)
+    shutil.copytree(BUILD / "iotlib", src / "iotlib")
+    for m in modules:
+        shutil.copy(BUILD / (m + ".mpy"), src)
+    img = BUILD / "romfs.img"
+    mpremote = Path(sys.executable).with_name("mpremote")
+    subprocess.run([str(mpremote), "romfs", "--no-mpy", "-o", str(img), "build", str(src)], check=True,
+                   capture_output=True, text=True)
+    return img
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

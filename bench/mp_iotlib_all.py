@@ -383,4 +383,5 @@ def main():
     print("OK max_stall_ms=%d" % stall)
 
 
-main()
+if __name__ == "__main__":
+    main()
