@@ -54,11 +54,19 @@ def client_ip(addr):
 
 
 def bearer_from(req):
-    """The token of a request: Authorization: Bearer …, else ?token= (for clients that cannot set headers)."""
+    """The token of a request: Authorization: Bearer …, else ?token= (clients that cannot set headers), else a
+    Sec-WebSocket-Protocol entry "bearer.<token>" (browsers' WebSocket API can set nothing else)."""
     h = req.headers.get("Authorization")
     if h:
         return h
-    return req.args.get("token") if req.args else None
+    t = req.args.get("token") if req.args else None
+    if t:
+        return t
+    for p in (req.headers.get("Sec-WebSocket-Protocol") or "").split(","):
+        p = p.strip()
+        if p.startswith("bearer."):
+            return p[7:]
+    return None
 
 
 class DeviceWeb:
