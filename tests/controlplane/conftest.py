@@ -31,6 +31,8 @@ def server_factory(backend, tmp_path):
     yield factory
     for s in started:
         s.stop()
+    for s in started:  # a failing sweeper would make liveness tests pass for the wrong reason
+        assert s.cp.metrics.housekeeping_errors._value.get() == 0, "housekeeping failed during the test"
     if schema:
         drop_schema(schema)
 

@@ -49,6 +49,7 @@ async def _housekeeping(cp: ControlPlane) -> None:
         except asyncio.CancelledError:
             raise
         except Exception as e:  # a database hiccup must not end the sweeper
+            cp.metrics.housekeeping_errors.inc()
             log.warning("housekeeping failed: %s", type(e).__name__)
 
 

@@ -55,7 +55,9 @@ def _sweep(conn: sa.Connection, events: list, cp: "ControlPlane", now: int, star
     d = tables.devices
     # A device is offline when it was silent for its TTL *and* this server has been up for that TTL: after a server
     # outage the devices get a full TTL to come back before being called offline (consul#3569: false "offline").
-    expired = sa.and_(d.c.online.is_(True), d.c.last_seen + d.c.ttl_s * 1000 < now, started + d.c.ttl_s * 1000 < now)
+    now_, started_ = sa.literal(now, sa.BigInteger), sa.literal(started, sa.BigInteger)
+    ttl_ms = sa.cast(d.c.ttl_s, sa.BigInteger) * 1000
+    expired = sa.and_(d.c.online.is_(True), d.c.last_seen + ttl_ms < now_, started_ + ttl_ms < now_)
     gone = conn.execute(d.update().where(expired).values(online=False).returning(d.c.ns, d.c.device_id)).all()
     for ns, dev in gone:
         alarm_store.fire_server_alarm(conn, ns, dev, OFFLINE_KEY, "error",
@@ -80,6 +82,7 @@ class Liveness:
     def __init__(self, cp: "ControlPlane"):
         self.cp = cp
         self._pending: dict[tuple[str, str], tuple[int, dict | None]] = {}
+        self._flushing: dict[tuple[str, str], tuple[int, dict | None]] = {}  # being written right now
         self._online: set[tuple[str, str]] = set()  # confirmed online in the database
         self._sweeps = 0
         cp.notifier.add_listener(self._on_event)
@@ -109,6 +112,7 @@ class Liveness:
         if not self._pending:
             return 0
         batch, self._pending = self._pending, {}
+        self._flushing = batch
         rows = [{"b_ns": ns, "b_dev": dev, "b_ts": ts, "b_hb": hb} for (ns, dev), (ts, hb) in batch.items()]
         try:
             await self.cp.read(_flush_rows, rows)
@@ -117,7 +121,13 @@ class Liveness:
             for key, val in batch.items():
                 self._pending.setdefault(key, val)
             raise
+        finally:
+            self._flushing = {}
         return len(rows)
+
+    def unflushed(self, ns: str, dev: str) -> tuple[int, dict | None] | None:
+        """The newest heartbeat not yet in the database, if any (operators' reads overlay it)."""
+        return self._pending.get((ns, dev)) or self._flushing.get((ns, dev))
 
     async def housekeeping(self) -> None:
         """One round: flush, sweep, expire nonces, refresh gauges."""

@@ -25,6 +25,8 @@ class Metrics:
         self.heartbeats = Counter("picoiot_heartbeats", "heartbeats received", registry=self.registry)
         self.registrations = Counter("picoiot_registrations", "registration attempts", ["result"],
                                      registry=self.registry)
+        self.housekeeping_errors = Counter("picoiot_housekeeping_errors", "failed liveness flush/sweep rounds",
+                                           registry=self.registry)
         self.offline_transitions = Counter("picoiot_device_offline_transitions", "devices that missed their TTL",
                                            registry=self.registry)
 

@@ -45,8 +45,9 @@ def device_out(row, overlay: tuple[int, dict | None] | None = None) -> DeviceOut
                      config_report=ConfigReport(**row["config_report"]) if row["config_report"] else None)
 
 
-def _overlay(cp: "ControlPlane", row):
-    return cp.liveness._pending.get((row["ns"], row["device_id"]))
+def _overlay(cp: "ControlPlane", row, before=None):
+    key = (row["ns"], row["device_id"])
+    return cp.liveness.unflushed(*key) or (before and (before[0].get(key) or before[1].get(key)))
 
 
 # ---------------------------------------------------------------- namespaces
@@ -90,8 +91,9 @@ async def list_devices(ns: str, request: Request, p: Principal = Depends(princip
     require_ns(p, ns, request)
     require_role(p, "viewer")
     cp = _cp(request)
+    before = dict(cp.liveness._pending), dict(cp.liveness._flushing)  # a flush may finish while we read
     rows = await cp.read(_list_devices, ns, online, device_type, group, limit, offset)
-    return DeviceList(devices=[device_out(r, _overlay(cp, r)) for r in rows])
+    return DeviceList(devices=[device_out(r, _overlay(cp, r, before)) for r in rows])
 
 
 def _get_device(conn, ns, dev):
@@ -107,8 +109,9 @@ async def get_device(ns: str, device_id: str, request: Request, p: Principal = D
     require_ns(p, ns, request)
     require_role(p, "viewer")
     cp = _cp(request)
+    before = cp.liveness.unflushed(ns, device_id)  # a flush may finish while we read
     row = await cp.read(_get_device, ns, device_id)
-    return device_out(row, _overlay(cp, row))
+    return device_out(row, _overlay(cp, row) or before)
 
 
 def _provision(conn, events, cp: "ControlPlane", ns: str, body: ProvisionIn, enrollment_key: str):
