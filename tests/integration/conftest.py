@@ -1,6 +1,7 @@
 """Fixtures: the runtime the device code runs on, and the control plane (in-process uvicorn or the `picoiot server`
 CLI as a subprocess) on SQLite or PostgreSQL."""
 import os
+import re
 import sys
 
 import pytest
@@ -9,7 +10,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from ittest import CP_TESTS, Operator, ServerProcess, build_bundle  # noqa: E402
 
 sys.path.insert(0, str(CP_TESTS))
-from cptest import LiveServer, PG_URL, drop_schema, make_settings, new_schema, require_pg  # noqa: E402
+from cptest import LiveServer, drop_schema, make_settings, new_schema, require_pg  # noqa: E402
 
 BOTH_BACKENDS = pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)],
                                         indirect=True)
@@ -54,25 +55,21 @@ def live_server(backend, pg_schema, tmp_path):
         s.stop()
 
 
-@pytest.fixture
-def cli_server(backend, pg_schema, tmp_path):
-    """cli_server(sntp=False) → a started `picoiot server` subprocess (stop()/start() keep its ports and data)."""
-    started = []
-
-    def factory(**kw):
-        db = PG_URL if backend == "postgres" else None
-        s = ServerProcess(tmp_path / "cp", db=db, db_schema=pg_schema, **kw).start()
-        started.append(s)
-        return s
-
-    yield factory
-    for s in started:
-        s.close()
+@pytest.fixture(scope="session")
+def cli_server(tmp_path_factory):
+    """One `picoiot server` subprocess (SQLite, SNTP responder) shared by the tests that need the CLI; a test may
+    stop() and start() it (same ports, same data directory) but must leave it running."""
+    s = ServerProcess(tmp_path_factory.mktemp("cp"), sntp=True).start()
+    yield s
+    s.close()
 
 
 @pytest.fixture
-def operator(runtime, tmp_path):
-    """operator(server, **params) → the Operator answering the scenario's asks."""
+def operator(request, runtime, tmp_path):
+    """operator(server, **params) → the Operator answering the scenario's asks (device id unique per test)."""
+    dev = re.sub(r"[^A-Za-z0-9_.-]+", "-", request.node.name.removeprefix("test_"))[-56:].strip("-")
+
     def make(server, **params):
+        params.setdefault("device_id", dev)
         return Operator(server, tmp_path, runtime, **params)
     return make

@@ -77,12 +77,10 @@ class ServerProcess:
         self.port = free_port()
         self.sntp_port = free_port(socket.SOCK_DGRAM) if sntp else None
         self.url = f"http://127.0.0.1:{self.port}"
+        self.db_args = (["--db", db] if db else []) + (["--db-schema", db_schema] if db_schema else [])
         self.args = [str(Path(sys.executable).parent / "picoiot"), "server", "--data-dir", str(data_dir),
-                     "--port", str(self.port), "--sweep-interval", "0.2", "--heartbeat-flush", "0.2", *extra]
-        if db:
-            self.args += ["--db", db]
-        if db_schema:
-            self.args += ["--db-schema", db_schema]
+                     "--port", str(self.port), "--sweep-interval", "0.2", "--heartbeat-flush", "0.2",
+                     *self.db_args, *extra]
         if sntp:
             self.args += ["--sntp-port", str(self.sntp_port)]
         self.proc: subprocess.Popen | None = None
@@ -203,7 +201,7 @@ class Operator:
         self.tmp_path = tmp_path
         self.runtime = runtime
         self.params = params
-        self.device_id = params.pop("device_id", f"it-{runtime[:2]}-{os.getpid() % 1000}")
+        self.device_id = params.pop("device_id", f"it-{runtime}")
         self.ns = "default"
         self.failures: list[BaseException] = []
         self._threads: list[threading.Thread] = []
@@ -261,6 +259,28 @@ class Operator:
                 "sd_url": kf["service_discovery_url"], "device_type": device_type, "flash": str(flash),
                 **self.params}
 
+    def op_provision_cli(self) -> dict:
+        """`picoiot provision` against the CLI server's data directory: the key file a device is flashed with."""
+        out = self.tmp_path / f"{self.device_id}.json"
+        cmd = [str(Path(sys.executable).parent / "picoiot"), "provision", self.device_id, "--type", "relays",
+               "--data-dir", str(self.server.data_dir), "--out", str(out), *self.server.db_args]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr + proc.stdout
+        assert out.stat().st_mode & 0o777 == 0o600
+        kf = json.loads(out.read_text())
+        assert kf["service_discovery_url"] == self.server.url + "/api/devices", kf
+        self.key = kf["device_key"]
+        flash = self.tmp_path / "flash"
+        flash.mkdir(exist_ok=True)
+        return {**kf, "sd_url": kf["service_discovery_url"], "flash": str(flash), **self.params}
+
+    def op_provision_individual(self) -> dict:
+        """A second device with an individual (random, server-stored) key, through the operators' API."""
+        dev = self.device_id[:60] + "-ind"
+        kf = self.api("POST", f"/api/v1/namespaces/{self.ns}/devices", expect=201,
+                      json={"device_id": dev, "device_type": "relays", "key_mode": "individual"}).json()
+        return {**kf, "sd_url": kf["service_discovery_url"], **self.params}
+
     # --- ops: operator actions ---
     def op_patch_config(self, overrides: dict) -> dict:
         """Merge into the device's config overrides (admin); returns {version}."""
@@ -295,8 +315,9 @@ class Operator:
     def op_shadow(self) -> dict:
         return self.api("GET", self.dev_path + "/shadows/default", role="viewer").json()
 
-    def op_device(self) -> dict:
-        return self.api("GET", self.dev_path, role="viewer").json()
+    def op_device(self, device_id: str | None = None) -> dict:
+        path = f"/api/v1/namespaces/{self.ns}/devices/{device_id}" if device_id else self.dev_path
+        return self.api("GET", path, role="viewer").json()
 
     def op_alarms(self, key: str | None = None) -> list:
         params = {"device": self.device_id, **({"key": key} if key else {})}

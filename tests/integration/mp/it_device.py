@@ -74,15 +74,16 @@ class Device:
     """One simulated device's connection to the control plane: HTTP client + registration, and a heartbeat sender for
     WatchdogManager.heartbeat()."""
 
-    def __init__(self, p, key=None, namespace=None, **http_kw):
+    def __init__(self, p, key=None, namespace=None, clock=None, **http_kw):
         self.p = p
         if "timeout_ms" not in http_kw:
             http_kw["timeout_ms"] = 40000  # above every long-poll wait the scenarios use
         self.http = HTTPClient(connect_timeout_ms=3000, **http_kw)
         info = {"device_type": p.get("device_type", "relays"), "firmware": "0.1.0",
                 "capabilities": ["relays", "rest"], "address": "http://127.0.0.1:8081", "reset_cause": "power_on"}
+        kw = {} if clock is None else {"clock": clock}
         self.auth = AuthManager(p["device_id"], key or p["device_key"], p["sd_url"], info=info,
-                                namespace=namespace or p.get("namespace"))
+                                namespace=namespace or p.get("namespace"), **kw)
         self.hb_wait = None  # seconds: the next heartbeat is a long-poll
 
     def url(self, name):
@@ -106,6 +107,18 @@ class Device:
         if r.status != 200:
             raise ValueError("heartbeat refused: HTTP %d %s" % (r.status, r.body[:200]))
         return r.json()
+
+
+class Recorder:
+    """An HTTPClient stand-in that records each request (method, url, json) and passes it on."""
+
+    def __init__(self, http):
+        self.http = http
+        self.calls = []
+
+    async def request(self, method, url, json=None, **kw):
+        self.calls.append((method, url, json))
+        return await self.http.request(method, url, json=json, **kw)
 
 
 def relay_delta_handler(bank):

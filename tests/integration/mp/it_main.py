@@ -4,12 +4,14 @@ import gc
 import json
 import sys
 
+from iotlib import log
 from iotlib.compat import asyncio
 from it_device import Ctl
 
 
 def main():
     name = sys.argv[1]
+    log.configure(level="info", console=True)  # the device's log is part of the test's failure output
     mod = __import__("it_" + name)
     try:
         ctl = Ctl()

@@ -1,0 +1,17 @@
+# A blocking config query longer than the HTTP client's default timeout must not turn into a transport error: the
+# server holds it for `wait` seconds by design (protocol §3), so the client has to allow for that.
+from iotlib.config import ConfigManager
+from it_device import Device, RELAYS_SCHEMA, RELAYS_DEFAULTS
+
+
+async def main(ctl):
+    p = ctl.ask("setup")
+    dev = Device(p, timeout_ms=1000)  # the client's default for ordinary calls: shorter than the wait below
+    await dev.register()
+    cm = ConfigManager(RELAYS_SCHEMA, RELAYS_DEFAULTS)
+    url = dev.url("config")
+    changed, reason = await cm.fetch(dev.http, url, dev.token)
+    assert changed, reason
+    changed, reason = await cm.fetch(dev.http, url, dev.token, wait=2)  # nothing changes: 304 after 2 s
+    assert (changed, reason) == (False, "not modified"), (changed, reason)
+    return {"version": cm.version}
