@@ -1,0 +1,725 @@
+#!/usr/bin/env python3
+"""Control-plane load: N simulated devices register (challenge–response) and heartbeat at an interval.
+
+    .venv/bin/python bench/controlplane_load.py --devices 20000 --interval 10 --duration 30 --db both
+
+For each database it starts its own `picoiot server` (a subprocess on a free port, a temporary data dir; on PostgreSQL
+a fresh schema, dropped afterwards) and runs, from separate client processes (so the client is not measured as part
+of the server and does not starve it of the event loop):
+
+1. register   every device: POST /api/devices/challenge, then /register with HMAC(device_key, nonce|device_id)
+2. sustained  every device heartbeats every --interval s (open loop, random phase, one request in flight per device,
+              `Connection: close` like a Pico W): achieved heartbeats/s, p50/p99 latency, errors, how late the
+              client sent (if the client lags, its figures are the client's, and it says so)
+3. capacity   closed loop, --concurrency requests in flight, as fast as the server answers: first the no-op
+              endpoint (/health), then heartbeats. Ratio = heartbeat rate / no-op rate, same server, same run.
+
+Also printed: CPU used by the server process, the client processes and PostgreSQL during each phase, and the whole
+machine's busy share (other work on a shared box shows up there). Target (issue 3, PostgreSQL, 2 cores):
+≥ 2,000 heartbeats/s sustained at p99 < 100 ms, and heartbeat capacity ≥ 0.6 × the no-op capacity.
+
+Every phase is bounded in time; the servers are stopped and the schema dropped whatever happens.
+`--profile DIR` records the server with py-spy during the heartbeat capacity phase and prints where the time went.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import hmac
+import json
+import multiprocessing as mp
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+
+PG_URL = os.environ.get("PICOIOT_BENCH_PG") or os.environ.get("PICOIOT_TEST_PG") or \
+    "postgresql://postgres@127.0.0.1:5432/test"
+NAMESPACE = "default"
+TARGET_RATE = 2000.0
+TARGET_P99_MS = 100.0
+TARGET_RATIO = 0.6
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+# ============================================================================================ raw HTTP/1.1 client
+class HttpError(Exception):
+    pass
+
+
+class _Exchange(asyncio.Protocol):
+    """One request on one connection (the device's `Connection: close` pattern); resolves to (status, body)."""
+
+    __slots__ = ("request", "future", "buf", "transport")
+
+    def __init__(self, request: bytes, future: asyncio.Future):
+        self.request = request
+        self.future = future
+        self.buf = b""
+        self.transport = None
+
+    def connection_made(self, transport):
+        self.transport = transport
+        transport.write(self.request)
+
+    def data_received(self, data):
+        self.buf += data
+        result = _parse(self.buf)
+        if result is not None and not self.future.done():
+            self.future.set_result(result)
+            self.transport.close()
+
+    def connection_lost(self, exc):
+        if not self.future.done():
+            result = _parse(self.buf, eof=True)
+            if result is not None:
+                self.future.set_result(result)
+            else:
+                self.future.set_exception(HttpError(f"connection lost ({exc or 'EOF'}) after {len(self.buf)} bytes"))
+
+
+class _KeepAlive(asyncio.Protocol):
+    """A persistent connection for the capacity phase with --keepalive: one request at a time."""
+
+    def __init__(self):
+        self.buf = b""
+        self.future: asyncio.Future | None = None
+        self.transport = None
+        self.closed = False
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def send(self, request: bytes) -> asyncio.Future:
+        self.buf = b""
+        self.future = asyncio.get_running_loop().create_future()
+        self.transport.write(request)
+        return self.future
+
+    def data_received(self, data):
+        self.buf += data
+        result = _parse(self.buf)
+        if result is not None and self.future is not None and not self.future.done():
+            self.future.set_result(result)
+
+    def connection_lost(self, exc):
+        self.closed = True
+        if self.future is not None and not self.future.done():
+            self.future.set_exception(HttpError(f"connection lost ({exc or 'EOF'})"))
+
+
+def _parse(buf: bytes, eof: bool = False):
+    end = buf.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    head = buf[:end].lower()
+    try:
+        status = int(buf[9:12])
+    except ValueError:
+        raise HttpError(f"bad status line {buf[:40]!r}") from None
+    i = head.find(b"\r\ncontent-length:")
+    if i < 0:
+        return (status, buf[end + 4:]) if eof else None
+    j = head.find(b"\r\n", i + 2)
+    length = int(head[i + 17:j if j > 0 else len(head)])
+    body = buf[end + 4:]
+    if len(body) < length:
+        return None
+    return status, body[:length]
+
+
+def _request(method: str, host: str, path: str, body: bytes = b"", token: str | None = None,
+             keepalive: bool = False) -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {host}", "Connection: " + ("keep-alive" if keepalive else "close")]
+    if token:
+        lines.append(f"Authorization: Bearer {token}")
+    if body or method == "POST":
+        lines.append("Content-Type: application/json")
+        lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+async def _call(host: str, port: int, request: bytes, timeout: float) -> tuple[int, bytes]:
+    loop = asyncio.get_running_loop()
+    fut = loop.create_future()
+    try:
+        transport, _ = await asyncio.wait_for(loop.create_connection(lambda: _Exchange(request, fut), host, port),
+                                              timeout)
+    except (OSError, asyncio.TimeoutError) as e:
+        raise HttpError(f"connect: {type(e).__name__}") from None
+    try:
+        return await asyncio.wait_for(fut, timeout)
+    except asyncio.TimeoutError:
+        raise HttpError("timeout") from None
+    finally:
+        transport.close()
+
+
+def _pct(sorted_ms: list[float], p: float) -> float:
+    if not sorted_ms:
+        return float("nan")
+    return sorted_ms[min(len(sorted_ms) - 1, int(p / 100.0 * len(sorted_ms)))]
+
+
+# ============================================================================================ client process
+class Client:
+    """Runs in its own process: registers a slice of the devices, then runs the phases the parent asks for."""
+
+    def __init__(self, url: str, enrollment_key: str, device_ids: list[str], timeout: float):
+        hostport = url.split("://", 1)[1].rstrip("/")
+        self.host, port = hostport.rsplit(":", 1)
+        self.port = int(port)
+        self.hosthdr = hostport
+        self.enrollment_key = enrollment_key
+        self.ids = device_ids
+        self.timeout = timeout
+        self.tokens: dict[str, str] = {}
+
+    def _key(self, dev: str) -> str:
+        return hmac.new(self.enrollment_key.encode(), dev.encode(), hashlib.sha256).hexdigest()
+
+    async def register(self, concurrency: int, time_limit: float) -> dict:
+        errors: Counter = Counter()
+        lat: list[float] = []
+        queue = list(reversed(self.ids))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + time_limit
+
+        async def one(dev: str) -> None:
+            t0 = time.perf_counter()
+            body = json.dumps({"device_id": dev, "namespace": NAMESPACE}).encode()
+            st, out = await _call(self.host, self.port, _request("POST", self.hosthdr, "/api/devices/challenge", body),
+                                  self.timeout)
+            if st != 200:
+                raise HttpError(f"challenge {st}")
+            nonce = json.loads(out)["nonce"]
+            sig = hmac.new(self._key(dev).encode(), f"{nonce}|{dev}".encode(), hashlib.sha256).hexdigest()
+            body = json.dumps({"device_id": dev, "nonce": nonce, "signature": sig, "device_type": "relays",
+                               "firmware": "0.1.0", "capabilities": ["relays", "rest"],
+                               "address": "http://10.0.0.1:80", "reset_cause": "power_on"}).encode()
+            st, out = await _call(self.host, self.port, _request("POST", self.hosthdr, "/api/devices/register", body),
+                                  self.timeout)
+            if st != 200:
+                raise HttpError(f"register {st}: {out[:100]!r}")
+            self.tokens[dev] = json.loads(out)["token"]
+            lat.append((time.perf_counter() - t0) * 1000)
+
+        async def worker() -> None:
+            while queue and loop.time() < deadline:
+                dev = queue.pop()
+                try:
+                    await one(dev)
+                except HttpError as e:
+                    errors[str(e)[:60]] += 1
+
+        cpu0, t0 = time.process_time(), time.monotonic()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.monotonic() - t0
+        return {"ok": len(self.tokens), "errors": dict(errors), "wall": wall, "lat": lat,
+                "cpu": time.process_time() - cpu0, "unfinished": len(queue)}
+
+    def _heartbeat_request(self, dev: str, seq: int, versions: list[int], keepalive: bool = False) -> bytes:
+        body = (b'{"seq":%d,"uptime":%d,"mem_free":81234,"rssi":-61,"reconnects":0,"firmware":"0.1.0",'
+                b'"config_version":%d,"state_version":%d}' % (seq, seq * 10, versions[0], versions[1]))
+        return _request("POST", self.hosthdr, f"/api/v1/devices/{dev}/heartbeat", body, self.tokens[dev], keepalive)
+
+    async def sustained(self, start_wall: float, interval: float, warmup: float, duration: float) -> dict:
+        loop = asyncio.get_running_loop()
+        start = loop.time() + (start_wall - time.time())
+        w0, w1 = start + warmup, start + warmup + duration
+        end = w1 + interval  # requests scheduled inside the window may complete after it; bounded below
+        lat: list[float] = []
+        lag: list[float] = []
+        errors: Counter = Counter()
+        counts = {"sent_in_window": 0, "ok_in_window": 0}
+        rnd = random.Random(os.getpid())
+
+        async def device(dev: str) -> None:
+            versions = [0, 0]
+            seq = 0
+            due = start + rnd.uniform(0, interval)
+            while due < w1:
+                delay = due - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                t0 = loop.time()
+                p0 = time.perf_counter()
+                seq += 1
+                in_window = w0 <= due < w1
+                try:
+                    st, out = await _call(self.host, self.port, self._heartbeat_request(dev, seq, versions),
+                                          self.timeout)
+                except HttpError as e:
+                    st, out = None, str(e).encode()
+                p1 = time.perf_counter()
+                if in_window:
+                    counts["sent_in_window"] += 1
+                    lag.append((t0 - due) * 1000)
+                    if st == 200:
+                        counts["ok_in_window"] += 1
+                        lat.append((p1 - p0) * 1000)
+                    else:
+                        errors[f"{st} {out[:60]!r}"] += 1
+                if st == 200:
+                    pending = json.loads(out)["pending"]
+                    versions = [pending["config_version"], pending["state_version"]]
+                due += interval
+                if loop.time() > end:
+                    break
+
+        cpu0 = time.process_time()
+        tasks = [asyncio.create_task(device(d)) for d in self.tokens]
+        await asyncio.wait(tasks, timeout=max(0.0, end - loop.time()) + self.timeout + 5)
+        for t in tasks:
+            t.cancel()
+        cpu_window = time.process_time() - cpu0
+        return {"lat": lat, "lag": lag, "errors": dict(errors), **counts, "cpu": cpu_window,
+                "wall": loop.time() - start}
+
+    async def capacity(self, kind: str, concurrency: int, start_wall: float, duration: float,
+                       keepalive: bool) -> dict:
+        loop = asyncio.get_running_loop()
+        start = loop.time() + (start_wall - time.time())
+        stop = start + duration
+        lat: list[float] = []
+        errors: Counter = Counter()
+        devs = list(self.tokens)
+        seqs = {d: 1000 for d in devs}
+        rnd = random.Random(os.getpid() + 1)
+        health = _request("GET", self.hosthdr, "/health", keepalive=keepalive)
+
+        def next_request() -> bytes:
+            if kind == "health":
+                return health
+            dev = devs[rnd.randrange(len(devs))]
+            seqs[dev] += 1
+            return self._heartbeat_request(dev, seqs[dev], [0, 0], keepalive)
+
+        async def worker() -> None:
+            await asyncio.sleep(max(0.0, start - loop.time()))
+            conn: _KeepAlive | None = None
+            while loop.time() < stop:
+                req = next_request()
+                t0 = time.perf_counter()
+                try:
+                    if keepalive:
+                        if conn is None or conn.closed:
+                            _, conn = await loop.create_connection(_KeepAlive, self.host, self.port)
+                        st, out = await asyncio.wait_for(conn.send(req), self.timeout)
+                    else:
+                        st, out = await _call(self.host, self.port, req, self.timeout)
+                except (HttpError, OSError, asyncio.TimeoutError) as e:
+                    errors[type(e).__name__ + " " + str(e)[:50]] += 1
+                    conn = None
+                    continue
+                if st == 200:
+                    lat.append((time.perf_counter() - t0) * 1000)
+                else:
+                    errors[f"{st} {out[:60]!r}"] += 1
+            if conn is not None and conn.transport is not None:
+                conn.transport.close()
+
+        cpu0 = time.process_time()
+        await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(concurrency))),
+                               max(0.0, stop - loop.time()) + self.timeout + 5)
+        return {"lat": lat, "errors": dict(errors), "cpu": time.process_time() - cpu0, "wall": duration}
+
+
+def client_main(conn, url: str, enrollment_key: str, device_ids: list[str], timeout: float) -> None:
+    """Client process entry: executes (command, kwargs) messages from the parent until ("quit",)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
+    try:
+        import uvloop
+        uvloop.install()
+    except ImportError:  # pragma: no cover
+        pass
+    client = Client(url, enrollment_key, device_ids, timeout)
+    loop = asyncio.new_event_loop()
+    try:
+        while True:
+            msg = conn.recv()
+            if msg[0] == "quit":
+                return
+            fn = getattr(client, msg[0])
+            try:
+                conn.send(("ok", loop.run_until_complete(fn(**msg[1]))))
+            except Exception as e:  # report, do not hang the parent
+                conn.send(("error", f"{type(e).__name__}: {e}"))
+    finally:
+        loop.close()
+
+
+# ============================================================================================ CPU accounting
+def _proc_cpu(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def _postgres_cpu() -> float:
+    """CPU seconds of every process named `postgres` (the PostgreSQL backends serving the server)."""
+    total = 0.0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/comm") as f:
+                if f.read().strip() != "postgres":
+                    continue
+        except OSError:
+            continue
+        total += _proc_cpu(int(entry))
+    return total
+
+
+def _machine_busy() -> tuple[float, float]:
+    with open("/proc/stat") as f:
+        parts = [int(x) for x in f.readline().split()[1:]]
+    idle = parts[3] + parts[4]
+    return sum(parts) - idle, sum(parts)
+
+
+class CpuWatch:
+    def __init__(self, server_pid: int, with_pg: bool):
+        self.server_pid, self.with_pg = server_pid, with_pg
+
+    def __enter__(self):
+        self.t0 = time.monotonic()
+        self.srv0 = _proc_cpu(self.server_pid)
+        self.pg0 = _postgres_cpu() if self.with_pg else 0.0
+        self.busy0 = _machine_busy()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall = time.monotonic() - self.t0
+        self.server = (_proc_cpu(self.server_pid) - self.srv0) / self.wall
+        self.pg = ((_postgres_cpu() - self.pg0) / self.wall) if self.with_pg else 0.0
+        busy1 = _machine_busy()
+        self.machine = (busy1[0] - self.busy0[0]) / max(1, busy1[1] - self.busy0[1]) * os.cpu_count()
+
+
+# ============================================================================================ server process
+class ServerProcess:
+    def __init__(self, backend: str, workdir: Path, log_path: Path, launcher: str | None = None):
+        self.backend = backend
+        self.data_dir = workdir / "data"
+        self.schema = f"bench_{os.getpid()}_{uuid.uuid4().hex[:8]}" if backend == "postgres" else None
+        entry = [launcher] if launcher else ["-m", "picoiot.cli"]
+        cmd = [sys.executable, *entry, "server", "--host", "127.0.0.1", "--port", "0",
+               "--data-dir", str(self.data_dir)]
+        if backend == "postgres":
+            cmd += ["--db", PG_URL, "--db-schema", self.schema]
+        self.log = open(log_path, "wb")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        info = self.data_dir / "server.json"
+        deadline = time.monotonic() + 60
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"picoiot server exited with {self.proc.returncode}; see {log_path}")
+            try:
+                data = json.loads(info.read_text())
+                if data.get("pid") == self.proc.pid:
+                    self.url = data["url"]
+                    break
+            except (OSError, ValueError):
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"picoiot server did not start within 60 s; see {log_path}")
+            time.sleep(0.05)
+        secrets = json.loads((self.data_dir / "secrets.json").read_text())
+        self.enrollment_key = secrets["enrollment_keys"][NAMESPACE]
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.log.close()
+        if self.schema:
+            _drop_schema(self.schema)
+
+
+def _drop_schema(schema: str) -> None:
+    import psycopg
+    try:
+        with psycopg.connect(PG_URL, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    except Exception as e:
+        print(f"warning: could not drop schema {schema}: {e}", file=sys.stderr)
+
+
+# ============================================================================================ orchestration
+class Clients:
+    def __init__(self, n_procs: int, server: ServerProcess, device_ids: list[str], timeout: float):
+        ctx = mp.get_context("spawn")
+        self.pipes, self.procs = [], []
+        for i in range(n_procs):
+            parent, child = ctx.Pipe()
+            p = ctx.Process(target=client_main, args=(child, server.url, server.enrollment_key,
+                                                      device_ids[i::n_procs], timeout), daemon=True)
+            p.start()
+            self.pipes.append(parent)
+            self.procs.append(p)
+
+    def run(self, command: str, wait_s: float, **kw) -> list[dict]:
+        for pipe in self.pipes:
+            pipe.send((command, kw))
+        out = []
+        for pipe in self.pipes:
+            if not pipe.poll(wait_s):
+                raise RuntimeError(f"client did not finish {command} within {wait_s:.0f} s")
+            status, result = pipe.recv()
+            if status != "ok":
+                raise RuntimeError(f"client failed in {command}: {result}")
+            out.append(result)
+        return out
+
+    def close(self) -> None:
+        for pipe in self.pipes:
+            try:
+                pipe.send(("quit",))
+            except OSError:
+                pass
+        for p in self.procs:
+            p.join(5)
+            if p.is_alive():
+                p.terminate()
+                p.join(5)
+
+
+def _merge(results: list[dict]) -> dict:
+    out: dict = {"lat": [], "lag": [], "errors": Counter(), "cpu": 0.0}
+    for r in results:
+        out["lat"] += r.get("lat", [])
+        out["lag"] += r.get("lag", [])
+        out["errors"].update(r.get("errors", {}))
+        out["cpu"] += r.get("cpu", 0.0)
+        for k in ("ok", "sent_in_window", "ok_in_window", "unfinished"):
+            out[k] = out.get(k, 0) + r.get(k, 0)
+        out["wall"] = max(out.get("wall", 0.0), r.get("wall", 0.0))
+    out["lat"].sort()
+    out["lag"].sort()
+    return out
+
+
+def _profile_start(pid: int, duration: float, out: Path) -> subprocess.Popen | None:
+    exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(exe).exists():
+        print("  (--profile: py-spy not installed; pip install py-spy)")
+        return None
+    return subprocess.Popen([exe, "record", "--pid", str(pid), "--duration", str(int(duration)), "--rate", "250",
+                             "--format", "raw", "-o", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _profile_report(path: Path, top: int = 22) -> list[str]:
+    """Self and inclusive time per function from py-spy's collapsed stacks (idle worker threads left out)."""
+    if not path.exists():
+        return ["  (no profile written)"]
+    selfc: Counter = Counter()
+    incl: Counter = Counter()
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        try:
+            count = int(n)
+        except ValueError:
+            continue
+        names = [_frame_name(fr) for fr in stack.split(";") if fr]
+        if not names or names[-1].startswith(("Condition.wait", "Queue.get")):
+            continue  # a thread-pool worker waiting for work
+        total += count
+        selfc[names[-1]] += count
+        for name in set(names):
+            incl[name] += count
+    if not total:
+        return ["  (empty profile)"]
+    lines = [f"  py-spy: {total} busy samples; self time:"]
+    lines += [f"    {c / total * 100:5.1f}%  {name}" for name, c in selfc.most_common(top)]
+    lines.append("  inclusive time (frames under 90% — below the event loop and framework entry points):")
+    shown = 0
+    for name, c in incl.most_common():
+        if c / total < 0.9:
+            lines.append(f"    {c / total * 100:5.1f}%  {name}")
+            shown += 1
+            if shown >= top:
+                break
+    return lines
+
+
+def _frame_name(frame: str) -> str:
+    # "func (path/to/module.py:123)" -> "func (module.py)"
+    func, _, loc = frame.partition(" (")
+    return f"{func} ({loc.rsplit(':', 1)[0].rsplit('/', 1)[-1]})" if loc else func
+
+
+def run_backend(backend: str, args, workdir: Path) -> dict:
+    print(f"\n== {backend}: starting picoiot server ...", flush=True)
+    server = ServerProcess(backend, workdir / backend, workdir / f"server-{backend}.log", args.server_launcher)
+    device_ids = [f"bench-{i:06d}" for i in range(args.devices)]
+    clients = None
+    res: dict = {"backend": backend, "devices": args.devices, "interval": args.interval}
+    try:
+        print(f"   {server.url} (pid {server.pid}){' schema ' + server.schema if server.schema else ''}")
+        clients = Clients(args.client_procs, server, device_ids, args.timeout)
+        pg = backend == "postgres"
+
+        with CpuWatch(server.pid, pg) as cpu:
+            reg = _merge(clients.run("register", args.register_timeout + 30,
+                                     concurrency=max(1, args.register_concurrency // args.client_procs),
+                                     time_limit=args.register_timeout))
+        res["register"] = {"ok": reg["ok"], "rate": reg["ok"] / cpu.wall, "p50_ms": _pct(reg["lat"], 50),
+                           "p99_ms": _pct(reg["lat"], 99), "errors": dict(reg["errors"]),
+                           "server_cpu": cpu.server, "client_cpu": reg["cpu"] / cpu.wall, "pg_cpu": cpu.pg,
+                           "machine_busy": cpu.machine}
+        _print_phase("register", res["register"], "registrations/s")
+        if reg["ok"] == 0:
+            raise RuntimeError(f"no device registered: {dict(reg['errors'])}")
+
+        warmup = min(args.interval, 5.0)
+        start = time.time() + 1.0
+        with CpuWatch(server.pid, pg) as cpu:
+            sus = _merge(clients.run("sustained", warmup + args.duration + args.interval + args.timeout + 30,
+                                     start_wall=start, interval=args.interval, warmup=warmup,
+                                     duration=args.duration))
+        offered = reg["ok"] / args.interval
+        res["sustained"] = {"offered": offered, "rate": sus["ok_in_window"] / args.duration,
+                            "p50_ms": _pct(sus["lat"], 50), "p99_ms": _pct(sus["lat"], 99),
+                            "max_ms": sus["lat"][-1] if sus["lat"] else float("nan"),
+                            "client_lag_p99_ms": _pct(sus["lag"], 99), "errors": dict(sus["errors"]),
+                            "server_cpu": cpu.server, "client_cpu": sus["cpu"] / cpu.wall, "pg_cpu": cpu.pg,
+                            "machine_busy": cpu.machine}
+        _print_phase(f"sustained ({reg['ok']} devices / {args.interval:g} s, offered {offered:.0f}/s)",
+                     res["sustained"], "heartbeats/s")
+        if res["sustained"]["client_lag_p99_ms"] > 50:
+            print(f"   ! the client sent late (p99 lag {res['sustained']['client_lag_p99_ms']:.0f} ms): "
+                  f"add --client-procs or the machine is saturated")
+
+        for kind in ("health", "heartbeat"):
+            prof = None
+            if args.profile and kind == "heartbeat":
+                prof_path = Path(args.profile) / f"{backend}-heartbeat.txt"
+                prof_path.parent.mkdir(parents=True, exist_ok=True)
+                prof = _profile_start(server.pid, args.capacity_duration, prof_path)
+            start = time.time() + 0.5
+            with CpuWatch(server.pid, pg) as cpu:
+                cap = _merge(clients.run("capacity", args.capacity_duration + args.timeout + 30, kind=kind,
+                                         concurrency=max(1, args.concurrency // args.client_procs),
+                                         start_wall=start, duration=args.capacity_duration,
+                                         keepalive=args.keepalive))
+            res[f"capacity_{kind}"] = {"rate": len(cap["lat"]) / args.capacity_duration,
+                                       "p50_ms": _pct(cap["lat"], 50), "p99_ms": _pct(cap["lat"], 99),
+                                       "errors": dict(cap["errors"]), "server_cpu": cpu.server,
+                                       "client_cpu": cap["cpu"] / cpu.wall, "pg_cpu": cpu.pg,
+                                       "machine_busy": cpu.machine}
+            _print_phase(f"capacity {kind} ({args.concurrency} in flight"
+                         f"{', keep-alive' if args.keepalive else ', Connection: close'})",
+                         res[f"capacity_{kind}"], "requests/s")
+            if prof is not None:
+                try:
+                    _, err = prof.communicate(timeout=args.capacity_duration + 30)
+                except subprocess.TimeoutExpired:
+                    prof.kill()
+                    err = b"timeout"
+                if prof.returncode:
+                    print(f"  py-spy failed: {err.decode(errors='replace')[-300:]}")
+                res["profile"] = _profile_report(prof_path)
+                print("\n".join(res["profile"]))
+        health, hb = res["capacity_health"]["rate"], res["capacity_heartbeat"]["rate"]
+        res["ratio"] = hb / health if health else float("nan")
+        s = res["sustained"]
+        res["meets_target"] = bool(s["rate"] >= TARGET_RATE and s["p99_ms"] < TARGET_P99_MS
+                                   and res["ratio"] >= TARGET_RATIO)
+        print(f"   heartbeat / no-op capacity ratio: {res['ratio']:.2f}")
+        return res
+    finally:
+        if clients is not None:
+            clients.close()
+        server.stop()
+
+
+def _print_phase(name: str, r: dict, unit: str) -> None:
+    err = sum(r["errors"].values())
+    print(f"   {name}: {r['rate']:.0f} {unit}, p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, "
+          f"errors {err}{' ' + str(dict(list(r['errors'].items())[:3])) if err else ''}", flush=True)
+    print(f"      CPU (cores): server {r['server_cpu']:.2f}, clients {r['client_cpu']:.2f}"
+          + (f", postgres {r['pg_cpu']:.2f}" if r.get("pg_cpu") else "")
+          + f", whole machine {r['machine_busy']:.2f} of {os.cpu_count()}", flush=True)
+
+
+def _summary(results: list[dict], args) -> None:
+    print("\n== summary (" + time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()) + f", {os.cpu_count()} CPUs)")
+    print(f"{'db':<9}{'devices':>8}{'hb/s':>9}{'p50 ms':>8}{'p99 ms':>8}{'no-op/s':>9}{'hb cap/s':>10}"
+          f"{'ratio':>7}  target (≥{TARGET_RATE:.0f}/s, p99<{TARGET_P99_MS:.0f} ms, ratio≥{TARGET_RATIO})")
+    for r in results:
+        s = r["sustained"]
+        print(f"{r['backend']:<9}{r['register']['ok']:>8}{s['rate']:>9.0f}{s['p50_ms']:>8.1f}{s['p99_ms']:>8.1f}"
+              f"{r['capacity_health']['rate']:>9.0f}{r['capacity_heartbeat']['rate']:>10.0f}{r['ratio']:>7.2f}  "
+              + ("met" if r["meets_target"] else "MISSED"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--devices", type=int, default=20000)
+    ap.add_argument("--interval", type=float, default=10.0, help="heartbeat interval per device, seconds")
+    ap.add_argument("--duration", type=float, default=30.0, help="sustained-phase measurement window, seconds")
+    ap.add_argument("--db", choices=["sqlite", "postgres", "both"], default="both")
+    ap.add_argument("--capacity-duration", type=float, default=10.0, help="seconds per capacity measurement")
+    ap.add_argument("--concurrency", type=int, default=64, help="requests in flight in the capacity phase")
+    ap.add_argument("--keepalive", action="store_true",
+                    help="capacity phase on persistent connections (devices themselves always close)")
+    ap.add_argument("--client-procs", type=int, default=1, help="client processes generating the load")
+    ap.add_argument("--register-concurrency", type=int, default=32)
+    ap.add_argument("--register-timeout", type=float, default=600.0, help="cap on the registration phase, seconds")
+    ap.add_argument("--timeout", type=float, default=10.0, help="per-request timeout, seconds")
+    ap.add_argument("--profile", metavar="DIR", help="py-spy the server during the heartbeat capacity phase")
+    ap.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    ap.add_argument("--server-launcher", metavar="SCRIPT",
+                    help="run this Python script instead of `-m picoiot.cli` (same arguments): A/B-test a patch")
+    args = ap.parse_args(argv)
+    if args.devices < 1 or args.interval <= 0 or args.duration <= 0 or args.client_procs < 1:
+        ap.error("--devices, --interval, --duration and --client-procs must be positive")
+    backends = ["sqlite", "postgres"] if args.db == "both" else [args.db]
+    print(f"controlplane_load: {args.devices} devices, heartbeat every {args.interval:g} s "
+          f"(offered {args.devices / args.interval:.0f}/s), window {args.duration:g} s, "
+          f"{args.client_procs} client process(es), {os.cpu_count()} CPUs, load avg {os.getloadavg()[0]:.2f}")
+    results = []
+    workdir = Path(tempfile.mkdtemp(prefix="picoiot-bench-"))
+    try:
+        for backend in backends:
+            results.append(run_backend(backend, args, workdir))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    _summary(results, args)
+    if args.json:
+        for r in results:
+            r["date"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            r["argv"] = sys.argv
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
