@@ -3,6 +3,8 @@
 #   [{"calibrate": {"scale": 1.02, "offset": -0.5}}   or {"calibrate": [[raw, true], [raw, true], …]} (least squares)
 #    {"clamp": {"min": -40, "max": 85}},
 #    {"moving_average": 5},           mean of the last N values
+#    {"ema": 0.3},                    exponential moving average, alpha in (0, 1]
+#    {"median": 5},                   median of the last N values
 #    {"delta": 0.2},                  publish only when the value moved at least this much since the last publication
 #    {"throttle_ms": 5000}]           publish at most once per interval
 # run_chain(filters, value, now_ms) returns the value to publish, or SKIP when the chain suppresses it (the field then
@@ -11,7 +13,7 @@ from iotlib.compat import ticks_diff
 
 SKIP = object()
 
-KINDS = ("calibrate", "clamp", "moving_average", "delta", "throttle_ms")
+KINDS = ("calibrate", "clamp", "moving_average", "ema", "median", "delta", "throttle_ms")
 
 
 def _num(v):
@@ -68,6 +70,34 @@ class MovingAverage:
         return self.total / self.n
 
 
+class Ema:
+    """Exponential moving average: v' = a·v + (1-a)·v'."""
+
+    def __init__(self, alpha):
+        self.a = alpha
+        self.v = None
+
+    def apply(self, v, now):
+        self.v = v if self.v is None else self.a * v + (1 - self.a) * self.v
+        return self.v
+
+
+class Median:
+    """Median of the last N values (rejects single spikes, e.g. an I2C glitch)."""
+
+    def __init__(self, n):
+        self.buf = []
+        self.n = n
+
+    def apply(self, v, now):
+        self.buf.append(v)
+        if len(self.buf) > self.n:
+            self.buf.pop(0)
+        s = sorted(self.buf)
+        m = len(s) // 2
+        return s[m] if len(s) % 2 else (s[m - 1] + s[m]) / 2
+
+
 class Delta:
     def __init__(self, d):
         self.d = d
@@ -92,8 +122,8 @@ class Throttle:
         return v
 
 
-_CLASSES = {"calibrate": Calibrate, "clamp": Clamp, "moving_average": MovingAverage, "delta": Delta,
-            "throttle_ms": Throttle}
+_CLASSES = {"calibrate": Calibrate, "clamp": Clamp, "moving_average": MovingAverage, "ema": Ema, "median": Median,
+            "delta": Delta, "throttle_ms": Throttle}
 
 
 def validate(chain, path="filters"):
@@ -126,9 +156,12 @@ def validate(chain, path="filters"):
                 errs.append(p + ": needs numeric min and/or max")
             elif "min" in arg and "max" in arg and arg["min"] > arg["max"]:
                 errs.append(p + ": min is above max")
-        elif kind == "moving_average":
+        elif kind in ("moving_average", "median"):
             if not isinstance(arg, int) or isinstance(arg, bool) or not 1 <= arg <= 64:
                 errs.append(p + ": window must be an integer 1-64")
+        elif kind == "ema":
+            if not _num(arg) or not 0 < arg <= 1:
+                errs.append(p + ": alpha must be a number in (0, 1]")
         elif not _num(arg) or arg < 0:
             errs.append(p + ": must be a number >= 0")
     return errs

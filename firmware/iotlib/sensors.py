@@ -212,6 +212,64 @@ def validate(section):
     return errs
 
 
+# The control plane's "sensors" device type (src/picoiot/server/devicetypes.py) speaks of field names and per-field
+# filter objects; this maps that shape onto the hub's section. Field names map to sources through sampling.sources
+# (optional) or these defaults.
+DEFAULT_SOURCES = {"temperature": "bme280.temperature", "humidity": "bme280.humidity", "pressure": "bme280.pressure",
+                   "cpu_temp": "rp2040.temperature", "adc0": "adc0", "adc1": "adc1", "adc2": "adc2", "adc3": "adc3"}
+
+
+def _filter_chain(name, spec, errs):
+    # {"kind": "none"|"ema"|"median"|"deadband", "alpha", "window", "threshold"} and/or {"chain": [...]}: the kind
+    # comes first, then the chain (calibrate, clamp, moving_average, delta, throttle_ms, …).
+    p = "filters." + name
+    if spec is None:
+        return []
+    if not isinstance(spec, dict):
+        errs.append(p + ": must be an object")
+        return []
+    chain = []
+    kind = spec.get("kind", "none")
+    if kind == "ema":
+        chain.append({"ema": spec.get("alpha", 0.5)})
+    elif kind == "median":
+        chain.append({"median": spec.get("window", 5)})
+    elif kind == "deadband":
+        chain.append({"delta": spec.get("threshold", 0)})
+    elif kind != "none":
+        errs.append(p + ".kind: must be one of none, ema, median, deadband")
+    for e in _filters.validate(chain, p):
+        param = {"ema": "alpha", "median": "window", "delta": "threshold"}[list(chain[0])[0]]
+        errs.append("%s.%s: %s" % (p, param, e.split(": ", 1)[1]))
+    extra = spec.get("chain", [])
+    errs.extend(_filters.validate(extra, p + ".chain"))
+    return chain + (extra if isinstance(extra, list) else [])
+
+
+def section_from_config(cfg):
+    """The hub's section from a device config in the control plane's shape:
+    {"sampling": {"interval_ms", "fields": [names], "sources"?: {name: source}}, "filters": {name: {...}}, "i2c"?}.
+    Raises SensorError naming every problem by its path in that config."""
+    s = cfg.get("sampling") or {}
+    sources = s.get("sources") or {}
+    errs = []
+    fields = {}
+    names = s.get("fields") or ["temperature", "humidity", "pressure", "cpu_temp"]
+    for i, name in enumerate(names):
+        src = sources.get(name) or DEFAULT_SOURCES.get(name)
+        if src is None:
+            errs.append("sampling.fields[%d]: no source for field %r (known: %s; or set sampling.sources.%s)"
+                        % (i, name, ", ".join(sorted(DEFAULT_SOURCES)), name))
+            continue
+        if _split(src)[0] is None:
+            errs.append("sampling.sources.%s: unknown source %r" % (name, src))
+            continue
+        fields[name] = {"source": src, "filters": _filter_chain(name, (cfg.get("filters") or {}).get(name), errs)}
+    if errs:
+        raise SensorError("; ".join(errs))
+    return {"interval_ms": s.get("interval_ms", 1000), "i2c": cfg.get("i2c") or {}, "fields": fields}
+
+
 class _Field:
     __slots__ = ("name", "driver", "quantity", "chain", "conf")
 
@@ -236,8 +294,9 @@ def _default_i2c(conf):
 
 
 class SensorHub:
-    #: Shortest sampling interval accepted: the loop must keep time for the web server, Wi-Fi and the watchdog.
-    min_interval_ms = 50
+    #: Shortest sampling interval accepted (the control plane's schema allows 10 ms; at that rate a BME280 in normal
+    #: mode repeats itself, and the loop must keep time for the web server, Wi-Fi and the watchdog).
+    min_interval_ms = 10
     #: Most fields one device samples (each has a filter chain and a slot in every frame).
     max_fields = 16
 

@@ -153,12 +153,12 @@ def test_internal_temperature_formula():
 
 # --- filters ---
 def test_filters_validate_names_path():
-    errs = F.validate([{"moving_average": 0}, {"clamp": {"min": 5, "max": 1}}, {"median": 3},
+    errs = F.validate([{"moving_average": 0}, {"clamp": {"min": 5, "max": 1}}, {"fft": 3},
                        {"calibrate": [[1, 2]]}, {"delta": -1}, "x"], "sensors.fields.t.filters")
     text = "\n".join(errs)
     assert "sensors.fields.t.filters[0].moving_average: window must be an integer 1-64" in text
     assert "[1].clamp: min is above max" in text
-    assert "[2].median: unknown filter" in text
+    assert "[2].fft: unknown filter" in text
     assert "[3].calibrate: needs" in text
     assert "[4].delta: must be a number >= 0" in text
     assert "[5]: must be an object" in text
@@ -242,7 +242,7 @@ def test_invalid_config_rejected_and_last_good_kept():
     bad = {"interval_ms": 5, "fields": {"x": {"source": "bme999.t"}, "y": {"source": "adc0", "filters": [{"delta": "a"}]}}}
     e = fwtest.raises(S.SensorError, hub.configure, bad)
     msg = str(e)
-    assert "sensors.interval_ms: must be an integer 50-3600000" in msg
+    assert "sensors.interval_ms: must be an integer 10-3600000" in msg
     assert "sensors.fields.x.source: unknown source" in msg
     assert "sensors.fields.y.filters[0].delta" in msg
     assert hub.interval_ms == 100 and hub.field_names() == ["a0", "cpu_temp", "pressure", "temperature"]
@@ -291,3 +291,35 @@ def test_listener_failure_does_not_stop_sampling():
     hub.listen(got.append)
     fwtest.run(hub.sample())
     assert len(got) == 1 and got[0]["seq"] == 1
+
+
+def test_ema_and_median_filters():
+    e = F.build([{"ema": 0.5}])
+    assert [F.run_chain(e, v, 0) for v in (10, 20, 20)] == [10, 15, 17.5]
+    m = F.build([{"median": 3}])
+    assert [F.run_chain(m, v, 0) for v in (1, 100, 2, 3)] == [1, 50.5, 2, 3]  # the spike never wins
+    assert "alpha" in F.validate([{"ema": 0}])[0]
+
+
+def test_section_from_control_plane_config():
+    cfg = {"sampling": {"interval_ms": 500, "fields": ["temperature", "cpu_temp", "light"],
+                        "sources": {"light": "adc1"}},
+           "filters": {"temperature": {"kind": "ema", "alpha": 0.3, "chain": [{"clamp": {"min": -40}}]},
+                       "cpu_temp": {"kind": "none"}}}
+    sec = S.section_from_config(cfg)
+    assert sec["interval_ms"] == 500
+    assert sec["fields"]["temperature"] == {"source": "bme280.temperature", "filters": [{"ema": 0.3},
+                                                                                        {"clamp": {"min": -40}}]}
+    assert sec["fields"]["light"]["source"] == "adc1" and sec["fields"]["cpu_temp"]["filters"] == []
+    assert S.validate(sec) == []
+    bad = {"sampling": {"fields": ["temperature", "wind"], "sources": {"temperature": "bme999.x"}},
+           "filters": {"temperature": {"kind": "ema", "alpha": 7}, "wind": {"kind": "fft"}}}
+    e = fwtest.raises(S.SensorError, S.section_from_config, bad)
+    msg = str(e)
+    assert "sampling.sources.temperature: unknown source 'bme999.x'" in msg
+    assert "sampling.fields[1]: no source for field 'wind'" in msg
+    bad2 = {"sampling": {"fields": ["temperature"]}, "filters": {"temperature": {"kind": "ema", "alpha": 7}}}
+    assert "filters.temperature.alpha: alpha must be a number in (0, 1]" in str(
+        fwtest.raises(S.SensorError, S.section_from_config, bad2))
+    bad3 = {"sampling": {"fields": ["temperature"]}, "filters": {"temperature": {"kind": "fft"}}}
+    assert "filters.temperature.kind: must be one of" in str(fwtest.raises(S.SensorError, S.section_from_config, bad3))
