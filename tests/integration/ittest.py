@@ -323,6 +323,19 @@ class Operator:
         params = {"device": self.device_id, **({"key": key} if key else {})}
         return self.api("GET", f"/api/v1/namespaces/{self.ns}/alarms", role="viewer", params=params).json()["alarms"]
 
+    def _liveness(self, online: bool) -> dict:
+        wait_until(lambda: self.op_device()["online"] is online, 20)
+        alarms = self.op_alarms(key="device_offline")
+        assert len(alarms) == 1, alarms
+        return {"device": self.op_device(), "alarm": alarms[0]}
+
+    def op_wait_offline(self) -> dict:
+        """Wait (bounded) until the server's sweep calls the device offline; returns the record and the alarm."""
+        return self._liveness(False)
+
+    def op_wait_online(self) -> dict:
+        return self._liveness(True)
+
     def op_proxy_stats(self) -> dict:
         assert self.proxy is not None
         return {"forwarded": self.proxy.forwarded, "dropped": self.proxy.dropped}
@@ -340,7 +353,9 @@ def _run_cpython(name: str, op: Operator) -> dict:
     import asyncio
     import importlib
     ensure_path()
+    from iotlib import log
     from it_device import Ctl
+    log.configure(level="info", console=True)  # captured by pytest, shown on failure
     mod = importlib.import_module("it_" + name)
     try:
         result = asyncio.run(mod.main(Ctl(op.handle)))
