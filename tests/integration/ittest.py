@@ -336,6 +336,15 @@ class Operator:
     def op_wait_online(self) -> dict:
         return self._liveness(True)
 
+    def op_stop_server(self) -> None:
+        self.server.stop()
+
+    def op_start_server(self) -> None:
+        self.server.start()
+
+    def op_unused_udp_port(self) -> int:
+        return free_port(socket.SOCK_DGRAM)
+
     def op_proxy_stats(self) -> dict:
         assert self.proxy is not None
         return {"forwarded": self.proxy.forwarded, "dropped": self.proxy.dropped}
