@@ -34,6 +34,11 @@ def iotlib_ok(heap_k: int, stalls: dict, last: dict, romfs: Path | None = None) 
     return False
 
 
+def imports_ok(heap_k: int) -> bool:
+    proc = heaplib.run_module("mp_import_cost", heap_k, timeout=60)
+    return proc.returncode == 0 and "MOD bench_script" in proc.stdout
+
+
 def import_costs(romfs: Path | None = None, heap_k: int = 512) -> list[tuple[str, int, int, int]]:
     """(module, heap bytes, of which interned-name pool bytes, new qstrs) per module, in import order."""
     args = [str(romfs), "mp_import_cost"] if romfs else []
@@ -62,12 +67,15 @@ def main() -> int:
     stalls: dict = {}
     last: dict = {}
     iot = heaplib.min_heap(lambda k: iotlib_ok(k, stalls, last), lo=8, hi=512)
+    floor = heaplib.min_heap(imports_ok, lo=8, hi=512)
     rom = heaplib.min_heap(lambda k: iotlib_ok(k, {}, last, image), lo=image_k + 8, hi=512 + image_k)
     rom_net = rom - image_k if rom else None
     print(f"machine: {platform.machine()} {platform.system()}, micropython unix port, code as .mpy")
     print(f"{'workload':<58}{'min heap':>10}")
     print(f"{'(a) microdot hello world (50 GETs)':<58}{str(hello) + 'K' if hello else 'failed':>10}")
     print(f"{'(b) iotlib: every manager constructed + used':<58}{str(iot) + 'K' if iot else 'failed':>10}")
+    print(f"{'    of which: importing it all (+ the bench script), no work':<58}"
+          f"{str(floor) + 'K' if floor else 'failed':>10}")
     print(f"{chr(40) + 'b' + chr(39) + ') same, code in place from ROMFS (heap minus the image)':<58}"
           f"{str(rom_net) + 'K' if rom_net else 'failed':>10}   ({rom}K - {image_k}K image)")
     if hello and iot:
