@@ -76,35 +76,75 @@ def server(db: Optional[str] = DbUrl, host: str = typer.Option("127.0.0.1", help
         loop = "asyncio"
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, loop=loop,
                             timeout_graceful_shutdown=5, server_header=False)
-    srv = uvicorn.Server(config)
+    srv = _QuietExitServer(config)
 
     async def main() -> None:
-        serving = asyncio.create_task(srv.serve())
-        sntp_task = None
-        while not srv.started:
-            if serving.done():
-                serving.result()
-                raise typer.Exit(1)
-            await asyncio.sleep(0.02)
-        bound = srv.servers[0].sockets[0].getsockname()[1] if srv.servers else port
-        url = f"http://{host}:{bound}"
-        info = ddir / SERVER_INFO
-        tmp = info.with_name(info.name + ".tmp")
-        tmp.write_text(json.dumps({"url": public_url or url, "pid": os.getpid()}))
-        os.replace(tmp, info)
+        transport = None
         if sntp is not None:
-            sntp_task = asyncio.create_task(sntp(host, sntp_port))
-        typer.echo(f"picoiot server listening on {url}")
+            # serve_sntp(host, port) binds UDP and returns the transport (picoiot.server.sntp)
+            try:
+                transport = await sntp(host, sntp_port)
+            except OSError as e:
+                _fail(f"--sntp-port {sntp_port}: {e.strerror or e}")
+            bound_udp = transport.get_extra_info("sockname")[1]
+            settings.ntp_address = f"{host}:{bound_udp}"  # the app reads settings live: port 0 → the real port
+        serving = asyncio.create_task(srv.serve())
         try:
+            while not srv.started:
+                if serving.done():
+                    serving.result()
+                    raise typer.Exit(1)
+                await asyncio.sleep(0.02)
+            bound = srv.servers[0].sockets[0].getsockname()[1] if srv.servers else port
+            url = f"http://{host}:{bound}"
+            info = ddir / SERVER_INFO
+            tmp = info.with_name(info.name + ".tmp")
+            tmp.write_text(json.dumps({"url": public_url or url, "pid": os.getpid(),
+                                       "ntp": settings.ntp_address}))
+            os.replace(tmp, info)
+            typer.echo(f"picoiot server listening on {url}")
             await serving
         finally:
-            if sntp_task is not None:
-                sntp_task.cancel()
+            if transport is not None:
+                transport.close()
 
     try:
         asyncio.run(main()) if loop == "asyncio" else __import__("uvloop").run(main())
     except KeyboardInterrupt:  # pragma: no cover - uvicorn normally handles the signal itself
         pass
+
+
+def _quiet_exit_server_class():
+    import contextlib
+    import signal
+
+    import uvicorn
+
+    class QuietExitServer(uvicorn.Server):
+        """uvicorn re-raises SIGTERM/SIGINT after a graceful shutdown (exit status -15); a service manager should
+        see a clean stop as exit 0, so we handle the signals ourselves."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self._on_signal, sig)
+            try:
+                yield
+            finally:
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.remove_signal_handler(sig)
+
+        def _on_signal(self, sig) -> None:
+            if self.should_exit and sig == signal.SIGINT:
+                self.force_exit = True
+            self.should_exit = True
+
+    return QuietExitServer
+
+
+def _QuietExitServer(config):  # noqa: N802 - a class factory keeps uvicorn out of the CLI's import time
+    return _quiet_exit_server_class()(config)
 
 
 # ------------------------------------------------------------------------------------------------ provision / token
