@@ -87,8 +87,13 @@ def wait_port(port: int, proc: subprocess.Popen, timeout: float = 10) -> bool:
     return False
 
 
-def min_heap(ok: Callable[[int], bool], lo: int = 8, hi: int = 512) -> int | None:
-    """Smallest heap (KiB) in [lo, hi] for which ok(heap) holds, confirmed twice; None if even hi fails."""
+def min_heap(ok: Callable[[int], bool], lo: int = 8, hi: int = 512, settle: int = 0, step: int = 2) -> int | None:
+    """Smallest heap (KiB) in [lo, hi] for which ok(heap) holds, confirmed twice; None if even hi fails.
+
+    Near the threshold pass/fail is not monotonic (where the GC happens to leave holes decides whether one larger
+    allocation fits), so bisection alone can land on a lucky heap. With settle=n the result is then raised in
+    `step` KiB steps until n runs in a row pass there."""
+    top = hi
     if not (ok(hi) and ok(hi)):
         return None
     while hi - lo > 1:
@@ -97,6 +102,8 @@ def min_heap(ok: Callable[[int], bool], lo: int = 8, hi: int = 512) -> int | Non
             hi = mid
         else:
             lo = mid
+    while settle and hi < top and not all(ok(hi) for _ in range(settle)):
+        hi = min(top, hi + step)
     return hi
 
 
