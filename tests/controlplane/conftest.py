@@ -15,9 +15,7 @@ def backend(request) -> str:
     return request.param
 
 
-@pytest.fixture
-def server_factory(backend, tmp_path):
-    """server_factory(**settings) → a started LiveServer; several calls share one database (same schema/file)."""
+def _factory(backend, tmp_path):
     started: list[LiveServer] = []
     schema = new_schema() if backend == "postgres" else None
 
@@ -31,11 +29,24 @@ def server_factory(backend, tmp_path):
     yield factory
     for s in started:
         s.stop()
+    if schema:
+        drop_schema(schema)
     for s in started:  # a failing sweeper would make liveness tests pass for the wrong reason
         if not getattr(s, "database_broken_on_purpose", False):
             assert s.cp.metrics.housekeeping_errors._value.get() == 0, "housekeeping failed during the test"
-    if schema:
-        drop_schema(schema)
+
+
+@pytest.fixture
+def server_factory(backend, tmp_path):
+    """server_factory(**settings) → a started LiveServer; several calls share one database (same schema/file)."""
+    yield from _factory(backend, tmp_path)
+
+
+@pytest.fixture
+def pg_server_factory(tmp_path):
+    """server_factory on PostgreSQL only (what needs LISTEN/NOTIFY between servers)."""
+    require_pg()
+    yield from _factory("postgres", tmp_path)
 
 
 @pytest.fixture
