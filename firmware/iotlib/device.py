@@ -1,0 +1,333 @@
+# The lifecycle both reference controllers share (ARCHITECTURE.md §2): boot from flash, Wi-Fi, the local web API,
+# registration, configuration, time, then supervised steady-state tasks; degraded mode when the control plane is away
+# (the local API keeps serving on the last-known-good config, alarms and state are buffered and resynced in full).
+# A controller subclass gives: device_type, capabilities, schema()/defaults(), setup_domain(), domain routes, the
+# state-delta handler and its own supervised tasks.
+from iotlib.compat import asyncio, ticks_ms, ticks_diff, mem_free, epoch_ms
+from iotlib import log as _logmod
+from iotlib import __version__
+
+_log = _logmod.get("device")
+
+COMMON_SCHEMA = {
+    "heartbeat_interval_s": {"type": "int", "min": 1, "max": 3600},
+    "time": {"servers": {"type": "list", "items": {"type": "str"}, "max": 4},
+             "interval_s": {"type": "int", "min": 16, "max": 86400}},
+    "api": {"token_hashes": {"type": "list", "items": {"type": "str", "min": 64, "max": 64}, "max": 16},
+            "tokens": {"type": "list", "items": {"type": "dict"}, "max": 16},
+            "rate_per_s": {"type": "number", "min": 0.001, "max": 1000},
+            "burst": {"type": "int", "min": 1, "max": 1000}},
+    "log": {"level": {"type": "str", "enum": ["debug", "info", "warning", "error", "critical"]}},
+}
+
+COMMON_DEFAULTS = {
+    "heartbeat_interval_s": 10,
+    "time": {"servers": [], "interval_s": 3600},
+    "api": {"token_hashes": [], "tokens": [], "rate_per_s": 5, "burst": 10},
+    "log": {"level": "info"},
+}
+
+
+class Device:
+    device_type = "generic"
+    capabilities = ("rest",)
+    #: Seconds after boot at which /ready stops waiting for a time sync (ARCHITECTURE §2 step 5).
+    time_grace_s = 30
+    #: Seconds between config polls when no heartbeat says there is a newer version.
+    config_poll_s = 60
+    #: Retry delays (s) for registration / config when the control plane is away: doubles up to the max.
+    retry_min_s = 2
+    retry_max_s = 60
+
+    def __init__(self, wifi_ssid, wifi_password, device_id, device_key, service_discovery_url, namespace=None,
+                 host="0.0.0.0", port=80, flash_dir=None, address=None):
+        self.wifi_ssid = wifi_ssid
+        self._wifi_password = wifi_password
+        self.device_id = device_id
+        self._device_key = device_key
+        self.sd_url = service_discovery_url
+        self.namespace = namespace
+        self.host = host
+        self.port = port
+        self.flash_dir = flash_dir
+        self.address = address
+        self.started_ms = ticks_ms()
+        self.registered = False
+        self.last_contact_ms = None
+        self.degraded = True
+        self.ready_event = asyncio.Event()
+        self.web = None
+        self._config_wake = asyncio.Event()
+        self._state_started = False
+
+    # --- subclass hooks --------------------------------------------------------------------------------------------
+    def schema(self):
+        return dict(COMMON_SCHEMA)
+
+    def defaults(self):
+        return dict(COMMON_DEFAULTS)
+
+    def setup_domain(self, config):
+        """Create the domain objects from the boot config (relays at their power-on state, sensors)."""
+
+    def routes(self, web):
+        """Register the domain's routes on the DeviceWeb."""
+
+    def domain_tasks(self, wd):
+        """Supervise the domain's loops on the WatchdogManager."""
+
+    def on_delta(self, delta):
+        """Apply desired-state fields; return the reported fields (dict) or None. May be a coroutine."""
+        return None
+
+    def reported(self):
+        """The full reported state after a (re)connect."""
+        return {}
+
+    def info_extra(self):
+        return {}
+
+    # --- paths ------------------------------------------------------------------------------------------------------
+    def flash(self, name):
+        from iotlib import hal
+        root = self.flash_dir if self.flash_dir is not None else hal.flash_root()
+        return (root.rstrip("/") + "/" + name) if root else "/" + name
+
+    # --- boot -------------------------------------------------------------------------------------------------------
+    def boot(self):
+        """Step 1: persisted config (last-known-good), the managers, the domain at its power-on state."""
+        from iotlib import fsutil
+        from iotlib.config import ConfigManager
+        from iotlib.auth import AuthManager
+        from iotlib.alarms import AlarmManager
+        from iotlib.watchdog import WatchdogManager
+        from iotlib.http import HTTPClient
+        from iotlib import metrics
+        root = self.flash("")
+        if root.rstrip("/"):
+            fsutil.makedirs(root.rstrip("/"))
+        self.cfg = ConfigManager(self.schema(), self.defaults(), path=self.flash("config.json"))
+        loaded = self.cfg.load()
+        _logmod.configure(level=self.cfg.config["log"]["level"])
+        self.alarms = AlarmManager(path=self.flash("alarms"))
+        self.wd = WatchdogManager(on_crash=self.alarms.report_exception)
+        self.wd.missed_reset = None  # degraded mode: never reset just because the control plane is away
+        self.boot_info = self.wd.boot_report()
+        self.http = HTTPClient(timeout_ms=10000)
+        self.auth = AuthManager(self.device_id, self._device_key, sd_url=self.sd_url, namespace=self.namespace,
+                                info=self._reg_info())
+        self._apply_api(self.cfg.config["api"])
+        metrics.register_builtins()
+        self.setup_domain(self.cfg.config)
+        self.cfg.on_change("api", self._apply_api)
+        self.cfg.on_change("log", lambda sec: _logmod.configure(level=sec["level"]))
+        self.cfg.on_change("time", self._apply_time)
+        self.cfg.on_change("heartbeat_interval_s", lambda v: self.wd.set_heartbeat_interval(v * 1000))
+        self.wd.heartbeat_interval_ms = self.cfg.config["heartbeat_interval_s"] * 1000
+        _log.info("boot", device_id=self.device_id, type=self.device_type, config_version=self.cfg.version,
+                  last_known_good=loaded, reset_cause=self.boot_info.get("reset_cause"))
+
+    def _reg_info(self):
+        info = {"device_type": self.device_type, "firmware": __version__, "capabilities": list(self.capabilities)}
+        if self.address:
+            info["address"] = self.address
+        return info
+
+    def _apply_api(self, api):
+        static = {}
+        for h in api.get("token_hashes") or ():
+            static[h.lower()] = "viewer"
+        for t in api.get("tokens") or ():
+            h = t.get("sha256")
+            if not isinstance(h, str) or len(h) != 64 or t.get("role") not in ("viewer", "operator", "admin"):
+                raise ValueError("api.tokens: each needs sha256 (64 hex) and role viewer|operator|admin")
+            static[h.lower()] = t["role"]
+        if self.web is not None:
+            self.web.configure(api)
+        self.auth.static_tokens = static
+
+    def _apply_time(self, sec):
+        if getattr(self, "ts", None) is not None:
+            self.ts.configure(self._ntp_servers(sec), sec.get("interval_s"))
+
+    def _ntp_servers(self, sec=None):
+        sec = sec or self.cfg.config["time"]
+        servers = list(sec.get("servers") or ())
+        ntp = self.auth.services.get("ntp") if self.auth.services else None
+        if ntp and ntp not in servers:
+            servers.insert(0, ntp)
+        return servers
+
+    # --- the web API ------------------------------------------------------------------------------------------------
+    def build_web(self):
+        from iotlib.web import DeviceWeb
+        self.web = DeviceWeb(self.auth.verify, info=self.info, ready=self.readiness, on_reboot=self.reboot)
+        self.web.configure(self.cfg.config["api"])
+        self.routes(self.web)
+        return self.web
+
+    def info(self):
+        d = {"device_id": self.device_id, "type": self.device_type, "firmware": __version__,
+             "uptime_s": ticks_diff(ticks_ms(), self.started_ms) // 1000, "config_version": self.cfg.version,
+             "reset_cause": self.boot_info.get("reset_cause"), "registered": self.registered,
+             "degraded": self.degraded, "namespace": self.auth.namespace, "mem_free": mem_free(),
+             "time_synced": bool(getattr(self, "ts", None) and self.ts.synced)}
+        d.update(self.info_extra())
+        return d
+
+    def readiness(self):
+        synced = bool(getattr(self, "ts", None) and self.ts.synced)
+        grace_over = ticks_diff(ticks_ms(), self.started_ms) >= self.time_grace_s * 1000
+        ok = self.registered and self.cfg.version > 0 and (synced or grace_over)
+        return ok, {"registered": self.registered, "config_version": self.cfg.version, "time_synced": synced,
+                    "degraded": self.degraded}
+
+    async def reboot(self):
+        self.persist()
+        from iotlib import hal
+        hal.reset()
+
+    def persist(self):
+        """Persist what must survive a reset (subclasses add their state)."""
+
+    # --- control plane ------------------------------------------------------------------------------------------------
+    def _contact(self):
+        self.last_contact_ms = ticks_ms()
+        if self.degraded:
+            _log.info("control plane reachable")
+        self.degraded = False
+
+    def _lost(self, why):
+        if not self.degraded:
+            _log.warning("control plane unreachable: degraded mode", reason=why)
+        self.degraded = True
+
+    async def _cloud(self):
+        """Registration + configuration: register (again) when needed, fetch config when told or every poll."""
+        delay = self.retry_min_s
+        seen = 0
+        while True:
+            try:
+                tok = await self.auth.ensure_token(self.http)
+                if self.auth.registrations != seen:
+                    seen = self.auth.registrations
+                    self._registered()
+                url = self.auth.services.get("config")
+                if url:
+                    ok, reason = await self.cfg.fetch(self.http, url, tok)
+                    if reason.startswith("HTTP 401"):
+                        self.auth.invalidate()
+                        raise OSError("config: token refused")
+                self._contact()
+                delay = self.retry_min_s
+                wait = self.config_poll_s
+            except Exception as e:  # HTTPError, AuthError, OSError: degrade, retry with backoff
+                self._lost(_logmod.exc_summary(e))
+                wait = delay
+                delay = min(delay * 2, self.retry_max_s)
+            self.wd.checkin("cloud")
+            self._config_wake.clear()
+            try:
+                await asyncio.wait_for(self._config_wake.wait(), wait)
+            except asyncio.TimeoutError:
+                pass
+            self.wd.checkin("cloud")
+
+    def _registered(self):
+        from iotlib.state import StateManager
+        from iotlib.timesync import TimeSyncManager
+        self.registered = True
+        iv = self.auth.intervals or {}
+        if iv.get("config_poll"):
+            self.config_poll_s = iv["config_poll"]
+        _log.info("registered", namespace=self.auth.namespace, registrations=self.auth.registrations)
+        if not self._state_started:
+            self._state_started = True
+            self.sm = StateManager(self.http, self.auth)
+            self.sm.on_delta(self.on_delta)
+            self.sm.report(self.reported())
+            self.wd.supervise("state", self.sm.run, critical=False)
+            t = self.cfg.config["time"]
+            self.ts = TimeSyncManager(self._ntp_servers(t), t.get("interval_s", 3600), on_alarm=self.alarms.fire,
+                                      on_clear=self.alarms.clear)
+            self.wd.supervise("time", self.ts.run, critical=False)
+        else:
+            self.sm.disconnected()  # full GET on every (re)connect
+            self.sm.report(self.reported())
+            self.sm._wake()
+            self._apply_time(self.cfg.config["time"])
+
+    async def _send_heartbeat(self, body):
+        if not self.auth.token or not self.auth.services.get("heartbeat"):
+            raise OSError("not registered")
+        if body.get("mem_free", 0) < 0:
+            del body["mem_free"]  # CPython has no GC heap figure (-1); the server wants >= 0 or nothing
+        body["firmware"] = __version__
+        body["config_version"] = self.cfg.version
+        sm = getattr(self, "sm", None)
+        body["state_version"] = sm.version if sm else None
+        r = await self.http.request("POST", self.auth.services["heartbeat"], json=body, headers=self.auth.auth_header())
+        if r.status == 401:
+            self.auth.invalidate()
+            self._config_wake.set()
+            raise OSError("heartbeat: token refused")
+        if r.status != 200:
+            raise OSError("heartbeat: HTTP %d" % r.status)
+        self._contact()
+        return r.json()
+
+    def _heartbeat_answer(self, answer):
+        pending = answer.get("pending") or {}
+        cv = pending.get("config_version")
+        if isinstance(cv, int) and cv != self.cfg.version and (self.cfg.rejected is None or self.cfg.rejected[0] != cv):
+            self._config_wake.set()
+        sv = pending.get("state_version")
+        sm = getattr(self, "sm", None)
+        if sm is not None and sv is not None:
+            sm.notify(sv)
+
+    def _heartbeat_payload(self):
+        n = getattr(self, "net", None)
+        return {"rssi": n.rssi if n else None, "reconnects": n.reconnects if n else 0}
+
+    def _reregister(self):
+        self.auth.invalidate()
+        self._config_wake.set()
+
+    def _alarm_target(self):
+        url = self.auth.services.get("alarms") if self.auth.services else None
+        return (url, self.auth.token) if url and self.auth.token else None
+
+    # --- main -----------------------------------------------------------------------------------------------------
+    async def start(self):
+        """Steps 1-2 and the supervised tasks; returns once the local API listens (main() then waits for ever)."""
+        from iotlib.net import NetworkManager
+        self.boot()
+        self.net = NetworkManager(self.wifi_ssid, self._wifi_password)
+        await self.net.connect()
+        self.build_web()
+        await self.web.start(self.host, self.port)
+        _log.info("listening", port=self.port)
+        wd = self.wd
+        wd.supervise("net", self.net.run, critical=False)
+        wd.supervise("cloud", self._cloud, window_ms=(self.retry_max_s + self.config_poll_s + 30) * 1000)
+        wd.supervise("alarms", lambda: self.alarms.run(self.http, self._alarm_target), critical=False)
+        wd.heartbeat(self._send_heartbeat, payload=self._heartbeat_payload, on_answer=self._heartbeat_answer,
+                     reconnect=self.net.reconnect, reregister=self._reregister, persist=self.persist, critical=False)
+        self.domain_tasks(wd)
+        from iotlib import metrics
+        wd.supervise("looplag", metrics.loop_lag_monitor, critical=False)
+        self._wd_task = asyncio.create_task(wd.run())
+
+    async def main(self):
+        await self.start()
+        while True:
+            await asyncio.sleep(3600)
+
+    async def stop(self):
+        self.wd.stop()
+        t = getattr(self, "_wd_task", None)
+        if t is not None:
+            t.cancel()
+        if self.web is not None:
+            await self.web.stop()

@@ -1,0 +1,87 @@
+# Run one controller on the simulated board (unix micropython or CPython):
+#   MICROPYPATH=build/fwtest:.frozen micropython -X heapsize=192K -m main_sim settings.json
+#   python firmware/main_sim.py settings.json
+# settings.json: the key file of `picoiot provision` ({device_id, device_key, namespace, service_discovery_url})
+# plus optional kind ("relays"|"sensors"), port, host, flash_dir, relay_pins, wifi_ssid, wifi_password.
+# Environment variables override the file: PICOIOT_KIND, PICOIOT_DEVICE_ID, PICOIOT_DEVICE_KEY, PICOIOT_SD_URL,
+# PICOIOT_NAMESPACE, PICOIOT_PORT, PICOIOT_HOST, PICOIOT_FLASH. When the local API listens it prints one line:
+#   picoiot device <id> listening on http://127.0.0.1:<port>
+# A simulated reset ends the process with status 75 (iotlib.sim.RESET_EXIT_CODE): restart it with the same flash.
+import sys
+import os
+import json
+
+_ENV = (("PICOIOT_KIND", "kind"), ("PICOIOT_DEVICE_ID", "device_id"), ("PICOIOT_DEVICE_KEY", "device_key"),
+        ("PICOIOT_SD_URL", "service_discovery_url"), ("PICOIOT_NAMESPACE", "namespace"), ("PICOIOT_PORT", "port"),
+        ("PICOIOT_HOST", "host"), ("PICOIOT_FLASH", "flash_dir"))
+
+
+def settings(argv):
+    s = {}
+    path = None
+    for a in argv:
+        if a.endswith(".json"):
+            path = a
+    path = path or os.getenv("PICOIOT_DEVICE_SETTINGS")
+    if path:
+        with open(path) as f:
+            s = json.loads(f.read())
+    for env, key in _ENV:
+        v = os.getenv(env)
+        if v:
+            s[key] = v
+    s["port"] = int(s.get("port", 8080))
+    s.setdefault("kind", "relays")
+    s.setdefault("host", "127.0.0.1")
+    s.setdefault("flash_dir", "flash-" + str(s.get("device_id", "device")))
+    missing = [k for k in ("device_id", "device_key", "service_discovery_url") if not s.get(k)]
+    if missing:
+        raise SystemExit("main_sim: missing settings: " + ", ".join(missing))
+    if s["kind"] not in ("relays", "sensors"):
+        raise SystemExit("main_sim: kind must be relays or sensors")
+    return s
+
+
+def make(s):
+    kw = {"namespace": s.get("namespace"), "host": s["host"], "port": s["port"], "flash_dir": s["flash_dir"],
+          "address": "http://%s:%d" % ("127.0.0.1" if s["host"] == "0.0.0.0" else s["host"], s["port"])}
+    args = (s.get("wifi_ssid", "sim-ap"), s.get("wifi_password", "sim-password"), s["device_id"], s["device_key"],
+            s["service_discovery_url"])
+    if s["kind"] == "relays":
+        from relays_controller import RelaysController
+        return RelaysController(*args, relay_pins=s.get("relay_pins"), **kw)
+    from sensors_controller import SensorsController
+    return SensorsController(*args, **kw)
+
+
+async def run(s):
+    from iotlib.compat import asyncio
+    ctl = make(s)
+    await ctl.start()
+    print("picoiot device %s listening on http://%s:%d" % (s["device_id"], ctl.address.split("//")[1].split(":")[0],
+                                                           s["port"]))
+    try:
+        sys.stdout.flush()
+    except AttributeError:
+        pass
+    while True:
+        await asyncio.sleep(3600)
+
+
+def main(argv):
+    s = settings(argv)
+    from iotlib import sim
+    from iotlib.fsutil import makedirs
+    makedirs(s["flash_dir"])
+    sim.configure(flash_root=s["flash_dir"])
+    from iotlib.compat import asyncio
+    asyncio.run(run(s))
+
+
+if __name__ == "__main__":
+    p = getattr(os, "path", None)  # CPython: python firmware/main_sim.py finds iotlib beside it
+    if p is not None:
+        here = p.dirname(p.abspath(__file__))
+        if here not in sys.path:
+            sys.path.insert(0, here)
+    main(sys.argv[1:])

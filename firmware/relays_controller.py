@@ -1,0 +1,134 @@
+# RelaysController: the seed's relay/GPIO device. REST `GET /gpio`, `GET /gpio/<relay>`, `POST /gpio/<relay>`
+# ({"state": "on"|"off"|"toggle", "pulse_ms"?}), desired state from the StateServer applied and reported back, a
+# failsafe state when the control plane stays away for `failsafe_after_s`. Relays from config (iotlib.relays).
+#
+#   controller = RelaysController(wifi_ssid=…, wifi_password=…, device_id=…, device_key=…,
+#                                 service_discovery_url=…, relay_pins={"relay1": 2, "relay2": 3})
+#   await controller.main()
+from iotlib.compat import asyncio, ticks_ms, ticks_diff
+from iotlib.device import Device
+from iotlib import log as _logmod
+
+_log = _logmod.get("relays")
+
+
+class RelaysController(Device):
+    device_type = "relays"
+    capabilities = ("relays", "rest")
+    #: Seconds between checks of the failsafe timer.
+    failsafe_check_s = 1
+
+    def __init__(self, wifi_ssid, wifi_password, device_id, device_key, service_discovery_url, relay_pins=None,
+                 **kw):
+        Device.__init__(self, wifi_ssid, wifi_password, device_id, device_key, service_discovery_url, **kw)
+        self.relay_pins = relay_pins or {"relay1": 2, "relay2": 3}
+        self.bank = None
+        self.failsafe_active = False
+
+    def schema(self):
+        s = Device.schema(self)
+        s["relays"] = {"type": "dict"}  # checked in depth by iotlib.relays.validate (paths relays.<name>.<field>)
+        s["failsafe_after_s"] = {"type": "number", "min": 0, "max": 86400}
+        return s
+
+    def defaults(self):
+        d = Device.defaults(self)
+        d["relays"] = {}
+        for name in self.relay_pins:
+            d["relays"][name] = {"pin": self.relay_pins[name], "active_low": False, "power_on": "off",
+                                 "max_on_s": 0, "failsafe": "keep"}
+        d["failsafe_after_s"] = 0
+        return d
+
+    def setup_domain(self, config):
+        from iotlib.relays import RelayBank
+        self.bank = RelayBank(path=self.flash("relays.json"), on_change=self._changed)
+        try:
+            self.bank.configure(config["relays"])
+        except ValueError as e:  # a stored config the firmware no longer accepts: boot on the built-in relays
+            _log.error("relay config unusable, using defaults", reason=str(e))
+            self.bank.configure(self.defaults()["relays"])
+        self.cfg.on_change("relays", self.bank.configure)
+
+    def _changed(self, name, state):
+        sm = getattr(self, "sm", None)
+        if sm is not None:
+            sm.report({name: state})
+
+    def reported(self):
+        return self.bank.states()
+
+    def info_extra(self):
+        return {"relays": self.bank.states(), "failsafe_active": self.failsafe_active}
+
+    async def on_delta(self, delta):
+        out = {}
+        for name in delta:
+            v = delta[name]
+            if name in self.bank and v in ("on", "off", True, False):
+                try:
+                    out[name] = await self.bank.set(name, v)
+                    _log.info("relay switched by desired state", relay=name, state=out[name])
+                except ValueError as e:
+                    _log.warning("desired state refused", relay=name, reason=str(e))
+        return out
+
+    # --- REST ---
+    def routes(self, web):
+        from iotlib.web import error, json_body
+        bank = self.bank
+
+        async def list_all(req):
+            return {"relays": [bank.describe(n) for n in bank.names()]}
+
+        async def get_one(req, relay):
+            if relay not in bank:
+                return error(404, "unknown relay %r" % relay)
+            return bank.describe(relay)
+
+        async def post_one(req, relay):
+            if relay not in bank:
+                return error(404, "unknown relay %r" % relay)
+            body = json_body(req)
+            for k in body:
+                if k not in ("state", "pulse_ms"):
+                    return error(400, "unknown field %r (expected state, pulse_ms)" % k)
+            state = body.get("state")
+            if state not in ("on", "off", "toggle"):
+                return error(400, "state must be \"on\", \"off\" or \"toggle\"")
+            pulse = body.get("pulse_ms")
+            try:
+                await bank.set(relay, state, pulse)
+            except ValueError as e:
+                return error(400, str(e))
+            claims = req.g.claims or {}
+            _log.info("relay switched", relay=relay, state=bank.state(relay), by=claims.get("sub"), pulse_ms=pulse)
+            return bank.describe(relay)
+
+        # bank may be replaced never (reload reconfigures it in place), so the closures stay valid
+        web.route("/gpio", "viewer", list_all)
+        web.route("/gpio/<relay>", "viewer", get_one)
+        web.route("/gpio/<relay>", "operator", post_one, methods=["POST"])
+
+    # --- failsafe ---
+    def domain_tasks(self, wd):
+        wd.supervise("failsafe", self._failsafe_loop, critical=False)
+
+    async def _failsafe_loop(self):
+        while True:
+            await asyncio.sleep(self.failsafe_check_s)
+            after = self.cfg.config.get("failsafe_after_s") or 0
+            last = self.last_contact_ms if self.last_contact_ms is not None else self.started_ms
+            away = after > 0 and ticks_diff(ticks_ms(), last) >= after * 1000
+            if away and not self.failsafe_active:
+                self.failsafe_active = True
+                changed = await self.bank.apply_failsafe()
+                _log.warning("control plane away: relays at failsafe state", after_s=after, changed=changed)
+                self.alarms.fire("relays.failsafe", "warning", "control plane unreachable for %ss: failsafe applied"
+                                 % after)
+            elif not away and self.failsafe_active:
+                self.failsafe_active = False
+                self.alarms.clear("relays.failsafe")
+
+    def persist(self):
+        pass  # RelayBank writes restore states at every change
