@@ -68,8 +68,8 @@ async def run(s):
         await asyncio.sleep(3600)
 
 
-def main(argv):
-    s = settings(argv)
+def main(argv=None):
+    s = settings(sys.argv[1:] if argv is None else argv)
     from iotlib import sim
     from iotlib.fsutil import makedirs
     makedirs(s["flash_dir"])

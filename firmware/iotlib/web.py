@@ -140,11 +140,12 @@ class DeviceWeb:
 
     # --- routing with auth -----------------------------------------------------------------------------------------
     def route(self, path, role, handler, methods=None):
-        """Register coroutine handler(req, **url_args) at path, callable by role or above (None: public)."""
+        """Register coroutine handler(req, **url_args) at path, callable by role or above (None: public, still rate
+        limited; False: the handler checks for itself with check())."""
         web = self
 
         async def guarded(req, **kw):
-            denied = web.check(req, role)
+            denied = web.check(req, role) if role is not False else None
             if denied is not None:
                 return denied
             try:
@@ -183,6 +184,13 @@ class DeviceWeb:
                             (413, "request body too large (max %d bytes)" % self.max_body),
                             (500, "internal server error")):
             self._error_handler(status, msg)
+
+        async def reason(req, res):  # microdot says "N/A" for every status but 200
+            if res.reason is None:
+                res.reason = _REASONS.get(res.status_code)
+            return res
+        app.after_request(reason)
+        app.after_error_request(reason)
 
         async def crashed(req, exc):
             _log.error("handler failed", path=req.path if req else None, error=repr(exc))
@@ -246,11 +254,11 @@ class DeviceWeb:
         except Exception:
             pass
 
-    async def _raw_answer(self, writer, status, msg, extra=""):
+    async def _raw_answer(self, writer, status, msg, extra="", version="1.0"):
         body = json.dumps({"error": msg})
         try:
-            await writer.awrite(("HTTP/1.0 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s\r\n%s"
-                                 % (status, _REASONS.get(status, "Error"), len(body), extra, body)).encode())
+            await writer.awrite(("HTTP/%s %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s\r\n%s"
+                                 % (version, status, _REASONS.get(status, "Error"), len(body), extra, body)).encode())
         except Exception:
             pass
         try:

@@ -86,7 +86,8 @@ class WSStream:
         self.frames = 0
         self.dropped = 0
         self.last_snapshot = None
-        web.route(path, role, self._handler)
+        self.role = role
+        web.route(path, False, self._handler)  # auth inside: refusals go out as HTTP/1.1 (WebSocket clients want it)
 
     # --- broadcast ---------------------------------------------------------------------------------------------------
     def publish(self, snap):
@@ -128,8 +129,15 @@ class WSStream:
     async def _handler(self, req):
         from microdot import Response
         from microdot.websocket import WebSocket
-        if len(self.clients) >= self.max_clients:
-            return error(503, "too many stream clients (max %d)" % self.max_clients, {"Retry-After": "5"})
+        denied = self.web.check(req, self.role)
+        if denied is None and len(self.clients) >= self.max_clients:
+            denied = error(503, "too many stream clients (max %d)" % self.max_clients, {"Retry-After": "5"})
+        if denied is not None:
+            # A WebSocket client (RFC 6455 §4.1) only takes an HTTP/1.1 answer; microdot writes HTTP/1.0.
+            body, status, headers = denied
+            extra = "".join("%s: %s\r\n" % (k, headers[k]) for k in headers)
+            await self.web._raw_answer(req.sock[1], status, body["error"], extra, "1.1")
+            return Response.already_handled
         ws = WebSocket(req)
         accept = ws._handshake_response()  # aborts with 400 when this is no WebSocket request
         offered = [p.strip() for p in (req.headers.get("Sec-WebSocket-Protocol") or "").split(",")]

@@ -81,7 +81,7 @@ def test_json_errors_for_everything():
     async def t(web, port, state):
         op = token("operator")
         s, h, b = await wc.request(port, "GET", "/nope", token=op)
-        assert s == 404 and b == {"error": "not found"}
+        assert s == 404 and b == {"error": "not found"} and h[":reason"] == "Not Found"
         s, h, b = await wc.request(port, "DELETE", "/thing", token=op)
         assert s == 405 and b == {"error": "method not allowed"}
         s, h, b = await wc.request(port, "POST", "/thing", token=op, raw_body=b"{not json")

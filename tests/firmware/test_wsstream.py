@@ -46,7 +46,8 @@ async def wait_until(cond, n=200):
 def test_auth_checked_before_upgrade():
     async def t(stream, port):
         s, h, body = await wc.ws_connect(port)
-        assert s == 401 and body == {"error": "missing token"}
+        assert s == 401 and body == {"error": "missing token"} and h["www-authenticate"] == "Bearer"
+        assert h[":version"] == "HTTP/1.1"  # RFC 6455 clients refuse an HTTP/1.0 answer
         s, h, body = await wc.ws_connect(port, token="x.y.z")
         assert s == 401
         s, h, body = await wc.ws_connect(port, "/ws-admin", token=token("operator"))

@@ -44,7 +44,7 @@ def parse(raw):
     head, _, body = raw.partition(b"\r\n\r\n")
     lines = head.decode().split("\r\n")
     status = int(lines[0].split()[1])
-    headers = {}
+    headers = {":version": lines[0].split()[0], ":reason": lines[0].split(" ", 2)[-1]}
     for line in lines[1:]:
         k, _, v = line.partition(":")
         headers[k.strip().lower()] = v.strip()
