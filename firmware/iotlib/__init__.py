@@ -22,6 +22,11 @@ _attrs = {
     "AlarmManager": "alarms",
     "OTAUpdateManager": "ota",
     "Metrics": "metrics",
+    "DeviceWeb": "web",
+    "WSStream": "wsstream",
+    "RelayBank": "relays",
+    "SensorHub": "sensors",
+    "Device": "device",
 }
 
 
