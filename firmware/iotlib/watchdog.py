@@ -230,7 +230,9 @@ class WatchdogManager:
         """Send one heartbeat; True when acknowledged. A miss runs the escalation step due at its count."""
         self.seq += 1
         seq = self.seq
-        body = {"seq": seq, "uptime": self.uptime_s(), "mem_free": mem_free()}
+        free = mem_free()
+        # -1 = no GC heap to measure (CPython): null, not a byte count the control plane refuses (protocol §5)
+        body = {"seq": seq, "uptime": self.uptime_s(), "mem_free": free if free >= 0 else None}
         if self._payload is not None:
             body.update(self._payload())
         answer = None

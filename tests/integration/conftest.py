@@ -12,10 +12,6 @@ from ittest import CP_TESTS, Operator, ServerProcess, build_bundle  # noqa: E402
 sys.path.insert(0, str(CP_TESTS))
 from cptest import LiveServer, drop_schema, make_settings, new_schema, require_pg  # noqa: E402
 
-BOTH_BACKENDS = pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)],
-                                        indirect=True)
-
-
 @pytest.fixture(params=["cpython", "micropython"])
 def runtime(request) -> str:
     if request.param == "micropython":

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from picoiot import build, paths
 from picoiot.server.auth import issue_token
@@ -30,6 +31,10 @@ HERE = Path(__file__).resolve().parent
 MP_DIR = HERE / "mp"
 BUILD = paths.REPO / "build" / "integration"
 HEAP = "192K"
+
+#: a test marked with this runs against SQLite and PostgreSQL (the `backend` fixture)
+BOTH_BACKENDS = pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)],
+                                        indirect=True)
 
 CP_TESTS = paths.REPO / "tests" / "controlplane"
 sys.path.insert(0, str(CP_TESTS))

@@ -1,8 +1,7 @@
 """ConfigManager (firmware/iotlib/config.py) against the real ConfigurationServer, on SQLite and PostgreSQL, under
 CPython and the unix MicroPython."""
 import pytest
-from conftest import BOTH_BACKENDS
-from ittest import run_scenario
+from ittest import BOTH_BACKENDS, run_scenario
 
 
 @BOTH_BACKENDS
@@ -17,3 +16,8 @@ def test_blocking_query_outlasts_the_client_default_timeout(runtime, live_server
     op = operator(live_server())
     out = run_scenario(runtime, "config_wait", op, tmp_path)
     assert out["result"]["version"] == 1
+
+
+def test_operator_removes_a_relay(runtime, live_server, operator, tmp_path):
+    op = operator(live_server())
+    run_scenario(runtime, "config_remove", op, tmp_path)

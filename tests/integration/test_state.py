@@ -1,7 +1,6 @@
 """StateManager (firmware/iotlib/state.py) against the real StateServer, on SQLite and PostgreSQL (LISTEN/NOTIFY wakes
 the blocking query), under CPython and the unix MicroPython."""
-from conftest import BOTH_BACKENDS
-from ittest import run_scenario
+from ittest import BOTH_BACKENDS, run_scenario
 
 
 @BOTH_BACKENDS
