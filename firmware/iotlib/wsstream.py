@@ -33,6 +33,18 @@ def _frame(opcode, payload):
     return head + payload
 
 
+def _accept_key(req):
+    # RFC 6455 §4.2.1/§4.2.2 (what microdot.websocket does, without loading that module: a Pico's heap is scarce)
+    h = req.headers
+    key = h.get("Sec-WebSocket-Key")
+    if not key or "upgrade" not in (h.get("Connection") or "").lower() or \
+            (h.get("Upgrade") or "").lower() != "websocket":
+        return None
+    import hashlib
+    import binascii
+    return binascii.b2a_base64(hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest())[:-1]
+
+
 def _close_frame(code, reason=""):
     return _frame(_CLOSE, bytes((code >> 8, code & 0xFF)) + reason.encode())
 
@@ -128,7 +140,6 @@ class WSStream:
     # --- one connection --------------------------------------------------------------------------------------------
     async def _handler(self, req):
         from microdot import Response
-        from microdot.websocket import WebSocket
         denied = self.web.check(req, self.role)
         if denied is None and len(self.clients) >= self.max_clients:
             denied = error(503, "too many stream clients (max %d)" % self.max_clients, {"Retry-After": "5"})
@@ -138,8 +149,9 @@ class WSStream:
             extra = "".join("%s: %s\r\n" % (k, headers[k]) for k in headers)
             await self.web._raw_answer(req.sock[1], status, body["error"], extra, "1.1")
             return Response.already_handled
-        ws = WebSocket(req)
-        accept = ws._handshake_response()  # aborts with 400 when this is no WebSocket request
+        accept = _accept_key(req)
+        if accept is None:
+            return error(400, "not a WebSocket upgrade request")
         offered = [p.strip() for p in (req.headers.get("Sec-WebSocket-Protocol") or "").split(",")]
         w = req.sock[1]
         head = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: "
@@ -152,7 +164,7 @@ class WSStream:
         self.clients.append(c)
         sender = asyncio.create_task(self._send_loop(c))
         try:
-            await self._recv_loop(ws, c)
+            await self._recv_loop(c)
         except Exception as e:  # reset, EOF, bad frame: the client is gone
             if not c.dropped:
                 c.dropped = "closed: " + (str(e) or e.__class__.__name__)
@@ -166,8 +178,8 @@ class WSStream:
                 pass
         return Response.already_handled
 
-    async def _recv_loop(self, ws, c):
-        r = ws.request.sock[0]
+    async def _recv_loop(self, c):
+        r = c.reader
         while not c.dropped:
             head = await r.readexactly(2)  # EOF raises: the client is gone
             opcode = head[0] & 0x0F

@@ -220,3 +220,17 @@ def test_ping_pong_and_silent_client_dropped():
         assert (data[0] << 8 | data[1]) == 1001
         await c.close()
     serve(t)
+
+
+def test_accept_key_rfc6455_and_non_upgrade_400():
+    from iotlib.wsstream import _accept_key
+
+    class R:
+        headers = {"Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==", "Connection": "keep-alive, Upgrade",
+                   "Upgrade": "websocket"}
+    assert _accept_key(R()) == b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo="  # RFC 6455 §1.3 example
+
+    async def t(stream, port):
+        s, h, b = await wc.request(port, "GET", "/ws", token=token("viewer"))
+        assert s == 400 and b == {"error": "not a WebSocket upgrade request"}
+    serve(t)
