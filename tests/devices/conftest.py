@@ -1,0 +1,46 @@
+"""Fixtures: one control plane (`picoiot server` subprocess) per session, devices per module (see devtest.py)."""
+import os
+import re
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+from devtest import BUNDLE, RUNTIME, ControlPlane, Device  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def bundle():
+    if RUNTIME == "micropython":
+        from picoiot.procs import ensure_bundle
+        ensure_bundle(BUNDLE)
+    return BUNDLE
+
+
+@pytest.fixture(scope="session")
+def cp(tmp_path_factory):
+    """The shared control plane. A test may stop() and start() it again (same port and data) but must leave it
+    running."""
+    c = ControlPlane(tmp_path_factory.mktemp("cp"))
+    try:
+        yield c.start()
+    finally:
+        c.stop()
+
+
+@pytest.fixture(scope="module")
+def device_factory(cp, bundle, tmp_path_factory, request):
+    """device_factory(kind, config=None, name=None) → a started Device, stopped at the end of the module."""
+    started = []
+    tmp = tmp_path_factory.mktemp("dev")
+    mod = re.sub(r"[^A-Za-z0-9]+", "-", request.module.__name__.split(".")[-1].removeprefix("test_"))
+
+    def make(kind, config=None, name=None, start=True):
+        d = Device(cp, tmp, f"{mod}-{name or kind}", kind, config)
+        started.append(d)
+        return d.start() if start else d
+    try:
+        yield make
+    finally:
+        for d in started:
+            d.stop()

@@ -1,0 +1,168 @@
+"""End-to-end harness: a real `picoiot server` process and real simulated devices (firmware/main_sim.py under the unix
+micropython from .mpy with a Pico-sized heap), driven with real clients (httpx, websockets, curl).
+
+Heaps: the goal is 192K (a Pico W's GC heap). The controllers do not fit yet (see docs/benchmarks.md), so the tests run
+each kind at the smallest heap it currently starts with; PICOIOT_TEST_HEAP_RELAYS / PICOIOT_TEST_HEAP_SENSORS
+override, PICOIOT_TEST_RUNTIME=cpython runs the same tests on CPython.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import httpx
+
+from picoiot import paths
+from picoiot.procs import DeviceChild, ServerChild, device_settings, provision_over_api
+from picoiot.server.auth import device_local_token, issue_token
+
+RUNTIME = os.environ.get("PICOIOT_TEST_RUNTIME", "micropython")
+HEAP = {"relays": os.environ.get("PICOIOT_TEST_HEAP_RELAYS", "320K"),
+        "sensors": os.environ.get("PICOIOT_TEST_HEAP_SENSORS", "384K")}
+BUNDLE = paths.REPO / "build" / "devices-test"
+NS = "default"
+
+#: Config every test device starts with: heartbeats every second (config and desired-state changes reach the device
+#: quickly), no public NTP servers (there is no Internet here: the control plane's SNTP responder is used), and a rate
+#: limit high enough for the tests that are not about it (all clients share 127.0.0.1, so one bucket).
+BASE_CONFIG: dict[str, Any] = {"heartbeat_interval_s": 1, "time": {"servers": []},
+                               "api": {"rate_per_s": 500, "burst": 500}}
+
+
+def wait_until(pred: Callable[[], Any], timeout: float = 30, what: str = "condition", interval: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(interval)
+
+
+class ControlPlane:
+    """The control plane as an operator sees it: a `picoiot server` subprocess plus an admin client."""
+
+    def __init__(self, data_dir: Path):
+        self.child = ServerChild(data_dir, extra=("--sweep-interval", "0.2", "--heartbeat-flush", "0.2"))
+        self.url = self.child.url
+        self.data_dir = data_dir
+
+    def start(self) -> "ControlPlane":
+        self.child.start()
+        from picoiot.server.settings import Settings
+        self.secrets = Settings.from_data_dir(self.data_dir).secrets
+        return self
+
+    def stop(self) -> None:
+        self.child.stop()
+
+    def token(self, role: str = "admin") -> str:
+        return issue_token(self.secrets.signing_key, f"test-{role}", NS, role, 3600)
+
+    def api(self, role: str = "admin") -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.token(role)}"}, timeout=20)
+
+    def call(self, method: str, path: str, role: str = "admin", **kw) -> Any:
+        with self.api(role) as c:
+            r = c.request(method, path, **kw)
+        assert r.status_code < 300, f"{method} {path}: {r.status_code} {r.text}"
+        return r.json()
+
+    def device(self, dev_id: str) -> dict:
+        return self.call("GET", f"/api/v1/namespaces/{NS}/devices/{dev_id}", "viewer")
+
+    def config(self, dev_id: str) -> dict:
+        return self.call("GET", f"/api/v1/namespaces/{NS}/devices/{dev_id}/config", "viewer")
+
+    def patch_config(self, dev_id: str, overrides: dict) -> int:
+        """Merge into the device's overrides; returns the new config version."""
+        return self.call("PATCH", f"/api/v1/namespaces/{NS}/devices/{dev_id}/config",
+                         json={"overrides": overrides})["version"]
+
+    def shadow(self, dev_id: str) -> dict:
+        return self.call("GET", f"/api/v1/namespaces/{NS}/devices/{dev_id}/shadows/default", "viewer")
+
+    def desire(self, dev_id: str, desired: dict) -> dict:
+        return self.call("POST", f"/api/v1/namespaces/{NS}/devices/{dev_id}/shadows/default", "operator",
+                         json={"state": {"desired": desired}})
+
+
+class Device:
+    """One simulated device process and the clients to talk to it."""
+
+    def __init__(self, cp: ControlPlane, tmp: Path, dev_id: str, kind: str, config: dict | None = None):
+        self.cp = cp
+        self.id = dev_id
+        self.kind = kind
+        key = provision_over_api(cp.url, cp.token(), dev_id, kind, NS, overrides=_merge(BASE_CONFIG, config or {}))
+        assert key is not None, f"{dev_id} already enrolled"
+        self.key = key["device_key"]
+        from picoiot.procs import free_port
+        settings = device_settings(tmp / f"{dev_id}.json", key, kind, free_port(), tmp / f"{dev_id}.flash")
+        self.child = DeviceChild(settings, runtime=RUNTIME, heap=HEAP[kind], bundle=BUNDLE, log=tmp / f"{dev_id}.log")
+        self.url = self.child.url
+        self.ws_url = self.url.replace("http://", "ws://") + "/ws"
+
+    def start(self, timeout: float = 60) -> "Device":
+        self.child.start()
+        self.child.wait_ready(timeout)
+        return self
+
+    def stop(self) -> None:
+        self.child.stop()
+
+    def token(self, role: str) -> str:
+        return device_local_token(self.key, self.id, role, 3600, sub=f"test-{role}")
+
+    def headers(self, role: str | None) -> dict:
+        return {"Authorization": f"Bearer {self.token(role)}"} if role else {}
+
+    def client(self, role: str | None = "admin") -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers=self.headers(role), timeout=10)
+
+    def get(self, path: str, role: str | None = "viewer", **kw) -> httpx.Response:
+        with self.client(role) as c:
+            return c.get(path, **kw)
+
+    def post(self, path: str, role: str | None = "operator", **kw) -> httpx.Response:
+        with self.client(role) as c:
+            return c.post(path, **kw)
+
+    def info(self) -> dict:
+        r = self.get("/info")
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def relays(self) -> dict[str, str]:
+        r = self.get("/gpio")
+        assert r.status_code == 200, r.text
+        return {x["name"]: x["state"] for x in r.json()["relays"]}
+
+    def configure(self, overrides: dict, timeout: float = 30) -> int:
+        """Change the device's config on the control plane and wait until the device runs that version."""
+        v = self.cp.patch_config(self.id, overrides)
+        wait_until(lambda: self._config_version() == v, timeout, f"{self.id} to apply config v{v}")
+        return v
+
+    def _config_version(self) -> int | None:
+        try:
+            r = self.get("/info")
+        except httpx.TransportError:
+            return None
+        return r.json().get("config_version") if r.status_code == 200 else None
+
+    def wait_restarted(self, restarts: int, timeout: float = 60) -> None:
+        """After a simulated reset: the process was started again (DeviceChild restarts it) and is ready."""
+        wait_until(lambda: self.child.poll() is None and self.child.restarts >= restarts, timeout,
+                   f"{self.id} to restart")
+        self.child.wait_ready(timeout)
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
