@@ -2,7 +2,8 @@
 #   MICROPYPATH=build/fwtest:.frozen micropython -X heapsize=192K -m main_sim settings.json
 #   python firmware/main_sim.py settings.json
 # settings.json: the key file of `picoiot provision` ({device_id, device_key, namespace, service_discovery_url})
-# plus optional kind ("relays"|"sensors"), port, host, flash_dir, relay_pins, wifi_ssid, wifi_password.
+# plus optional kind ("relays"|"sensors"), port, host, flash_dir, relay_pins, wifi_ssid, wifi_password, and config (a
+# factory config merged over the built-in defaults until the control plane sends one).
 # Environment variables override the file: PICOIOT_KIND, PICOIOT_DEVICE_ID, PICOIOT_DEVICE_KEY, PICOIOT_SD_URL,
 # PICOIOT_NAMESPACE, PICOIOT_PORT, PICOIOT_HOST, PICOIOT_FLASH. When the local API listens it prints one line:
 #   picoiot device <id> listening on http://127.0.0.1:<port>
@@ -43,7 +44,7 @@ def settings(argv):
 
 
 def make(s):
-    kw = {"namespace": s.get("namespace"), "host": s["host"], "port": s["port"], "flash_dir": s["flash_dir"],
+    kw = {"namespace": s.get("namespace"), "config": s.get("config"), "host": s["host"], "port": s["port"], "flash_dir": s["flash_dir"],
           "address": "http://%s:%d" % ("127.0.0.1" if s["host"] == "0.0.0.0" else s["host"], s["port"])}
     args = (s.get("wifi_ssid", "sim-ap"), s.get("wifi_password", "sim-password"), s["device_id"], s["device_key"],
             s["service_discovery_url"])

@@ -40,7 +40,8 @@ class Device:
     retry_max_s = 60
 
     def __init__(self, wifi_ssid, wifi_password, device_id, device_key, service_discovery_url, namespace=None,
-                 host="0.0.0.0", port=80, flash_dir=None, address=None):
+                 host="0.0.0.0", port=80, flash_dir=None, address=None, config=None):
+        """config: a factory config merged over the built-in defaults (the control plane's config still wins)."""
         self.wifi_ssid = wifi_ssid
         self._wifi_password = wifi_password
         self.device_id = device_id
@@ -51,6 +52,7 @@ class Device:
         self.port = port
         self.flash_dir = flash_dir
         self.address = address
+        self.factory_config = config
         self.started_ms = ticks_ms()
         self.registered = False
         self.last_contact_ms = None
@@ -97,7 +99,7 @@ class Device:
     def boot(self):
         """Step 1: persisted config (last-known-good), the managers, the domain at its power-on state."""
         from iotlib import fsutil
-        from iotlib.config import ConfigManager
+        from iotlib.config import ConfigManager, merge
         from iotlib.auth import AuthManager
         from iotlib.alarms import AlarmManager
         from iotlib.watchdog import WatchdogManager
@@ -106,7 +108,10 @@ class Device:
         root = self.flash("")
         if root.rstrip("/"):
             fsutil.makedirs(root.rstrip("/"))
-        self.cfg = ConfigManager(self.schema(), self.defaults(), path=self.flash("config.json"))
+        defaults = self.defaults()
+        if self.factory_config:
+            defaults = merge(defaults, self.factory_config)
+        self.cfg = ConfigManager(self.schema(), defaults, path=self.flash("config.json"))
         loaded = self.cfg.load()
         _logmod.configure(level=self.cfg.config["log"]["level"])
         self.alarms = AlarmManager(path=self.flash("alarms"))

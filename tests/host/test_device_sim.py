@@ -1,0 +1,186 @@
+"""firmware/main_sim.py as a process (unix micropython from .mpy, and CPython), with the control plane away: the device
+must come up, print its one ready line, and serve its local API on its built-in config (degraded mode) — relays
+switched over REST with each role, sensors sampled and streamed to a real WebSocket client."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import jwt
+import pytest
+import websockets
+
+from picoiot import build, paths
+
+KEY = "ab" * 32
+# Heaps the controllers need today on the 64-bit unix port (docs/devices.md, Limitations).
+HEAP = {"relays": "256K", "sensors": "320K"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _token(dev: str, role: str, key: str = KEY) -> str:
+    return jwt.encode({"sub": "test", "role": role, "aud": dev, "exp": int(time.time()) + 600}, key, "HS256")
+
+
+class Device:
+    def __init__(self, tmp: Path, kind: str, runtime: str, rate: bool = False):
+        self.id = f"{kind}-t"
+        self.port = _free_port()
+        dead = _free_port()  # nothing listens there: the control plane is away
+        settings = {"device_id": self.id, "device_key": KEY, "kind": kind, "port": self.port,
+                    "service_discovery_url": f"http://127.0.0.1:{dead}/api/devices", "flash_dir": str(tmp / "flash"),
+                    "config": {"api": {"rate_per_s": 1000, "burst": 1000}}}
+        if rate:
+            settings["config"]["api"] = {"rate_per_s": 0.01, "burst": 3}
+        (tmp / "dev.json").write_text(json.dumps(settings))
+        if runtime == "micropython":
+            out = paths.REPO / "build" / "devsim"
+            build.build_firmware(out)
+            cmd = [paths.micropython_bin(), "-X", f"heapsize={HEAP[kind]}", "-m", "main_sim", str(tmp / "dev.json")]
+            env = dict(os.environ, MICROPYPATH=f"{out}:.frozen")
+        else:
+            cmd = [sys.executable, str(paths.FIRMWARE / "main_sim.py"), str(tmp / "dev.json")]
+            env = dict(os.environ)
+        self.log = open(tmp / "device.log", "w+")
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env, cwd=tmp)
+        self.lines = []
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                break
+            self.lines.append(line)
+            if line.startswith("picoiot device "):
+                assert line.strip() == f"picoiot device {self.id} listening on http://127.0.0.1:{self.port}"
+                self.url = f"http://127.0.0.1:{self.port}"
+                return
+        self.stop()
+        raise AssertionError("device did not come up:\n" + "".join(self.lines[-30:]) + self._stderr())
+
+    def _stderr(self) -> str:
+        self.log.seek(0)
+        return self.log.read()[-3000:]
+
+    def stop(self) -> str:
+        self.proc.terminate()
+        try:
+            out, _ = self.proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, _ = self.proc.communicate()
+        return "".join(self.lines) + (out or "") + self._stderr()
+
+
+@pytest.fixture(params=["micropython", "cpython"])
+def runtime(request):
+    return request.param
+
+
+def _check_common(c: httpx.Client, dev: Device):
+    r = c.get("/health")
+    assert r.status_code == 200 and r.json()["status"] == "ok"
+    r = c.get("/ready")
+    assert r.status_code == 503 and r.json()["ready"] is False and r.json()["registered"] is False
+    assert c.get("/info").status_code == 401
+    info = c.get("/info", headers={"Authorization": "Bearer " + _token(dev.id, "viewer")}).json()
+    assert info["device_id"] == dev.id and info["degraded"] is True and info["config_version"] == 0
+    r = c.post("/reboot", headers={"Authorization": "Bearer " + _token(dev.id, "operator")})
+    assert r.status_code == 403
+    m = c.get("/metrics", headers={"Authorization": "Bearer " + _token(dev.id, "viewer")})
+    assert m.status_code == 200 and "iotlib_http_requests_total" in m.text
+
+
+def test_relays_device_serves_locally_without_control_plane(tmp_path, runtime):
+    dev = Device(tmp_path, "relays", runtime)
+    try:
+        with httpx.Client(base_url=dev.url, timeout=10) as c:
+            _check_common(c, dev)
+            viewer = {"Authorization": "Bearer " + _token(dev.id, "viewer")}
+            op = {"Authorization": "Bearer " + _token(dev.id, "operator")}
+            r = c.get("/gpio", headers=viewer)
+            assert r.status_code == 200 and [x["name"] for x in r.json()["relays"]] == ["relay1", "relay2"]
+            assert c.post("/gpio/relay1", json={"state": "on"}, headers=viewer).status_code == 403
+            r = c.post("/gpio/relay1", json={"state": "on"}, headers=op)
+            assert r.status_code == 200 and r.json()["state"] == "on"
+            assert c.get("/gpio/relay1", headers=viewer).json()["state"] == "on"
+            r = c.post("/gpio/relay9", json={"state": "on"}, headers=op)
+            assert r.status_code == 404 and "relay9" in r.json()["error"]
+            r = c.post("/gpio/relay2", content=b"{oops", headers=dict(op, **{"Content-Type": "application/json"}))
+            assert r.status_code == 400 and r.json()["error"] == "request body is not valid JSON"
+            r = c.post("/gpio/relay2", json={"state": "dim"}, headers=op)
+            assert r.status_code == 400
+            r = c.post("/gpio/relay2", json={"state": "on", "pulse_ms": 50}, headers=op)
+            assert r.status_code == 200 and r.json()["state"] == "on"
+            for _ in range(100):
+                if c.get("/gpio/relay2", headers=viewer).json()["state"] == "off":
+                    break
+                time.sleep(0.05)
+            assert c.get("/gpio/relay2", headers=viewer).json()["state"] == "off"
+            wrong = {"Authorization": "Bearer " + _token(dev.id, "admin", key="cd" * 32)}
+            assert c.get("/gpio", headers=wrong).status_code == 401
+    finally:
+        out = dev.stop()
+    assert "MemoryError" not in out, out[-3000:]
+    assert KEY not in out  # the device key is never logged
+
+
+def test_sensors_device_samples_and_streams_without_control_plane(tmp_path, runtime):
+    dev = Device(tmp_path, "sensors", runtime)
+    try:
+        tok = _token(dev.id, "viewer")
+        with httpx.Client(base_url=dev.url, timeout=10) as c:
+            _check_common(c, dev)
+            snap = c.get("/sensors", headers={"Authorization": "Bearer " + tok}).json()
+            assert sorted(snap["values"]) == ["cpu_temp", "humidity", "pressure", "temperature"]
+
+        async def stream():
+            ws_url = f"ws://127.0.0.1:{dev.port}/ws"
+            with pytest.raises(websockets.InvalidStatus) as e:
+                async with websockets.connect(ws_url):
+                    pass
+            assert e.value.response.status_code == 401
+            async with websockets.connect(ws_url, subprotocols=["picoiot", "bearer." + tok]) as ws:
+                assert ws.subprotocol == "picoiot"
+                await ws.send(json.dumps({"type": "subscribe", "fields": ["temperature", "pressure"]}))
+                ack = json.loads(await ws.recv())
+                assert ack["type"] == "subscribed" and ack["fields"] == ["pressure", "temperature"]
+                frames = [json.loads(await asyncio.wait_for(ws.recv(), 10)) for _ in range(2)]
+                assert frames[1]["seq"] > frames[0]["seq"]
+                assert sorted(frames[0]["values"]) == ["pressure", "temperature"]
+                assert 900 < frames[0]["values"]["pressure"] < 1100  # the simulated BME280, in hPa
+                await ws.send(json.dumps({"type": "launch"}))
+                with pytest.raises(websockets.ConnectionClosed) as closed:
+                    while True:
+                        await asyncio.wait_for(ws.recv(), 10)
+                assert closed.value.rcvd.code == 1003
+        asyncio.run(stream())
+    finally:
+        out = dev.stop()
+    assert "MemoryError" not in out, out[-3000:]
+
+
+def test_rate_limit_429_with_retry_after(tmp_path, runtime):
+    dev = Device(tmp_path, "relays", runtime, rate=True)
+    try:
+        with httpx.Client(base_url=dev.url, timeout=10) as c:
+            viewer = {"Authorization": "Bearer " + _token(dev.id, "viewer")}
+            codes = [c.get("/gpio", headers=viewer).status_code for _ in range(5)]
+            assert codes[:3] == [200, 200, 200] and codes[3:] == [429, 429]
+            r = c.get("/gpio", headers=viewer)
+            assert r.status_code == 429 and r.json() == {"error": "rate limit exceeded"}
+            assert int(r.headers["retry-after"]) >= 1
+    finally:
+        out = dev.stop()
+    assert "MemoryError" not in out, out[-3000:]
