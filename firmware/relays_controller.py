@@ -33,22 +33,30 @@ class RelaysController(Device):
 
     def defaults(self):
         d = Device.defaults(self)
+        # Empty on purpose: config sections are deep-merged over the defaults, so built-in relays here would be merged
+        # into every relay map the control plane sends (and collide on pins). relay_pins apply when none is given.
         d["relays"] = {}
-        for name in self.relay_pins:
-            d["relays"][name] = {"pin": self.relay_pins[name], "active_low": False, "power_on": "off",
-                                 "max_on_s": 0, "failsafe": "keep"}
         d["failsafe_after_s"] = 0
         return d
+
+    def builtin_relays(self):
+        r = {}
+        for name in self.relay_pins:
+            r[name] = {"pin": self.relay_pins[name], "power_on": "off", "failsafe": "keep"}
+        return r
+
+    def _configure_relays(self, section):
+        self.bank.configure(section or self.builtin_relays())
 
     def setup_domain(self, config):
         from iotlib.relays import RelayBank
         self.bank = RelayBank(path=self.flash("relays.json"), on_change=self._changed)
         try:
-            self.bank.configure(config["relays"])
+            self._configure_relays(config["relays"])
         except ValueError as e:  # a stored config the firmware no longer accepts: boot on the built-in relays
             _log.error("relay config unusable, using defaults", reason=str(e))
-            self.bank.configure(self.defaults()["relays"])
-        self.cfg.on_change("relays", self.bank.configure)
+            self._configure_relays(None)
+        self.cfg.on_change("relays", self._configure_relays)
 
     def _changed(self, name, state):
         sm = getattr(self, "sm", None)

@@ -35,7 +35,7 @@ def _token(dev: str, role: str, key: str = KEY) -> str:
 
 
 class Device:
-    def __init__(self, tmp: Path, kind: str, runtime: str, rate: bool = False):
+    def __init__(self, tmp: Path, kind: str, runtime: str, rate: bool = False, config: dict | None = None):
         self.id = f"{kind}-t"
         self.port = _free_port()
         dead = _free_port()  # nothing listens there: the control plane is away
@@ -44,6 +44,7 @@ class Device:
                     "config": {"api": {"rate_per_s": 1000, "burst": 1000}}}
         if rate:
             settings["config"]["api"] = {"rate_per_s": 0.01, "burst": 3}
+        settings["config"].update(config or {})
         (tmp / "dev.json").write_text(json.dumps(settings))
         if runtime == "micropython":
             out = paths.REPO / "build" / "devsim"
@@ -184,3 +185,52 @@ def test_rate_limit_429_with_retry_after(tmp_path, runtime):
     finally:
         out = dev.stop()
     assert "MemoryError" not in out, out[-3000:]
+
+
+def test_restore_mode_survives_a_simulated_reset(tmp_path, runtime):
+    factory = {"api": {"rate_per_s": 1000, "burst": 1000},
+               "relays": {"keep": {"pin": 2, "power_on": "restore"}, "boot_on": {"pin": 3, "power_on": "on"},
+                          "plain": {"pin": 4}}}
+    dev = Device(tmp_path, "relays", runtime, config=factory)
+    admin = {"Authorization": "Bearer " + _token(dev.id, "admin")}
+    try:
+        with httpx.Client(base_url=dev.url, timeout=10) as c:
+            st = {x["name"]: x["state"] for x in c.get("/gpio", headers=admin).json()["relays"]}
+            assert st == {"keep": "off", "boot_on": "on", "plain": "off"}
+            assert c.post("/gpio/keep", json={"state": "on"}, headers=admin).status_code == 200
+            assert c.post("/gpio/plain", json={"state": "on"}, headers=admin).status_code == 200
+            r = c.post("/reboot", headers=admin)
+            assert r.status_code == 202
+        dev.proc.wait(timeout=15)
+        assert dev.proc.returncode == 75  # iotlib.sim.RESET_EXIT_CODE: a reset, not a crash
+    finally:
+        out = dev.stop()
+    assert "MemoryError" not in out, out[-3000:]
+    dev = Device(tmp_path, "relays", runtime, config=factory)  # power up again on the same flash
+    try:
+        with httpx.Client(base_url=dev.url, timeout=10) as c:
+            st = {x["name"]: x["state"] for x in c.get("/gpio", headers=admin).json()["relays"]}
+            assert st == {"keep": "on", "boot_on": "on", "plain": "off"}
+            info = c.get("/info", headers=admin).json()
+            assert info["reset_cause"] == "hard"
+    finally:
+        dev.stop()
+
+
+def test_failsafe_applied_when_control_plane_stays_away(tmp_path, runtime):
+    dev = Device(tmp_path, "relays", runtime, config={
+        "failsafe_after_s": 1, "relays": {"heater": {"pin": 2, "failsafe": "off"}, "fan": {"pin": 3, "failsafe": "on"}}})
+    op = {"Authorization": "Bearer " + _token(dev.id, "operator")}
+    try:
+        with httpx.Client(base_url=dev.url, timeout=10) as c:
+            c.post("/gpio/heater", json={"state": "on"}, headers=op)
+            for _ in range(100):
+                info = c.get("/info", headers=op).json()
+                if info["failsafe_active"]:
+                    break
+                time.sleep(0.1)
+            assert info["failsafe_active"] is True
+            assert info["relays"] == {"heater": "off", "fan": "on"}
+    finally:
+        out = dev.stop()
+    assert "control plane away: relays at failsafe state" in out
