@@ -217,3 +217,22 @@ def test_blocking_wait_returns_at_once_if_behind(server):
     server.client.post(_url(), headers=server.auth("operator"), json={"state": {"desired": {"relay1": "on"}}})
     r = server.client.get(d.services["state"], headers=d.headers, params={"version": 0, "wait": 3600})
     assert r.json()["version"] == 1
+
+
+def test_values_the_database_cannot_hold_are_refused_cleanly(server):
+    d = server.register("relay-1")
+    h = {**d.headers, "content-type": "application/json"}
+    for body in ('{"state": {"reported": {"name": "a\\u0000b"}}}', '{"state": {"reported": {"a\\u0000": 1}}}',
+                 '{"state": {"reported": {"x": NaN}}}', '{"state": {"reported": {"x": Infinity}}}'):
+        r = server.client.post(d.services["state"], headers=h, content=body)
+        assert r.status_code == 422 and "NUL character or non-finite number" in r.json()["detail"]["message"], body
+    r = server.client.post(d.services["alarms"], headers=d.headers, json={"alarms": [{"key": "k\x00"}]})
+    assert r.status_code == 422
+    r = server.client.post(d.services["alarms"], headers=d.headers, json={"alarms": [{"key": "k", "count": 2**40}]})
+    assert r.status_code == 422 and r.json()["detail"]["path"] == "alarms.0.count"
+    r = server.client.post("/api/v1/namespaces/default/alarms/999999999999999/ack", headers=server.auth("operator"))
+    assert r.status_code == 422
+    # a NUL smuggled through the path reaches the database layer and still gets a clean 4xx
+    r = server.client.get("/api/v1/namespaces/default/devices/a%00b", headers=server.auth("viewer"))
+    assert r.status_code in (400, 404) and "error" in r.json()
+    assert server.client.get(d.services["state"], headers=d.headers).json()["version"] == 0

@@ -10,13 +10,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request
 
 from . import db as tables
 from .auth import Principal, principal, require_device_or_role, require_ns, require_role
 from .db import now_ms
 from .errors import ApiError
-from .models import AlarmBatchIn, AlarmBatchOut, AlarmIn, AlarmList, AlarmOut, ErrorBody
+from .models import INT32, AlarmBatchIn, AlarmBatchOut, AlarmIn, AlarmList, AlarmOut, ErrorBody
 
 if TYPE_CHECKING:
     from .core import ControlPlane
@@ -168,7 +168,7 @@ async def get_alarms(ns: str, request: Request, p: Principal = Depends(principal
 
 
 @router.post("/api/v1/namespaces/{ns}/alarms/{alarm_id}/ack", response_model=AlarmOut, responses=_ERR)
-async def ack_alarm(ns: str, alarm_id: int, request: Request, p: Principal = Depends(principal)) -> AlarmOut:
+async def ack_alarm(ns: str, request: Request, alarm_id: int = Path(ge=1, le=INT32), p: Principal = Depends(principal)) -> AlarmOut:
     """Acknowledge an alarm (operator). Idempotent; a new firing episode re-arms it."""
     require_ns(p, ns, request)
     require_role(p, "operator")

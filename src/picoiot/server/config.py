@@ -124,7 +124,8 @@ router = APIRouter(tags=["config"])
 @router.get("/api/v1/devices/{device_id}/config", response_model=ConfigOut,
             responses={**_ERR, 304: {"description": "not modified (If-None-Match, or the wait ended unchanged)"}})
 async def get_config(device_id: str, request: Request, p: Principal = Depends(principal),
-                     version: int | None = Query(None, ge=0), wait: float | None = Query(None, ge=0),
+                     version: int | None = Query(None, ge=0, le=2**31 - 1),
+                     wait: float | None = Query(None, ge=0, le=86400),
                      if_none_match: str | None = Header(None)) -> Response:
     """The device's effective config. `?version=N&wait=S` blocks until the version differs from N (or S passes)."""
     cp: ControlPlane = request.app.state.cp

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import FastAPI, Request
+from sqlalchemy.exc import DataError
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -52,6 +53,11 @@ def install(app: FastAPI) -> None:
         where = first.get("loc", ())
         return error_response(422, "invalid request", {
             "path": _loc_path(tuple(where)), "in": where[0] if where else None, "message": first.get("msg", "")})
+
+    @app.exception_handler(DataError)
+    async def _data(_req: Request, exc: DataError):
+        # the last line of defence: a value the database cannot hold (validation should have caught it)
+        return error_response(400, "value out of range or not storable")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_req: Request, exc: StarletteHTTPException):

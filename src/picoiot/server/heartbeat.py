@@ -20,7 +20,7 @@ _ERR: dict[int | str, dict[str, Any]] = {s: {"model": ErrorBody} for s in (400, 
 
 @router.post("/api/v1/devices/{device_id}/heartbeat", response_model=HeartbeatOut, responses=_ERR)
 async def heartbeat(device_id: str, body: HeartbeatIn, request: Request, p: Principal = Depends(principal),
-                    wait: float | None = Query(None, ge=0)) -> HeartbeatOut:
+                    wait: float | None = Query(None, ge=0, le=86400)) -> HeartbeatOut:
     """Record a sign of life; answer the current config/state versions. With `wait`, a long-poll for a change."""
     if not p.is_device:
         raise ApiError(403, "only devices send heartbeats")

@@ -1,9 +1,49 @@
 """Wire schemas (docs/protocol.md), defined once and used by the server, the OpenAPI document and the tests."""
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel as _PydanticModel
+from pydantic import ConfigDict, Field, model_validator
+
+INT32 = 2**31 - 1
+TS_MAX = 2**53  # milliseconds: far beyond any real clock, and exact in every JSON parser
+
+
+def _find_nul(value: Any, path: str) -> str | None:
+    """Path of the first NUL character or non-finite number (NaN/Infinity are not JSON) in value, or None."""
+    if isinstance(value, str):
+        return path if "\x00" in value else None
+    if isinstance(value, float):
+        return None if math.isfinite(value) else path
+    if isinstance(value, dict):
+        for k, v in value.items():
+            sub = f"{path}.{k}" if path else str(k)
+            if "\x00" in str(k):
+                return sub
+            found = _find_nul(v, sub)
+            if found is not None:
+                return found
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            found = _find_nul(v, f"{path}.{i}" if path else str(i))
+            if found is not None:
+                return found
+    return None
+
+
+class BaseModel(_PydanticModel):
+    """Every wire model refuses NUL characters (PostgreSQL cannot store them; no protocol field needs them) and
+    NaN/Infinity (Python's JSON parser accepts them; JSON does not) anywhere in its values."""
+
+    @model_validator(mode="after")
+    def _storable(self):
+        for name in type(self).model_fields:
+            found = _find_nul(getattr(self, name), name)
+            if found is not None:
+                raise ValueError(f"NUL character or non-finite number at {found}")
+        return self
 
 DeviceId = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
 Severity = Literal["info", "warning", "error", "critical"]
@@ -81,7 +121,7 @@ class ConfigOut(BaseModel):
 
 
 class ConfigReportIn(BaseModel):
-    version: int = Field(ge=0)
+    version: int = Field(ge=0, le=INT32)
     status: Literal["applied", "rejected"]
     reason: str | None = Field(default=None, max_length=512)
 
@@ -112,7 +152,7 @@ class ShadowStateIn(BaseModel):
 class ShadowUpdateIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     state: ShadowStateIn
-    version: int | None = Field(default=None, ge=0)
+    version: int | None = Field(default=None, ge=0, le=INT32)
 
 
 class ShadowState(BaseModel):
@@ -140,14 +180,14 @@ class ConflictBody(BaseModel):
 
 # --- heartbeat ---
 class HeartbeatIn(BaseModel):
-    seq: int = Field(default=0, ge=0)
-    uptime: float | None = Field(default=None, ge=0)
-    mem_free: int | None = Field(default=None, ge=0)
-    rssi: int | None = None
-    reconnects: int | None = Field(default=None, ge=0)
+    seq: int = Field(default=0, ge=0, le=TS_MAX)
+    uptime: float | None = Field(default=None, ge=0, le=TS_MAX)
+    mem_free: int | None = Field(default=None, ge=0, le=TS_MAX)
+    rssi: int | None = Field(default=None, ge=-200, le=200)
+    reconnects: int | None = Field(default=None, ge=0, le=TS_MAX)
     firmware: str | None = Field(default=None, max_length=64)
-    config_version: int | None = Field(default=None, ge=0)
-    state_version: int | None = Field(default=None, ge=0)
+    config_version: int | None = Field(default=None, ge=0, le=INT32)
+    state_version: int | None = Field(default=None, ge=0, le=INT32)
 
 
 class Pending(BaseModel):
@@ -168,9 +208,9 @@ class AlarmIn(BaseModel):
     key: str = Field(min_length=1, max_length=128)
     severity: Severity = "warning"
     message: str = Field(default="", max_length=1024)
-    count: int = Field(default=1, ge=1)
-    first_ts: int | None = Field(default=None, ge=0)
-    last_ts: int | None = Field(default=None, ge=0)
+    count: int = Field(default=1, ge=1, le=INT32)
+    first_ts: int | None = Field(default=None, ge=0, le=TS_MAX)
+    last_ts: int | None = Field(default=None, ge=0, le=TS_MAX)
     state: Literal["firing", "resolved"] = "firing"
 
 

@@ -86,7 +86,7 @@ def _list_devices(conn, ns, online, dtype, group, limit, offset):
 async def list_devices(ns: str, request: Request, p: Principal = Depends(principal), online: bool | None = None,
                        device_type: str | None = Query(None, max_length=64),
                        group: str | None = Query(None, max_length=64), limit: int = Query(500, ge=1, le=5000),
-                       offset: int = Query(0, ge=0)) -> DeviceList:
+                       offset: int = Query(0, ge=0, le=10**9)) -> DeviceList:
     """Devices of a namespace; filter by online, type, group."""
     require_ns(p, ns, request)
     require_role(p, "viewer")

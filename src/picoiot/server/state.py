@@ -125,8 +125,8 @@ def _access(request: Request, p: Principal, ns: str, dev: str) -> None:
 
 @router.get(_PATH + "/{name}", response_model=ShadowOut, responses=_ERR)
 async def get_shadow(ns: str, device_id: str, request: Request, name: str = ShadowName,
-                     p: Principal = Depends(principal), version: int | None = Query(None, ge=0),
-                     wait: float | None = Query(None, ge=0)) -> dict[str, Any]:
+                     p: Principal = Depends(principal), version: int | None = Query(None, ge=0, le=2**31 - 1),
+                     wait: float | None = Query(None, ge=0, le=86400)) -> dict[str, Any]:
     """The full shadow document. `?version=N&wait=S` blocks until the version differs from N (or S passes)."""
     _access(request, p, ns, device_id)
     cp: ControlPlane = request.app.state.cp
