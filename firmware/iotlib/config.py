@@ -159,6 +159,21 @@ def merge(base, over):
     return out
 
 
+def merge_sections(schema, base, over):
+    """merge() guided by the schema: sections merge key by key, but a map ("*") or a leaf (a "dict" one too) is
+    taken from over whole. The control plane sends the effective config, so a key it removed (a relay taken out of
+    service by a null override) must not come back from the device's defaults."""
+    out = copy(base)
+    for k, v in over.items():
+        spec = schema.get(k)
+        if (isinstance(v, dict) and isinstance(out.get(k), dict) and isinstance(spec, dict) and not _is_leaf(spec)
+                and "*" not in spec):
+            out[k] = merge_sections(spec, out[k], v)
+        else:
+            out[k] = copy(v)
+    return out
+
+
 class ConfigManager:
     """The device's configuration: `config` (dict) at `version` (int; 0 = built-in defaults)."""
 
@@ -190,10 +205,10 @@ class ConfigManager:
         return self.config.get(name)
 
     def check(self, cfg):
-        """(merged, errors): cfg merged over the defaults, and what is wrong with it."""
+        """(merged, errors): cfg merged over the defaults (sections only: see merge_sections), and what is wrong."""
         if not isinstance(cfg, dict):
             return None, ["config: expected section, got %s" % _type_name(cfg)]
-        merged = merge(self.defaults, cfg)
+        merged = merge_sections(self.schema, self.defaults, cfg)
         return merged, validate(self.schema, merged)
 
     def apply(self, cfg, version=None):
@@ -282,9 +297,14 @@ class ConfigManager:
         if etag:
             headers["If-None-Match"] = etag
         u = url
+        kw = {}
         if wait is not None:
             u = "%s%sversion=%d&wait=%d" % (url, "&" if "?" in url else "?", self._seen_version(), wait)
-        resp = await http.request("GET", u, headers=headers)
+            # the server holds a blocking query up to `wait` s: the client must not give up first
+            need = (wait + 10) * 1000
+            if getattr(http, "timeout_ms", need) < need:
+                kw["timeout_ms"] = need
+        resp = await http.request("GET", u, headers=headers, **kw)
         if resp.status == 304:
             return False, "not modified"
         if resp.status != 200:

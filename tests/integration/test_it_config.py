@@ -1,6 +1,5 @@
 """ConfigManager (firmware/iotlib/config.py) against the real ConfigurationServer, on SQLite and PostgreSQL, under
 CPython and the unix MicroPython."""
-import pytest
 from ittest import BOTH_BACKENDS, run_scenario
 
 
@@ -11,7 +10,6 @@ def test_fetch_longpoll_apply_and_reject(runtime, backend, live_server, operator
     assert out["result"]["failures"] == 2  # the Wi-Fi pin and the unknown key
 
 
-@pytest.mark.xfail(strict=True, reason="ConfigManager.fetch(wait=S) keeps the client's default timeout (< S)")
 def test_blocking_query_outlasts_the_client_default_timeout(runtime, live_server, operator, tmp_path):
     op = operator(live_server())
     out = run_scenario(runtime, "config_wait", op, tmp_path)
