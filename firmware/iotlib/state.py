@@ -261,8 +261,14 @@ class StateManager:
                     raise StateError("version conflict persists after %d retries" % self.max_conflict_retries)
                 await self.fetch()
             elif r.status in (400, 413, 422):
-                # the server will never take this update: drop it (logged), keep the rest flowing
                 bad = self._pending.pop(0)
+                if len(bad) > 1:
+                    # possibly several reports coalesced: send its fields one by one, so that one refused field
+                    # (too big, too deep) does not take the valid ones down with it
+                    for k in bad:
+                        self._pending.insert(0, {k: bad[k]})
+                    continue
+                # the server will never take this update: drop it (logged), keep the rest flowing
                 self.dropped += 1
                 lg = _log()
                 if lg:

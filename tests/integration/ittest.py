@@ -207,6 +207,7 @@ class Operator:
         self.runtime = runtime
         self.params = params
         self.device_id = params.pop("device_id", f"it-{runtime}")
+        self.test_id = self.device_id
         self.ns = "default"
         self.failures: list[BaseException] = []
         self._threads: list[threading.Thread] = []
@@ -265,23 +266,27 @@ class Operator:
                 **self.params}
 
     def op_provision_cli(self) -> dict:
-        """`picoiot provision` against the CLI server's data directory: the key file a device is flashed with."""
-        out = self.tmp_path / f"{self.device_id}.json"
-        cmd = [str(Path(sys.executable).parent / "picoiot"), "provision", self.device_id, "--type", "relays",
-               "--data-dir", str(self.server.data_dir), "--out", str(out), *self.server.db_args]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-        assert proc.returncode == 0, proc.stderr + proc.stdout
-        assert out.stat().st_mode & 0o777 == 0o600
-        kf = json.loads(out.read_text())
+        """`picoiot provision` against the CLI server's data directory: the key file a device is flashed with. Run
+        once per server (the CLI costs seconds of imports); later callers get the same key file."""
+        cache = self.server.__dict__.setdefault("key_files", {})
+        if "cli" not in cache:
+            out = self.server.data_dir / "it-cli.json"
+            cmd = [str(Path(sys.executable).parent / "picoiot"), "provision", "it-cli", "--type", "relays",
+                   "--data-dir", str(self.server.data_dir), "--out", str(out), *self.server.db_args]
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+            assert proc.returncode == 0, proc.stderr + proc.stdout
+            assert out.stat().st_mode & 0o777 == 0o600
+            cache["cli"] = json.loads(out.read_text())
+        kf = cache["cli"]
         assert kf["service_discovery_url"] == self.server.url + "/api/devices", kf
-        self.key = kf["device_key"]
+        self.key, self.device_id = kf["device_key"], kf["device_id"]
         flash = self.tmp_path / "flash"
         flash.mkdir(exist_ok=True)
         return {**kf, "sd_url": kf["service_discovery_url"], "flash": str(flash), **self.params}
 
     def op_provision_individual(self) -> dict:
         """A second device with an individual (random, server-stored) key, through the operators' API."""
-        dev = self.device_id[:60] + "-ind"
+        dev = self.test_id[:60] + "-ind"
         kf = self.api("POST", f"/api/v1/namespaces/{self.ns}/devices", expect=201,
                       json={"device_id": dev, "device_type": "relays", "key_mode": "individual"}).json()
         return {**kf, "sd_url": kf["service_discovery_url"], **self.params}
