@@ -73,3 +73,26 @@ def test_only_one_server_raises_the_offline_alarm(server_factory):
     assert len(alarms) == 5 and all(x["count"] == 1 for x in alarms)
     total = a.cp.metrics.offline_transitions._value.get() + b.cp.metrics.offline_transitions._value.get()
     assert total == 5
+
+
+@pytest.mark.postgres
+def test_a_lost_listen_connection_resyncs_caches_and_waiters(pair):
+    a, b = pair
+    d = a.register("relay-1")
+    hb = d.services["heartbeat"].replace(a.url, b.url)
+    assert b.client.post(hb, headers=d.headers, json={"seq": 1}).json()["pending"]["state_version"] == 0
+    # what B sees after its LISTEN connection was down: a change it never heard about, then the resync
+    import sqlalchemy as sa
+
+    from picoiot.server import db as tables
+    s = tables.shadows
+    b.sql(lambda c: c.execute(s.insert().values(ns="default", device_id="relay-1", name="default", desired={"x": 1},
+                                                reported={}, meta={}, version=5, updated_ts=1)))
+    assert b.client.post(hb, headers=d.headers, json={"seq": 2}).json()["pending"]["state_version"] == 0  # stale
+    # cut the servers' LISTEN connections (only this test's channel): they reconnect and resync
+    channel = b.cp.notifier.channel
+    killed = b.sql(lambda c: c.execute(sa.text(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE query = :q"),
+        {"q": f'LISTEN "{channel}"'}).scalar())
+    assert killed >= 1
+    wait_until(lambda: b.client.post(hb, headers=d.headers, json={"seq": 3}).json()["pending"]["state_version"] == 5)

@@ -27,6 +27,9 @@ class VersionCache:
         self._v: dict[tuple[str, str], list[int]] = {}
 
     def on_event(self, e: dict) -> None:
+        if e["kind"] == "resync":
+            self._v.clear()
+            return
         key = (e["ns"], e["dev"])
         if e["kind"] == "deleted":
             self._v.pop(key, None)

@@ -88,7 +88,9 @@ class Liveness:
         cp.notifier.add_listener(self._on_event)
 
     def _on_event(self, e: dict) -> None:
-        if e["kind"] in ("offline", "deleted"):
+        if e["kind"] == "resync":  # offline events may have been missed: confirm each device once more
+            self._online.clear()
+        elif e["kind"] in ("offline", "deleted"):
             self._online.discard((e["ns"], e["dev"]))
             if e["kind"] == "deleted":
                 self._pending.pop((e["ns"], e["dev"]), None)

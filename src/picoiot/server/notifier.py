@@ -82,6 +82,17 @@ class Notifier:
         for sub in list(self._subs.get(topic(event["ns"], event["dev"]), ())):
             sub.event.set()
 
+    def resync(self) -> None:
+        """Events may have been missed (a lost LISTEN connection): listeners drop their caches, every waiter re-reads."""
+        for fn in self._listeners:
+            try:
+                fn({"kind": "resync"})
+            except Exception:  # pragma: no cover
+                log.exception("notifier listener failed")
+        for subs in list(self._subs.values()):
+            for sub in list(subs):
+                sub.event.set()
+
     def deliver_all(self, events: list[dict]) -> None:
         for e in events:
             self.deliver(e)
@@ -138,11 +149,15 @@ class PostgresNotifier(Notifier):
 
     def _listen(self) -> None:
         import psycopg
+        connected_before = False
         while not self._stop.is_set():
             try:
                 with psycopg.connect(self._conninfo, autocommit=True) as conn:
                     conn.execute(f'LISTEN "{self.channel}"')
                     self._ready.set()
+                    if connected_before and self.loop is not None and not self.loop.is_closed():
+                        self.loop.call_soon_threadsafe(self.resync)
+                    connected_before = True
                     while not self._stop.is_set():
                         for n in conn.notifies(timeout=1.0):
                             if self._stop.is_set():
