@@ -202,9 +202,9 @@ class Device:
             _log.info("control plane reachable")
         self.degraded = False
 
-    def _lost(self, why):
-        if not self.degraded:
-            _log.warning("control plane unreachable: degraded mode", reason=why)
+    def _lost(self, why, retry_s=None):
+        _log.warning("control plane unreachable" + ("" if self.degraded else ": degraded mode"), reason=why,
+                     retry_s=retry_s)
         self.degraded = True
 
     async def _cloud(self):
@@ -227,7 +227,7 @@ class Device:
                 delay = self.retry_min_s
                 wait = self.config_poll_s
             except Exception as e:  # HTTPError, AuthError, OSError: degrade, retry with backoff
-                self._lost(_logmod.exc_summary(e))
+                self._lost(_logmod.exc_summary(e), delay)
                 wait = delay
                 delay = min(delay * 2, self.retry_max_s)
             self.wd.checkin("cloud")

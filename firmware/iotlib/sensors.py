@@ -10,7 +10,18 @@
 # Sources: rp2040.temperature (°C), adc0-adc3 (volts; adc3 is VSYS/3 on a Pico W), bme280.temperature|humidity|pressure
 # (°C, %RH, hPa), sht3x.temperature|humidity.
 from iotlib.compat import const, asyncio, sleep_ms, ticks_ms, ticks_diff, epoch_ms
-from iotlib import filters as _filters
+
+
+def _flt():
+    # iotlib.filters is loaded only when some field has a filter: it costs heap, and the default config has none.
+    from iotlib import filters
+    return filters
+
+
+def _check_chain(chain, path):
+    if isinstance(chain, list) and not chain:
+        return []
+    return _flt().validate(chain, path)
 
 _VREF = 3.3
 _U16 = const(65535)
@@ -205,7 +216,7 @@ def validate(section):
             continue
         if _split(f.get("source") if isinstance(f.get("source"), str) else "")[0] is None:
             errs.append(p + ".source: unknown source %r" % (f.get("source"),))
-        errs.extend(_filters.validate(f.get("filters", []), p + ".filters"))
+        errs.extend(_check_chain(f.get("filters", []), p + ".filters"))
         for k in f:
             if k not in ("source", "filters", "unit"):
                 errs.append("%s.%s: unknown field" % (p, k))
@@ -238,11 +249,11 @@ def _filter_chain(name, spec, errs):
         chain.append({"delta": spec.get("threshold", 0)})
     elif kind != "none":
         errs.append(p + ".kind: must be one of none, ema, median, deadband")
-    for e in _filters.validate(chain, p):
+    for e in _check_chain(chain, p):
         param = {"ema": "alpha", "median": "window", "delta": "threshold"}[list(chain[0])[0]]
         errs.append("%s.%s: %s" % (p, param, e.split(": ", 1)[1]))
     extra = spec.get("chain", [])
-    errs.extend(_filters.validate(extra, p + ".chain"))
+    errs.extend(_check_chain(extra, p + ".chain"))
     return chain + (extra if isinstance(extra, list) else [])
 
 
@@ -276,7 +287,7 @@ class _Field:
     def __init__(self, name, conf):
         self.name = name
         self.driver, self.quantity = _split(conf["source"])
-        self.chain = _filters.build(conf.get("filters"))
+        self.chain = _flt().build(conf["filters"]) if conf.get("filters") else None
         self.conf = conf
 
 
@@ -410,9 +421,13 @@ class SensorHub:
         now = ticks_ms()
         for name, f in self._fields.items():
             r = readings[f.driver]
-            v = _filters.run_chain(f.chain, None if r is None else r.get(f.quantity), now)
-            if v is not _filters.SKIP:
-                self.values[name] = v
+            v = None if r is None else r.get(f.quantity)
+            if f.chain:
+                flt = _flt()
+                v = flt.run_chain(f.chain, v, now)
+                if v is flt.SKIP:
+                    continue
+            self.values[name] = v
         self.seq += 1
         self.samples += 1
         self.ts = self._clock()
