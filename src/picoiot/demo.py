@@ -105,7 +105,9 @@ class Demo:
             step = 0
             while True:
                 try:
-                    dev.wait_ready(90)
+                    # a heap that is too small can also leave the device up but failing: give up on the first
+                    # MemoryError instead of waiting for a readiness that will not come
+                    dev.wait_ready(90, stop=dev.out_of_memory)
                     break
                 except ProcError as e:
                     oom = dev.out_of_memory()

@@ -121,7 +121,7 @@ def sim(kind: str = typer.Option(..., "--kind", help="relays | sensors"),
         with console.status(f"waiting for {count} {kind} device(s) to become ready…"):
             for d in devices:
                 try:
-                    d.wait_ready(ready_timeout)
+                    d.wait_ready(ready_timeout, stop=d.out_of_memory)
                     console.print(f"{d.device_id}  {d.url}  ready")
                 except ProcError as e:
                     hint = (f" — MemoryError: the firmware needs more than {heap} so far; try --heap 384K"

@@ -70,6 +70,7 @@ class Child:
         self.proc: Optional[subprocess.Popen] = None
         self.restarts = 0
         self.exit_status: Optional[int] = None
+        self.log_start = 0
 
     def argv(self) -> list[str]:
         raise NotImplementedError
@@ -80,6 +81,7 @@ class Child:
     def start(self) -> "Child":
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as out:
+            self.log_start = out.tell()  # what this run wrote starts here
             self.proc = subprocess.Popen(self.argv(), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          env=self.env(), start_new_session=True)
         self.exit_status = None
@@ -224,12 +226,20 @@ class DeviceChild(Child):
             rc = self.poll()
             if rc is not None:
                 raise ProcError(f"device {self.name} exited with status {rc}" + _why(self.tail()))
-            if time.monotonic() > deadline or (stop is not None and stop()):
+            if stop is not None and stop():
+                raise ProcError(f"device {self.name} failed while starting" + _why(self.tail()))
+            if time.monotonic() > deadline:
                 raise ProcError(f"device {self.name} not ready within {timeout_s:.0f} s" + _why(self.tail()))
             time.sleep(0.1)
 
     def out_of_memory(self) -> bool:
-        return "MemoryError" in self.tail(4000)
+        """This run (since the last start) hit a MemoryError: the heap is too small for the firmware."""
+        try:
+            with open(self.log, "rb") as f:
+                f.seek(self.log_start)
+                return b"MemoryError" in f.read()
+        except OSError:
+            return False
 
 
 def _why(log_tail: str) -> str:

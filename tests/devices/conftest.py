@@ -44,3 +44,6 @@ def device_factory(cp, bundle, tmp_path_factory, request):
     finally:
         for d in started:
             d.stop()
+        # the heaps in devtest.HEAP are meant to be enough: a MemoryError anywhere is a failure even if no test saw it
+        oom = [d.id for d in started if b"MemoryError" in d.child.log.read_bytes()]
+        assert not oom, f"MemoryError in the log of {oom} (heap {[d.child.heap for d in started]})"
