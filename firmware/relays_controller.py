@@ -81,42 +81,9 @@ class RelaysController(Device):
                     _log.warning("desired state refused", relay=name, reason=str(e))
         return out
 
-    # --- REST ---
     def routes(self, web):
-        from iotlib.web import error, json_body
-        bank = self.bank
-
-        async def list_all(req):
-            return {"relays": [bank.describe(n) for n in bank.names()]}
-
-        async def get_one(req, relay):
-            if relay not in bank:
-                return error(404, "unknown relay %r" % relay)
-            return bank.describe(relay)
-
-        async def post_one(req, relay):
-            if relay not in bank:
-                return error(404, "unknown relay %r" % relay)
-            body = json_body(req)
-            for k in body:
-                if k not in ("state", "pulse_ms"):
-                    return error(400, "unknown field %r (expected state, pulse_ms)" % k)
-            state = body.get("state")
-            if state not in ("on", "off", "toggle"):
-                return error(400, "state must be \"on\", \"off\" or \"toggle\"")
-            pulse = body.get("pulse_ms")
-            try:
-                await bank.set(relay, state, pulse)
-            except ValueError as e:
-                return error(400, str(e))
-            claims = req.g.claims or {}
-            _log.info("relay switched", relay=relay, state=bank.state(relay), by=claims.get("sub"), pulse_ms=pulse)
-            return bank.describe(relay)
-
-        # bank may be replaced never (reload reconfigures it in place), so the closures stay valid
-        web.route("/gpio", "viewer", list_all)
-        web.route("/gpio/<relay>", "viewer", get_one)
-        web.route("/gpio/<relay>", "operator", post_one, methods=["POST"])
+        from iotlib.relays_api import install
+        install(web, self.bank)
 
     # --- failsafe ---
     def domain_tasks(self, wd):

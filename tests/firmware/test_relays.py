@@ -278,3 +278,4 @@ def test_interlock_proved_on_simulated_pins():
     b.drive(2, 1)
     b.drive(3, 1)
     assert b.first_overlap((2, 3), level=1) is not None
+
