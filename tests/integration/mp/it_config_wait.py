@@ -6,12 +6,13 @@ from it_device import Device, RELAYS_SCHEMA, RELAYS_DEFAULTS
 
 async def main(ctl):
     p = ctl.ask("setup")
-    dev = Device(p, timeout_ms=1000)  # the client's default for ordinary calls: shorter than the wait below
+    dev = Device(p)
     await dev.register()
     cm = ConfigManager(RELAYS_SCHEMA, RELAYS_DEFAULTS)
     url = dev.url("config")
     changed, reason = await cm.fetch(dev.http, url, dev.token)
     assert changed, reason
-    changed, reason = await cm.fetch(dev.http, url, dev.token, wait=2)  # nothing changes: 304 after 2 s
+    dev.http.timeout_ms = 500  # the client's default for ordinary calls: shorter than the wait below
+    changed, reason = await cm.fetch(dev.http, url, dev.token, wait=1)  # nothing changes: 304 after 1 s
     assert (changed, reason) == (False, "not modified"), (changed, reason)
     return {"version": cm.version}
