@@ -75,6 +75,8 @@ class ControlPlane:
         self.versions = VersionCache()
         self.notifier.add_listener(self.versions.on_event)
         self.metrics = Metrics()
+        from .auth import TokenCache
+        self.tokens = TokenCache()
         from .liveness import Liveness
         self.liveness = Liveness(self)
         self.started_ms = 0
