@@ -50,6 +50,9 @@ class RelaysController(Device):
 
     def setup_domain(self, config):
         from iotlib.relays import RelayBank
+        from iotlib import metrics
+        self._m_on = metrics.gauge("iotlib_relay_on", "1 while the relay is on.", ("relay",))
+        self._m_switches = metrics.counter("iotlib_relay_switches", "Effective relay switches since boot.", ("relay",))
         self.bank = RelayBank(path=self.flash("relays.json"), on_change=self._changed)
         try:
             self._configure_relays(config["relays"])
@@ -57,8 +60,12 @@ class RelaysController(Device):
             _log.error("relay config unusable, using defaults", reason=str(e))
             self._configure_relays(None)
         self.cfg.on_change("relays", self._configure_relays)
+        for name in self.bank.names():
+            self._m_on.set(1 if self.bank.state(name) == "on" else 0, relay=name)
 
     def _changed(self, name, state):
+        self._m_on.set(1 if state == "on" else 0, relay=name)
+        self._m_switches.inc(relay=name)
         sm = getattr(self, "sm", None)
         if sm is not None:
             sm.report({name: state})

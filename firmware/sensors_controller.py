@@ -56,6 +56,21 @@ class SensorsController(Device):
             self.hub.configure(section_from_config(self.defaults()))
         for sec in ("sampling", "filters", "i2c"):
             self.cfg.on_change(sec, self._reload)
+        from iotlib import metrics
+        self._m_value = metrics.gauge("iotlib_sensor_value", "Latest published value of a field (NaN while failing).",
+                                      ("field",))
+        metrics.gauge_fn("iotlib_sensor_faults", "Sensors failing now.", lambda: len(self.hub.faults))
+        metrics.gauge_fn("iotlib_ws_clients", "WebSocket stream clients connected.",
+                         lambda: len(self.stream.clients) if self.stream else 0)
+        metrics.gauge_fn("iotlib_ws_clients_dropped", "Stream clients dropped as too slow or silent since boot.",
+                         lambda: self.stream.dropped if self.stream else 0)
+        self.hub.listen(self._export)
+
+    def _export(self, snap):
+        values = snap["values"]
+        for k in values:
+            v = values[k]
+            self._m_value.set(float("nan") if v is None else v, field=k)
 
     def _reload(self, _section):
         from iotlib.sensors import section_from_config

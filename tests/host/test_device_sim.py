@@ -21,7 +21,7 @@ from picoiot import build, paths
 
 KEY = "ab" * 32
 # Heaps the controllers need today on the 64-bit unix port (docs/devices.md, Limitations).
-HEAP = {"relays": "256K", "sensors": "320K"}
+HEAP = {"relays": "272K", "sensors": "320K"}
 
 
 def _free_port() -> int:
@@ -89,6 +89,14 @@ def runtime(request):
     return request.param
 
 
+def _metrics(c: httpx.Client, dev: Device) -> dict:
+    from prometheus_client.parser import text_string_to_metric_families
+    r = c.get("/metrics", headers={"Authorization": "Bearer " + _token(dev.id, "viewer")})
+    assert r.status_code == 200
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(r.text) for s in fam.samples}
+
+
 def _check_common(c: httpx.Client, dev: Device):
     r = c.get("/health")
     assert r.status_code == 200 and r.json()["status"] == "ok"
@@ -129,6 +137,10 @@ def test_relays_device_serves_locally_without_control_plane(tmp_path, runtime):
                     break
                 time.sleep(0.05)
             assert c.get("/gpio/relay2", headers=viewer).json()["state"] == "off"
+            samples = _metrics(c, dev)
+            assert samples[("iotlib_relay_on", (("relay", "relay1"),))] == 1
+            assert samples[("iotlib_relay_on", (("relay", "relay2"),))] == 0
+            assert samples[("iotlib_relay_switches_total", (("relay", "relay2"),))] == 2  # on, then off by the pulse
             wrong = {"Authorization": "Bearer " + _token(dev.id, "admin", key="cd" * 32)}
             assert c.get("/gpio", headers=wrong).status_code == 401
     finally:
@@ -145,6 +157,9 @@ def test_sensors_device_samples_and_streams_without_control_plane(tmp_path, runt
             _check_common(c, dev)
             snap = c.get("/sensors", headers={"Authorization": "Bearer " + tok}).json()
             assert sorted(snap["values"]) == ["cpu_temp", "humidity", "pressure", "temperature"]
+            samples = _metrics(c, dev)
+            assert 900 < samples[("iotlib_sensor_value", (("field", "pressure"),))] < 1100
+            assert samples[("iotlib_sensor_faults", ())] == 0
 
         async def stream():
             ws_url = f"ws://127.0.0.1:{dev.port}/ws"
