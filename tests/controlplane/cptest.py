@@ -80,10 +80,10 @@ class Device:
 class LiveServer:
     """The app under uvicorn in a thread, on a free port; `client` is an httpx.Client on its base URL."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, app=None):
         import uvicorn
         self.settings = settings
-        self.app = create_app(settings)
+        self.app = app if app is not None else create_app(settings)
         self.cp = self.app.state.cp
         self._server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning",
                                                      access_log=False, lifespan="on"))

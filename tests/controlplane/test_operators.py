@@ -185,3 +185,24 @@ def test_ready_is_503_when_the_database_is_gone(server_factory, tmp_path):
     r = s.client.get("/ready")
     assert r.status_code == 503 and r.json()["ready"] is False and r.json()["database"] is False
     assert s.client.get("/health").status_code == 200  # alive, just not ready
+
+
+def test_services_mount_on_their_own(backend, tmp_path):
+    """create_app(services=[…]): e.g. discovery alone on its own host, with the operations endpoints."""
+    from cptest import LiveServer, drop_schema, make_settings, new_schema
+    from picoiot.server import create_app
+
+    schema = new_schema() if backend == "postgres" else None
+    settings = make_settings(backend, tmp_path, schema)
+    s = LiveServer(settings, app=create_app(settings, services=["discovery", "ops"]))
+    try:
+        assert s.client.get("/health").status_code == 200
+        d = s.register("relay-1")
+        assert s.client.get(d.services["config"], headers=d.headers).status_code == 404  # not mounted here
+        assert set(s.client.get("/openapi.json").json()["paths"]) == {
+            "/api/devices/challenge", "/api/devices/register", "/api/devices/refresh", "/health", "/ready",
+            "/metrics"}
+    finally:
+        s.stop()
+        if schema:
+            drop_schema(schema)
