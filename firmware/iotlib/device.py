@@ -3,7 +3,7 @@
 # (the local API keeps serving on the last-known-good config, alarms and state are buffered and resynced in full).
 # A controller subclass gives: device_type, capabilities, schema()/defaults(), setup_domain(), domain routes, the
 # state-delta handler and its own supervised tasks.
-from iotlib.compat import asyncio, ticks_ms, ticks_diff, mem_free, epoch_ms
+from iotlib.compat import asyncio, ticks_ms, ticks_diff, mem_free
 from iotlib import log as _logmod
 from iotlib import __version__
 
