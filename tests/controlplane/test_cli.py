@@ -209,5 +209,12 @@ def test_sntp_port_serves_time_and_is_advertised(tmp_path):
             reply, _ = sock.recvfrom(512)
         assert len(reply) >= 48 and reply[0] & 0x7 == 4  # mode 4: server
         assert struct.unpack("!I", reply[40:44])[0] > 0  # a transmit timestamp
+        # a namespace created by `provision` while the server runs is usable at once
+        lab = json.loads(run("provision", "lab-1", "--namespace", "lab", "--data-dir", str(tmp_path / "d")).stdout)
+        c = srv.client
+        nonce = c.post("/api/devices/challenge", json={"device_id": "lab-1", "namespace": "lab"}).json()["nonce"]
+        r = c.post("/api/devices/register", json={"device_id": "lab-1", "nonce": nonce,
+                                                   "signature": sign(lab["device_key"], nonce, "lab-1")})
+        assert r.status_code == 200 and r.json()["namespace"] == "lab"
     finally:
         assert srv.stop() == 0

@@ -157,3 +157,15 @@ def test_reregistration_keeps_first_seen_and_updates_firmware(server):
     d = tables.devices
     rows = server.sql(lambda c: c.execute(sa.select(sa.func.count()).select_from(d)).scalar())
     assert rows == 1
+
+
+def test_token_cache_still_enforces_expiry(server):
+    from picoiot.server.auth import Principal
+    d = server.register("relay-1")
+    assert server.client.post(d.services["heartbeat"], headers=d.headers, json={"seq": 1}).status_code == 200
+    cache = server.cp.tokens
+    assert d.token in cache._seen  # verified once, then served from the cache
+    cache._seen[d.token] = Principal(sub="relay-1", ns="default", role="device", exp=1)  # as if time had passed
+    r = server.client.post(d.services["heartbeat"], headers=d.headers, json={"seq": 2})
+    assert r.status_code == 401 and r.json()["error"] == "token expired"
+    assert d.token not in cache._seen
