@@ -4,17 +4,20 @@
 from iotlib.compat import asyncio
 from iotlib.config import ConfigManager
 from iotlib.relays import RelayBank
-from it_device import Device, RELAYS_SCHEMA, RELAYS_DEFAULTS, read_json
+from it_device import Device, BOARD_RELAYS, contains, read_json, relays_config
 
 
 def manager(path, bank, calls):
-    cm = ConfigManager(RELAYS_SCHEMA, RELAYS_DEFAULTS, path=path)
+    """The relays controller's ConfigManager wiring: its schema and defaults, the relay bank as hot-reload callback
+    (built-in relays while the config names none)."""
+    schema, defaults = relays_config()
+    cm = ConfigManager(schema, defaults, path=path)
     cm.load()
-    bank.configure(cm.config["relays"])
+    bank.configure(cm.config["relays"] or BOARD_RELAYS)
 
     def reload_relays(section):
         calls.append(section)
-        bank.configure(section)
+        bank.configure(section or BOARD_RELAYS)
     cm.on_change("relays", reload_relays)
     return cm
 
@@ -33,7 +36,7 @@ async def main(ctl):
     changed, reason = await cm.fetch(dev.http, url, dev.token)
     srv = ctl.ask("config_show")
     assert srv["version"] >= 1 and cm.version == srv["version"], (cm.version, srv)
-    assert cm.config == srv["config"], "device config differs from the server's effective config"
+    assert contains(cm.config, srv["config"]) == [], contains(cm.config, srv["config"])
     assert srv["report"]["version"] == cm.version and srv["report"]["status"] == "applied", srv["report"]
     assert (await cm.fetch(dev.http, url, dev.token)) == (False, "not modified")  # If-None-Match → 304
     v1 = cm.version
@@ -70,13 +73,23 @@ async def main(ctl):
     srv = ctl.ask("config_show")
     assert srv["report"]["version"] == v4 and srv["report"]["status"] == "rejected", srv["report"]
 
-    # 5. fixed by the operator → applied
-    v5 = ctl.ask("patch_config", overrides={"relays": {"relay2": {"pulse_sm": None, "max_on_s": 60}}})["version"]
+    # 5. beyond what the device accepts (its schema: failsafe_after_s <= 86400; the server sets no maximum)
+    v5 = ctl.ask("patch_config", overrides={"failsafe_after_s": 100000})["version"]
     changed, reason = await cm.fetch(dev.http, url, dev.token, wait=30)
-    assert changed and cm.version == v5 and bank.describe("relay2")["max_on_s"] == 60, (reason, cm.version)
+    assert not changed and "failsafe_after_s" in reason, reason
+    srv = ctl.ask("config_show")
+    assert srv["report"]["version"] == v5 and srv["report"]["status"] == "rejected", srv["report"]
+    assert cm.config["failsafe_after_s"] == 0
+
+    # 6. fixed by the operator → applied
+    v6 = ctl.ask("patch_config", overrides={"relays": {"relay2": {"pulse_sm": None, "max_on_s": 60}},
+                                            "failsafe_after_s": 30})["version"]
+    changed, reason = await cm.fetch(dev.http, url, dev.token, wait=30)
+    assert changed and cm.version == v6 and bank.describe("relay2")["max_on_s"] == 60, (reason, cm.version)
+    assert cm.config["failsafe_after_s"] == 30
     assert ctl.ask("config_show")["report"]["status"] == "applied"
 
-    # 6. reboot: the last-known-good comes back from flash
+    # 7. reboot: the last-known-good comes back from flash
     again = manager(path, RelayBank(), [])
-    assert again.version == v5 and again.config == cm.config
+    assert again.version == v6 and again.config == cm.config
     return {"version": cm.version, "applied": cm.applied, "failures": cm.failures}

@@ -1,14 +1,14 @@
 # A blocking config query longer than the HTTP client's default timeout must not turn into a transport error: the
 # server holds it for `wait` seconds by design (protocol §3), so the client has to allow for that.
 from iotlib.config import ConfigManager
-from it_device import Device, RELAYS_SCHEMA, RELAYS_DEFAULTS
+from it_device import Device, relays_config
 
 
 async def main(ctl):
     p = ctl.ask("setup")
     dev = Device(p)
     await dev.register()
-    cm = ConfigManager(RELAYS_SCHEMA, RELAYS_DEFAULTS)
+    cm = ConfigManager(*relays_config())
     url = dev.url("config")
     changed, reason = await cm.fetch(dev.http, url, dev.token)
     assert changed, reason

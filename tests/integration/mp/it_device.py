@@ -7,9 +7,20 @@ import sys
 from iotlib.http import HTTPClient
 from iotlib.auth import AuthManager
 
-# The `relays` device type as the device checks it (iotlib.config compact schema). It mirrors the control plane's
-# built-in type (src/picoiot/server/devicetypes.py) but, like a real device, refuses keys it does not know, and the
-# relay bank's hot-reload callback refuses what the hardware cannot do (e.g. a GPIO wired to the Wi-Fi chip).
+# The relays board the scenarios boot with (the control plane's `relays` type has the same two relays).
+BOARD_RELAYS = {"relay1": {"pin": 16}, "relay2": {"pin": 17}}
+
+
+def relays_config():
+    """(schema, defaults) of the relays controller (firmware/relays_controller.py): what a relays device validates
+    the control plane's config against; its relay bank's hot-reload callback checks the relays in depth."""
+    from relays_controller import RelaysController
+    c = RelaysController("lab", "", "it", "-", "http://127.0.0.1")
+    return c.schema(), c.defaults()
+
+
+# A representative schema whose defaults name built-in relays (a map section): the shape in which a relay removed by
+# the operator used to come back from the device's defaults (see it_config_remove).
 _RELAY = {
     "pin": {"type": "int", "required": True, "min": 0, "max": 28},
     "active_low": {"type": "bool"},
@@ -41,6 +52,19 @@ RELAYS_DEFAULTS = {
     },
     "failsafe_after_s": 0,
 }
+
+
+def contains(big, small, path=""):
+    """Problems where `big` does not hold every value of `small` (recursively); [] when it does."""
+    if isinstance(small, dict) and isinstance(big, dict):
+        out = []
+        for k in small:
+            if k not in big:
+                out.append(path + k + ": missing")
+            else:
+                out += contains(big[k], small[k], path + k + ".")
+        return out
+    return [] if big == small else [path + ": %r != %r" % (big, small)]
 
 
 class Ctl:

@@ -5,14 +5,14 @@ from iotlib.compat import asyncio
 from iotlib.config import ConfigManager
 from iotlib.state import StateManager
 from iotlib.watchdog import WatchdogManager
-from it_device import Device, RELAYS_SCHEMA, RELAYS_DEFAULTS
+from it_device import Device, relays_config
 
 
 async def main(ctl):
     p = ctl.ask("setup")
     dev = Device(p)
     await dev.register()
-    cm = ConfigManager(RELAYS_SCHEMA, RELAYS_DEFAULTS)
+    cm = ConfigManager(*relays_config())
     await cm.fetch(dev.http, dev.url("config"), dev.token)
     sm = StateManager(dev.http, dev.auth)
     deltas = []

@@ -7,7 +7,7 @@ from iotlib.http import HTTPError
 from iotlib.relays import RelayBank
 from iotlib.state import StateManager
 from iotlib.watchdog import WatchdogManager
-from it_device import Device, relay_delta_handler, RELAYS_SCHEMA, RELAYS_DEFAULTS
+from it_device import Device, relay_delta_handler, relays_config, BOARD_RELAYS
 
 
 async def fails(coro):
@@ -23,8 +23,9 @@ async def main(ctl):
     dev = Device(p, timeout_ms=5000)
     await dev.register()
     bank = RelayBank()
-    bank.configure(RELAYS_DEFAULTS["relays"])
-    cm = ConfigManager(RELAYS_SCHEMA, RELAYS_DEFAULTS, path=p["flash"] + "/config.json")
+    bank.configure(BOARD_RELAYS)
+    schema, defaults = relays_config()
+    cm = ConfigManager(schema, defaults, path=p["flash"] + "/config.json")
     assert (await cm.fetch(dev.http, dev.url("config"), dev.token))[0]
     sm = StateManager(dev.http, dev.auth)
     sm.on_delta(relay_delta_handler(bank))

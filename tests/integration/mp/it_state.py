@@ -3,7 +3,7 @@
 from iotlib.compat import asyncio
 from iotlib.relays import RelayBank
 from iotlib.state import StateManager
-from it_device import Device, relay_delta_handler, RELAYS_DEFAULTS
+from it_device import Device, relay_delta_handler, BOARD_RELAYS
 
 
 async def main(ctl):
@@ -11,7 +11,7 @@ async def main(ctl):
     dev = Device(p)
     await dev.register()
     bank = RelayBank()
-    bank.configure(RELAYS_DEFAULTS["relays"])
+    bank.configure(BOARD_RELAYS)
     sm = StateManager(dev.http, dev.auth)
     deltas = []
 
