@@ -49,9 +49,17 @@ def server(db: Optional[str] = DbUrl, host: str = typer.Option("127.0.0.1", help
            db_schema: Optional[str] = DbSchema,
            sweep_interval: float = typer.Option(1.0, help="seconds between liveness flush / offline sweeps"),
            heartbeat_flush: float = typer.Option(1.0, help="write last_seen every N s (0 = on every heartbeat)"),
-           token_ttl: int = typer.Option(3600, help="device token lifetime, seconds")) -> None:
+           token_ttl: int = typer.Option(3600, help="device token lifetime, seconds"),
+           log_level: str = typer.Option("info", help="debug | info | warning | error (to stderr)")) -> None:
     """Run the control plane (discovery, config, state, heartbeat, alarms[, SNTP]) until SIGTERM/SIGINT."""
+    import logging
+
     import uvicorn
+
+    level = getattr(logging, log_level.upper(), None)
+    if not isinstance(level, int):
+        _fail("--log-level: debug, info, warning or error")
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     from .server.app import create_app
 

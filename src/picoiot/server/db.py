@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import anyio
@@ -132,6 +133,9 @@ LATEST = MIGRATIONS[-1][0]
 def make_engine(settings: Settings) -> sa.Engine:
     url = settings.db_url
     if url.startswith("sqlite"):
+        db_path = sa.make_url(url).database
+        if db_path and db_path != ":memory:":
+            Path(db_path).parent.mkdir(parents=True, exist_ok=True)
         engine = sa.create_engine(url, connect_args={"check_same_thread": False, "timeout": 30},
                                   pool_size=8, max_overflow=16)
 
