@@ -72,6 +72,15 @@ def metric(client: httpx.Client, name: str, **labels) -> float:
 
 
 # ------------------------------------------------------------------------------------------------ servers
+def _die_with_parent() -> None:
+    """Linux: the server gets SIGTERM when the test process dies, so a killed test run leaves no server behind."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # pragma: no cover - not Linux/glibc
+        pass
+
+
 class ServerProcess:
     """`picoiot server` (the real CLI) as a subprocess on fixed ports, so it can be stopped and started again on the
     same address with the same data directory, the way an operator restarts the control plane."""
@@ -95,7 +104,7 @@ class ServerProcess:
     def start(self) -> "ServerProcess":
         self.data_dir.mkdir(parents=True, exist_ok=True)
         out = open(self.log, "ab")
-        self.proc = subprocess.Popen(self.args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(self.args, stdout=out, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
         out.close()
         deadline = time.monotonic() + 30
         while True:
