@@ -8,11 +8,14 @@ a fresh schema, dropped afterwards) and runs, from separate client processes (so
 of the server and does not starve it of the event loop):
 
 1. register   every device: POST /api/devices/challenge, then /register with HMAC(device_key, nonce|device_id)
-2. sustained  every device heartbeats every --interval s (open loop, random phase, one request in flight per device,
-              `Connection: close` like a Pico W): achieved heartbeats/s, p50/p99 latency, errors, how late the
-              client sent (if the client lags, its figures are the client's, and it says so)
-3. capacity   closed loop, --concurrency requests in flight, as fast as the server answers: first the no-op
+2. capacity   closed loop, --concurrency requests in flight, as fast as the server answers: first the no-op
               endpoint (/health), then heartbeats. Ratio = heartbeat rate / no-op rate, same server, same run.
+3. sustained  every device heartbeats every --interval s (open loop, random phase, one request in flight per device,
+              `Connection: close` like a Pico W): achieved heartbeats/s, p50/p99 latency, errors, how late the
+              client sent (if the client lags, its figures are the client's, and it says so). If the server cannot
+              keep up, a second sustained run with as many devices as 60 % of the measured heartbeat capacity shows
+              what it does sustain. Capacity runs first so an overloaded sustained phase cannot poison it; before
+              each phase the bench waits (bounded) until /health answers again.
 
 Also printed: CPU used by the server process, the client processes and PostgreSQL during each phase, and the whole
 machine's busy share (other work on a shared box shows up there). Target (issue 3, PostgreSQL, 2 cores):
@@ -231,7 +234,8 @@ class Client:
                 b'"config_version":%d,"state_version":%d}' % (seq, seq * 10, versions[0], versions[1]))
         return _request("POST", self.hosthdr, f"/api/v1/devices/{dev}/heartbeat", body, self.tokens[dev], keepalive)
 
-    async def sustained(self, start_wall: float, interval: float, warmup: float, duration: float) -> dict:
+    async def sustained(self, start_wall: float, interval: float, warmup: float, duration: float,
+                        limit: int | None = None) -> dict:
         loop = asyncio.get_running_loop()
         start = loop.time() + (start_wall - time.time())
         w0, w1 = start + warmup, start + warmup + duration
@@ -276,7 +280,7 @@ class Client:
                     break
 
         cpu0 = time.process_time()
-        tasks = [asyncio.create_task(device(d)) for d in self.tokens]
+        tasks = [asyncio.create_task(device(d)) for d in list(self.tokens)[:limit]]
         await asyncio.wait(tasks, timeout=max(0.0, end - loop.time()) + self.timeout + 5)
         for t in tasks:
             t.cancel()
@@ -594,24 +598,27 @@ def run_backend(backend: str, args, workdir: Path) -> dict:
         if reg["ok"] == 0:
             raise RuntimeError(f"no device registered: {dict(reg['errors'])}")
 
-        warmup = min(args.interval, 5.0)
-        start = time.time() + 1.0
-        with CpuWatch(server.pid, pg) as cpu:
-            sus = _merge(clients.run("sustained", warmup + args.duration + args.interval + args.timeout + 30,
-                                     start_wall=start, interval=args.interval, warmup=warmup,
-                                     duration=args.duration))
-        offered = reg["ok"] / args.interval
-        res["sustained"] = {"offered": offered, "rate": sus["ok_in_window"] / args.duration,
-                            "p50_ms": _pct(sus["lat"], 50), "p99_ms": _pct(sus["lat"], 99),
-                            "max_ms": sus["lat"][-1] if sus["lat"] else float("nan"),
-                            "client_lag_p99_ms": _pct(sus["lag"], 99), "errors": dict(sus["errors"]),
-                            "server_cpu": cpu.server, "client_cpu": sus["cpu"] / cpu.wall, "pg_cpu": cpu.pg,
-                            "machine_busy": cpu.machine}
-        _print_phase(f"sustained ({reg['ok']} devices / {args.interval:g} s, offered {offered:.0f}/s)",
-                     res["sustained"], "heartbeats/s")
-        if res["sustained"]["client_lag_p99_ms"] > 50:
-            print(f"   ! the client sent late (p99 lag {res['sustained']['client_lag_p99_ms']:.0f} ms): "
-                  f"add --client-procs or the machine is saturated")
+        def sustained(n_devices: int, label: str) -> dict:
+            _settle(server.url)
+            warmup = min(args.interval, 5.0)
+            start = time.time() + 1.0
+            with CpuWatch(server.pid, pg) as cpu:
+                sus = _merge(clients.run("sustained", warmup + args.duration + args.interval + args.timeout + 30,
+                                         start_wall=start, interval=args.interval, warmup=warmup,
+                                         duration=args.duration, limit=max(1, n_devices // args.client_procs)))
+            offered = n_devices / args.interval
+            out = {"devices": n_devices, "offered": offered, "rate": sus["ok_in_window"] / args.duration,
+                   "p50_ms": _pct(sus["lat"], 50), "p99_ms": _pct(sus["lat"], 99),
+                   "max_ms": sus["lat"][-1] if sus["lat"] else float("nan"),
+                   "client_lag_p99_ms": _pct(sus["lag"], 99), "errors": dict(sus["errors"]),
+                   "server_cpu": cpu.server, "client_cpu": sus["cpu"] / cpu.wall, "pg_cpu": cpu.pg,
+                   "machine_busy": cpu.machine}
+            _print_phase(f"sustained{label} ({n_devices} devices / {args.interval:g} s, offered {offered:.0f}/s)",
+                         out, "heartbeats/s")
+            if out["client_lag_p99_ms"] > 50:
+                print(f"   ! the client sent late (p99 lag {out['client_lag_p99_ms']:.0f} ms): "
+                      f"the machine is saturated (or add --client-procs)")
+            return out
 
         for kind in ("health", "heartbeat"):
             prof = None
@@ -619,6 +626,7 @@ def run_backend(backend: str, args, workdir: Path) -> dict:
                 prof_path = Path(args.profile) / f"{backend}-heartbeat.txt"
                 prof_path.parent.mkdir(parents=True, exist_ok=True)
                 prof = _profile_start(server.pid, args.capacity_duration, prof_path)
+            _settle(server.url)
             start = time.time() + 0.5
             with CpuWatch(server.pid, pg) as cpu:
                 cap = _merge(clients.run("capacity", args.capacity_duration + args.timeout + 30, kind=kind,
@@ -645,15 +653,36 @@ def run_backend(backend: str, args, workdir: Path) -> dict:
                 print("\n".join(res["profile"]))
         health, hb = res["capacity_health"]["rate"], res["capacity_heartbeat"]["rate"]
         res["ratio"] = hb / health if health else float("nan")
+        print(f"   heartbeat / no-op capacity ratio: {res['ratio']:.2f}")
+        res["sustained"] = sustained(reg["ok"], "")
         s = res["sustained"]
+        if s["p99_ms"] >= TARGET_P99_MS or s["rate"] < 0.98 * s["offered"]:
+            # Overloaded: also show what this server does sustain, at 60 % of its measured heartbeat capacity.
+            n = min(reg["ok"], max(1, int(0.6 * hb * args.interval)))
+            if n < reg["ok"]:
+                res["sustained_at_60pct_capacity"] = sustained(n, " at 60% of capacity")
         res["meets_target"] = bool(s["rate"] >= TARGET_RATE and s["p99_ms"] < TARGET_P99_MS
                                    and res["ratio"] >= TARGET_RATIO)
-        print(f"   heartbeat / no-op capacity ratio: {res['ratio']:.2f}")
         return res
     finally:
         if clients is not None:
             clients.close()
         server.stop()
+
+
+def _settle(url: str, limit_s: float = 60.0) -> bool:
+    """Wait (bounded) until the server answers /health within a second: the previous phase's backlog is drained."""
+    import httpx
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=1.0).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    print(f"   ! the server did not recover within {limit_s:.0f} s")
+    return False
 
 
 def _print_phase(name: str, r: dict, unit: str) -> None:
@@ -674,6 +703,10 @@ def _summary(results: list[dict], args) -> None:
         print(f"{r['backend']:<9}{r['register']['ok']:>8}{s['rate']:>9.0f}{s['p50_ms']:>8.1f}{s['p99_ms']:>8.1f}"
               f"{r['capacity_health']['rate']:>9.0f}{r['capacity_heartbeat']['rate']:>10.0f}{r['ratio']:>7.2f}  "
               + ("met" if r["meets_target"] else "MISSED"))
+        low = r.get("sustained_at_60pct_capacity")
+        if low:
+            print(f"{'':<9}{low['devices']:>8}{low['rate']:>9.0f}{low['p50_ms']:>8.1f}{low['p99_ms']:>8.1f}"
+                  f"{'':>26}  (sustained at 60% of the measured heartbeat capacity)")
 
 
 def main(argv: list[str] | None = None) -> int:
