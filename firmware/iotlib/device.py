@@ -38,6 +38,9 @@ class Device:
     #: Retry delays (s) for registration / config when the control plane is away: doubles up to the max.
     retry_min_s = 2
     retry_max_s = 60
+    #: Fewest seconds between two Wi-Fi reconnects ordered by the heartbeat ladder: while the control plane is away
+    #: the ladder repeats, and every reconnect takes the local API off the network for a few seconds.
+    wifi_reconnect_min_s = 600
 
     def __init__(self, wifi_ssid, wifi_password, device_id, device_key, service_discovery_url, namespace=None,
                  host="0.0.0.0", port=80, flash_dir=None, address=None, config=None):
@@ -61,6 +64,7 @@ class Device:
         self.web = None
         self._config_wake = asyncio.Event()
         self._state_started = False
+        self._last_reconnect = None
 
     # --- subclass hooks --------------------------------------------------------------------------------------------
     def schema(self):
@@ -295,6 +299,14 @@ class Device:
         n = getattr(self, "net", None)
         return {"rssi": n.rssi if n else None, "reconnects": n.reconnects if n else 0}
 
+    def _reconnect(self):
+        now = ticks_ms()
+        if self._last_reconnect is not None and ticks_diff(now, self._last_reconnect) < self.wifi_reconnect_min_s * 1000:
+            _log.info("wifi reconnect skipped: one was done recently", min_interval_s=self.wifi_reconnect_min_s)
+            return
+        self._last_reconnect = now
+        self.net.reconnect()
+
     def _reregister(self):
         self.auth.invalidate()
         self._config_wake.set()
@@ -318,7 +330,7 @@ class Device:
         wd.supervise("cloud", self._cloud, window_ms=(self.retry_max_s + self.config_poll_s + 30) * 1000)
         wd.supervise("alarms", lambda: self.alarms.run(self.http, self._alarm_target), critical=False)
         wd.heartbeat(self._send_heartbeat, payload=self._heartbeat_payload, on_answer=self._heartbeat_answer,
-                     reconnect=self.net.reconnect, reregister=self._reregister, persist=self.persist, critical=False)
+                     reconnect=self._reconnect, reregister=self._reregister, persist=self.persist, critical=False)
         self.domain_tasks(wd)
         from iotlib import metrics
         wd.supervise("looplag", metrics.loop_lag_monitor, critical=False)
