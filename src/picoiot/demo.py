@@ -22,7 +22,7 @@ from .procs import (RUNTIMES, DeviceChild, ProcError, ServerChild, device_settin
 NAMESPACE = "default"
 DEVICES = (("demo-relays", "relays"), ("demo-sensors", "sensors"))
 #: Heaps tried, in order, when a device cannot start in the one asked for (the firmware's memory work is ongoing).
-FALLBACK_HEAPS = ("256K", "384K")
+FALLBACK_HEAPS = ("256K", "320K", "384K")
 
 
 class _Stop(Exception):

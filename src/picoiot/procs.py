@@ -185,7 +185,10 @@ class DeviceChild(Child):
     restart_on_reset = True
 
     def __init__(self, settings: Path, runtime: str = "micropython", heap: str = "192K",
-                 bundle: Optional[Path] = None, log: Optional[Path] = None):
+                 bundle: Optional[Path] = None, log: Optional[Path] = None, entry: str = "main_sim",
+                 extra_path: Optional[Path] = None):
+        """entry: the module to run (main_sim, or a wrapper of it found in extra_path: .mpy for micropython,
+        .py for CPython)."""
         s = json.loads(settings.read_text())
         super().__init__(s["device_id"], log or settings.with_suffix(".log"))
         if runtime not in RUNTIMES:
@@ -201,16 +204,22 @@ class DeviceChild(Child):
         self.heap = heap
         self.bundle = bundle
         self.url = f"http://127.0.0.1:{self.port}"
+        self.entry = entry
+        self.extra_path = extra_path
 
     def argv(self) -> list[str]:
         if self.runtime == "micropython":
-            return [paths.micropython_bin(), "-X", f"heapsize={self.heap}", "-m", "main_sim", str(self.settings)]
-        return [sys.executable, str(paths.FIRMWARE / "main_sim.py"), str(self.settings)]
+            return [paths.micropython_bin(), "-X", f"heapsize={self.heap}", "-m", self.entry, str(self.settings)]
+        script = paths.FIRMWARE / "main_sim.py" if self.entry == "main_sim" else self.extra_path / f"{self.entry}.py"
+        return [sys.executable, str(script), str(self.settings)]
 
     def env(self) -> dict[str, str]:
         e = dict(os.environ)
+        extra = f"{self.extra_path}:" if self.extra_path else ""
         if self.runtime == "micropython":
-            e["MICROPYPATH"] = f"{self.bundle}:.frozen"  # MICROPYPATH replaces the default path
+            e["MICROPYPATH"] = f"{self.bundle}:{extra}.frozen"  # MICROPYPATH replaces the default path
+        else:
+            e["PYTHONPATH"] = f"{extra}{paths.FIRMWARE}" + (f":{e['PYTHONPATH']}" if e.get("PYTHONPATH") else "")
         return e
 
     def ready(self) -> bool:

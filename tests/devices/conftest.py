@@ -6,14 +6,16 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from devtest import BUNDLE, RUNTIME, ControlPlane, Device  # noqa: E402
+from devtest import BUNDLE, MP_DIR, RUNTIME, SCRIPTS, ControlPlane, Device  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def bundle():
     if RUNTIME == "micropython":
+        from picoiot.build import compile_tree
         from picoiot.procs import ensure_bundle
         ensure_bundle(BUNDLE)
+        compile_tree(MP_DIR, SCRIPTS)
     return BUNDLE
 
 
@@ -35,8 +37,8 @@ def device_factory(cp, bundle, tmp_path_factory, request):
     tmp = tmp_path_factory.mktemp("dev")
     mod = re.sub(r"[^A-Za-z0-9]+", "-", request.module.__name__.split(".")[-1].removeprefix("test_"))
 
-    def make(kind, config=None, name=None, start=True):
-        d = Device(cp, tmp, f"{mod}-{name or kind}", kind, config)
+    def make(kind, config=None, name=None, start=True, pinlog=False):
+        d = Device(cp, tmp, f"{mod}-{name or kind}", kind, config, pinlog=pinlog)
         started.append(d)
         return d.start() if start else d
     try:

@@ -20,8 +20,10 @@ from picoiot.server.auth import device_local_token, issue_token
 
 RUNTIME = os.environ.get("PICOIOT_TEST_RUNTIME", "micropython")
 HEAP = {"relays": os.environ.get("PICOIOT_TEST_HEAP_RELAYS", "320K"),
-        "sensors": os.environ.get("PICOIOT_TEST_HEAP_SENSORS", "384K")}
+        "sensors": os.environ.get("PICOIOT_TEST_HEAP_SENSORS", "320K")}
 BUNDLE = paths.REPO / "build" / "devices-test"
+MP_DIR = Path(__file__).resolve().parent / "mp"    # test-only device entry points (pinlog_sim: pin transition log)
+SCRIPTS = paths.REPO / "build" / "devices-test-scripts"
 NS = "default"
 
 #: Config every test device starts with: heartbeats every second (config and desired-state changes reach the device
@@ -93,7 +95,8 @@ class ControlPlane:
 class Device:
     """One simulated device process and the clients to talk to it."""
 
-    def __init__(self, cp: ControlPlane, tmp: Path, dev_id: str, kind: str, config: dict | None = None):
+    def __init__(self, cp: ControlPlane, tmp: Path, dev_id: str, kind: str, config: dict | None = None,
+                 pinlog: bool = False):
         self.cp = cp
         self.id = dev_id
         self.kind = kind
@@ -102,7 +105,9 @@ class Device:
         self.key = key["device_key"]
         from picoiot.procs import free_port
         settings = device_settings(tmp / f"{dev_id}.json", key, kind, free_port(), tmp / f"{dev_id}.flash")
-        self.child = DeviceChild(settings, runtime=RUNTIME, heap=HEAP[kind], bundle=BUNDLE, log=tmp / f"{dev_id}.log")
+        entry = {"entry": "pinlog_sim", "extra_path": SCRIPTS if RUNTIME == "micropython" else MP_DIR} if pinlog else {}
+        self.child = DeviceChild(settings, runtime=RUNTIME, heap=HEAP[kind], bundle=BUNDLE, log=tmp / f"{dev_id}.log",
+                                 **entry)
         self.url = self.child.url
         self.ws_url = self.url.replace("http://", "ws://") + "/ws"
 
@@ -140,6 +145,14 @@ class Device:
         r = self.get("/gpio")
         assert r.status_code == 200, r.text
         return {x["name"]: x["state"] for x in r.json()["relays"]}
+
+    def pinlog(self) -> dict:
+        """The simulated board's pin transitions {"events": [[ms, pin, level], ...], "dropped": n} (pinlog_sim)."""
+        import json
+        try:
+            return json.loads((self.child.flash_dir / "pinlog.json").read_text())
+        except (OSError, ValueError):
+            return {"events": [], "dropped": 0}
 
     def configure(self, overrides: dict, timeout: float = 30) -> int:
         """Change the device's config on the control plane and wait until the device runs that version."""

@@ -15,7 +15,7 @@ PUMPS = {"relays": {"pump_a": {"pin": 18, "interlock": "pump"}, "pump_b": {"pin"
 
 @pytest.fixture(scope="module")
 def relays(device_factory):
-    return device_factory("relays", PUMPS)
+    return device_factory("relays", PUMPS, pinlog=True)  # the simulated board's pin log is written to flash
 
 
 def _error(r, status):
@@ -174,3 +174,24 @@ def test_interlock_never_violated_under_concurrent_requests(relays):
     assert not both, f"interlock violated in {len(both)} of {len(observed)} observations"
     final = relays.relays()
     assert sorted((final["pump_a"], final["pump_b"])) == ["off", "on"], final
+
+    # the pin transition log of the simulated board: not even a 0 ms overlap (what no HTTP observer could see)
+    pins = {"pump_a": 18, "pump_b": 19}
+    want = {pins[n]: int(final[n] == "on") for n in pins}
+
+    def settled():
+        log = relays.pinlog()
+        last = {}
+        for _, pin, level in log["events"]:
+            last[pin] = level
+        return log if all(last.get(p) == lv for p, lv in want.items()) else None
+    log = wait_until(settled, 10, "the pin log to show the final relay states")
+    assert log["dropped"] == 0, "the log must be complete to prove anything"
+    level = {}
+    switches = 0
+    for ms, pin, lv in log["events"]:
+        if pin in want:
+            switches += level.get(pin) is not None and level.get(pin) != lv
+            level[pin] = lv
+            assert not (level.get(18) == 1 and level.get(19) == 1), f"both pumps on at {ms} ms: {log['events']}"
+    assert switches >= 4, f"the pumps must have switched back and forth: {log['events']}"
