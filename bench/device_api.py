@@ -1,0 +1,131 @@
+"""Device API speed: authenticated `GET /gpio` requests/s on the RelaysController ÷ microdot's hello world requests/s,
+both under the unix micropython from .mpy at the same heap, same run, same client. Target (issue 4): ≥ 0.7.
+
+    .venv/bin/python bench/device_api.py [--heap 320] [--rounds 3] [--requests 3000] [--seconds 8] [--concurrency 3]
+
+The client (bench/httpload.py) is a separate process: one selector, `concurrency` raw-socket connections in flight,
+HTTP/1.0, a new connection per request (microdot closes each one). Each round measures, in turn, the hello world,
+`GET /gpio` with a viewer JWT (device-scoped, HS256 with the device key) and `GET /gpio` without a token (401); the
+figures are the medians over the rounds. Concurrency defaults to 3, the device's connection cap
+(`DeviceWeb.max_connections`; more would be answered 503 by design). The device runs in degraded mode (control plane
+away, as on a LAN without the cloud): its background tasks keep retrying registration while it serves; the bench raises
+the per-client rate limit (`api.rate_per_s`) so the limiter is run but never refuses.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+import devicelib  # noqa: E402
+import heaplib  # noqa: E402
+
+TARGET = 0.7
+BENCH = Path(__file__).parent
+
+
+def client(port: int, path: str, headers: dict, a) -> dict:
+    cmd = [sys.executable, str(BENCH / "httpload.py"), str(port), path, "-c", str(a.concurrency), "-n",
+           str(a.requests), "-t", str(a.seconds), "--warmup", str(a.warmup)]
+    for k, v in headers.items():
+        cmd += ["--header", f"{k}: {v}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=a.seconds + 60, check=True).stdout
+    return json.loads(out)
+
+
+def start_hello(heap_k: int) -> tuple[subprocess.Popen, int]:
+    port = heaplib.free_port()
+    proc = heaplib.start_module("mp_hello", heap_k, [str(port)])
+    if not heaplib.wait_port(port, proc):
+        proc.kill()
+        raise RuntimeError("microdot hello world did not come up: " + proc.communicate()[0][-2000:])
+    return proc, port
+
+
+def stop(proc: subprocess.Popen) -> str:
+    proc.terminate()
+    try:
+        return proc.communicate(timeout=10)[0] or ""
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.communicate()[0] or ""
+
+
+def fmt(r: dict) -> str:
+    return (f"{r['rps']:8.1f} req/s  p50 {r['p50_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms  "
+            f"codes {r['codes']} errors {r['errors']} ({r['requests']} in {r['elapsed_s']} s)")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--heap", type=int, default=devicelib.DEFAULT_HEAP_K, help="micropython heap, KiB (both servers)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--requests", type=int, default=3000, help="measured requests per target per round (upper bound)")
+    ap.add_argument("--seconds", type=float, default=8.0, help="time bound per target per round")
+    ap.add_argument("--warmup", type=int, default=50)
+    ap.add_argument("--concurrency", type=int, default=3)
+    a = ap.parse_args(argv)
+
+    print(f"device_api: heap {a.heap}K, {a.rounds} round(s), ≤{a.requests} requests / ≤{a.seconds:g} s per target, "
+          f"concurrency {a.concurrency}, warm-up {a.warmup}; {devicelib.machine()}")
+    heaplib.bundle()
+    heaplib.compile_script(BENCH / "mp_hello.py")
+    results: dict[str, list[dict]] = {"hello": [], "gpio": [], "gpio_401": []}
+    ok = True
+    with tempfile.TemporaryDirectory(prefix="bench-device-api-") as tmp:
+        dev = devicelib.Device(Path(tmp), "relays", a.heap,
+                               config={"api": {"rate_per_s": 1000, "burst": 1000}})
+        viewer = {"Authorization": "Bearer " + devicelib.token(dev.id, "viewer")}
+        try:
+            for i in range(a.rounds):
+                hello, port = start_hello(a.heap)
+                try:
+                    results["hello"].append(client(port, "/", {}, a))
+                finally:
+                    hout = stop(hello)
+                results["gpio"].append(client(dev.port, "/gpio", viewer, a))
+                results["gpio_401"].append(client(dev.port, "/gpio", {}, a))
+                print(f"round {i + 1}: hello    {fmt(results['hello'][-1])}")
+                print(f"round {i + 1}: /gpio    {fmt(results['gpio'][-1])}")
+                print(f"round {i + 1}: /gpio401 {fmt(results['gpio_401'][-1])}")
+                if "MemoryError" in hout:
+                    print("hello world: MemoryError")
+                    ok = False
+                time.sleep(0.2)
+            alive = dev.alive()
+        finally:
+            out = dev.stop()
+    if not alive or "MemoryError" in out:
+        print("device died or raised MemoryError:\n" + out[-2000:])
+        ok = False
+    expect = {"hello": "200", "gpio": "200", "gpio_401": "401"}
+    for name, rs in results.items():
+        for r in rs:
+            if set(r["codes"]) != {expect[name]} or r["errors"]:
+                print(f"{name}: unexpected answers {r['codes']} errors {r['errors']}")
+                ok = False
+
+    def med(name, key):
+        return statistics.median(r[key] for r in results[name])
+    hello, gpio, g401 = med("hello", "rps"), med("gpio", "rps"), med("gpio_401", "rps")
+    ratio = gpio / hello if hello else 0.0
+    print()
+    print(f"microdot hello world      {hello:8.1f} req/s   p50 {med('hello', 'p50_ms'):.2f} ms  "
+          f"p99 {med('hello', 'p99_ms'):.2f} ms")
+    print(f"GET /gpio (viewer JWT)    {gpio:8.1f} req/s   p50 {med('gpio', 'p50_ms'):.2f} ms  "
+          f"p99 {med('gpio', 'p99_ms'):.2f} ms")
+    print(f"GET /gpio (no token, 401) {g401:8.1f} req/s   p50 {med('gpio_401', 'p50_ms'):.2f} ms  "
+          f"p99 {med('gpio_401', 'p99_ms'):.2f} ms")
+    print(f"ratio /gpio ÷ hello = {ratio:.2f} (target ≥ {TARGET}: {'met' if ratio >= TARGET else 'NOT met'}); "
+          f"401 ÷ hello = {g401 / hello if hello else 0:.2f}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
