@@ -85,18 +85,21 @@ def test_missed_ttl_goes_offline_with_an_alarm_and_the_next_heartbeat_resolves_i
 
 
 def test_heartbeats_keep_a_device_online(server_factory):
-    s = server_factory(ttl_missed=1, ttl_slack_s=2, sweep_interval_s=0.05, heartbeat_flush_s=0.05)
+    s = server_factory(ttl_missed=1, ttl_slack_s=1, sweep_interval_s=0.05, heartbeat_flush_s=0.05)
     a = s.auth()
     s.client.put("/api/v1/namespaces/default/groups/fast", headers=a, json={"overrides": {"heartbeat_interval_s": 1}})
     s.client.post("/api/v1/namespaces/default/devices", headers=a,
                   json={"device_id": "relay-1", "device_type": "relays", "group": "fast"})
     d = s.register("relay-1")
-    sweeps = s.cp.liveness._sweeps
-    # heartbeat continuously for many sweeps: never offline, never an alarm
-    for i in range(40):
+    assert d.intervals["ttl"] == 2
+    start = s.cp.liveness._sweeps
+    # one heartbeat per sweep for 60 sweeps (≥ 3 s at 0.05 s, longer than the 2 s TTL): last_seen goes to the
+    # database only through the batched flush, and the device must never be called offline
+    for i in range(60):
         assert _hb(s, d, seq=i).status_code == 200
-        wait_until(lambda: s.cp.liveness._sweeps > sweeps + i)
+        wait_until(lambda: s.cp.liveness._sweeps > start + i)
     assert _device(s)["online"] is True and _alarms(s, key="device_offline") == []
+    assert s.cp.metrics.offline_transitions._value.get() == 0
 
 
 def test_heartbeat_auth_and_input_errors(server):
