@@ -266,6 +266,9 @@ class AuthManager:
     refresh_fraction = 0.1
     #: leeway (s) for exp/nbf of tokens presented to the device's API
     leeway_s = JWT_LEEWAY_S
+    #: JWTs remembered as verified (whole token string → claims, until exp): a client repeats its token on every
+    #: request, and re-checking the HMAC and re-parsing the claims each time is most of an authenticated request's cost
+    verified_cache_size = 4
 
     def __init__(self, device_id, device_key, sd_url=None, info=None, namespace=None, clock=ticks_ms, now_s=None):
         if not device_id or not device_key:
@@ -286,6 +289,7 @@ class AuthManager:
         self._clock = clock
         self._now_s = now_s  # wall clock for exp checks (e.g. TimeSyncManager); None: local clock
         self._got_at = 0
+        self._verified = {}
 
     def __repr__(self):  # never show the key or the token
         return "<AuthManager %s registered=%s>" % (self.device_id, self.token is not None)
@@ -416,10 +420,20 @@ class AuthManager:
         if not tok:
             raise AuthError("missing token")
         if tok.count(".") == 2:
-            now = self._now_s() if self._now_s else None
+            now = self._now_s() if self._now_s else _now_s()
+            claims = self._verified.get(tok)
+            if claims is not None:
+                exp = claims.get("exp")
+                if exp is None or now <= exp + self.leeway_s:
+                    return claims
+                del self._verified[tok]  # expired: the full check below says so
             claims = jwt_decode(tok, self._key, now=now, leeway=self.leeway_s, audience=self.device_id)
             if claims.get("role") not in ROLES:
                 raise AuthError("token has no valid role")
+            if len(tok) <= 512:  # a cached token must not cost much heap
+                if len(self._verified) >= self.verified_cache_size:
+                    del self._verified[next(iter(self._verified))]
+                self._verified[tok] = claims
             return claims
         claims = verify_static(tok, self.static_tokens if static_hashes is None else static_hashes)
         if claims is None:

@@ -362,3 +362,20 @@ def test_lazy_exports():
     from iotlib import state, timesync
     assert iotlib.AuthManager is AuthManager and iotlib.AuthError is AuthError and iotlib.RateLimiter is RateLimiter
     assert iotlib.StateError is state.StateError and iotlib.SNTPError is timesync.SNTPError
+
+
+def test_verified_jwt_cache_keeps_expiry_and_tampering_checks_and_stays_bounded():
+    clock = [NOW]
+    m = AuthManager("relay-1", KEY, now_s=lambda: clock[0])
+    tok = auth.jwt_encode({"sub": "ann", "aud": "relay-1", "role": "operator", "exp": NOW + 60}, KEY)
+    assert m.verify("Bearer " + tok)["sub"] == "ann"
+    assert m.verify("Bearer " + tok)["role"] == "operator"  # the remembered answer is the same
+    head, body, sig = tok.split(".")
+    forged = head + "." + auth.b64url_encode(b'{"sub":"ann","aud":"relay-1","role":"admin"}') + "." + sig
+    assert "signature" in str(fwtest.raises(AuthError, m.verify, forged))  # a cached signature proves nothing
+    clock[0] = NOW + 60 + m.leeway_s + 1
+    assert "expired" in str(fwtest.raises(AuthError, m.verify, tok))  # remembered tokens still expire
+    clock[0] = NOW
+    for i in range(m.verified_cache_size * 3):
+        m.verify(auth.jwt_encode({"sub": "u%d" % i, "aud": "relay-1", "role": "viewer", "exp": NOW + 60}, KEY))
+    assert len(m._verified) <= m.verified_cache_size
