@@ -57,6 +57,17 @@ def write_json(path: Path, obj, mode: int = 0o644) -> None:
     os.replace(tmp, path)
 
 
+def _die_with_parent() -> None:
+    """In the child before exec (Linux): SIGTERM when the supervisor dies, even by SIGKILL, so no simulated device or
+    control plane outlives the `picoiot demo`/`sim` that started it. Children run in their own process group (a
+    terminal's Ctrl-C reaches only the supervisor, which then stops them in order), so this is their only link."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the supervisor's own cleanup is all there is
+        pass
+
+
 class Child:
     """One supervised child process: start(), poll(), stop(); output appended to `log`."""
 
@@ -83,7 +94,7 @@ class Child:
         with open(self.log, "ab") as out:
             self.log_start = out.tell()  # what this run wrote starts here
             self.proc = subprocess.Popen(self.argv(), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         env=self.env(), start_new_session=True)
+                                         env=self.env(), start_new_session=True, preexec_fn=_die_with_parent)
         self.exit_status = None
         return self
 

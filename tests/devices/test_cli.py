@@ -26,9 +26,14 @@ def _spawn(args, log):
 
 
 def _reap(proc):
+    """After a failure: SIGTERM lets the command stop what it started; SIGKILL only if it does not."""
     if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
 
 
 def _closed(url):
