@@ -3,6 +3,8 @@ import threading
 
 from cptest import wait_until
 
+from picoiot.server.models import HeartbeatOut
+
 
 def _hb(server, d, params=None, **body):
     return server.client.post(d.services["heartbeat"], headers=d.headers, params=params or {},
@@ -24,6 +26,8 @@ def test_heartbeat_acks_and_reports_pending_versions(server):
             config_version=1, state_version=0)
     assert r.status_code == 200
     body = r.json()
+    HeartbeatOut.model_validate(body)  # the hand-built answer matches the documented model
+    assert set(body) == set(HeartbeatOut.model_fields)
     assert body["ack"] == 41 and body["ttl"] == 35 and body["server_time"] > 0
     assert body["pending"] == {"config_version": 1, "state_version": 0, "ota": None}
     server.client.patch("/api/v1/namespaces/default/devices/relay-1/config", headers=server.auth(),

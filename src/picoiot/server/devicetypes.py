@@ -6,6 +6,7 @@ strict about the types of the fields they know and permissive about extra keys, 
 from __future__ import annotations
 
 import copy
+import json
 from typing import Any
 
 import jsonschema
@@ -120,9 +121,23 @@ def _path(parts) -> str:
     return ".".join(str(p) for p in parts)
 
 
+_validators: dict[str, Any] = {}
+
+
+def _validator(schema: dict):
+    """Validators by schema content: building one is far dearer than using it, and there are only a few schemas."""
+    key = json.dumps(schema, sort_keys=True, separators=(",", ":"))
+    v = _validators.get(key)
+    if v is None:
+        if len(_validators) > 256:
+            _validators.clear()
+        v = _validators[key] = jsonschema.Draft202012Validator(schema)
+    return v
+
+
 def config_errors(schema: dict, config: Any) -> list[dict[str, str]]:
     """Every schema violation as {path, message}, sorted by path (stable, so the first one is reproducible)."""
-    validator = jsonschema.Draft202012Validator(schema)
+    validator = _validator(schema)
     out = []
     for e in validator.iter_errors(config):
         path = _path(e.absolute_path)
