@@ -234,7 +234,7 @@ class DeviceWeb:
             if req.content_length > self.max_body:  # 413: swallow the body (bounded) so the answer is not lost to RST
                 await self._drain(reader, min(req.content_length, self.max_drain), 1)
             if res is not Response.already_handled:
-                await res.write(writer)
+                await self._write(res, writer)
         except Exception as e:  # the peer vanished mid-answer (microdot#105) or worse: log, never propagate
             _log.warning("connection failed", error=repr(e))
         finally:
@@ -243,6 +243,26 @@ class DeviceWeb:
                 await writer.aclose()
             except Exception:
                 pass
+
+    async def _write(self, res, writer):
+        # One write for a whole in-memory answer. microdot's Response.write sends the status line, every header, the
+        # blank line and the body as separate writes (and builds an iterator class per answer): on the unix port that
+        # was most of a request's cost and, with Nagle on the small trailing segments, much of its latency.
+        body = res.body
+        if not isinstance(body, bytes) or res.is_head:
+            await res.write(writer)  # streamed bodies (generators, files) and HEAD: microdot's own path
+            return
+        res.complete()
+        h = res.headers
+        head = "HTTP/1.0 %d %s\r\n" % (res.status_code, res.reason or _REASONS.get(res.status_code, "N/A"))
+        for k in h:
+            v = h[k]
+            for x in (v if isinstance(v, list) else (v,)):
+                head += "%s: %s\r\n" % (k, x)
+        try:
+            await writer.awrite(head.encode() + b"\r\n" + body)
+        except OSError:  # the peer is gone (reset, broken pipe): nothing left to tell it; microdot mutes these too
+            pass
 
     async def _drain(self, reader, limit, timeout_s):
         try:
