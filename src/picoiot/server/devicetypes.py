@@ -40,13 +40,17 @@ _RELAY = {
     "type": "object",
     "required": ["pin"],
     "properties": {
-        "pin": {"type": "integer", "minimum": 0, "maximum": 28},
+        # GPIO 23, 24, 25 (and 29) are wired to the Wi-Fi chip on a Pico W (firmware: iotlib.relays._RESERVED)
+        "pin": {"type": "integer", "minimum": 0, "maximum": 28, "not": {"enum": [23, 24, 25]}},
         "active_low": {"type": "boolean"},
         "power_on": {"enum": ["off", "on", "restore"]},
         "interlock": {"type": "string", "minLength": 1, "maxLength": 32},
-        "max_on_s": {"type": "number", "minimum": 0},
-        "failsafe": {"enum": ["off", "on", "keep"]},
+        "max_on_s": {"type": "number", "minimum": 0, "maximum": 86400000},
+        "pulse_ms": {"type": "number", "minimum": 0, "maximum": 86400000},
+        "failsafe": {"enum": ["keep", "off", "on"]},
     },
+    # the firmware refuses fields it does not know in a relay: refuse them here first
+    "additionalProperties": False,
 }
 
 RELAYS_SCHEMA: dict[str, Any] = {
@@ -65,9 +69,11 @@ RELAYS_SCHEMA: dict[str, Any] = {
 
 RELAYS_DEFAULTS: dict[str, Any] = {
     **copy.deepcopy(_COMMON_DEFAULTS),
+    # the firmware's built-in relays (RelaysController.relay_pins) — a real board's wiring goes into a group or
+    # device override; to drop a default relay, override it with null
     "relays": {
-        "relay1": {"pin": 16, "active_low": False, "power_on": "off", "max_on_s": 0, "failsafe": "off"},
-        "relay2": {"pin": 17, "active_low": False, "power_on": "off", "max_on_s": 0, "failsafe": "off"},
+        "relay1": {"pin": 2, "active_low": False, "power_on": "off", "max_on_s": 0, "failsafe": "keep"},
+        "relay2": {"pin": 3, "active_low": False, "power_on": "off", "max_on_s": 0, "failsafe": "keep"},
     },
     "failsafe_after_s": 0,
 }
@@ -83,12 +89,15 @@ SENSORS_SCHEMA: dict[str, Any] = {
             "interval_ms": {"type": "integer", "minimum": 10, "maximum": 3600000},
             "fields": {"type": "array", "items": {"type": "string", "minLength": 1, "maxLength": 32},
                        "maxItems": 16, "uniqueItems": True},
+            "sources": {"type": "object"},
         }},
+        "i2c": {"type": "object"},
         "filters": {"type": "object", "additionalProperties": {"type": "object", "properties": {
             "kind": {"enum": ["none", "ema", "median", "deadband"]},
             "alpha": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
             "window": {"type": "integer", "minimum": 1, "maximum": 32},
             "threshold": {"type": "number", "minimum": 0},
+            "chain": {"type": "array", "maxItems": 8},
         }}},
         "ws": {"type": "object", "properties": {
             "max_clients": {"type": "integer", "minimum": 1, "maximum": 4},
@@ -99,9 +108,10 @@ SENSORS_SCHEMA: dict[str, Any] = {
 
 SENSORS_DEFAULTS: dict[str, Any] = {
     **copy.deepcopy(_COMMON_DEFAULTS),
-    "sampling": {"interval_ms": 1000, "fields": ["temperature", "humidity", "pressure", "cpu_temp"]},
+    "sampling": {"interval_ms": 1000, "fields": ["temperature", "humidity", "pressure", "cpu_temp"], "sources": {}},
     "filters": {},
     "ws": {"max_clients": 3, "max_rate_hz": 10},
+    "i2c": {},
 }
 
 BUILTIN: dict[str, tuple[dict, dict]] = {
