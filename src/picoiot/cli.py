@@ -22,13 +22,18 @@ def firmware_test(heap: str = typer.Option("192K", help="MicroPython heap size (
 
 
 @firmware_app.command("build")
-def firmware_build(out: str = typer.Option("build/firmware", help="output directory")) -> None:
+def firmware_build(out: str = typer.Option("build/firmware", help="output directory"),
+                   romfs: bool = typer.Option(False, "--romfs", help="also build OUT/romfs.img (mpremote romfs build)"
+                                              " for `mpremote romfs deploy` or the simulated boot_romfs")) -> None:
     """Compile iotlib, the controllers and microdot to .mpy (the bundle that goes onto a board)."""
     from pathlib import Path
 
-    from .build import build_firmware
+    from .build import build_firmware, build_romfs
     files = build_firmware(Path(out))
     typer.echo(f"{len(files)} files in {out}")
+    if romfs:
+        img = build_romfs(Path(out))
+        typer.echo(f"ROMFS image {img} ({img.stat().st_size} bytes)")
 
 
 def _register_optional() -> None:

@@ -1,0 +1,272 @@
+"""Minimum MicroPython heap (`-X heapsize`) at which each controller completes issue 4's standard scenario, beside
+microdot's hello world measured in the same run, in two modes:
+
+  mpy   — the bundle as .mpy files on MICROPYPATH: bytecode is loaded into the heap (what `picoiot demo` runs today).
+  romfs — the bundle in a ROMFS image (picoiot.build.build_romfs) mounted by firmware/boot_romfs.py from one buffer:
+          bytecode runs in place, as on a Pico W with the code in its ROM partition. The figure printed is the heap
+          minus the image (the image stands in for flash), i.e. what the board's 192K must hold.
+
+The scenario (one real `picoiot server` per run, on 127.0.0.1; a fresh device each run):
+  register (challenge-response) → config fetched and applied (GET /ready = 200) → 200 authenticated API requests
+  (2 at a time; the kind's own endpoints, /info, /health, /metrics, relay switching) with a few refusals the scenario
+  asks for (401, 404) → a hot-reloaded config → an alarm raised and delivered to the control plane (relays: control
+  plane stopped until the failsafe fires, then restarted; sensors: the BME280 moved to an absent I2C address) →
+  heartbeats seen by the control plane. Sensors additionally: 3 WebSocket clients receiving frames for --ws-seconds
+  (default 30) after the requests (they take all 3 connections the device serves: a 4th gets 503, as asked). A run passes when every answer is the one asked for, every WebSocket client got
+  frames throughout, the alarm arrived, the process is alive and no MemoryError was printed.
+
+    .venv/bin/python bench/device_memory.py                       # both kinds, both modes, hello world
+    .venv/bin/python bench/device_memory.py --kind sensors --mode romfs --ws-seconds 5
+    .venv/bin/python bench/device_memory.py --once 192 --ws-seconds 3   # one run per kind/mode at 192K, no bisection
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import heaplib  # noqa: E402
+
+from picoiot import build  # noqa: E402
+from picoiot.procs import DeviceChild, ServerChild, device_settings, free_port, provision_over_api  # noqa: E402
+from picoiot.server.auth import device_local_token, issue_token  # noqa: E402
+
+BUNDLE = heaplib.REPO / "build" / "device-memory"
+NS = "default"
+BASE_CONFIG = {"heartbeat_interval_s": 1, "time": {"servers": []}, "api": {"rate_per_s": 500, "burst": 500}}
+_ids = itertools.count(1)
+VERBOSE = False
+
+
+def note(msg: str) -> None:
+    if VERBOSE:
+        print("   ", msg, flush=True)
+
+
+class Failed(Exception):
+    pass
+
+
+def image_k() -> int:
+    return math.ceil((BUNDLE / "romfs.img").stat().st_size / 1024)
+
+
+async def _requests(url: str, tok: dict, kind: str, n: int) -> list[str]:
+    """n authenticated requests, 2 at a time (the device serves 3 connections at once, see DeviceWeb.max_connections,
+    and a closing connection may still count for a moment); returns the problems (unexpected statuses)."""
+    if kind == "relays":
+        asks = [("GET", "/gpio", "viewer", None, 200), ("GET", "/gpio/relay1", "viewer", None, 200),
+                ("POST", "/gpio/relay1", "operator", {"state": "toggle"}, 200),
+                ("POST", "/gpio/relay2", "operator", {"state": "on", "pulse_ms": 200}, 200)]
+    else:
+        asks = [("GET", "/sensors", "viewer", None, 200)]
+    asks += [("GET", "/info", "viewer", None, 200), ("GET", "/health", None, None, 200),
+             ("GET", "/metrics", "viewer", None, 200), ("GET", "/info", None, None, 401),
+             ("GET", "/gpio/nope" if kind == "relays" else "/nope", "viewer", None, 404)]
+    problems: list[str] = []
+    sem = asyncio.Semaphore(2)
+
+    async def one(i: int) -> None:
+        method, path, role, body, want = asks[i % len(asks)]
+        headers = {"Authorization": f"Bearer {tok[role]}"} if role else {}
+        async with sem:
+            try:
+                async with httpx.AsyncClient(timeout=10) as c:
+                    r = await c.request(method, url + path, headers=headers, json=body)
+                code = r.status_code
+            except httpx.HTTPError as e:
+                code = f"{type(e).__name__}"
+        if code != want:
+            problems.append(f"{method} {path}: {code} (wanted {want})")
+
+    await asyncio.gather(*(one(i) for i in range(n)))
+    return problems
+
+
+async def _ws_client(url: str, tok: str, seconds: float) -> str | None:
+    """One WebSocket client for `seconds`; a problem string or None. Frames must keep coming (no gap > 5 s)."""
+    from websockets.asyncio.client import connect
+    try:
+        async with connect(f"{url}?token={tok}", open_timeout=15) as ws:
+            end = time.monotonic() + seconds
+            frames = 0
+            while time.monotonic() < end:
+                msg = await asyncio.wait_for(ws.recv(), timeout=5)
+                if "seq" in json.loads(msg):
+                    frames += 1
+            return None if frames >= max(2, int(seconds) // 2) else f"websocket: only {frames} frames in {seconds}s"
+    except Exception as e:  # noqa: BLE001 — any failure of a client is a failed run
+        return f"websocket: {type(e).__name__}: {e}"
+
+
+async def _capped(url: str, tok: str) -> str | None:
+    """While the 3 WebSocket clients are connected, a 4th connection gets the cap's 503 (asked for)."""
+    await asyncio.sleep(2)
+    async with httpx.AsyncClient(timeout=10) as c:
+        r = await c.get(url + "/sensors", headers={"Authorization": f"Bearer {tok}"})
+    return None if r.status_code == 503 else f"4th connection beside 3 websockets: {r.status_code} (wanted 503)"
+
+
+def _alarm_keys(cp_url: str, admin: str) -> set[str]:
+    r = httpx.get(f"{cp_url}/api/v1/namespaces/{NS}/alarms", headers={"Authorization": f"Bearer {admin}"}, timeout=10)
+    r.raise_for_status()
+    body = r.json()
+    items = body.get("items", body) if isinstance(body, dict) else body
+    return {a.get("key") or a.get("alarm_key") or "" for a in items}
+
+
+def _wait(pred, timeout: float, what: str, dev: DeviceChild) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if dev.poll() is not None:
+            raise Failed(f"device exited ({dev.poll()}) while waiting for {what}")
+        if time.monotonic() > deadline:
+            raise Failed(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def _config_version(dev: DeviceChild, tok: str) -> int | None:
+    try:
+        r = httpx.get(dev.url + "/info", headers={"Authorization": f"Bearer {tok}"}, timeout=5)
+        return r.json().get("config_version") if r.status_code == 200 else None
+    except (httpx.HTTPError, ValueError):
+        return None
+
+
+def scenario(kind: str, mode: str, heap_k: int, ws_seconds: float, requests: int = 200) -> bool:
+    """One full run at heap_k (for romfs: heap_k for the program, plus the image). True when it passed."""
+    with tempfile.TemporaryDirectory(prefix="devmem-") as tmp:
+        tmp = Path(tmp)
+        cp = ServerChild(tmp / "cp", extra=("--sweep-interval", "0.2", "--heartbeat-flush", "0.2"))
+        dev = None
+        try:
+            cp.start()
+            from picoiot.server.settings import Settings
+            key_ = Settings.from_data_dir(cp.data_dir).secrets.signing_key
+            admin = issue_token(key_, "bench-admin", NS, "admin", 3600)
+            dev_id = f"{kind}-{mode}-{heap_k}-{next(_ids)}"
+            overrides = dict(BASE_CONFIG, failsafe_after_s=2) if kind == "relays" else BASE_CONFIG
+            key = provision_over_api(cp.url, admin, dev_id, kind, NS, overrides=overrides)
+            settings = device_settings(tmp / "dev.json", key, kind, free_port(), tmp / "flash")
+            heap = heap_k + (image_k() if mode == "romfs" else 0)
+            entry = "boot_romfs" if mode == "romfs" else "main_sim"
+            dev = DeviceChild(settings, heap=f"{heap}K", bundle=BUNDLE, log=tmp / "dev.log", entry=entry)
+            dev.restart_on_reset = False
+            dev.start()
+            dev.wait_ready(60)                                   # registered, config applied, time synced
+            tok = {r: device_local_token(key["device_key"], dev_id, r, 3600, sub=f"bench-{r}")
+                   for r in ("viewer", "operator", "admin")}
+            seen0 = httpx.get(f"{cp.url}/api/v1/namespaces/{NS}/devices/{dev_id}",
+                              headers={"Authorization": f"Bearer {admin}"}, timeout=10).json().get("last_seen")
+
+            async def traffic() -> list[str]:
+                problems = await _requests(dev.url, tok, kind, requests)
+                if kind == "sensors":  # the 3 clients take every connection the device serves: no requests beside
+                    ws = dev.url.replace("http://", "ws://") + "/ws"
+                    out = await asyncio.gather(*[_ws_client(ws, tok["viewer"], ws_seconds) for _ in range(3)],
+                                               _capped(dev.url, tok["viewer"]))
+                    problems += [p for p in out if p]
+                return problems
+
+            problems = asyncio.run(traffic())
+            if problems:
+                raise Failed("; ".join(problems[:5]))
+            note("requests done")
+            # hot reload + alarm
+            if kind == "sensors":
+                v = httpx.patch(f"{cp.url}/api/v1/namespaces/{NS}/devices/{dev_id}/config",
+                                headers={"Authorization": f"Bearer {admin}"}, timeout=10,
+                                json={"overrides": dict(BASE_CONFIG, i2c={"bme280_address": 0x70})}).json()["version"]
+                _wait(lambda: _config_version(dev, tok["viewer"]) == v, 30, f"config v{v}", dev)
+                _wait(lambda: any(k.startswith("sensor.") for k in _alarm_keys(cp.url, admin)), 30, "sensor alarm",
+                      dev)
+            else:
+                v = httpx.patch(f"{cp.url}/api/v1/namespaces/{NS}/devices/{dev_id}/config",
+                                headers={"Authorization": f"Bearer {admin}"}, timeout=10,
+                                json={"overrides": dict(BASE_CONFIG, failsafe_after_s=3)}).json()["version"]
+                _wait(lambda: _config_version(dev, tok["viewer"]) == v, 30, f"config v{v}", dev)
+                cp.stop()
+                _wait(lambda: httpx.get(dev.url + "/info", timeout=5,
+                                        headers={"Authorization": f"Bearer {tok['viewer']}"}).json()
+                      .get("failsafe_active"), 30, "failsafe", dev)
+                cp.start()
+                _wait(lambda: "relays.failsafe" in _alarm_keys(cp.url, admin), 60, "failsafe alarm", dev)
+            note("alarm delivered")
+            _wait(lambda: httpx.get(f"{cp.url}/api/v1/namespaces/{NS}/devices/{dev_id}",
+                                    headers={"Authorization": f"Bearer {admin}"}, timeout=10).json().get("last_seen")
+                  not in (None, seen0), 30, "a heartbeat", dev)
+            if dev.poll() is not None:
+                raise Failed(f"device exited ({dev.poll()})")
+            if dev.out_of_memory():
+                raise Failed("MemoryError in the device log")
+            return True
+        except Exception as e:  # noqa: BLE001 — any failure (timeouts, refused connections, …) fails the run
+            oom = dev is not None and dev.out_of_memory()
+            note(f"{kind}/{mode} @ {heap_k}K failed: {'MemoryError; ' if oom else ''}{e}")
+            if VERBOSE and oom:
+                log = (tmp / "dev.log").read_text(errors="replace").splitlines()
+                hits = [i for i, ln in enumerate(log) if "MemoryError" in ln]
+                for ln in log[max(0, hits[0] - 12):hits[0] + 2]:
+                    note("  | " + ln[:200])
+            return False
+        finally:
+            if dev is not None:
+                dev.stop()
+            cp.stop()
+
+
+def hello_ok(heap_k: int) -> bool:
+    return heaplib.served_ok("mp_hello", heap_k, requests=200)
+
+
+def main(argv: list[str] | None = None) -> int:
+    global VERBOSE
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--kind", choices=("relays", "sensors", "both"), default="both")
+    ap.add_argument("--mode", choices=("mpy", "romfs", "both"), default="both")
+    ap.add_argument("--ws-seconds", type=float, default=30.0, help="how long the 3 WebSocket clients run (sensors)")
+    ap.add_argument("--requests", type=int, default=200)
+    ap.add_argument("--once", type=int, metavar="HEAP_K", help="one run per kind/mode at this heap, no bisection")
+    ap.add_argument("--lo", type=int, default=96)
+    ap.add_argument("--hi", type=int, default=384)
+    ap.add_argument("--no-hello", action="store_true", help="skip microdot's hello world")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    a = ap.parse_args(argv)
+    VERBOSE = a.verbose
+    build.build_romfs(BUNDLE)
+    heaplib.bundle()
+    heaplib.compile_script(Path(__file__).resolve().parent / "mp_hello.py")
+    kinds = ("relays", "sensors") if a.kind == "both" else (a.kind,)
+    modes = ("mpy", "romfs") if a.mode == "both" else (a.mode,)
+    print(f"romfs image: {(BUNDLE / 'romfs.img').stat().st_size} bytes ({image_k()}K)", flush=True)
+    if a.once:
+        ok = True
+        for kind, mode in itertools.product(kinds, modes):
+            r = scenario(kind, mode, a.once, a.ws_seconds, a.requests)
+            print(f"{kind:8} {mode:6} {a.once}K{' + image' if mode == 'romfs' else ''}: {'OK' if r else 'FAIL'}",
+                  flush=True)
+            ok &= r
+        return 0 if ok else 1
+    hello = None if a.no_hello else heaplib.min_heap(hello_ok, lo=16, hi=256)
+    if hello is not None:
+        print(f"microdot hello world: {hello}K", flush=True)
+    for kind, mode in itertools.product(kinds, modes):
+        m = heaplib.min_heap(lambda h: scenario(kind, mode, h, a.ws_seconds, a.requests), lo=a.lo, hi=a.hi)
+        extra = f" (+{image_k()}K image)" if mode == "romfs" else ""
+        ratio = f"  ratio {m / hello:.2f}" if m and hello else ""
+        print(f"{kind:8} {mode:6} min heap {m}K{extra}{ratio}" if m else f"{kind:8} {mode:6} fails even at {a.hi}K",
+              flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
