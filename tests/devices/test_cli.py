@@ -44,10 +44,10 @@ def _closed(url):
     return False
 
 
-def test_demo_comes_up_writes_demo_json_answers_and_stops(tmp_path, bundle):
+def test_demo_comes_up_writes_demo_json_answers_and_stops_on_ctrl_c(tmp_path, bundle):
     data = tmp_path / "demo"
     log = tmp_path / "demo.out"
-    proc = _spawn(["demo", "--data-dir", data, "--port", free_port(), "--duration", 20], log)
+    proc = _spawn(["demo", "--data-dir", data, "--port", free_port(), "--duration", 300], log)
     try:
         wait_until(lambda: (data / "demo.json").exists() or proc.poll() is not None, 150, "demo.json")
         assert proc.poll() is None, log.read_text()
@@ -93,8 +93,9 @@ def test_demo_comes_up_writes_demo_json_answers_and_stops(tmp_path, bundle):
         assert "seq" in frame and frame["values"], frame
         env = (data / "demo.env").read_text()
         assert f"export RELAYS_OPERATOR={dtok[relays['id']]['operator']}" in env
-        # --duration: it stops by itself, cleanly, and takes every process with it
-        assert proc.wait(90) == 0, log.read_text()
+        # Ctrl-C: it stops cleanly and takes every process with it
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0, log.read_text()
         assert "stopped" in log.read_text()
         for url in [cp] + [d["url"] for d in info["devices"]]:
             assert _closed(url), f"{url} still answers after the demo stopped"
@@ -137,6 +138,21 @@ def test_sim_runs_devices_restarts_resets_and_stops_on_sigterm(tmp_path, cp, bun
             assert _closed(url)
     finally:
         _reap(proc)
+
+
+def test_sim_duration_stops_by_itself(tmp_path, cp, bundle):
+    log = tmp_path / "sim.out"
+    port = free_port()
+    proc = _spawn(["sim", "--kind", "relays", "--server", cp.url, "--data-dir", cp.data_dir, "--state-dir",
+                   tmp_path / "sim", "--heap", HEAP["relays"], "--base-port", port, "--prefix", "simd",
+                   "--duration", 2], log)
+    try:
+        assert proc.wait(120) == 0, log.read_text()
+    finally:
+        _reap(proc)
+    out = log.read_text()
+    assert "simd-1" in out and "ready" in out and "running for 2 s" in out and "stopped 1 device(s)" in out, out
+    assert _closed(f"http://127.0.0.1:{port}")
 
 
 def _run(*args, env=None):
