@@ -69,6 +69,56 @@ def bearer_from(req):
     return None
 
 
+class _BufferedReader:
+    """A connection's reader that reads in blocks. microdot parses a request with readline(), and MicroPython's
+    socket readline reads one byte per call (on the unix port one system call per byte): a request carrying a
+    ~250-byte bearer token cost more than the rest of the request together. Also serves readexactly()/read() from
+    the same buffer (the body, a WebSocket's frames)."""
+    __slots__ = ("_r", "_buf")
+    #: bytes asked of the socket at a time
+    block = 512
+
+    def __init__(self, reader):
+        self._r = reader
+        self._buf = b""
+
+    async def _fill(self):
+        chunk = await self._r.read(self.block)
+        if not chunk:
+            return False
+        self._buf += chunk
+        return True
+
+    async def readline(self, limit=2048):
+        while True:
+            buf = self._buf
+            i = buf.find(b"\n")
+            if i >= 0:
+                self._buf = buf[i + 1:]
+                return buf[:i + 1]
+            if len(buf) > limit or not await self._fill():  # too long (microdot refuses it) or EOF: what there is
+                self._buf = b""
+                return buf
+
+    async def readexactly(self, n):
+        while len(self._buf) < n:
+            if not await self._fill():
+                raise EOFError("connection closed")
+        buf = self._buf
+        self._buf = buf[n:]
+        return buf[:n]
+
+    async def read(self, n=-1):
+        buf = self._buf
+        if not buf:
+            return await self._r.read(n)
+        if n < 0 or n >= len(buf):
+            self._buf = b""
+            return buf
+        self._buf = buf[n:]
+        return buf[:n]
+
+
 class DeviceWeb:
     #: Connections served at once; more are answered 503 immediately. A Pico W has 5 lwIP TCP sockets in all: one is
     #: the listening socket and one the control-plane client, WebSocket clients count here too.
@@ -79,6 +129,8 @@ class DeviceWeb:
     read_timeout_s = 5
     #: Most bytes of an oversized body read and discarded before the 413 goes out (beyond it the client may see RST).
     max_drain = 16 * 1024
+    #: Largest body sent in the same write as the headers (larger ones are not copied for it).
+    one_write_max = 1024
     #: Per-client token bucket defaults (requests/s sustained, burst); hot-reloadable through configure().
     rate_per_s = 10
     burst = 20
@@ -215,6 +267,7 @@ class DeviceWeb:
             await self._raw_answer(writer, 503, "too many connections", "Retry-After: 1\r\n")
             return
         self.active += 1
+        reader = _BufferedReader(reader)
         try:
             try:
                 req = await asyncio.wait_for(
@@ -260,7 +313,11 @@ class DeviceWeb:
             for x in (v if isinstance(v, list) else (v,)):
                 head += "%s: %s\r\n" % (k, x)
         try:
-            await writer.awrite(head.encode() + b"\r\n" + body)
+            if len(body) > self.one_write_max:  # no copy of a large body (/metrics) just to save one write
+                await writer.awrite(head.encode() + b"\r\n")
+                await writer.awrite(body)
+            else:
+                await writer.awrite(head.encode() + b"\r\n" + body)
         except OSError:  # the peer is gone (reset, broken pipe): nothing left to tell it; microdot mutes these too
             pass
 

@@ -1,3 +1,5 @@
+import json
+
 import fwtest
 import webclient as wc
 from iotlib.compat import asyncio, epoch_ms
@@ -197,3 +199,28 @@ def test_health_ready_info_metrics_reboot():
         assert rebooted == [True]
     serve(t, ready=lambda: (ready["ok"], {"registered": ready["ok"]}), info=lambda: {"device_id": DEV},
           on_reboot=lambda: rebooted.append(True))
+
+
+def test_requests_split_anywhere_or_sent_with_the_body_in_one_segment_are_parsed():
+    # DeviceWeb reads a connection in blocks and splits lines itself: a header line split across segments, and the
+    # headers and body arriving in one segment, must both come out whole.
+    async def t(web, port, state):
+        body = b'{"n": 7}'
+        req = (b"POST /thing HTTP/1.0\r\nAuthorization: Bearer " + token("operator").encode() +
+               b"\r\nContent-Type: application/json\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        for i in range(0, len(req), 7):
+            w.write(req[i:i + 7])
+            await w.drain()
+            await asyncio.sleep(0.002)
+        raw = await wc.read_all(r)
+        await wc.close(w)
+        assert raw.startswith(b"HTTP/1.0 200 OK\r\n"), raw
+        assert json.loads(raw.split(b"\r\n\r\n", 1)[1]) == {"n": 7} and state["n"] == 7
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        w.write(req.replace(b'"n": 7', b'"n": 8'))  # all in one write
+        await w.drain()
+        raw = await wc.read_all(r)
+        await wc.close(w)
+        assert raw.startswith(b"HTTP/1.0 200 OK\r\n") and state["n"] == 8, raw
+    serve(t)
