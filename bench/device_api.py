@@ -9,7 +9,8 @@ HTTP/1.0, a new connection per request (microdot closes each one). Each round me
 figures are the medians over the rounds. Concurrency defaults to 3, the device's connection cap
 (`DeviceWeb.max_connections`; more would be answered 503 by design). The device runs in degraded mode (control plane
 away, as on a LAN without the cloud): its background tasks keep retrying registration while it serves; the bench raises
-the per-client rate limit (`api.rate_per_s`) so the limiter is run but never refuses.
+the per-client rate limit to its maximum (`api.rate_per_s` = `burst` = 1000) and spreads the connections over client
+addresses 127.0.0.1–127.0.0.3 (`--sources`), so the limiter runs on every request but does not refuse.
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ def client(port: int, path: str, headers: dict, a, pid: int) -> dict:
     that other load on a shared machine disturbs much less than requests/s."""
     cpu0 = cpu_s(pid)
     cmd = [sys.executable, str(BENCH / "httpload.py"), str(port), path, "-c", str(a.concurrency), "-n",
-           str(a.requests), "-t", str(a.seconds), "--warmup", str(a.warmup)]
+           str(a.requests), "-t", str(a.seconds), "--warmup", str(a.warmup), "--sources", str(a.sources)]
     for k, v in headers.items():
         cmd += ["--header", f"{k}: {v}"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=a.seconds + 60, check=True).stdout
@@ -83,10 +84,11 @@ def main(argv=None) -> int:
     ap.add_argument("--seconds", type=float, default=8.0, help="time bound per target per round")
     ap.add_argument("--warmup", type=int, default=50)
     ap.add_argument("--concurrency", type=int, default=3)
+    ap.add_argument("--sources", type=int, default=3, help="client addresses 127.0.0.1..N (the rate limit is per address)")
     a = ap.parse_args(argv)
 
     print(f"device_api: heap {a.heap}K, {a.rounds} round(s), ≤{a.requests} requests / ≤{a.seconds:g} s per target, "
-          f"concurrency {a.concurrency}, warm-up {a.warmup}; {devicelib.machine()}")
+          f"concurrency {a.concurrency} from {a.sources} address(es), warm-up {a.warmup}; {devicelib.machine()}")
     heaplib.bundle()
     heaplib.compile_script(BENCH / "mp_hello.py")
     results: dict[str, list[dict]] = {"hello": [], "gpio": [], "gpio_401": []}

@@ -4,7 +4,7 @@ the status and the connect-to-close latency, and starts the next request. Bounde
 
 Run as its own process so the client's work never shares a CPU time slice with the measuring script:
 
-    python bench/httpload.py PORT PATH [--header 'Name: value'] [-c 3] [-n 5000] [-t 10] [--warmup 50]
+    python bench/httpload.py PORT PATH [--header 'Name: value'] [-c 3] [-n 5000] [-t 10] [--warmup 50] [--sources 1]
 
 prints one JSON object: {"requests", "elapsed_s", "rps", "codes": {status: count}, "p50_ms", "p99_ms", "errors"}.
 """
@@ -26,7 +26,9 @@ def _percentile(values, p):
 
 
 def load(port: int, path: str, headers: dict | None = None, concurrency: int = 3, requests: int = 5000,
-         seconds: float = 10.0, warmup: int = 50) -> dict:
+         seconds: float = 10.0, warmup: int = 50, sources: int = 1) -> dict:
+    """sources: client addresses used in turn, 127.0.0.1 … 127.0.0.<sources> (loopback answers all of 127/8), so a
+    per-client-address rate limit on the server sees several clients rather than one."""
     req = f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n"
     for k, v in (headers or {}).items():
         req += f"{k}: {v}\r\n"
@@ -46,6 +48,7 @@ def load(port: int, path: str, headers: dict | None = None, concurrency: int = 3
         s = socket.socket()
         s.setblocking(False)
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        s.bind((f"127.0.0.{1 + state['started'] % sources}", 0))
         err = s.connect_ex(("127.0.0.1", port))
         if err not in (0, errno.EINPROGRESS):
             s.close()
@@ -109,9 +112,11 @@ def main(argv=None):
     ap.add_argument("-n", "--requests", type=int, default=5000)
     ap.add_argument("-t", "--seconds", type=float, default=10.0)
     ap.add_argument("--warmup", type=int, default=50)
+    ap.add_argument("--sources", type=int, default=1, help="client addresses 127.0.0.1..N, used in turn")
     a = ap.parse_args(argv)
     headers = dict(h.split(": ", 1) for h in a.header)
-    print(json.dumps(load(a.port, a.path, headers, a.concurrency, a.requests, a.seconds, a.warmup)))
+    print(json.dumps(load(a.port, a.path, headers, a.concurrency, a.requests, a.seconds, a.warmup,
+                          a.sources)))
 
 
 if __name__ == "__main__":
