@@ -269,8 +269,9 @@ class Device:
     async def _send_heartbeat(self, body):
         if not self.auth.token or not self.auth.services.get("heartbeat"):
             raise OSError("not registered")
-        if body.get("mem_free", 0) < 0:
-            del body["mem_free"]  # CPython has no GC heap figure (-1); the server wants >= 0 or nothing
+        mf = body.get("mem_free")
+        if mf is None or mf < 0:
+            body.pop("mem_free", None)  # CPython has no GC heap figure; the server wants >= 0 or nothing
         body["firmware"] = __version__
         body["config_version"] = self.cfg.version
         sm = getattr(self, "sm", None)
