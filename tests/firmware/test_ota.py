@@ -1,0 +1,398 @@
+import os
+import json
+import fwtest
+from iotlib import ed25519, fsutil, ota
+from iotlib.ota import OTAUpdateManager, OTAError
+
+try:
+    import hashlib
+except ImportError:  # pragma: no cover
+    import uhashlib as hashlib
+
+RFC_PK = bytes.fromhex("d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a") \
+    if hasattr(bytes, "fromhex") else None
+RFC_SIG = "e5564300c360ac729086e2cc806e828a84877f1eb8e5d974d873e065224901555fb8821590a33bacc61e39701cf9b46bd25bf5f0595bbe24655141438e7a100b"
+SEED = b"\x11" * 32
+
+
+def _unhex(s):
+    return bytes(int(s[i:i + 2], 16) for i in range(0, len(s), 2))
+
+
+def _hex(b):
+    return "".join("%02x" % x for x in b)
+
+
+def _mul(n, P):
+    acc = (0, 1, 1, 0)
+    while n:
+        if n & 1:
+            acc = ed25519._add(acc, P)
+        P = ed25519._add(P, P)
+        n >>= 1
+    return acc
+
+
+def _keypair(seed=SEED):
+    h = ed25519.sha512(seed)
+    a = int.from_bytes(h[:32], "little")
+    a &= (1 << 254) - 8
+    a |= 1 << 254
+    return a, h[32:], ed25519._encode(_mul(a, ed25519._base()))
+
+
+def _sign(msg, seed=SEED):
+    a, prefix, pk = _keypair(seed)
+    r = int.from_bytes(ed25519.sha512(prefix + msg), "little") % ed25519._L
+    R = ed25519._encode(_mul(r, ed25519._base()))
+    k = int.from_bytes(ed25519.sha512(R + pk + msg), "little") % ed25519._L
+    return R + ((r + k * a) % ed25519._L).to_bytes(32, "little")
+
+
+def _sha(b):
+    return _hex(hashlib.sha256(b).digest())
+
+
+def _release(version, files, seed=SEED):
+    """(manifest text, signature hex, {sha: bytes}) for files {path: bytes}."""
+    m = {"version": version, "files": [{"path": p, "sha256": _sha(files[p]), "size": len(files[p])} for p in files]}
+    text = json.dumps(m)
+    return text, _hex(_sign(text.encode(), seed)), dict((_sha(b), b) for b in files.values())
+
+
+def _fetcher(blobs, truncate_at=None):
+    async def fetch(sha, offset, length):
+        data = blobs[sha]
+        if truncate_at is not None:
+            data = data[:truncate_at]
+        return data[offset:offset + length]
+    return fetch
+
+
+def _read(path):
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+OLD = {"main.py": b"print('v1')\n", "iotlib/a.py": b"A = 1\n" * 300}
+NEW = {"main.py": b"print('v2')\n", "iotlib/a.py": b"A = 2\n" * 900, "iotlib/b.py": b"B = 2\n"}
+
+
+def _device(files=OLD):
+    root = fwtest.tmpdir("ota")
+    for p in files:
+        if "/" in p:
+            fsutil.makedirs(root + "/" + p.rsplit("/", 1)[0])
+        with open(root + "/" + p, "wb") as f:
+            f.write(files[p])
+    mgr = OTAUpdateManager(root, public_key=_keypair()[2])
+    mgr.chunk_bytes = 1000
+    return root, mgr
+
+
+def _set(root):
+    return dict((p, _read(root + "/" + p)) for p in ("main.py", "iotlib/a.py", "iotlib/b.py"))
+
+
+def _is_old(root):
+    s = _set(root)
+    return s["main.py"] == OLD["main.py"] and s["iotlib/a.py"] == OLD["iotlib/a.py"] and s["iotlib/b.py"] is None
+
+
+def _is_new(root):
+    return _set(root) == NEW
+
+
+def _stage_and_install(mgr, files=NEW, version="2.0"):
+    text, sig, blobs = _release(version, files)
+
+    async def go():
+        m = await mgr.verify_manifest(text, sig)
+        await mgr.stage(m, _fetcher(blobs))
+        m["previous"] = "1.0"
+        mgr.install(m)
+    fwtest.run(go())
+
+
+# --- Ed25519 ---------------------------------------------------------------------------------------------------------
+def test_ed25519_rfc8032_vector_and_tampering():
+    pk = _unhex("d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a")
+    sig = _unhex(RFC_SIG)
+    assert ed25519.verify(pk, b"", sig)
+    assert not ed25519.verify(pk, b"x", sig)
+    bad = bytearray(sig)
+    bad[5] ^= 1
+    assert not ed25519.verify(pk, b"", bytes(bad))
+    assert not ed25519.verify(pk, b"", sig[:63])
+    # S >= L is refused (malleability)
+    s = (int.from_bytes(sig[32:], "little") + ed25519._L).to_bytes(32, "little")
+    assert not ed25519.verify(pk, b"", sig[:32] + s)
+
+
+def test_pure_sha512_matches_known_digest():
+    hw = ed25519._hw_sha512
+    ed25519._hw_sha512 = None
+    try:
+        assert _hex(ed25519.sha512(b"abc"))[:32] == "ddaf35a193617abacc417349ae204131"
+        assert _hex(ed25519.sha512(b"a" * 112))[:16] == "c01d080efd492776"
+    finally:
+        ed25519._hw_sha512 = hw
+
+
+def test_own_signatures_verify_and_other_key_does_not():
+    pk = _keypair()[2]
+    sig = _sign(b"hello")
+    assert ed25519.verify(pk, b"hello", sig)
+    assert not ed25519.verify(_keypair(b"\x22" * 32)[2], b"hello", sig)
+
+
+# --- manifest --------------------------------------------------------------------------------------------------------
+def test_manifest_with_bad_signature_or_wrong_key_is_refused():
+    root, mgr = _device()
+    text, sig, _ = _release("2.0", NEW)
+    m = fwtest.run(mgr.verify_manifest(text, sig))
+    assert m["version"] == "2.0"
+    e = fwtest.raises(OTAError, fwtest.run, mgr.verify_manifest(text.replace("2.0", "2.1"), sig))
+    assert "signature" in str(e)
+    other = _release("2.0", NEW, seed=b"\x33" * 32)
+    e = fwtest.raises(OTAError, fwtest.run, mgr.verify_manifest(other[0], other[1]))
+    assert "signature" in str(e)
+    fwtest.raises(OTAError, fwtest.run, mgr.verify_manifest(text, "zz"))
+    assert _is_old(root)
+
+
+def test_manifest_shape_is_checked():
+    ok = {"path": "main.py", "sha256": "a" * 64, "size": 3}
+    ota.check_manifest({"version": "1", "files": [ok]}, 4, 100)
+    for bad in ({"version": "", "files": [ok]}, {"version": "1", "files": []},
+                {"version": "1", "files": [ok, ok]},
+                {"version": "1", "files": [dict(ok, path="../x.py")]},
+                {"version": "1", "files": [dict(ok, path="/main.py")]},
+                {"version": "1", "files": [dict(ok, path="ota.json")]},
+                {"version": "1", "files": [dict(ok, sha256="A" * 64)]},
+                {"version": "1", "files": [dict(ok, size=101)]},
+                {"version": "1", "files": [dict(ok, size=True)]}):
+        fwtest.raises(OTAError, ota.check_manifest, bad, 4, 100)
+
+
+# --- staging ---------------------------------------------------------------------------------------------------------
+def test_hash_mismatch_leaves_running_set_and_no_staging():
+    root, mgr = _device()
+    text, sig, blobs = _release("2.0", NEW)
+    sha_a = _sha(NEW["iotlib/a.py"])
+    blobs[sha_a] = b"B" + blobs[sha_a][1:]
+    m = fwtest.run(mgr.verify_manifest(text, sig))
+    e = fwtest.raises(OTAError, fwtest.run, mgr.stage(m, _fetcher(blobs)))
+    assert "sha256 mismatch" in str(e)
+    assert _is_old(root)
+    assert not fsutil.exists(root + "/ota/new") and not fsutil.exists(root + "/ota.json")
+
+
+def test_truncated_download_is_refused():
+    root, mgr = _device()
+    text, sig, blobs = _release("2.0", NEW)
+    m = fwtest.run(mgr.verify_manifest(text, sig))
+    e = fwtest.raises(OTAError, fwtest.run, mgr.stage(m, _fetcher(blobs, truncate_at=2500)))
+    assert "stopped at 2500" in str(e)
+    assert _is_old(root) and not fsutil.exists(root + "/ota/new")
+
+
+def test_oversized_chunk_is_refused():
+    root, mgr = _device()
+    text, sig, blobs = _release("2.0", NEW)
+    m = fwtest.run(mgr.verify_manifest(text, sig))
+
+    async def greedy(sha, offset, length):
+        return blobs[sha][offset:offset + length + 1] if len(blobs[sha]) > offset + length else blobs[sha][offset:]
+    e = fwtest.raises(OTAError, fwtest.run, mgr.stage(m, greedy))
+    assert "more bytes" in str(e)
+    assert _is_old(root)
+
+
+def test_too_little_flash_is_refused_before_downloading():
+    root, mgr = _device()
+    text, sig, blobs = _release("2.0", NEW)
+    m = fwtest.run(mgr.verify_manifest(text, sig))
+    mgr.free_bytes = lambda: 100
+    calls = []
+
+    async def fetch(sha, offset, length):
+        calls.append(sha)
+        return blobs[sha][offset:offset + length]
+    e = fwtest.raises(OTAError, fwtest.run, mgr.stage(m, fetch))
+    assert "not enough flash" in str(e) and calls == []
+
+
+# --- swap, trial, commit, rollback -----------------------------------------------------------------------------------
+def test_install_trial_then_healthy_commits():
+    root, mgr = _device()
+    _stage_and_install(mgr)
+    assert _is_new(root)
+    mgr2 = OTAUpdateManager(root, public_key=_keypair()[2])
+    info = mgr2.boot()
+    assert info["trial"] == "2.0" and info["rolled_back"] is None
+    assert _is_new(root)
+    assert mgr2.healthy() == "2.0"
+    assert mgr2.pending_result() == {"version": "2.0", "status": "installed"}
+    assert not fsutil.exists(root + "/ota.json") and not fsutil.exists(root + "/ota/old")
+    assert OTAUpdateManager(root).boot()["trial"] is None and _is_new(root)
+
+
+def test_reset_during_trial_rolls_back_to_old_set():
+    root, mgr = _device()
+    _stage_and_install(mgr)
+    assert OTAUpdateManager(root).boot()["trial"] == "2.0"
+    info = OTAUpdateManager(root).boot()  # reset before healthy
+    assert info["rolled_back"] == "2.0" and info["trial"] is None
+    assert _is_old(root)
+    res = OTAUpdateManager(root).pending_result()
+    assert res["status"] == "rolled_back" and res["running"] == "1.0"
+    assert not fsutil.exists(root + "/ota.json")
+
+
+def test_trial_not_healthy_in_time_rolls_back_and_resets():
+    root, mgr = _device()
+    _stage_and_install(mgr)
+    m2 = OTAUpdateManager(root)
+    m2.boot()
+    m2.healthy_within_s = 0
+    resets = []
+    assert fwtest.run(m2.trial_watch(lambda: False, lambda: resets.append(1))) is False
+    assert resets == [1] and _is_old(root)
+    m3 = OTAUpdateManager(root)
+    m3.boot()
+    assert fwtest.run(m3.trial_watch(lambda: False, lambda: resets.append(1))) is None
+
+
+class _CutOs:
+    """os stand-in whose rename raises (power cut) once `left` renames have happened."""
+
+    def __init__(self, left):
+        self.left = left
+
+    def rename(self, a, b):
+        if self.left <= 0:
+            raise OSError(5)
+        self.left -= 1
+        os.rename(a, b)
+
+    def __getattr__(self, name):
+        return getattr(os, name)
+
+
+def test_power_cut_at_every_step_of_the_swap_boots_a_complete_set():
+    n = 0
+    while True:
+        root, mgr = _device()
+        text, sig, blobs = _release("2.0", NEW)
+        m = fwtest.run(mgr.verify_manifest(text, sig))
+        fwtest.run(mgr.stage(m, _fetcher(blobs)))
+        ota.os = _CutOs(n)
+        try:
+            mgr.install(m)
+            finished = True
+        except OSError:
+            finished = False
+        finally:
+            ota.os = os
+        # reset: the next boot completes the swap (every staged file was verified), the set is new and on trial
+        info = OTAUpdateManager(root).boot()
+        assert info["trial"] == "2.0" and _is_new(root), n
+        # and a reset before healthy takes the device back to the complete old set
+        OTAUpdateManager(root).boot()
+        assert _is_old(root), n
+        if finished:
+            break
+        n += 1
+    assert n >= 5
+
+
+def test_power_cut_during_rollback_resumes_it():
+    n = 0
+    while True:
+        root, mgr = _device()
+        _stage_and_install(mgr)
+        OTAUpdateManager(root).boot()
+        ota.os = _CutOs(n)
+        try:
+            OTAUpdateManager(root).boot()
+            finished = True
+        except OSError:
+            finished = False
+        finally:
+            ota.os = os
+        info = OTAUpdateManager(root).boot()
+        assert _is_old(root), n
+        assert info["trial"] is None
+        if finished:
+            break
+        n += 1
+    assert n >= 2
+
+
+# --- safe mode --------------------------------------------------------------------------------------------------------
+def test_boot_counter_enters_safe_mode_and_healthy_clears_it():
+    root, mgr = _device()
+    for i in range(OTAUpdateManager.safe_mode_after):
+        info = OTAUpdateManager(root).boot()
+        assert not info["safe_mode"] and info["boots"] == i + 1
+    m = OTAUpdateManager(root)
+    assert m.boot()["safe_mode"]
+    m.healthy()
+    assert not m.safe_mode
+    assert OTAUpdateManager(root).boot() == {"boots": 1, "safe_mode": False, "trial": None, "rolled_back": None}
+
+
+# --- over HTTP (a real server on 127.0.0.1) ----------------------------------------------------------------------------
+def test_update_over_http_from_a_real_server():
+    from iotlib.compat import asyncio
+    from iotlib.http import HTTPClient
+    root, mgr = _device()
+    text, sig, blobs = _release("2.0", NEW)
+    seen = []
+
+    async def handle(reader, writer):
+        line = (await reader.readline()).decode()
+        while (await reader.readline()) not in (b"\r\n", b""):
+            pass
+        path = line.split(" ")[1]
+        seen.append(path)
+        if path == "/ota":
+            body = json.dumps({"version": "2.0", "manifest_url": base + "/manifest", "files_url": base + "/files"})
+        elif path == "/manifest":
+            body = json.dumps({"manifest": text, "signature": sig})
+        else:
+            sha, q = path[len("/files/"):].split("?")
+            args = dict(kv.split("=") for kv in q.split("&"))
+            body = blobs[sha][int(args["offset"]):int(args["offset"]) + int(args["length"])]
+        if isinstance(body, str):
+            body = body.encode()
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
+        await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+
+    async def go():
+        srv = None
+        for port in range(18650, 18690):
+            try:
+                srv = await asyncio.start_server(handle, "127.0.0.1", port)
+                break
+            except OSError:
+                pass
+        global base
+        base = "http://127.0.0.1:%d" % port
+        try:
+            http = HTTPClient()
+            offer = await mgr.check(http, base + "/ota", {})
+            return await mgr.update(http, offer, {}, running="1.0")
+        finally:
+            srv.close()
+            await srv.wait_closed()
+    assert fwtest.run(go()) == "2.0"
+    assert _is_new(root)
+    assert len([p for p in seen if p.startswith("/files/")]) == 1 + 6 + 1  # 1000-byte chunks
+    assert OTAUpdateManager(root).boot()["trial"] == "2.0"
