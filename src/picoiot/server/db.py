@@ -125,8 +125,58 @@ def _migration_1(conn: sa.Connection) -> None:
         table.create(conn, checkfirst=True)
 
 
+ota_keys = sa.Table(  # the Ed25519 public key a namespace's releases must be signed with (docs/ota.md)
+    "ota_keys", metadata,
+    sa.Column("ns", sa.String(64), primary_key=True),
+    sa.Column("public_key", sa.String(64), nullable=False),
+    sa.Column("updated_ts", sa.BigInteger, nullable=False),
+)
+
+ota_files = sa.Table(  # content-addressed release files
+    "ota_files", metadata,
+    sa.Column("ns", sa.String(64), primary_key=True),
+    sa.Column("sha256", sa.String(64), primary_key=True),
+    sa.Column("size", sa.Integer, nullable=False),
+    sa.Column("data", sa.LargeBinary, nullable=False),
+)
+
+ota_releases = sa.Table(
+    "ota_releases", metadata,
+    sa.Column("ns", sa.String(64), primary_key=True),
+    sa.Column("version", sa.String(32), primary_key=True),
+    sa.Column("manifest", sa.Text, nullable=False),  # the exact signed text
+    sa.Column("signature", sa.String(128), nullable=False),
+    sa.Column("created_ts", sa.BigInteger, nullable=False),
+)
+
+ota_assignments = sa.Table(  # kind "device" or "group"; a device's own assignment wins over its group's
+    "ota_assignments", metadata,
+    sa.Column("ns", sa.String(64), primary_key=True),
+    sa.Column("kind", sa.String(8), primary_key=True),
+    sa.Column("target", sa.String(64), primary_key=True),
+    sa.Column("version", sa.String(32), nullable=False),
+    sa.Column("assigned_ts", sa.BigInteger, nullable=False),
+)
+
+ota_reports = sa.Table(  # the device's latest install result
+    "ota_reports", metadata,
+    sa.Column("ns", sa.String(64), primary_key=True),
+    sa.Column("device_id", sa.String(64), primary_key=True),
+    sa.Column("version", sa.String(32), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("reason", sa.String(256)),
+    sa.Column("running", sa.String(32)),
+    sa.Column("ts", sa.BigInteger, nullable=False),
+)
+
+
+def _migration_2(conn: sa.Connection) -> None:
+    for table in (ota_keys, ota_files, ota_releases, ota_assignments, ota_reports):
+        table.create(conn, checkfirst=True)
+
+
 #: Versioned migrations, applied in order inside one transaction each; append, never edit a released one.
-MIGRATIONS: list[tuple[int, Callable[[sa.Connection], None]]] = [(1, _migration_1)]
+MIGRATIONS: list[tuple[int, Callable[[sa.Connection], None]]] = [(1, _migration_1), (2, _migration_2)]
 LATEST = MIGRATIONS[-1][0]
 
 
