@@ -162,7 +162,7 @@ def test_health_ready_metrics(server):
     c = server.client
     assert c.get("/health").json() == {"status": "ok"}
     r = c.get("/ready")
-    assert r.status_code == 200 and r.json()["ready"] is True and r.json()["migrations"] == 1
+    assert r.status_code == 200 and r.json()["ready"] is True and r.json()["migrations"] == 2
     server.register("relay-1")
     from cptest import wait_until
     wait_until(lambda: server.cp.metrics.devices_online._value.get() == 1)
