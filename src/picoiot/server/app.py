@@ -9,7 +9,7 @@ from typing import Iterable
 import sqlalchemy as sa
 from fastapi import APIRouter, FastAPI
 
-from . import alarms, config, discovery, heartbeat, operators, ops, state
+from . import alarms, config, discovery, heartbeat, operators, ops, ota, state
 from . import db as tables
 from . import errors
 from .core import ControlPlane
@@ -27,6 +27,7 @@ SERVICES: dict[str, APIRouter] = {
     "state": state.router,
     "heartbeat": heartbeat.router,
     "alarms": alarms.router,
+    "ota": ota.router,  # before operators: its OTA stub must not shadow the real endpoint
     "operators": operators.router,
     "ops": ops.router,
 }

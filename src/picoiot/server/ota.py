@@ -1,0 +1,310 @@
+"""OTA service (docs/ota.md): signed releases, assignment to devices/groups, the device's offer, manifest, files, reports.
+
+The server never signs: the publisher signs the manifest offline with Ed25519; the server checks the signature against
+the namespace's public key before it stores a release (so a bad upload is refused early), and the device checks it
+again with the key in its own flash (the server is not trusted with code).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+from fastapi import APIRouter, Depends, Query, Request, Response
+from nacl.exceptions import BadSignatureError
+from nacl.signing import VerifyKey
+from pydantic import BaseModel, Field
+
+from . import db as tables
+from .auth import Principal, device_ns, principal, require_ns, require_role
+from .db import now_ms
+from .errors import ApiError
+from .models import ErrorBody
+
+if TYPE_CHECKING:
+    from .core import ControlPlane
+
+router = APIRouter(tags=["ota"])
+_ERR: dict[int | str, dict[str, Any]] = {s: {"model": ErrorBody} for s in (400, 401, 403, 404, 409, 413, 422)}
+K, F, R, AS, REP, D = (tables.ota_keys, tables.ota_files, tables.ota_releases, tables.ota_assignments,
+                       tables.ota_reports, tables.devices)
+HEX64 = r"^[0-9a-f]{64}$"
+VERSION = r"^[A-Za-z0-9_.+-]{1,32}$"
+PATH_RE = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
+#: limits shared with the firmware (iotlib.ota.OTAUpdateManager)
+MAX_FILE_BYTES = 64 * 1024
+MAX_FILES = 48
+MAX_MANIFEST_BYTES = 8 * 1024
+MAX_CHUNK = 16 * 1024
+
+
+class KeyIn(BaseModel):
+    public_key: str = Field(pattern=HEX64, description="Ed25519 public key, 64 lowercase hex chars")
+
+
+class ReleaseIn(BaseModel):
+    manifest: str = Field(max_length=MAX_MANIFEST_BYTES, description="the exact signed manifest text (JSON)")
+    signature: str = Field(pattern=r"^[0-9a-f]{128}$")
+
+
+class AssignIn(BaseModel):
+    version: str | None = Field(pattern=VERSION, description="release to run; null removes the assignment")
+    device: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    group: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+class ReportIn(BaseModel):
+    version: str = Field(pattern=VERSION)
+    status: str = Field(pattern=r"^(installed|rolled_back|failed)$")
+    reason: str | None = Field(None, max_length=256)
+    running: str | None = Field(None, max_length=32)
+
+
+def _cp(request: Request) -> "ControlPlane":
+    return request.app.state.cp
+
+
+def check_manifest(text: str) -> dict:
+    """The parsed manifest, or ApiError(422) naming what is wrong (same rules as the firmware)."""
+    try:
+        m = json.loads(text)
+    except ValueError:
+        raise ApiError(422, "manifest is not JSON")
+    if not isinstance(m, dict) or not isinstance(m.get("version"), str) or not re.match(VERSION, m["version"]):
+        raise ApiError(422, "manifest: bad version", {"path": "version"})
+    files = m.get("files")
+    if not isinstance(files, list) or not 0 < len(files) <= MAX_FILES:
+        raise ApiError(422, f"manifest: files must be a list of 1-{MAX_FILES} entries", {"path": "files"})
+    seen = set()
+    for i, f in enumerate(files):
+        p = f.get("path") if isinstance(f, dict) else None
+        if (not isinstance(p, str) or len(p) > 64 or not PATH_RE.match(p) or ".." in p or p.startswith("ota")
+                or p in seen):
+            raise ApiError(422, "manifest: bad path", {"path": f"files.{i}.path"})
+        if not isinstance(f.get("sha256"), str) or not re.match(HEX64, f["sha256"]):
+            raise ApiError(422, "manifest: bad sha256", {"path": f"files.{i}.sha256"})
+        size = f.get("size")
+        if type(size) is not int or not 0 <= size <= MAX_FILE_BYTES:
+            raise ApiError(422, f"manifest: size must be 0-{MAX_FILE_BYTES}", {"path": f"files.{i}.size"})
+        seen.add(p)
+    return m
+
+
+# ---------------------------------------------------------------- publisher / operator side
+@router.put("/api/v1/namespaces/{ns}/ota/key", responses=_ERR)
+async def put_key(ns: str, body: KeyIn, request: Request, p: Principal = Depends(principal)) -> dict:
+    """Set the public key releases of this namespace must be signed with. Admin."""
+    require_ns(p, ns, request)
+    require_role(p, "admin")
+
+    def put(conn, events):
+        conn.execute(K.delete().where(K.c.ns == ns))
+        conn.execute(K.insert().values(ns=ns, public_key=body.public_key, updated_ts=now_ms()))
+    await _cp(request).write(put)
+    return {"public_key": body.public_key}
+
+
+@router.put("/api/v1/namespaces/{ns}/ota/files/{sha256}", responses=_ERR)
+async def put_file(ns: str, sha256: str, request: Request, p: Principal = Depends(principal)) -> dict:
+    """Upload one release file (raw body, ≤ 64 KiB); its name is its sha256, checked. Admin."""
+    require_ns(p, ns, request)
+    require_role(p, "admin")
+    if not re.match(HEX64, sha256):
+        raise ApiError(400, "file name must be its sha256 (64 lowercase hex)")
+    data = await request.body()
+    if len(data) > MAX_FILE_BYTES:
+        raise ApiError(413, f"file larger than {MAX_FILE_BYTES} bytes")
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise ApiError(422, "sha256 mismatch", {"expected": sha256, "got": hashlib.sha256(data).hexdigest()})
+
+    def put(conn, events):
+        if conn.execute(sa.select(F.c.size).where(F.c.ns == ns, F.c.sha256 == sha256)).first() is None:
+            conn.execute(F.insert().values(ns=ns, sha256=sha256, size=len(data), data=data))
+    await _cp(request).write(put)
+    return {"sha256": sha256, "size": len(data)}
+
+
+def _publish(conn, events, ns: str, body: ReleaseIn, m: dict):
+    key = conn.execute(sa.select(K.c.public_key).where(K.c.ns == ns)).scalar()
+    if key is None:
+        raise ApiError(409, "no OTA public key set for this namespace (PUT …/ota/key)")
+    try:
+        VerifyKey(bytes.fromhex(key)).verify(body.manifest.encode(), bytes.fromhex(body.signature))
+    except BadSignatureError:
+        raise ApiError(422, "bad signature", {"path": "signature"})
+    for i, f in enumerate(m["files"]):
+        size = conn.execute(sa.select(F.c.size).where(F.c.ns == ns, F.c.sha256 == f["sha256"])).scalar()
+        if size is None:
+            raise ApiError(422, f"file not uploaded: {f['path']}", {"path": f"files.{i}.sha256"})
+        if size != f["size"]:
+            raise ApiError(422, f"size mismatch for {f['path']}", {"path": f"files.{i}.size"})
+    old = conn.execute(sa.select(R.c.manifest, R.c.signature).where(R.c.ns == ns, R.c.version == m["version"])).first()
+    if old is not None:
+        if old[0] == body.manifest:
+            return False  # the same release again (retry)
+        raise ApiError(409, f"release {m['version']} exists with another manifest")
+    conn.execute(R.insert().values(ns=ns, version=m["version"], manifest=body.manifest, signature=body.signature,
+                                   created_ts=now_ms()))
+    return True
+
+
+@router.post("/api/v1/namespaces/{ns}/ota/releases", status_code=201, responses=_ERR)
+async def publish(ns: str, body: ReleaseIn, request: Request, p: Principal = Depends(principal)) -> dict:
+    """Store a signed release whose files are uploaded. Admin."""
+    require_ns(p, ns, request)
+    require_role(p, "admin")
+    m = check_manifest(body.manifest)
+    created = await _cp(request).write(_publish, ns, body, m)
+    return {"version": m["version"], "files": len(m["files"]), "created": created}
+
+
+@router.get("/api/v1/namespaces/{ns}/ota/releases", responses=_ERR)
+async def list_releases(ns: str, request: Request, p: Principal = Depends(principal)) -> dict:
+    require_ns(p, ns, request)
+    require_role(p, "viewer")
+
+    def q(conn):
+        return [{"version": r[0], "created_ts": r[1]} for r in
+                conn.execute(sa.select(R.c.version, R.c.created_ts).where(R.c.ns == ns).order_by(R.c.created_ts))]
+    return {"releases": await _cp(request).read(q)}
+
+
+def _assign(conn, events, ns: str, body: AssignIn):
+    kind, target = ("device", body.device) if body.device else ("group", body.group)
+    if kind == "device":
+        if conn.execute(sa.select(D.c.device_id).where(D.c.ns == ns, D.c.device_id == target)).first() is None:
+            raise ApiError(404, "unknown device")
+    elif conn.execute(sa.select(tables.groups.c.name).where(tables.groups.c.ns == ns,
+                                                            tables.groups.c.name == target)).first() is None:
+        raise ApiError(404, "unknown group")
+    if body.version is not None and conn.execute(
+            sa.select(R.c.version).where(R.c.ns == ns, R.c.version == body.version)).first() is None:
+        raise ApiError(404, "unknown release", {"version": body.version})
+    conn.execute(AS.delete().where(AS.c.ns == ns, AS.c.kind == kind, AS.c.target == target))
+    if body.version is not None:
+        conn.execute(AS.insert().values(ns=ns, kind=kind, target=target, version=body.version, assigned_ts=now_ms()))
+
+
+@router.put("/api/v1/namespaces/{ns}/ota/assignments", responses=_ERR)
+async def assign(ns: str, body: AssignIn, request: Request, p: Principal = Depends(principal)) -> dict:
+    """Assign a release to one device or a group (a device's own assignment wins). Admin."""
+    require_ns(p, ns, request)
+    require_role(p, "admin")
+    if (body.device is None) == (body.group is None):
+        raise ApiError(422, "give exactly one of device, group", {"path": "device"})
+    await _cp(request).write(_assign, ns, body)
+    return {"ok": True}
+
+
+def _device_view(conn, ns: str, dev: str) -> dict | None:
+    row = conn.execute(sa.select(D.c.group_name, D.c.firmware, D.c.heartbeat)
+                       .where(D.c.ns == ns, D.c.device_id == dev)).first()
+    if row is None:
+        return None
+    group, firmware, hb = row
+    assigned = conn.execute(sa.select(AS.c.version, AS.c.assigned_ts).where(
+        AS.c.ns == ns, AS.c.kind == "device", AS.c.target == dev)).first()
+    if assigned is None and group:
+        assigned = conn.execute(sa.select(AS.c.version, AS.c.assigned_ts).where(
+            AS.c.ns == ns, AS.c.kind == "group", AS.c.target == group)).first()
+    rep = conn.execute(sa.select(REP).where(REP.c.ns == ns, REP.c.device_id == dev)).mappings().first()
+    running = (hb or {}).get("firmware") or firmware
+    if rep and rep["status"] == "installed":
+        running = rep["version"]
+    elif rep and rep["status"] == "rolled_back" and rep["running"]:
+        running = rep["running"]
+    view = {"device_id": dev, "group": group, "running": running,
+            "assigned": assigned[0] if assigned else None,
+            "report": {k: rep[k] for k in ("version", "status", "reason", "running", "ts")} if rep else None}
+    # not offered: nothing assigned, already running it, or the device rolled it back since it was assigned
+    # (offering it again would loop install → rollback for ever; re-assign to retry)
+    pending = bool(assigned) and assigned[0] != running and not (
+        rep and rep["version"] == assigned[0] and rep["status"] != "installed" and rep["ts"] >= assigned[1])
+    view["pending"] = assigned[0] if pending else None
+    return view
+
+
+@router.get("/api/v1/namespaces/{ns}/ota/status", responses=_ERR)
+async def status(ns: str, request: Request, p: Principal = Depends(principal),
+                 device: str | None = Query(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")) -> dict:
+    """Per device: assigned release, running version, pending offer, last report."""
+    require_ns(p, ns, request)
+    require_role(p, "viewer")
+
+    def q(conn):
+        ids = [device] if device else [r[0] for r in conn.execute(
+            sa.select(D.c.device_id).where(D.c.ns == ns).order_by(D.c.device_id))]
+        return [v for v in (_device_view(conn, ns, d) for d in ids) if v is not None]
+    devices = await _cp(request).read(q)
+    if device and not devices:
+        raise ApiError(404, "unknown device")
+    return {"devices": devices}
+
+
+# ---------------------------------------------------------------- device side
+async def pending_for(cp: "ControlPlane", ns: str, dev: str) -> str | None:
+    """The release version offered to the device, or None."""
+    view = await cp.read(_device_view, ns, dev)
+    return view["pending"] if view else None
+
+
+@router.get("/api/v1/devices/{device_id}/ota", status_code=200, responses={**_ERR, 204: {"description": "none"}})
+async def offer(device_id: str, request: Request, p: Principal = Depends(principal)) -> Response:
+    """The release the device should install: `204` when none, else `{version, manifest_url, files_url}`."""
+    ns = device_ns(p, device_id, "viewer")
+    cp = _cp(request)
+    view = await cp.read(_device_view, ns, device_id)
+    if view is None:
+        raise ApiError(404, "unknown device")
+    if not view["pending"]:
+        return Response(status_code=204)
+    base = f"{cp.base_url(request)}/api/v1/devices/{device_id}/ota"
+    body = {"version": view["pending"], "manifest_url": f"{base}/releases/{view['pending']}/manifest",
+            "files_url": f"{base}/files"}
+    return Response(json.dumps(body), media_type="application/json")
+
+
+@router.get("/api/v1/devices/{device_id}/ota/releases/{version}/manifest", responses=_ERR)
+async def manifest(device_id: str, version: str, request: Request, p: Principal = Depends(principal)) -> dict:
+    """The signed manifest text and its signature (the device verifies the exact text)."""
+    ns = device_ns(p, device_id, "viewer")
+    row = await _cp(request).read(lambda conn: conn.execute(
+        sa.select(R.c.manifest, R.c.signature).where(R.c.ns == ns, R.c.version == version)).first())
+    if row is None:
+        raise ApiError(404, "unknown release")
+    return {"version": version, "manifest": row[0], "signature": row[1]}
+
+
+@router.get("/api/v1/devices/{device_id}/ota/files/{sha256}", responses=_ERR)
+async def file_chunk(device_id: str, sha256: str, request: Request, p: Principal = Depends(principal),
+                     offset: int = Query(0, ge=0), length: int = Query(MAX_CHUNK, ge=1, le=MAX_CHUNK)) -> Response:
+    """Bytes [offset, offset+length) of a release file (a device downloads in small requests)."""
+    ns = device_ns(p, device_id, "viewer")
+    row = await _cp(request).read(lambda conn: conn.execute(
+        sa.select(F.c.data).where(F.c.ns == ns, F.c.sha256 == sha256)).first())
+    if row is None:
+        raise ApiError(404, "unknown file")
+    data = bytes(row[0])
+    if offset > len(data):
+        raise ApiError(416, "offset beyond the end of the file", {"size": len(data)})
+    return Response(data[offset:offset + length], media_type="application/octet-stream",
+                    headers={"X-File-Size": str(len(data))})
+
+
+@router.post("/api/v1/devices/{device_id}/ota/report", responses=_ERR)
+async def report(device_id: str, body: ReportIn, request: Request, p: Principal = Depends(principal)) -> dict:
+    """The device's install result: installed, rolled_back (with the version it runs again) or failed."""
+    if not p.is_device:
+        raise ApiError(403, "only devices report OTA results")
+    ns = device_ns(p, device_id, "admin")
+
+    def put(conn, events):
+        if conn.execute(sa.select(D.c.device_id).where(D.c.ns == ns, D.c.device_id == device_id)).first() is None:
+            raise ApiError(404, "unknown device")
+        conn.execute(REP.delete().where(REP.c.ns == ns, REP.c.device_id == device_id))
+        conn.execute(REP.insert().values(ns=ns, device_id=device_id, version=body.version, status=body.status,
+                                         reason=body.reason, running=body.running, ts=now_ms()))
+    await _cp(request).write(put)
+    return {"ok": True}
