@@ -45,7 +45,7 @@ class Device:
         self.log = open(workdir / "device.log", "w+")
         self.proc = subprocess.Popen([_mp(), "-X", f"heapsize={heap_k}K", "-m", "main_sim", str(workdir / "dev.json")],
                                      stdout=self.log, stderr=subprocess.STDOUT, text=True, env=heaplib.mp_env(),
-                                     cwd=workdir)
+                                     cwd=workdir, preexec_fn=_die_with_parent)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and self.proc.poll() is None:
             if "picoiot device " in self.output():
@@ -72,6 +72,11 @@ class Device:
         out = self.output()
         self.log.close()
         return out
+
+
+def _die_with_parent() -> None:
+    from picoiot.procs import _die_with_parent as die  # SIGTERM when the bench dies: no device left serving
+    die()
 
 
 def _mp() -> str:
