@@ -201,3 +201,20 @@ def test_device_side_access_rules(server, tmp_path):
     other = server.register("dev-o", ns="other")
     r = c.get(other.services["ota"] + "/releases/d1/manifest", headers=other.headers)
     assert r.status_code == 404
+
+
+def test_heartbeat_answer_names_the_pending_release(server, tmp_path):
+    key, _, tok = _setup(server, tmp_path)
+    ota_cli.publish(server.url, tok, "default", _release_dir(tmp_path, "h"), "h1", key)
+    dev = server.register("hb-1")
+    c = server.client
+
+    def pending():
+        r = c.post(dev.services["heartbeat"], headers=dev.headers, json={"seq": 1, "uptime": 1})
+        assert r.status_code == 200
+        return r.json()["pending"]["ota"]
+    assert pending() is None
+    ota_cli.assign(server.url, tok, "default", "h1", "hb-1", None)
+    assert pending() == "h1"
+    c.post(dev.services["ota"] + "/report", headers=dev.headers, json={"version": "h1", "status": "installed"})
+    assert pending() is None

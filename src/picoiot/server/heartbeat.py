@@ -11,6 +11,7 @@ from .db import now_ms
 from .errors import ApiError
 from .longpoll import wait_for_change
 from .models import ErrorBody, HeartbeatIn, HeartbeatOut
+from .ota import heartbeat_pending
 
 if TYPE_CHECKING:
     from .core import ControlPlane
@@ -51,4 +52,5 @@ async def heartbeat(device_id: str, body: HeartbeatIn, request: Request, p: Prin
     # built by hand, not through response_model validation: this is the hottest answer (the OpenAPI schema is still
     # HeartbeatOut, and tests check the body against it)
     return JSONResponse({"ack": body.seq, "server_time": now_ms(), "ttl": entry[2],
-                         "pending": {"config_version": entry[0], "state_version": entry[1], "ota": None}})
+                         "pending": {"config_version": entry[0], "state_version": entry[1],
+                                     "ota": await heartbeat_pending(cp, ns, device_id)}})

@@ -195,6 +195,7 @@ async def assign(ns: str, body: AssignIn, request: Request, p: Principal = Depen
     if (body.device is None) == (body.group is None):
         raise ApiError(422, "give exactly one of device, group", {"path": "device"})
     await _cp(request).write(_assign, ns, body)
+    _no_assignments.pop((id(_cp(request)), ns), None)
     return {"ok": True}
 
 
@@ -308,3 +309,28 @@ async def report(device_id: str, body: ReportIn, request: Request, p: Principal 
                                          reason=body.reason, running=body.running, ts=now_ms()))
     await _cp(request).write(put)
     return {"ok": True}
+
+
+# ---------------------------------------------------------------- heartbeat hook
+#: seconds a process trusts "this namespace has no OTA assignment" (another process's new assignment shows up in
+#: heartbeat answers within this; the device's own periodic OTA check does not depend on it)
+NO_ASSIGNMENT_TTL_S = 5.0
+_no_assignments: dict[tuple[int, str], float] = {}
+
+
+def _has_assignments(conn, ns: str) -> bool:
+    return conn.execute(sa.select(AS.c.version).where(AS.c.ns == ns).limit(1)).first() is not None
+
+
+async def heartbeat_pending(cp: "ControlPlane", ns: str, dev: str) -> str | None:
+    """`pending.ota` of a heartbeat answer: the offered version or None. The hot path (no assignment anywhere in the
+    namespace) costs one dict lookup; only namespaces with assignments pay a query."""
+    import time
+    key = (id(cp), ns)
+    now = time.monotonic()
+    if _no_assignments.get(key, 0.0) > now:
+        return None
+    if not await cp.read(_has_assignments, ns):
+        _no_assignments[key] = now + NO_ASSIGNMENT_TTL_S
+        return None
+    return await pending_for(cp, ns, dev)
