@@ -50,22 +50,24 @@ def server(db: Optional[str] = DbUrl, host: str = typer.Option("127.0.0.1", help
            sweep_interval: float = typer.Option(1.0, help="seconds between liveness flush / offline sweeps"),
            heartbeat_flush: float = typer.Option(1.0, help="write last_seen every N s (0 = on every heartbeat)"),
            token_ttl: int = typer.Option(3600, help="device token lifetime, seconds"),
+           workers: int = typer.Option(1, help="server processes sharing the port (more than 1: PostgreSQL only)"),
+           max_requests: int = typer.Option(128, help="requests worked on at once per process; beyond: 503"),
+           max_longpolls: int = typer.Option(10_000, help="long-polls waiting at once per process; beyond: 503"),
            log_level: str = typer.Option("info", help="debug | info | warning | error (to stderr)")) -> None:
     """Run the control plane (discovery, config, state, heartbeat, alarms[, SNTP]) until SIGTERM/SIGINT."""
     import logging
 
-    import uvicorn
-
     level = getattr(logging, log_level.upper(), None)
     if not isinstance(level, int):
         _fail("--log-level: debug, info, warning or error")
+    if workers < 1 or max_requests < 1 or max_longpolls < 0:
+        _fail("--workers and --max-requests must be at least 1, --max-longpolls at least 0")
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-    from .server.app import create_app
 
     ddir = data_dir or default_data_dir()
     settings = _settings(ddir, db, db_schema, public_url=public_url, sweep_interval_s=sweep_interval,
-                         heartbeat_flush_s=heartbeat_flush, token_ttl_s=token_ttl)
+                         heartbeat_flush_s=heartbeat_flush, token_ttl_s=token_ttl,
+                         max_requests_in_flight=max_requests, max_longpolls=max_longpolls)
     sntp = None
     if sntp_port is not None:
         try:
@@ -76,15 +78,46 @@ def server(db: Optional[str] = DbUrl, host: str = typer.Option("127.0.0.1", help
         if sntp is None:
             _fail("--sntp-port: picoiot.server.sntp has no serve_sntp()")
         settings.ntp_address = f"{host}:{sntp_port}"
-    app = create_app(settings)
+    if workers == 1:
+        _serve_one(settings, ddir, host, port, public_url, sntp, sntp_port)
+        return
+    if not settings.is_postgres:
+        # every process keeps caches (versions, liveness) and wakes long-polls from change events; only PostgreSQL's
+        # LISTEN/NOTIFY carries them between processes. SQLite would answer stale `pending` versions and miss wake-ups.
+        _fail("--workers > 1 needs PostgreSQL (--db postgresql://…): the processes keep their caches and long-polls "
+              "in step through LISTEN/NOTIFY, which SQLite does not have")
+    if sntp is not None and sntp_port == 0:
+        _fail("--sntp-port 0 with --workers > 1: give a fixed port (every worker advertises it)")
+    _serve_workers(settings, ddir, host, port, public_url, sntp, sntp_port, workers)
+
+
+def _uvicorn_server(settings, host: str, port: int):
+    import uvicorn
+
+    from .server.app import create_app
+
     try:
         import uvloop  # noqa: F401
         loop = "uvloop"
     except ImportError:  # pragma: no cover
         loop = "asyncio"
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, loop=loop,
+    config = uvicorn.Config(create_app(settings), host=host, port=port, log_level="warning", access_log=False, loop=loop,
                             timeout_graceful_shutdown=5, server_header=False)
-    srv = _QuietExitServer(config)
+    return _QuietExitServer(config), loop
+
+
+def _write_server_info(ddir: Path, url: str, ntp: Optional[str], workers: int = 1) -> None:
+    info = ddir / SERVER_INFO
+    tmp = info.with_name(info.name + ".tmp")
+    tmp.write_text(json.dumps({"url": url, "pid": os.getpid(), "ntp": ntp, "workers": workers}))
+    os.replace(tmp, info)
+
+
+def _serve_one(settings, ddir: Path, host: str, port: int, public_url: Optional[str], sntp, sntp_port,
+               sock=None, ready_fd: Optional[int] = None) -> None:
+    """One server process: on (host, port), or on an inherited listening socket (a worker: then it reports readiness
+    on ready_fd instead of writing server.json, which is the supervisor's)."""
+    srv, loop = _uvicorn_server(settings, host, port)
 
     async def main() -> None:
         transport = None
@@ -96,21 +129,21 @@ def server(db: Optional[str] = DbUrl, host: str = typer.Option("127.0.0.1", help
                 _fail(f"--sntp-port {sntp_port}: {e.strerror or e}")
             bound_udp = transport.get_extra_info("sockname")[1]
             settings.ntp_address = f"{host}:{bound_udp}"  # the app reads settings live: port 0 → the real port
-        serving = asyncio.create_task(srv.serve())
+        serving = asyncio.create_task(srv.serve(sockets=[sock] if sock is not None else None))
         try:
             while not srv.started:
                 if serving.done():
                     serving.result()
                     raise typer.Exit(1)
                 await asyncio.sleep(0.02)
-            bound = srv.servers[0].sockets[0].getsockname()[1] if srv.servers else port
-            url = f"http://{host}:{bound}"
-            info = ddir / SERVER_INFO
-            tmp = info.with_name(info.name + ".tmp")
-            tmp.write_text(json.dumps({"url": public_url or url, "pid": os.getpid(),
-                                       "ntp": settings.ntp_address}))
-            os.replace(tmp, info)
-            typer.echo(f"picoiot server listening on {url}")
+            if ready_fd is not None:
+                os.write(ready_fd, b"1")
+                os.close(ready_fd)
+            else:
+                bound = srv.servers[0].sockets[0].getsockname()[1] if srv.servers else port
+                url = f"http://{host}:{bound}"
+                _write_server_info(ddir, public_url or url, settings.ntp_address)
+                typer.echo(f"picoiot server listening on {url}")
             await serving
         finally:
             if transport is not None:
@@ -120,6 +153,107 @@ def server(db: Optional[str] = DbUrl, host: str = typer.Option("127.0.0.1", help
         asyncio.run(main()) if loop == "asyncio" else __import__("uvloop").run(main())
     except KeyboardInterrupt:  # pragma: no cover - uvicorn normally handles the signal itself
         pass
+
+
+def _serve_workers(settings, ddir: Path, host: str, port: int, public_url: Optional[str], sntp, sntp_port,
+                   workers: int) -> None:
+    """A supervisor and `workers` forked server processes accepting on one listening socket (PostgreSQL only).
+
+    The schema is migrated here, once, before the fork (workers must not race on it); each worker builds its own app,
+    engine and LISTEN connection after the fork. SIGTERM/SIGINT to the supervisor stops every worker; a worker that
+    dies stops the others (a service manager restarts the whole), and each worker dies with the supervisor."""
+    import signal
+    import socket
+
+    from .server.app import seed_device_types
+    from .server.db import Database, migrate
+
+    try:
+        database = Database(settings)
+        try:
+            migrate(database.engine, settings)
+            database.run_sync(seed_device_types)
+        finally:
+            database.dispose()
+    except Exception as e:
+        _fail(f"database {settings.db_url.split('@')[-1]}: {type(e).__name__}: {e}")
+    try:
+        sock = socket.create_server((host, port), backlog=4096)
+    except OSError as e:
+        _fail(f"cannot listen on {host}:{port}: {e.strerror or e}")
+    bound = sock.getsockname()[1]
+    ready_r, ready_w = os.pipe()
+    children: list[int] = []
+    for i in range(workers):
+        pid = os.fork()
+        if pid == 0:  # worker
+            code = 0
+            try:
+                os.close(ready_r)
+                try:
+                    import ctypes
+                    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+                except (OSError, AttributeError):
+                    pass
+                _serve_one(settings, ddir, host, bound, public_url, sntp if i == 0 else None, sntp_port,
+                           sock=sock, ready_fd=ready_w)
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else 1
+            except typer.Exit as e:
+                code = e.exit_code
+            except BaseException:
+                import traceback
+                traceback.print_exc()
+                code = 1
+            finally:
+                os._exit(code)
+        children.append(pid)
+    os.close(ready_w)
+    sock.close()
+
+    stopping = False
+
+    def stop_all(*_a) -> None:
+        nonlocal stopping
+        stopping = True
+        for c in children:
+            try:
+                os.kill(c, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    signal.signal(signal.SIGTERM, stop_all)
+    signal.signal(signal.SIGINT, stop_all)
+    ready = 0
+    while ready < workers:
+        chunk = os.read(ready_r, 16)
+        if not chunk:  # every worker closed its end: one of them died before serving
+            break
+        ready += len(chunk)
+    os.close(ready_r)
+    if ready < workers:
+        stop_all()
+    else:
+        url = f"http://{host}:{bound}"
+        _write_server_info(ddir, public_url or url, settings.ntp_address, workers)
+        typer.echo(f"picoiot server listening on {url} ({workers} worker processes)")
+    failed = ready < workers
+    remaining = set(children)
+    while remaining:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        except InterruptedError:  # pragma: no cover - PEP 475 retries
+            continue
+        remaining.discard(pid)
+        if not stopping:  # a worker died on its own: stop the rest
+            failed = True
+            stop_all()
+        elif os.waitstatus_to_exitcode(status) not in (0, -signal.SIGTERM):
+            failed = True
+    if failed:
+        raise typer.Exit(1)
 
 
 def _quiet_exit_server_class():

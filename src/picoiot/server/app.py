@@ -12,6 +12,7 @@ from fastapi import APIRouter, FastAPI
 from . import alarms, config, discovery, heartbeat, operators, ops, ota, state
 from . import db as tables
 from . import errors
+from .admission import Admission
 from .core import ControlPlane
 from .db import migrate, now_ms
 from .devicetypes import BUILTIN
@@ -64,6 +65,7 @@ def create_app(settings: Settings | None = None, services: Iterable[str] | None 
         await cp.db.run(seed_device_types)
         cp.started_ms = now_ms()
         await cp.notifier.start()
+        await cp.warm_versions()  # after LISTEN starts: a change committed meanwhile reaches the cache as an event
         task = asyncio.create_task(_housekeeping(cp))
         try:
             yield
@@ -84,4 +86,7 @@ def create_app(settings: Settings | None = None, services: Iterable[str] | None 
     for name in services or SERVICES:
         app.include_router(SERVICES[name])
     app.add_middleware(MetricsAndLimits, metrics=cp.metrics, max_body=settings.max_body_bytes)
+    # outermost: a refused request costs as little as possible
+    app.add_middleware(Admission, metrics=cp.metrics, max_requests=settings.max_requests_in_flight,
+                       max_longpolls=settings.max_longpolls)
     return app

@@ -19,8 +19,11 @@ T = TypeVar("T")
 class VersionCache:
     """(ns, device) → [config_version, default-shadow version, ttl_s]: what the heartbeat answers as `pending`, without a query.
 
-    Filled on first use from the database and kept current by change events (local and, on PostgreSQL, from the other
-    processes through NOTIFY); versions only grow, so applying an event twice or late is harmless.
+    Filled at start-up with one query over all devices (`load_all_versions`), then by registration events (which carry
+    the device's versions, so every process learns of a new device through NOTIFY) and, for anything else (a resync,
+    a device provisioned but not yet registered), on first use from the database. Kept current by change events (local
+    and, on PostgreSQL, from the other processes through NOTIFY); versions only grow, so applying an event twice or
+    late is harmless.
     """
 
     def __init__(self) -> None:
@@ -36,7 +39,12 @@ class VersionCache:
             return
         entry = self._v.get(key)
         if entry is None:
+            if e["kind"] == "device" and "config_version" in e:  # a registration: warm the entry for its heartbeats
+                self.put(*key, int(e["config_version"]), int(e["state_version"]), int(e["ttl"]))
             return
+        if e["kind"] == "device" and "config_version" in e:
+            entry[0] = max(entry[0], int(e["config_version"]))
+            entry[1] = max(entry[1], int(e["state_version"]))
         if e["kind"] == "config":
             entry[0] = max(entry[0], int(e["version"]))
         elif e["kind"] == "state" and e.get("name") == "default":
@@ -56,15 +64,24 @@ class VersionCache:
         return len(self._v)
 
 
-def load_versions(conn: sa.Connection, ns: str, dev: str) -> tuple[int, int, int] | None:
+def versions_query() -> sa.Select:
     d, s = tables.devices, tables.shadows
-    row = conn.execute(
-        sa.select(d.c.config_version, s.c.version, d.c.ttl_s)
-        .select_from(d.outerjoin(s, sa.and_(s.c.ns == d.c.ns, s.c.device_id == d.c.device_id, s.c.name == "default")))
-        .where(d.c.ns == ns, d.c.device_id == dev)).first()
+    return (sa.select(d.c.ns, d.c.device_id, d.c.config_version, s.c.version, d.c.ttl_s)
+            .select_from(d.outerjoin(s, sa.and_(s.c.ns == d.c.ns, s.c.device_id == d.c.device_id,
+                                                s.c.name == "default"))))
+
+
+def load_versions(conn: sa.Connection, ns: str, dev: str) -> tuple[int, int, int] | None:
+    d = tables.devices
+    row = conn.execute(versions_query().where(d.c.ns == ns, d.c.device_id == dev)).first()
     if row is None:
         return None
-    return int(row[0]), int(row[1] or 0), int(row[2])
+    return int(row[2]), int(row[3] or 0), int(row[4])
+
+
+def load_all_versions(conn: sa.Connection) -> list[tuple[str, str, int, int, int]]:
+    """Every device's (ns, id, config_version, default-shadow version, ttl_s): one query (20,000 rows: tens of ms)."""
+    return [(r[0], r[1], int(r[2]), int(r[3] or 0), int(r[4])) for r in conn.execute(versions_query())]
 
 
 class ControlPlane:
@@ -108,9 +125,23 @@ class ControlPlane:
     async def read(self, fn: Callable[..., T], *args: Any) -> T:
         return await self.db.run(fn, *args)
 
+    async def warm_versions(self) -> int:
+        """Fill the version cache from the database (start-up): the first heartbeats after a restart read no rows.
+
+        An entry already there (an event that raced the load) wins only where its versions are newer."""
+        rows = await self.read(load_all_versions)
+        for ns, dev, cv, sv, ttl in rows:
+            entry = self.versions.get(ns, dev)
+            if entry is None:
+                self.versions.put(ns, dev, cv, sv, ttl)
+            else:
+                entry[0], entry[1] = max(entry[0], cv), max(entry[1], sv)
+        return len(rows)
+
     async def versions_of(self, ns: str, dev: str) -> list[int] | None:
         entry = self.versions.get(ns, dev)
         if entry is None:
+            self.metrics.version_cache_misses.inc()
             loaded = await self.read(load_versions, ns, dev)
             if loaded is None:
                 return None

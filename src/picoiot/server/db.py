@@ -232,20 +232,30 @@ def applied_version(engine: sa.Engine) -> int | None:
         return conn.execute(sa.select(sa.func.max(schema_migrations.c.version))).scalar()
 
 
+class DatabaseBusy(Exception):
+    """The database thread pool's queue is full: answered 503 (the caller retries), never queued without bound."""
+
+
 class Database:
     """The engine plus `await db.run(fn, *args)`: fn(conn, *args) in one transaction, on a worker thread."""
+
+    #: worker threads running database calls
+    threads = 24
 
     def __init__(self, settings: Settings):
         self.settings = settings
         self.engine = make_engine(settings)
         self.is_postgres = self.engine.dialect.name == "postgresql"
-        self.limiter = anyio.CapacityLimiter(24)
+        self.limiter = anyio.CapacityLimiter(self.threads)
+        self.max_queue = settings.max_db_queue
 
     def run_sync(self, fn: Callable[..., T], *args: Any) -> T:
         with self.engine.begin() as conn:
             return fn(conn, *args)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        if self.limiter.borrowed_tokens >= self.threads and self.limiter.statistics().tasks_waiting >= self.max_queue:
+            raise DatabaseBusy()
         return await anyio.to_thread.run_sync(self.run_sync, fn, *args, limiter=self.limiter)
 
     def dispose(self) -> None:

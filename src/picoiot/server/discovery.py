@@ -11,6 +11,7 @@ from . import db as tables
 from .alarms import resolve_server_alarm
 from .auth import DEVICE_ROLE, Principal, derive_device_key, issue_token, principal, signature_ok
 from .config import device_row, effective, store_if_changed, type_row
+from .core import versions_query
 from .db import now_ms
 from .errors import ApiError
 from .liveness import OFFLINE_KEY
@@ -75,7 +76,10 @@ def _register(conn: sa.Connection, events: list, cp: "ControlPlane", ns: str, bo
     hb = int(cfg.get("heartbeat_interval_s") or cp.settings.default_heartbeat_s)
     ttl = ttl_for(cp.settings, hb)
     conn.execute(D.update().where(D.c.ns == ns, D.c.device_id == dev).values(ttl_s=ttl))
-    cp.emit(conn, events, {"ns": ns, "dev": dev, "kind": "device", "ttl": ttl})
+    # the versions ride on the event, so every process's version cache holds the device before its first heartbeat
+    _, _, cv, sv, _ = conn.execute(versions_query().where(D.c.ns == ns, D.c.device_id == dev)).one()
+    cp.emit(conn, events, {"ns": ns, "dev": dev, "kind": "device", "ttl": ttl, "config_version": int(cv),
+                           "state_version": int(sv or 0)})
     return cfg, ttl
 
 

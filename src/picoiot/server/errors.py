@@ -9,6 +9,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .db import DatabaseBusy
+
 
 class ApiError(Exception):
     def __init__(self, status: int, error: str, detail: Any = None, headers: dict[str, str] | None = None,
@@ -53,6 +55,11 @@ def install(app: FastAPI) -> None:
         where = first.get("loc", ())
         return error_response(422, "invalid request", {
             "path": _loc_path(tuple(where)), "in": where[0] if where else None, "message": first.get("msg", "")})
+
+    @app.exception_handler(DatabaseBusy)
+    async def _busy(_req: Request, exc: DatabaseBusy):
+        return error_response(503, "server busy, retry later", {"limit": "database queue"},
+                              headers={"Retry-After": "1"})
 
     @app.exception_handler(DataError)
     async def _data(_req: Request, exc: DataError):

@@ -27,6 +27,15 @@ class Metrics:
                                      registry=self.registry)
         self.housekeeping_errors = Counter("picoiot_housekeeping_errors", "failed liveness flush/sweep rounds",
                                            registry=self.registry)
+        self.version_cache_misses = Counter(
+            "picoiot_version_cache_misses", "device version lookups (heartbeat, token refresh) that read the database",
+            registry=self.registry)
+        self.overload_rejections = Counter("picoiot_overload_rejections",
+                                           "requests answered 503 by admission control", ["kind"],
+                                           registry=self.registry)
+        self.requests_in_flight = Gauge("picoiot_requests_in_flight",
+                                        "requests being worked on (long-polls and probes not counted)",
+                                        registry=self.registry)
         self.offline_transitions = Counter("picoiot_device_offline_transitions", "devices that missed their TTL",
                                            registry=self.registry)
 

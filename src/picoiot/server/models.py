@@ -339,6 +339,7 @@ class ShadowNames(BaseModel):
 
 class Health(BaseModel):
     status: str
+    pid: int | None = None
 
 
 class Ready(BaseModel):

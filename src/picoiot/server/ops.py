@@ -1,6 +1,8 @@
 """/health, /ready, /metrics."""
 from __future__ import annotations
 
+import os
+
 import anyio
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
@@ -14,8 +16,8 @@ router = APIRouter(tags=["operations"])
 
 @router.get("/health", response_model=Health)
 async def health() -> Health:
-    """The process is alive and serving."""
-    return Health(status="ok")
+    """The process is alive and serving (`pid`: which worker answered, with `picoiot server --workers N`)."""
+    return Health(status="ok", pid=os.getpid())
 
 
 @router.get("/ready", response_model=Ready, responses={503: {"model": Ready}})

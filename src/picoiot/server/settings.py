@@ -145,6 +145,12 @@ class Settings:
     max_body_bytes: int = 64 * 1024
     max_doc_bytes: int = 8 * 1024
     max_doc_depth: int = 6
+    #: admission control (server/admission.py): requests doing work at once, beyond which 503 + Retry-After
+    max_requests_in_flight: int = 128
+    #: long-polls (`wait=` > 0) waiting at once, counted apart from requests (they hold no thread and little CPU)
+    max_longpolls: int = 10_000
+    #: database calls waiting for a worker thread, beyond which 503 (DatabaseBusy)
+    max_db_queue: int = 256
     #: "auto" = PostgreSQL LISTEN/NOTIFY on PostgreSQL, in-process otherwise
     notifier: str = "auto"
 

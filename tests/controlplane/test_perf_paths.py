@@ -1,0 +1,308 @@
+"""The heartbeat path's performance features, shown by behaviour (no timing): a warm version cache (no database read
+for a registered device's first heartbeat, after registration or a restart), admission control (503 + Retry-After
+beyond the limits, long-polls counted apart so they cannot starve heartbeats), a bounded database queue, and
+`picoiot server --workers N` (PostgreSQL: any worker's change wakes a long-poll held by any other; SQLite refused).
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+
+from cptest import PG_URL, drop_schema, make_settings, require_pg, sign, wait_until
+from picoiot.server.auth import derive_device_key, issue_token
+from picoiot.server.db import Database, DatabaseBusy
+
+
+def metric(client: httpx.Client, name: str, labels: str = "") -> float:
+    key = f"{name}{{{labels}}} " if labels else f"{name} "
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith(key):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def misses(srv) -> float:
+    return metric(srv.client, "picoiot_version_cache_misses_total")
+
+
+def beat(client: httpx.Client, dev_id: str, headers: dict, seq: int = 1, **q) -> httpx.Response:
+    return client.post(f"/api/v1/devices/{dev_id}/heartbeat", json={"seq": seq, "uptime": 1}, headers=headers,
+                       params=q or None)
+
+
+# ------------------------------------------------------------------------------------------------ warm version cache
+def test_first_heartbeat_after_registration_reads_no_row(server):
+    devs = [server.register(f"warm-{i}") for i in range(3)]
+    for d in devs:
+        r = beat(server.client, d.device_id, d.headers)
+        assert r.status_code == 200, r.text
+        assert r.json()["ttl"] == d.intervals["ttl"]
+    assert misses(server) == 0
+
+
+def test_first_heartbeat_after_restart_reads_no_row_and_answers_current_versions(server_factory):
+    a = server_factory()
+    dev = a.register("warm-restart")
+    r = a.client.post("/api/v1/namespaces/default/devices/warm-restart/shadows/default",
+                     json={"state": {"desired": {"relay1": True}}}, headers=a.auth())
+    assert r.status_code == 200, r.text
+    state_version = r.json()["version"]
+    r = a.client.patch("/api/v1/namespaces/default/devices/warm-restart/config",
+                       json={"overrides": {"log": {"level": "debug"}}}, headers=a.auth())
+    assert r.status_code == 200, r.text
+    config_version = r.json()["version"]
+    a.stop()
+    b = server_factory()  # same database: a restart
+    assert len(b.cp.versions) == 1  # filled at start-up
+    r = beat(b.client, "warm-restart", dev.headers)
+    assert r.status_code == 200, r.text
+    assert r.json()["pending"]["config_version"] == config_version
+    assert r.json()["pending"]["state_version"] == state_version
+    assert misses(b) == 0
+
+
+def test_device_unknown_to_the_cache_is_read_once_and_counted(server):
+    # provisioned through the operators' API but never registered: not in the cache (no registration event)
+    r = server.client.post("/api/v1/namespaces/default/devices", json={"device_id": "cold-1", "device_type": "relays"},
+                           headers=server.auth())
+    assert r.status_code == 201, r.text
+    headers = {"Authorization": f"Bearer {server.token('device', sub='cold-1')}"}
+    for seq in (1, 2):
+        r = beat(server.client, "cold-1", headers, seq=seq)
+        assert r.status_code == 200, r.text
+    assert misses(server) == 1
+    r = beat(server.client, "nobody", {"Authorization": f"Bearer {server.token('device', sub='nobody')}"})
+    assert r.status_code == 404 and r.json()["error"] == "unknown device"
+
+
+def test_registration_on_one_server_warms_the_others_cache(pg_server_factory):
+    a, b = pg_server_factory(), pg_server_factory()
+    dev = a.register("warm-pg")
+    wait_until(lambda: b.cp.versions.get("default", "warm-pg") is not None)  # the NOTIFY carried the versions
+    r = beat(b.client, "warm-pg", dev.headers)
+    assert r.status_code == 200, r.text
+    assert misses(b) == 0
+
+
+# ------------------------------------------------------------------------------------------------ admission control
+def _hold_request(url: str, path: str, token: str) -> tuple[socket.socket, bytes]:
+    """A request whose body is never finished: the server has admitted it and waits for the rest."""
+    host, port = url.removeprefix("http://").split(":")
+    s = socket.create_connection((host, int(port)))
+    body = json.dumps({"seq": 9, "uptime": 1}).encode()
+    s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\n"
+              f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:3])
+    return s, body[3:]
+
+
+def _finish(held: tuple[socket.socket, bytes]) -> int:
+    s, rest = held
+    s.sendall(rest)
+    data = b""
+    while b"\r\n" not in data:
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    s.close()
+    return int(data.split(b" ", 2)[1])
+
+
+def _busy(r: httpx.Response, limit: str) -> None:
+    assert r.status_code == 503, r.text
+    assert r.headers["retry-after"] == "1"
+    assert r.json()["error"] == "server busy, retry later" and r.json()["detail"]["limit"] == limit
+
+
+def test_beyond_the_request_limit_answers_503_and_long_polls_do_not_count(server_factory):
+    srv = server_factory(max_requests_in_flight=2, max_longpolls=3)
+    dev = srv.register("adm-1")
+    pending = beat(srv.client, "adm-1", dev.headers).json()["pending"]
+    waiting = lambda: srv.cp.metrics.longpolls.labels("heartbeat")._value.get()  # noqa: E731
+    pool = concurrent.futures.ThreadPoolExecutor(4)
+    clients = [httpx.Client(base_url=srv.url, timeout=60) for _ in range(4)]
+    try:
+        body = {"seq": 2, "uptime": 1, "config_version": pending["config_version"],
+                "state_version": pending["state_version"]}
+        polls = [pool.submit(c.post, "/api/v1/devices/adm-1/heartbeat", json=body, headers=dev.headers,
+                             params={"wait": 60}) for c in clients[:3]]
+        wait_until(lambda: waiting() == 3 or any(p.done() for p in polls))
+        assert waiting() == 3, [p.result().text for p in polls if p.done()]
+        # the long-poll limit is its own: a 4th waits for nobody
+        _busy(clients[3].post("/api/v1/devices/adm-1/heartbeat", json=body, headers=dev.headers,
+                              params={"wait": 60}), "longpolls")
+        # three long-polls held, request limit 2: a plain heartbeat still gets through
+        assert beat(srv.client, "adm-1", dev.headers, seq=3).status_code == 200
+        held = [_hold_request(srv.url, "/api/v1/devices/adm-1/heartbeat", dev.token) for _ in range(2)]
+        wait_until(lambda: metric(srv.client, "picoiot_requests_in_flight") == 2)
+        _busy(beat(srv.client, "adm-1", dev.headers, seq=4), "requests")
+        assert srv.client.get("/health").status_code == 200  # probes are never refused
+        assert [_finish(s) for s in held] == [200, 200]  # admitted work completes
+        assert beat(srv.client, "adm-1", dev.headers, seq=5).status_code == 200
+        # a change wakes the held long-polls
+        r = srv.client.patch("/api/v1/namespaces/default/devices/adm-1/config",
+                             json={"overrides": {"log": {"level": "debug"}}}, headers=srv.auth())
+        assert r.status_code == 200, r.text
+        for p in polls:
+            answer = p.result(timeout=60)
+            assert answer.status_code == 200 and answer.json()["pending"]["config_version"] == r.json()["version"]
+        assert metric(srv.client, "picoiot_overload_rejections_total", 'kind="request"') == 1
+        assert metric(srv.client, "picoiot_overload_rejections_total", 'kind="longpoll"') == 1
+    finally:
+        for c in clients:
+            c.close()
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+async def test_database_queue_is_bounded(tmp_path):
+    settings = make_settings("sqlite", tmp_path, max_db_queue=1)
+    db = Database(settings)
+    db.threads = 1
+    import anyio
+    db.limiter = anyio.CapacityLimiter(1)
+    release = threading.Event()
+    try:
+        running = asyncio.ensure_future(db.run(lambda conn: release.wait(30)))
+        while db.limiter.borrowed_tokens < 1:
+            await asyncio.sleep(0.01)
+        queued = asyncio.ensure_future(db.run(lambda conn: 7))
+        while db.limiter.statistics().tasks_waiting < 1:
+            await asyncio.sleep(0.01)
+        with pytest.raises(DatabaseBusy):
+            await db.run(lambda conn: 8)
+        release.set()
+        assert await running is True and await queued == 7
+        assert await db.run(lambda conn: 9) == 9  # room again
+    finally:
+        release.set()
+        db.dispose()
+
+
+# ------------------------------------------------------------------------------------------------ --workers N
+class WorkersProc:
+    def __init__(self, data_dir: Path, *args: str):
+        self.data_dir = data_dir
+        self.log_path = data_dir.parent / f"{data_dir.name}.log"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "picoiot.cli", "server", "--host", "127.0.0.1",
+                                      "--port", "0", "--data-dir", str(data_dir), *args],
+                                     stdout=self._log, stderr=subprocess.STDOUT)
+        self.url = None
+
+    def wait_started(self) -> None:
+        deadline = time.monotonic() + 90
+        while True:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited ({self.proc.returncode}): {self.log()}")
+            try:
+                info = json.loads((self.data_dir / "server.json").read_text())
+                if info.get("pid") == self.proc.pid:
+                    self.url = info["url"]
+                    return
+            except (OSError, ValueError):
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"server did not start: {self.log()}")
+            time.sleep(0.05)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-3000:]
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._log.close()
+        return self.proc.returncode
+
+
+def test_workers_refused_on_sqlite(tmp_path):
+    p = WorkersProc(tmp_path / "d", "--workers", "2")
+    assert p.proc.wait(60) == 2
+    p.stop()
+    assert "--workers > 1 needs PostgreSQL" in p.log()
+
+
+def test_two_workers_on_postgres_share_the_port_and_wake_each_others_long_polls(tmp_path):
+    require_pg()
+    schema = f"wk_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    p = WorkersProc(tmp_path / "d", "--workers", "2", "--db", PG_URL, "--db-schema", schema)
+    clients: list[httpx.Client] = []
+    pool = concurrent.futures.ThreadPoolExecutor(2)
+    try:
+        p.wait_started()
+        # one keep-alive connection per worker: /health says which process answers on it
+        by_pid: dict[int, httpx.Client] = {}
+        deadline = time.monotonic() + 60
+        while len(by_pid) < 2:
+            assert time.monotonic() < deadline, f"only workers {list(by_pid)} ever answered"
+            c = httpx.Client(base_url=p.url, timeout=60)
+            clients.append(c)
+            pid = c.get("/health").json()["pid"]
+            assert pid != p.proc.pid  # the supervisor does not serve
+            by_pid.setdefault(pid, c)
+        (pid1, w1), (pid2, w2) = by_pid.items()
+        assert w1.get("/health").json()["pid"] != w2.get("/health").json()["pid"]  # still the same connections
+
+        secrets = json.loads((tmp_path / "d" / "secrets.json").read_text())
+        admin = {"Authorization": "Bearer " + issue_token(secrets["signing_key"], "t", "default", "admin", 600)}
+        key = derive_device_key(secrets["enrollment_keys"]["default"], "wk-1")
+        nonce = w1.post("/api/devices/challenge", json={"device_id": "wk-1"}).json()["nonce"]
+        r = w2.post("/api/devices/register", json={"device_id": "wk-1", "nonce": nonce,  # nonce from the other worker
+                                                  "signature": sign(key, nonce, "wk-1"), "device_type": "relays"})
+        assert r.status_code == 200, r.text
+        dev = {"Authorization": f"Bearer {r.json()['token']}"}
+        for c in (w1, w2):
+            assert beat(c, "wk-1", dev).status_code == 200
+        wait_until(lambda: metric(w1, "picoiot_version_cache_misses_total") == 0
+                   and metric(w2, "picoiot_version_cache_misses_total") == 0)
+
+        for holder, pid, writer, level in ((w1, pid1, w2, "debug"), (w2, pid2, w1, "warning")):
+            pending = beat(holder, "wk-1", dev).json()["pending"]
+            body = {"seq": 2, "uptime": 1, "config_version": pending["config_version"],
+                    "state_version": pending["state_version"]}
+            poll = pool.submit(holder.post, "/api/v1/devices/wk-1/heartbeat", json=body, headers=dev,
+                               params={"wait": 60})
+            # a second connection to the holder would land on either worker: ask the holder itself, in between
+            wait_until(lambda: poll.done() or _waiting(p.url, pid) >= 1, timeout=30)
+            assert not poll.done(), poll.result().text
+            r = writer.patch("/api/v1/namespaces/default/devices/wk-1/config",
+                             json={"overrides": {"log": {"level": level}}}, headers=admin)
+            assert r.status_code == 200, r.text
+            answer = poll.result(timeout=60)
+            # the holder's wait is capped at half the TTL (17 s): a missed NOTIFY would answer the stale version
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["pending"]["config_version"] == r.json()["version"]
+    finally:
+        for c in clients:
+            c.close()
+        pool.shutdown(wait=False, cancel_futures=True)
+        code = p.stop()
+        drop_schema(schema)
+    assert code == 0, p.log()
+
+
+def _waiting(url: str, pid: int) -> float:
+    """Long-polls waiting on worker `pid`: asked over fresh connections until one lands on that worker."""
+    for _ in range(50):
+        with httpx.Client(base_url=url, timeout=10) as c:  # one keep-alive connection: both requests, one worker
+            if c.get("/health").json()["pid"] == pid:
+                return metric(c, "picoiot_longpolls_waiting", 'kind="heartbeat"')
+    return 0.0
