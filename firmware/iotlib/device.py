@@ -41,6 +41,12 @@ class Device:
     #: Fewest seconds between two Wi-Fi reconnects ordered by the heartbeat ladder: while the control plane is away
     #: the ladder repeats, and every reconnect takes the local API off the network for a few seconds.
     wifi_reconnect_min_s = 600
+    #: Ed25519 public key (64 hex) OTA manifests must be signed with; None disables OTA (docs/ota.md)
+    ota_public_key = None
+    #: Seconds between OTA checks when no heartbeat names a pending release.
+    ota_check_s = 3600
+    #: Seconds of uptime after which this boot no longer counts towards safe mode (healthy clears it sooner).
+    stable_after_s = 120
 
     def __init__(self, wifi_ssid, wifi_password, device_id, device_key, service_discovery_url, namespace=None,
                  host="0.0.0.0", port=80, flash_dir=None, address=None, config=None):
@@ -65,6 +71,9 @@ class Device:
         self._config_wake = asyncio.Event()
         self._state_started = False
         self._last_reconnect = None
+        self.safe_mode = False
+        self.healthy = False
+        self._ota_wake = asyncio.Event()
 
     # --- subclass hooks --------------------------------------------------------------------------------------------
     def schema(self):
@@ -109,9 +118,14 @@ class Device:
         from iotlib.watchdog import WatchdogManager
         from iotlib.http import HTTPClient
         from iotlib import metrics
+        from iotlib.ota import OTAUpdateManager
         root = self.flash("")
         if root.rstrip("/"):
             fsutil.makedirs(root.rstrip("/"))
+        # first: finish an interrupted update swap / roll a failed trial back, count boots for safe mode
+        self.ota = OTAUpdateManager(root.rstrip("/"), public_key=self.ota_public_key)
+        self.ota_boot = self.ota.boot()
+        self.safe_mode = self.ota_boot["safe_mode"]
         defaults = self.defaults()
         if self.factory_config:
             defaults = merge(defaults, self.factory_config)
@@ -127,7 +141,10 @@ class Device:
                                 info=self._reg_info())
         self._apply_api(self.cfg.config["api"])
         metrics.register_builtins()
-        self.setup_domain(self.cfg.config)
+        if self.safe_mode:  # boots in a row never got healthy: no domain, no local API, no state/time (docs/ota.md)
+            _log.error("safe mode", boots=self.ota_boot["boots"])
+        else:
+            self.setup_domain(self.cfg.config)
         self.cfg.on_change("api", self._apply_api)
         self.cfg.on_change("log", lambda sec: _logmod.configure(level=sec["level"]))
         self.cfg.on_change("time", self._apply_time)
@@ -192,7 +209,8 @@ class Device:
                     "degraded": self.degraded}
 
     async def reboot(self):
-        self.persist()
+        if not self.safe_mode:
+            self.persist()
         from iotlib import hal
         hal.reset()
 
@@ -227,6 +245,8 @@ class Device:
                     if reason.startswith("HTTP 401"):
                         self.auth.invalidate()
                         raise OSError("config: token refused")
+                    if not self.healthy and (ok or reason == "not modified"):
+                        self._became_healthy()
                 self._contact()
                 delay = self.retry_min_s
                 wait = self.config_poll_s
@@ -250,6 +270,9 @@ class Device:
         if iv.get("config_poll"):
             self.config_poll_s = iv["config_poll"]
         _log.info("registered", namespace=self.auth.namespace, registrations=self.auth.registrations)
+        self._ota_wake.set()
+        if self.safe_mode:
+            return
         if not self._state_started:
             self._state_started = True
             self.sm = StateManager(self.http, self.auth)
@@ -291,6 +314,8 @@ class Device:
         cv = pending.get("config_version")
         if isinstance(cv, int) and cv != self.cfg.version and (self.cfg.rejected is None or self.cfg.rejected[0] != cv):
             self._config_wake.set()
+        if pending.get("ota"):
+            self._ota_wake.set()
         sv = pending.get("state_version")
         sm = getattr(self, "sm", None)
         if sm is not None and sv is not None:
@@ -316,6 +341,48 @@ class Device:
         url = self.auth.services.get("alarms") if self.auth.services else None
         return (url, self.auth.token) if url and self.auth.token else None
 
+    # --- OTA (iotlib/ota.py, docs/ota.md) ------------------------------------------------------------------------------
+    def _became_healthy(self):
+        self.healthy = True
+        committed = self.ota.healthy()
+        if committed:
+            _log.info("ota committed", version=committed)
+        self._ota_wake.set()  # report the result now
+
+    def _ota_reset(self):
+        _log.error("ota trial failed: rolled back, resetting")
+        from iotlib import hal
+        hal.reset()
+
+    async def _stable_timer(self):
+        await asyncio.sleep(self.stable_after_s)
+        self.ota.stable()
+
+    async def _ota_task(self):
+        while True:
+            self._ota_wake.clear()
+            url = self.auth.services.get("ota") if self.auth.services else None
+            if url and self.auth.token and self.ota.trial is None:
+                hdr = self.auth.auth_header()
+                try:
+                    await self.ota.send_result(self.http, url, hdr)
+                    offer = None
+                    if self.ota.public_key is not None:
+                        offer = await self.ota.check(self.http, url, hdr)
+                    if offer:
+                        _log.info("ota update", version=offer.get("version"))
+                        v = await self.ota.update(self.http, offer, hdr, running=self.ota.current(__version__),
+                                                  feed=lambda: self.wd.checkin("ota"))
+                        _log.info("ota installed, resetting into trial", version=v)
+                        await self.reboot()
+                except Exception as e:  # OTAError, HTTPError, OSError: nothing was swapped; try at the next check
+                    _log.warning("ota failed", reason=_logmod.exc_summary(e))
+            self.wd.checkin("ota")
+            try:
+                await asyncio.wait_for(self._ota_wake.wait(), self.ota_check_s)
+            except asyncio.TimeoutError:
+                pass
+
     # --- main -----------------------------------------------------------------------------------------------------
     async def start(self):
         """Steps 1-2 and the supervised tasks; returns once the local API listens (main() then waits for ever)."""
@@ -323,16 +390,25 @@ class Device:
         self.boot()
         self.net = NetworkManager(self.wifi_ssid, self._wifi_password)
         await self.net.connect()
-        self.build_web()
-        await self.web.start(self.host, self.port)
-        _log.info("listening", port=self.port)
+        if not self.safe_mode:
+            self.build_web()
+            await self.web.start(self.host, self.port)
+            _log.info("listening", port=self.port)
         wd = self.wd
         wd.supervise("net", self.net.run, critical=False)
         wd.supervise("cloud", self._cloud, window_ms=(self.retry_max_s + self.config_poll_s + 30) * 1000)
-        wd.supervise("alarms", lambda: self.alarms.run(self.http, self._alarm_target), critical=False)
+        wd.supervise("ota", self._ota_task, critical=False)
+        asyncio.create_task(self._stable_timer())
+        if self.ota.trial is not None:
+            wd.supervise("ota_trial", lambda: self.ota.trial_watch(lambda: self.healthy, self._ota_reset),
+                         critical=False)
+        if not self.safe_mode:
+            wd.supervise("alarms", lambda: self.alarms.run(self.http, self._alarm_target), critical=False)
         wd.heartbeat(self._send_heartbeat, payload=self._heartbeat_payload, on_answer=self._heartbeat_answer,
-                     reconnect=self._reconnect, reregister=self._reregister, persist=self.persist, critical=False)
-        self.domain_tasks(wd)
+                     reconnect=self._reconnect, reregister=self._reregister,
+                     persist=None if self.safe_mode else self.persist, critical=False)
+        if not self.safe_mode:
+            self.domain_tasks(wd)
         from iotlib import metrics
         wd.supervise("looplag", metrics.loop_lag_monitor, critical=False)
         self._wd_task = asyncio.create_task(wd.run())

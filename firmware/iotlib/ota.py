@@ -119,16 +119,22 @@ class OTAUpdateManager:
                 rolled = m.get("version")
         return {"boots": self.boots, "safe_mode": self.safe_mode, "trial": self.trial, "rolled_back": rolled}
 
+    def stable(self):
+        """The device ran long enough not to be in a crash loop: clear the boot counter (a control plane outage must
+        not send a working device into safe mode; only a trial needs healthy)."""
+        if self.boots:
+            fsutil.write_json_atomic(self._p("boots.json", "ota"), {"n": 0})
+        self.boots = 0
+
     def healthy(self):
         """The device registered and applied its config: clear the boot counter and commit a trial update."""
-        fsutil.write_json_atomic(self._p("boots.json", "ota"), {"n": 0})
-        self.boots = 0
-        self.safe_mode = False
+        self.stable()
         if self.trial is None:
             return None
         m = fsutil.read_json(self.marker_path) or {}
         version = self.trial
         fsutil.write_json_atomic(self._p("result.json", "ota"), {"version": version, "status": "installed"})
+        fsutil.write_json_atomic(self._p("current.json", "ota"), {"version": version})
         fsutil.remove(self.marker_path)
         self.trial = None
         self._clean()
@@ -303,6 +309,10 @@ class OTAUpdateManager:
         m["previous"] = running
         self.install(m)
         return m["version"]
+
+    def current(self, default=None):
+        """Version of the last committed update, else default (the firmware's own)."""
+        return (fsutil.read_json(self._p("current.json", "ota")) or {}).get("version") or default
 
     def pending_result(self):
         return fsutil.read_json(self._p("result.json", "ota"))

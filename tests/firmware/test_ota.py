@@ -237,6 +237,7 @@ def test_install_trial_then_healthy_commits():
     assert _is_new(root)
     assert mgr2.healthy() == "2.0"
     assert mgr2.pending_result() == {"version": "2.0", "status": "installed"}
+    assert mgr2.current("0.1.0") == "2.0"
     assert not fsutil.exists(root + "/ota.json") and not fsutil.exists(root + "/ota/old")
     assert OTAUpdateManager(root).boot()["trial"] is None and _is_new(root)
 
@@ -250,6 +251,7 @@ def test_reset_during_trial_rolls_back_to_old_set():
     assert _is_old(root)
     res = OTAUpdateManager(root).pending_result()
     assert res["status"] == "rolled_back" and res["running"] == "1.0"
+    assert OTAUpdateManager(root).current("1.0") == "1.0"
     assert not fsutil.exists(root + "/ota.json")
 
 
@@ -342,7 +344,12 @@ def test_boot_counter_enters_safe_mode_and_healthy_clears_it():
     m = OTAUpdateManager(root)
     assert m.boot()["safe_mode"]
     m.healthy()
-    assert not m.safe_mode
+    assert OTAUpdateManager(root).boot()["boots"] == 1
+    for i in range(OTAUpdateManager.safe_mode_after):
+        OTAUpdateManager(root).boot()
+    m = OTAUpdateManager(root)
+    assert m.boot()["safe_mode"]
+    m.stable()  # ran long enough: the next boot starts counting again
     assert OTAUpdateManager(root).boot() == {"boots": 1, "safe_mode": False, "trial": None, "rolled_back": None}
 
 
@@ -396,3 +403,4 @@ def test_update_over_http_from_a_real_server():
     assert _is_new(root)
     assert len([p for p in seen if p.startswith("/files/")]) == 1 + 6 + 1  # 1000-byte chunks
     assert OTAUpdateManager(root).boot()["trial"] == "2.0"
+
