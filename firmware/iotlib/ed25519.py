@@ -49,8 +49,17 @@ def _rotr(x, n):
 
 def sha512(data):
     """SHA-512 digest of bytes (hashlib's when the port has it)."""
+    out = [None]
+    for _ in sha512_steps(data, out):
+        pass
+    return out[0]
+
+
+def sha512_steps(data, out):
+    """Generator: sets out[0] to the digest, yielding after every 128-byte block (pure Python is slow on a Pico)."""
     if _hw_sha512 is not None:
-        return _hw_sha512(data).digest()
+        out[0] = _hw_sha512(data).digest()
+        return
     K = _k()
     h = [_frac_root(q, 2, 64) for q in (2, 3, 5, 7, 11, 13, 17, 19)]
     ml = len(data)
@@ -68,7 +77,8 @@ def sha512(data):
             t2 = ((_rotr(a, 28) ^ _rotr(a, 34) ^ _rotr(a, 39)) + ((a & b) ^ (a & c) ^ (b & c))) & _M64
             hh, g, f, e, d, c, b, a = g, f, e, (d + t1) & _M64, c, b, a, (t1 + t2) & _M64
         h = [(x + y) & _M64 for x, y in zip(h, (a, b, c, d, e, f, g, hh))]
-    return b"".join(x.to_bytes(8, "big") for x in h)
+        yield
+    out[0] = b"".join(x.to_bytes(8, "big") for x in h)
 
 
 def _add(P, Q):
@@ -122,7 +132,7 @@ def _base():
     return _B
 
 
-def verify_steps(public_key, message, signature, out, bits_per_step=8):
+def verify_steps(public_key, message, signature, out, bits_per_step=4):
     """Generator: verifies and sets out[0] to True/False; yields between steps (an async caller awaits there)."""
     out[0] = False
     if len(public_key) != 32 or len(signature) != 64:
@@ -134,8 +144,10 @@ def verify_steps(public_key, message, signature, out, bits_per_step=8):
     s = int.from_bytes(signature[32:], "little")
     if s >= _L:
         return
-    k = int.from_bytes(sha512(bytes(signature[:32]) + bytes(public_key) + bytes(message)), "little") % _L
-    yield
+    digest = [None]
+    for _ in sha512_steps(bytes(signature[:32]) + bytes(public_key) + bytes(message), digest):
+        yield
+    k = int.from_bytes(digest[0], "little") % _L
     neg_a = ((_P - A[0]) % _P, A[1], A[2], (_P - A[3]) % _P)
     B = _base()
     both = _add(B, neg_a)
