@@ -212,6 +212,17 @@ PROBE_STEP = 256
 PROBE_TRIES = 8
 
 
+def _fits(size):
+    # The probe block must not outlive this call: bound to a local in the caller's frame, the VM's value stack keeps
+    # a stale pointer to it that the conservative GC honours, so the whole block (most of the free heap) stayed
+    # allocated and the /metrics answer itself then failed with MemoryError.
+    try:
+        bytearray(size)
+        return True
+    except MemoryError:
+        return False
+
+
 def largest_free_block():
     """Largest single allocation that succeeds now (bytes, within PROBE_STEP), or None where there is no GC heap.
 
@@ -230,11 +241,9 @@ def largest_free_block():
     tries = 0
     while size > lo and tries < PROBE_TRIES:
         tries += 1
-        try:
-            b = bytearray(size)
-            del b
+        if _fits(size):
             best = lo = size
-        except MemoryError:
+        else:
             hi = size
         size = (lo + hi) // 2
         size -= size % PROBE_STEP

@@ -140,6 +140,23 @@ def test_largest_free_block_sees_fragmentation():
     assert frag < 4 * 1024 < whole  # ...but no large block
 
 
+def test_largest_free_block_probe_leaves_the_heap_as_it_found_it():
+    # The probe allocates nearly all free memory at once; that block must be collectable afterwards, or the next
+    # allocation (the /metrics answer itself) fails with MemoryError.
+    if metrics.heap_free() is None:
+        return  # CPython has no GC heap to probe
+    import gc
+    gc.collect()
+    before = metrics.heap_free()
+    block = metrics.largest_free_block()
+    gc.collect()
+    after = metrics.heap_free()
+    assert block > before // 2
+    assert after > before - 4096, (before, block, after)
+    big = bytearray(block // 2)  # the space really is usable again
+    assert len(big) == block // 2
+
+
 def test_loop_lag_monitor_sees_a_blocked_loop():
     lag = metrics.LoopLag()
 
