@@ -255,11 +255,12 @@ def test_two_workers_on_postgres_share_the_port_and_wake_each_others_long_polls(
             assert time.monotonic() < deadline, f"only workers {list(by_pid)} ever answered"
             c = httpx.Client(base_url=p.url, timeout=60)
             clients.append(c)
-            pid = c.get("/health").json()["pid"]
+            pid = int(c.get("/health").headers["x-picoiot-pid"])
             assert pid != p.proc.pid  # the supervisor does not serve
             by_pid.setdefault(pid, c)
         (pid1, w1), (pid2, w2) = by_pid.items()
-        assert w1.get("/health").json()["pid"] != w2.get("/health").json()["pid"]  # still the same connections
+        pids = {int(c.get("/health").headers["x-picoiot-pid"]) for c in (w1, w2)}  # same connections, same workers
+        assert pids == {pid1, pid2}
 
         secrets = json.loads((tmp_path / "d" / "secrets.json").read_text())
         admin = {"Authorization": "Bearer " + issue_token(secrets["signing_key"], "t", "default", "admin", 600)}
@@ -303,6 +304,6 @@ def _waiting(url: str, pid: int) -> float:
     """Long-polls waiting on worker `pid`: asked over fresh connections until one lands on that worker."""
     for _ in range(50):
         with httpx.Client(base_url=url, timeout=10) as c:  # one keep-alive connection: both requests, one worker
-            if c.get("/health").json()["pid"] == pid:
+            if int(c.get("/health").headers["x-picoiot-pid"]) == pid:
                 return metric(c, "picoiot_longpolls_waiting", 'kind="heartbeat"')
     return 0.0

@@ -339,7 +339,6 @@ class ShadowNames(BaseModel):
 
 class Health(BaseModel):
     status: str
-    pid: int | None = None
 
 
 class Ready(BaseModel):

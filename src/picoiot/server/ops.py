@@ -15,9 +15,10 @@ router = APIRouter(tags=["operations"])
 
 
 @router.get("/health", response_model=Health)
-async def health() -> Health:
-    """The process is alive and serving (`pid`: which worker answered, with `picoiot server --workers N`)."""
-    return Health(status="ok", pid=os.getpid())
+async def health(response: Response) -> Health:
+    """The process is alive and serving (header `X-Picoiot-Pid`: which worker answered, with `--workers N`)."""
+    response.headers["X-Picoiot-Pid"] = str(os.getpid())
+    return Health(status="ok")
 
 
 @router.get("/ready", response_model=Ready, responses={503: {"model": Ready}})
