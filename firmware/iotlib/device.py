@@ -118,12 +118,12 @@ class Device:
         from iotlib.watchdog import WatchdogManager
         from iotlib.http import HTTPClient
         from iotlib import metrics
-        from iotlib.ota import OTAUpdateManager
+        from iotlib.otaboot import OTABoot
         root = self.flash("")
         if root.rstrip("/"):
             fsutil.makedirs(root.rstrip("/"))
         # first: finish an interrupted update swap / roll a failed trial back, count boots for safe mode
-        self.ota = OTAUpdateManager(root.rstrip("/"), public_key=self.ota_public_key)
+        self.ota = OTABoot(root.rstrip("/"), public_key=self.ota_public_key)
         self.ota_boot = self.ota.boot()
         self.safe_mode = self.ota_boot["safe_mode"]
         defaults = self.defaults()
@@ -371,8 +371,10 @@ class Device:
                         offer = await self.ota.check(self.http, url, hdr)
                     if offer:
                         _log.info("ota update", version=offer.get("version"))
-                        v = await self.ota.update(self.http, offer, hdr, running=self.ota.current(__version__),
-                                                  feed=lambda: self.wd.checkin("ota"))
+                        from iotlib.ota import OTAUpdateManager  # only now: ~10 KB of heap
+                        mgr = OTAUpdateManager(self.ota.root, public_key=self.ota.public_key)
+                        v = await mgr.update(self.http, offer, hdr, running=self.ota.current(__version__),
+                                             feed=lambda: self.wd.checkin("ota"))
                         _log.info("ota installed, resetting into trial", version=v)
                         await self.reboot()
                 except Exception as e:  # OTAError, HTTPError, OSError: nothing was swapped; try at the next check

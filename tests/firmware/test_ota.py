@@ -1,7 +1,7 @@
 import os
 import json
 import fwtest
-from iotlib import ed25519, fsutil, ota
+from iotlib import ed25519, fsutil, ota, otaboot
 from iotlib.ota import OTAUpdateManager, OTAError
 
 try:
@@ -292,14 +292,14 @@ def test_power_cut_at_every_step_of_the_swap_boots_a_complete_set():
         text, sig, blobs = _release("2.0", NEW)
         m = fwtest.run(mgr.verify_manifest(text, sig))
         fwtest.run(mgr.stage(m, _fetcher(blobs)))
-        ota.os = _CutOs(n)
+        otaboot.os = _CutOs(n)
         try:
             mgr.install(m)
             finished = True
         except OSError:
             finished = False
         finally:
-            ota.os = os
+            otaboot.os = os
         # reset: the next boot completes the swap (every staged file was verified), the set is new and on trial
         info = OTAUpdateManager(root).boot()
         assert info["trial"] == "2.0" and _is_new(root), n
@@ -318,14 +318,14 @@ def test_power_cut_during_rollback_resumes_it():
         root, mgr = _device()
         _stage_and_install(mgr)
         OTAUpdateManager(root).boot()
-        ota.os = _CutOs(n)
+        otaboot.os = _CutOs(n)
         try:
             OTAUpdateManager(root).boot()
             finished = True
         except OSError:
             finished = False
         finally:
-            ota.os = os
+            otaboot.os = os
         info = OTAUpdateManager(root).boot()
         assert _is_old(root), n
         assert info["trial"] is None
