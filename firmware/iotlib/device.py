@@ -123,9 +123,14 @@ class Device:
         if root.rstrip("/"):
             fsutil.makedirs(root.rstrip("/"))
         # first: finish an interrupted update swap / roll a failed trial back, count boots for safe mode
-        self.ota = OTABoot(root.rstrip("/"), public_key=self.ota_public_key)
-        self.ota_boot = self.ota.boot()
+        self._ota_root = root.rstrip("/")
+        ob = OTABoot(self._ota_root, public_key=self.ota_public_key)
+        self.ota_boot = ob.boot()
         self.safe_mode = self.ota_boot["safe_mode"]
+        self.ota = ob if ob.trial is not None else None  # kept loaded only during a trial (~5 KB of heap)
+        ob = None
+        if self.ota is None:
+            _unload("iotlib.otaboot")
         defaults = self.defaults()
         if self.factory_config:
             defaults = merge(defaults, self.factory_config)
@@ -342,11 +347,19 @@ class Device:
         return (url, self.auth.token) if url and self.auth.token else None
 
     # --- OTA (iotlib/ota.py, docs/ota.md) ------------------------------------------------------------------------------
+    def _otaboot(self):
+        if self.ota is not None:
+            return self.ota
+        from iotlib.otaboot import OTABoot
+        return OTABoot(self._ota_root, public_key=self.ota_public_key)
+
     def _became_healthy(self):
         self.healthy = True
-        committed = self.ota.healthy()
+        committed = self._otaboot().healthy()
         if committed:
             _log.info("ota committed", version=committed)
+        self.ota = None
+        _unload("iotlib.otaboot")
         self._ota_wake.set()  # report the result now
 
     def _ota_reset(self):
@@ -356,29 +369,34 @@ class Device:
 
     async def _stable_timer(self):
         await asyncio.sleep(self.stable_after_s)
-        self.ota.stable()
+        if self.ota is None:  # during a trial only healthy counts
+            self._otaboot().stable()
+            _unload("iotlib.otaboot")
 
     async def _ota_task(self):
         while True:
             self._ota_wake.clear()
             url = self.auth.services.get("ota") if self.auth.services else None
-            if url and self.auth.token and self.ota.trial is None:
+            if url and self.auth.token and self.ota is None:  # not during a trial
                 hdr = self.auth.auth_header()
                 try:
-                    await self.ota.send_result(self.http, url, hdr)
+                    ob = self._otaboot()
+                    await ob.send_result(self.http, url, hdr)
                     offer = None
-                    if self.ota.public_key is not None:
-                        offer = await self.ota.check(self.http, url, hdr)
+                    if ob.public_key is not None:
+                        offer = await ob.check(self.http, url, hdr)
                     if offer:
                         _log.info("ota update", version=offer.get("version"))
                         from iotlib.ota import OTAUpdateManager  # only now: ~10 KB of heap
-                        mgr = OTAUpdateManager(self.ota.root, public_key=self.ota.public_key)
-                        v = await mgr.update(self.http, offer, hdr, running=self.ota.current(__version__),
+                        mgr = OTAUpdateManager(self._ota_root, public_key=self.ota_public_key)
+                        v = await mgr.update(self.http, offer, hdr, running=ob.current(__version__),
                                              feed=lambda: self.wd.checkin("ota"))
                         _log.info("ota installed, resetting into trial", version=v)
                         await self.reboot()
                 except Exception as e:  # OTAError, HTTPError, OSError: nothing was swapped; try at the next check
                     _log.warning("ota failed", reason=_logmod.exc_summary(e))
+                ob = mgr = None
+                _unload("iotlib.ota", "iotlib.ed25519", "iotlib.otaboot")
             self.wd.checkin("ota")
             try:
                 await asyncio.wait_for(self._ota_wake.wait(), self.ota_check_s)
@@ -401,8 +419,9 @@ class Device:
         wd.supervise("cloud", self._cloud, window_ms=(self.retry_max_s + self.config_poll_s + 30) * 1000)
         wd.supervise("ota", self._ota_task, critical=False)
         asyncio.create_task(self._stable_timer())
-        if self.ota.trial is not None:
-            wd.supervise("ota_trial", lambda: self.ota.trial_watch(lambda: self.healthy, self._ota_reset),
+        trial = self.ota
+        if trial is not None:
+            wd.supervise("ota_trial", lambda: trial.trial_watch(lambda: self.healthy, self._ota_reset),
                          critical=False)
         if not self.safe_mode:
             wd.supervise("alarms", lambda: self.alarms.run(self.http, self._alarm_target), critical=False)
@@ -427,3 +446,15 @@ class Device:
             t.cancel()
         if self.web is not None:
             await self.web.stop()
+
+
+def _unload(*names):
+    # OTA code runs rarely: drop its modules so their bytecode (kilobytes of a 192 KB heap) can be collected
+    import sys
+    import iotlib
+    for name in names:
+        sys.modules.pop(name, None)
+        try:
+            delattr(iotlib, name.rsplit(".", 1)[1])
+        except AttributeError:
+            pass

@@ -66,7 +66,7 @@ class OTABoot:
     def stable(self):
         """The device ran long enough not to be in a crash loop: clear the boot counter (a control plane outage must
         not send a working device into safe mode; only a trial needs healthy)."""
-        if self.boots:
+        if (fsutil.read_json(self._p("boots.json", "ota")) or {}).get("n"):  # no flash write when already 0
             fsutil.write_json_atomic(self._p("boots.json", "ota"), {"n": 0})
         self.boots = 0
 
