@@ -218,7 +218,7 @@ def hello_ok(heap_k: int) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    global VERBOSE
+    global VERBOSE, BUNDLE
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kind", choices=("relays", "sensors", "both"), default="both")
     ap.add_argument("--mode", choices=("mpy", "romfs", "both"), default="both")
@@ -229,9 +229,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hi", type=int, default=384)
     ap.add_argument("--step", type=int, default=1, help="bisection resolution in KiB (8: faster, coarser)")
     ap.add_argument("--no-hello", action="store_true", help="skip microdot's hello world")
+    ap.add_argument("--bundle", type=Path, default=BUNDLE, help="build directory (runs at once need their own)")
     ap.add_argument("-v", "--verbose", action="store_true")
     a = ap.parse_args(argv)
-    VERBOSE = a.verbose
+    VERBOSE, BUNDLE = a.verbose, a.bundle
     build.build_romfs(BUNDLE)
     heaplib.bundle()
     heaplib.compile_script(Path(__file__).resolve().parent / "mp_hello.py")

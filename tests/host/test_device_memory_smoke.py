@@ -1,0 +1,35 @@
+"""bench/device_memory.py's scenario must keep working, or its figures silently mean nothing: each controller runs the
+issue-4 scenario once (real `picoiot server`, registration, config, 200 API requests, alarm, heartbeats; sensors: 3
+WebSocket clients, 3 s instead of 30) at the heap it is documented to fit in (docs/benchmarks.md `## Device memory`),
+code in a ROMFS image (the image on top of the heap, as flash). No bisection. And a heap far too small must fail the
+run (a MemoryError is seen as a failure, not a hang or a false pass)."""
+import sys
+from pathlib import Path
+
+import pytest
+
+from picoiot.procs import micropython_available
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+sys.path.insert(0, str(BENCH))
+import device_memory  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not micropython_available(), reason="needs the unix micropython and mpy-cross")
+
+#: Heap (KiB, beyond the ROMFS image) each controller is documented to complete the scenario with.
+FITS_K = {"relays": 256, "sensors": 288}
+
+
+@pytest.fixture(scope="module")
+def romfs_bundle():
+    from picoiot import build
+    return build.build_romfs(device_memory.BUNDLE)
+
+
+@pytest.mark.parametrize("kind", ["relays", "sensors"])
+def test_scenario_passes_at_the_documented_heap_with_code_in_romfs(romfs_bundle, kind):
+    assert device_memory.scenario(kind, "romfs", FITS_K[kind], ws_seconds=3)
+
+
+def test_scenario_fails_when_the_heap_is_far_too_small(romfs_bundle):
+    assert not device_memory.scenario("relays", "mpy", 96, ws_seconds=3)
