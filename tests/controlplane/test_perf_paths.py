@@ -74,6 +74,26 @@ def test_first_heartbeat_after_restart_reads_no_row_and_answers_current_versions
     assert misses(b) == 0
 
 
+def test_registration_and_refresh_put_the_token_in_the_token_cache(server):
+    dev = server.register("tok-1")
+    before = metric(server.client, "picoiot_token_verifications")
+    assert beat(server.client, "tok-1", dev.headers).status_code == 200
+    assert metric(server.client, "picoiot_token_verifications") == before  # no JWT check for the first heartbeat
+    r = server.client.post("/api/devices/refresh", headers=dev.headers)
+    assert r.status_code == 200, r.text
+    fresh = {"Authorization": f"Bearer {r.json()['token']}"}
+    before = metric(server.client, "picoiot_token_verifications")
+    assert beat(server.client, "tok-1", fresh, seq=2).status_code == 200
+    assert metric(server.client, "picoiot_token_verifications") == before
+    # a token the server did not just issue is still verified, once (and a forged one refused)
+    minted = {"Authorization": f"Bearer {server.token('device', sub='tok-1')}"}
+    assert beat(server.client, "tok-1", minted, seq=3).status_code == 200
+    assert beat(server.client, "tok-1", minted, seq=4).status_code == 200
+    assert metric(server.client, "picoiot_token_verifications") == before + 1
+    forged = {"Authorization": f"Bearer {dev.token[:-2]}xx"}
+    assert beat(server.client, "tok-1", forged, seq=5).status_code == 401
+
+
 def test_device_unknown_to_the_cache_is_read_once_and_counted(server):
     # provisioned through the operators' API but never registered: not in the cache (no registration event)
     r = server.client.post("/api/v1/namespaces/default/devices", json={"device_id": "cold-1", "device_type": "relays"},

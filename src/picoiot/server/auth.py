@@ -90,10 +90,13 @@ class TokenCache:
 
     def __init__(self) -> None:
         self._seen: dict[str, Principal] = {}
+        #: signatures checked (cache misses), for /metrics
+        self.verifications = 0
 
     def principal(self, signing_key: str, token: str) -> Principal:
         p = self._seen.get(token)
         if p is None:
+            self.verifications += 1
             p = decode(signing_key, token)
             if len(self._seen) >= self.max_entries:
                 self._seen.clear()

@@ -94,6 +94,7 @@ class ControlPlane:
         self.metrics = Metrics()
         from .auth import TokenCache
         self.tokens = TokenCache()
+        self.metrics.token_verifications.set_function(lambda: self.tokens.verifications)
         from .liveness import Liveness
         self.liveness = Liveness(self)
         self.started_ms = 0

@@ -33,6 +33,9 @@ class Metrics:
         self.overload_rejections = Counter("picoiot_overload_rejections",
                                            "requests answered 503 by admission control", ["kind"],
                                            registry=self.registry)
+        self.token_verifications = Gauge("picoiot_token_verifications",
+                                         "JWT signatures checked since start (token cache misses)",
+                                         registry=self.registry)
         self.requests_in_flight = Gauge("picoiot_requests_in_flight",
                                         "requests being worked on (long-polls and probes not counted)",
                                         registry=self.registry)
