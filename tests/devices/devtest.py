@@ -2,7 +2,7 @@
 micropython from .mpy with a Pico-sized heap), driven with real clients (httpx, websockets, curl).
 
 Heaps: the goal is 192K (a Pico W's GC heap). The controllers do not fit yet (see docs/benchmarks.md), so the tests run
-each kind at the smallest heap it currently starts with; PICOIOT_TEST_HEAP_RELAYS / PICOIOT_TEST_HEAP_SENSORS
+each kind with headroom over the smallest heap measured; PICOIOT_TEST_HEAP_RELAYS / PICOIOT_TEST_HEAP_SENSORS
 override, PICOIOT_TEST_RUNTIME=cpython runs the same tests on CPython.
 """
 from __future__ import annotations
@@ -19,8 +19,10 @@ from picoiot.procs import DeviceChild, ServerChild, device_settings, provision_o
 from picoiot.server.auth import device_local_token, issue_token
 
 RUNTIME = os.environ.get("PICOIOT_TEST_RUNTIME", "micropython")
-HEAP = {"relays": os.environ.get("PICOIOT_TEST_HEAP_RELAYS", "320K"),
-        "sensors": os.environ.get("PICOIOT_TEST_HEAP_SENSORS", "320K")}
+# Headroom over the measured minimum (docs/benchmarks.md, Device memory): these tests check behaviour; the heap figure
+# is the benchmark's job (bench/device_memory.py, tests/host/test_device_memory_smoke.py).
+HEAP = {"relays": os.environ.get("PICOIOT_TEST_HEAP_RELAYS", "384K"),
+        "sensors": os.environ.get("PICOIOT_TEST_HEAP_SENSORS", "384K")}
 BUNDLE = paths.REPO / "build" / "devices-test"
 MP_DIR = Path(__file__).resolve().parent / "mp"    # test-only device entry points (pinlog_sim: pin transition log)
 SCRIPTS = paths.REPO / "build" / "devices-test-scripts"
