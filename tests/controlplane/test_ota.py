@@ -218,3 +218,59 @@ def test_heartbeat_answer_names_the_pending_release(server, tmp_path):
     assert pending() == "h1"
     c.post(dev.services["ota"] + "/report", headers=dev.headers, json={"version": "h1", "status": "installed"})
     assert pending() is None
+
+
+def test_firmware_ota_manager_installs_and_reports_against_the_real_server(server, tmp_path):
+    """The device side (iotlib.ota on CPython, iotlib.http client) against this server: offer → verified download →
+    swap → trial boot → healthy → report; then a second release rolled back by a reset during its trial."""
+    import asyncio
+
+    from iotlib.http import HTTPClient
+    from iotlib.ota import OTAUpdateManager
+    from iotlib.otaboot import OTABoot
+
+    key, pub, tok = _setup(server, tmp_path)
+    dev = server.register("e2e-1")
+    flash = tmp_path / "flash"
+    (flash / "iotlib").mkdir(parents=True)
+    (flash / "main.py").write_text("print('v1')\n")
+    src = _release_dir(tmp_path, "e2e")
+    ota_cli.publish(server.url, tok, "default", src, "2.0", key)
+    ota_cli.assign(server.url, tok, "default", "2.0", "e2e-1", None)
+    url = dev.services["ota"]
+
+    async def update():
+        http = HTTPClient(max_body=64 * 1024)
+        mgr = OTAUpdateManager(str(flash), public_key=pub)
+        offer = await mgr.check(http, url, dev.headers)
+        assert offer and offer["version"] == "2.0"
+        return await mgr.update(http, offer, dev.headers, running="0.1.0")
+
+    assert asyncio.run(update()) == "2.0"
+    assert (flash / "main.py").read_text() == "print('e2e')\n"
+    assert (flash / "iotlib" / "a.py").read_bytes() == (src / "iotlib" / "a.py").read_bytes()
+    ob = OTABoot(str(flash), public_key=pub)
+    assert ob.boot()["trial"] == "2.0"
+    assert ob.healthy() == "2.0"
+    assert asyncio.run(ob.send_result(HTTPClient(), url, dev.headers)) is True
+    assert ob.pending_result() is None
+    st = ota_cli.status(server.url, tok, "default", "e2e-1")["devices"][0]
+    assert st["running"] == "2.0" and st["pending"] is None and st["report"]["status"] == "installed"
+
+    # release 3.0 whose trial never gets healthy: rolled back, reported, not offered again
+    (src / "main.py").write_text("print('v3')\n")
+    ota_cli.publish(server.url, tok, "default", src, "3.0", key)
+    ota_cli.assign(server.url, tok, "default", "3.0", "e2e-1", None)
+
+    async def update3():
+        http = HTTPClient(max_body=64 * 1024)
+        mgr = OTAUpdateManager(str(flash), public_key=pub)
+        return await mgr.update(http, await mgr.check(http, url, dev.headers), dev.headers, running="2.0")
+    assert asyncio.run(update3()) == "3.0"
+    OTABoot(str(flash)).boot()                                      # trial boot
+    assert OTABoot(str(flash)).boot()["rolled_back"] == "3.0"      # reset before healthy
+    assert (flash / "main.py").read_text() == "print('e2e')\n"
+    assert asyncio.run(OTABoot(str(flash)).send_result(HTTPClient(), url, dev.headers)) is True
+    st = ota_cli.status(server.url, tok, "default", "e2e-1")["devices"][0]
+    assert st["report"]["status"] == "rolled_back" and st["running"] == "2.0" and st["pending"] is None
+    assert server.client.get(url, headers=dev.headers).status_code == 204
