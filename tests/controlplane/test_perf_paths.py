@@ -112,6 +112,7 @@ def test_registration_on_one_server_warms_the_others_cache(pg_server_factory):
     a, b = pg_server_factory(), pg_server_factory()
     dev = a.register("warm-pg")
     wait_until(lambda: b.cp.versions.get("default", "warm-pg") is not None)  # the NOTIFY carried the versions
+    assert ("default", "warm-pg") in b.cp.liveness._online  # and the online flag: no write on B's first heartbeat
     r = beat(b.client, "warm-pg", dev.headers)
     assert r.status_code == 200, r.text
     assert misses(b) == 0

@@ -90,6 +90,11 @@ class Liveness:
     def _on_event(self, e: dict) -> None:
         if e["kind"] == "resync":  # offline events may have been missed: confirm each device once more
             self._online.clear()
+        elif e["kind"] == "online" or (e["kind"] == "device" and "config_version" in e):
+            # committed online (a registration, or a device back from offline) in any process: this one's first
+            # heartbeat of the device need not write it again (events arrive in commit order, so a later
+            # offline still wins)
+            self._online.add((e["ns"], e["dev"]))
         elif e["kind"] in ("offline", "deleted"):
             self._online.discard((e["ns"], e["dev"]))
             if e["kind"] == "deleted":
