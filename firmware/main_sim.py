@@ -4,6 +4,7 @@
 # settings.json: the key file of `picoiot provision` ({device_id, device_key, namespace, service_discovery_url})
 # plus optional kind ("relays"|"sensors"), port, host, flash_dir, relay_pins, wifi_ssid, wifi_password, and config (a
 # factory config merged over the built-in defaults until the control plane sends one).
+# ota_public_key (64 hex) enables OTA checks against releases signed with that key (docs/ota.md).
 # Environment variables override the file: PICOIOT_KIND, PICOIOT_DEVICE_ID, PICOIOT_DEVICE_KEY, PICOIOT_SD_URL,
 # PICOIOT_NAMESPACE, PICOIOT_PORT, PICOIOT_HOST, PICOIOT_FLASH. When the local API listens it prints one line:
 #   picoiot device <id> listening on http://127.0.0.1:<port>
@@ -66,9 +67,13 @@ def make(s):
             s["service_discovery_url"])
     if s["kind"] == "relays":
         from relays_controller import RelaysController
-        return RelaysController(*args, relay_pins=s.get("relay_pins"), **kw)
-    from sensors_controller import SensorsController
-    return SensorsController(*args, **kw)
+        ctl = RelaysController(*args, relay_pins=s.get("relay_pins"), **kw)
+    else:
+        from sensors_controller import SensorsController
+        ctl = SensorsController(*args, **kw)
+    if s.get("ota_public_key"):
+        ctl.ota_public_key = s["ota_public_key"]  # Ed25519 key (64 hex) releases must be signed with (docs/ota.md)
+    return ctl
 
 
 async def run(s):

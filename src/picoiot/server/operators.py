@@ -1,14 +1,14 @@
-"""Operators' API: devices, provisioning, device types, groups, config overrides, namespaces; the OTA stub."""
+"""Operators' API: devices, provisioning, device types, groups, config overrides, namespaces (OTA: ota.py)."""
 from __future__ import annotations
 
 import secrets
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
-from fastapi import APIRouter, Depends, Path, Query, Request, Response
+from fastapi import APIRouter, Depends, Path, Query, Request
 
 from . import db as tables
-from .auth import (ALL_NAMESPACES, Principal, derive_device_key, device_ns, principal, require_ns, require_role)
+from .auth import ALL_NAMESPACES, Principal, derive_device_key, principal, require_ns, require_role
 from .config import device_row, latest, recompute, recompute_where, set_overrides
 from .db import now_ms
 from .devicetypes import check_schema, validate_config
@@ -345,14 +345,3 @@ async def delete_group(ns: str, request: Request, name: str = Name, p: Principal
     cp = _cp(request)
     await cp.write(_delete_group, cp, ns, name)
     return Ok()
-
-
-# ---------------------------------------------------------------- OTA (served by the OTA service once it exists)
-@router.get("/api/v1/devices/{device_id}/ota", status_code=204, response_class=Response,
-            responses={**_ERR, 204: {"description": "no update pending"}})
-async def ota(device_id: str, request: Request, p: Principal = Depends(principal)) -> Response:
-    """Pending OTA release for the device: none yet (204)."""
-    ns = device_ns(p, device_id, "viewer")
-    if await _cp(request).versions_of(ns, device_id) is None:
-        raise ApiError(404, "unknown device")
-    return Response(status_code=204)
