@@ -9,7 +9,7 @@
 #               "cpu_temp": {"source": "rp2040.temperature"}, "light": {"source": "adc0"}}}
 # Sources: rp2040.temperature (°C), adc0-adc3 (volts; adc3 is VSYS/3 on a Pico W), bme280.temperature|humidity|pressure
 # (°C, %RH, hPa), sht3x.temperature|humidity.
-from iotlib.compat import const, asyncio, sleep_ms, ticks_ms, ticks_diff, epoch_ms
+from iotlib.compat import const, asyncio, sleep_ms, ticks_ms, ticks_diff, ticks_add, epoch_ms
 
 
 def _flt():
@@ -304,6 +304,15 @@ def _default_i2c(conf):
     return hal.I2C(bus, freq=conf.get("freq", 400000))
 
 
+def next_deadline(deadline, now, interval_ms):
+    """The next sample time on a fixed grid, so late wake-ups under load do not add up (scheduling from each actual
+    start lost ~13 % of a 20 Hz stream at load 15). More than one interval behind: a new grid from now, never a burst."""
+    deadline = ticks_add(deadline, interval_ms)
+    if ticks_diff(now, deadline) >= interval_ms:
+        deadline = now
+    return deadline
+
+
 class SensorHub:
     #: Shortest sampling interval accepted (the control plane's schema allows 10 ms; at that rate a BME280 in normal
     #: mode repeats itself, and the loop must keep time for the web server, Wi-Fi and the watchdog).
@@ -448,13 +457,15 @@ class SensorHub:
         self._listeners.append(cb)
 
     async def run(self):
+        deadline = ticks_ms()
         while True:
-            start = ticks_ms()
             await self.sample()
             self._wake.clear()
-            left = self.interval_ms - ticks_diff(ticks_ms(), start)
+            deadline = next_deadline(deadline, ticks_ms(), self.interval_ms)
+            left = ticks_diff(deadline, ticks_ms())
             if left > 0:
                 try:
                     await asyncio.wait_for(self._wake.wait(), left / 1000)
                 except asyncio.TimeoutError:
-                    pass
+                    continue
+                deadline = ticks_ms()  # woken by a config change: a new grid starts now
