@@ -53,10 +53,11 @@ def test_demo_comes_up_writes_demo_json_answers_and_stops_on_ctrl_c(tmp_path, bu
         assert proc.poll() is None, log.read_text()
         info = json.loads((data / "demo.json").read_text())
         assert oct((data / "demo.json").stat().st_mode & 0o777) == "0o600"  # it holds tokens
-        out = log.read_text()
         cp = info["control_plane_url"]
         devs = {d["kind"]: d for d in info["devices"]}
-        assert set(devs) == {"relays", "sensors"} and all(d["url"] in out for d in info["devices"]), out
+        assert set(devs) == {"relays", "sensors"}, info
+        # demo.json is written just before the table is printed: wait for the output rather than race it
+        wait_until(lambda: all(d["url"] in log.read_text() for d in info["devices"]), 30, "device URLs printed")
         assert all(d["runtime"] == "micropython" for d in info["devices"]), info["devices"]
         tokens = info["tokens"]
         assert set(tokens["control_plane"]) == {"viewer", "operator", "admin"}
