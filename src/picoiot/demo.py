@@ -16,7 +16,7 @@ from typing import Optional
 
 import typer
 
-from .procs import (RUNTIMES, DeviceChild, ProcError, ServerChild, device_settings, ensure_bundle, free_port,
+from .procs import (RUNTIMES, DeviceChild, DeviceWatch, ProcError, ServerChild, device_settings, ensure_bundle, free_port,
                     heap_bytes, micropython_available, provision_over_api, write_json)
 
 NAMESPACE = "default"
@@ -191,21 +191,13 @@ class Demo:
     def watch(self, duration: Optional[float]) -> int:
         """Supervise until the duration is over or a signal arrives; 0 on a clean stop, 1 if the control plane died."""
         end = None if duration is None else time.monotonic() + duration
-        restarts = {d.device_id: d.restarts for d in self.devices}
-        gone = set()
+        watch = DeviceWatch(self.devices, self.say)
         while end is None or time.monotonic() < end:
             if self.server.poll() is not None:
                 self.say(f"[red]the control plane exited ({self.server.exit_status}); stopping[/]\n"
                          + self.server.tail(1500))
                 return 1
-            for d in self.devices:
-                rc = d.poll()
-                if d.restarts != restarts[d.device_id]:
-                    restarts[d.device_id] = d.restarts
-                    self.say(f"{d.device_id}: simulated reset, started again (same flash)")
-                if rc is not None and d.device_id not in gone:
-                    gone.add(d.device_id)
-                    self.say(f"[red]{d.device_id} exited with status {rc}[/] (log: {d.log})")
+            watch.check()
             time.sleep(0.2)
         return 0
 

@@ -15,7 +15,7 @@ from typing import Optional
 
 import typer
 
-from .procs import (RUNTIMES, DeviceChild, ProcError, device_settings, ensure_bundle, free_port, heap_bytes,
+from .procs import (RUNTIMES, DeviceChild, DeviceWatch, ProcError, device_settings, ensure_bundle, free_port, heap_bytes,
                     micropython_available, provision_over_api)
 
 
@@ -135,17 +135,9 @@ def sim(kind: str = typer.Option(..., "--kind", help="relays | sensors"),
                       (f" for {duration:g} s" if duration else " — Ctrl-C stops them") +
                       f"; logs in {state_dir / 'logs'}")
         end = None if duration is None else time.monotonic() + duration
-        restarts = {d.device_id: 0 for d in devices}
-        gone = {d.device_id for d in devices if not d.running()}
+        watch = DeviceWatch(devices, console.print, gone={d.device_id for d in devices if not d.running()})
         while end is None or time.monotonic() < end:
-            for d in devices:
-                rc = d.poll()
-                if d.restarts != restarts[d.device_id]:
-                    restarts[d.device_id] = d.restarts
-                    console.print(f"{d.device_id}: simulated reset, started again (same flash)")
-                if rc is not None and d.device_id not in gone:
-                    gone.add(d.device_id)
-                    console.print(f"[red]{d.device_id} exited with status {rc}[/] (log: {d.log})")
+            watch.check()
             time.sleep(0.2)
     except _Stop as e:
         console.print(f"\n{e}: stopping")

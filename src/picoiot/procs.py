@@ -304,3 +304,24 @@ def device_settings(path: Path, key: dict, kind: str, port: int, flash_dir: Path
     s = dict(key, kind=kind, port=port, flash_dir=str(flash_dir), host="127.0.0.1")
     write_json(path, s, 0o600)
     return path
+
+
+class DeviceWatch:
+    """Tells, once each, about a device's simulated resets (DeviceChild.poll restarts it) and about its exit.
+    Shared by `picoiot demo` and `picoiot sim`; call check() from their supervision loop."""
+
+    def __init__(self, devices: list, say: Callable[[str], None], gone: set | None = None) -> None:
+        self.devices = devices
+        self.say = say
+        self._restarts = {d.device_id: d.restarts for d in devices}
+        self._gone = set(gone or ())
+
+    def check(self) -> None:
+        for d in self.devices:
+            rc = d.poll()
+            if d.restarts != self._restarts[d.device_id]:
+                self._restarts[d.device_id] = d.restarts
+                self.say(f"{d.device_id}: simulated reset, started again (same flash)")
+            if rc is not None and d.device_id not in self._gone:
+                self._gone.add(d.device_id)
+                self.say(f"[red]{d.device_id} exited with status {rc}[/] (log: {d.log})")
