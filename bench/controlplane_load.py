@@ -587,6 +587,7 @@ def run_backend(backend: str, args, workdir: Path) -> dict:
         clients = Clients(args.client_procs, server, device_ids, args.timeout)
         pg = backend == "postgres"
 
+        c0 = _counters(server.url)
         with CpuWatch(server.pid, pg) as cpu:
             reg = _merge(clients.run("register", args.register_timeout + 30,
                                      concurrency=max(1, args.register_concurrency // args.client_procs),
@@ -596,6 +597,7 @@ def run_backend(backend: str, args, workdir: Path) -> dict:
                            "server_cpu": cpu.server, "client_cpu": reg["cpu"] / cpu.wall, "pg_cpu": cpu.pg,
                            "machine_busy": cpu.machine}
         _print_phase("register", res["register"], "registrations/s")
+        res["register"]["counters"] = _print_counters(c0, _counters(server.url))
         if reg["ok"] == 0:
             raise RuntimeError(f"no device registered: {dict(reg['errors'])}")
 
@@ -603,6 +605,7 @@ def run_backend(backend: str, args, workdir: Path) -> dict:
             _settle(server.url)
             warmup = min(args.interval, 5.0)
             start = time.time() + 1.0
+            c0 = _counters(server.url)
             with CpuWatch(server.pid, pg) as cpu:
                 sus = _merge(clients.run("sustained", warmup + args.duration + args.interval + args.timeout + 180,
                                          start_wall=start, interval=args.interval, warmup=warmup,
@@ -616,6 +619,7 @@ def run_backend(backend: str, args, workdir: Path) -> dict:
                    "machine_busy": cpu.machine}
             _print_phase(f"sustained{label} ({n_devices} devices / {args.interval:g} s, offered {offered:.0f}/s)",
                          out, "heartbeats/s")
+            out["counters"] = _print_counters(c0, _counters(server.url))
             if out["client_lag_p99_ms"] > 50:
                 print(f"   ! the client sent late (p99 lag {out['client_lag_p99_ms']:.0f} ms): "
                       f"the machine is saturated (or add --client-procs)")
@@ -629,6 +633,7 @@ def run_backend(backend: str, args, workdir: Path) -> dict:
                 prof = _profile_start(server.pid, args.capacity_duration, prof_path)
             _settle(server.url)
             start = time.time() + 0.5
+            c0 = _counters(server.url)
             with CpuWatch(server.pid, pg) as cpu:
                 cap = _merge(clients.run("capacity", args.capacity_duration + args.timeout + 30, kind=kind,
                                          concurrency=max(1, args.concurrency // args.client_procs),
@@ -642,6 +647,7 @@ def run_backend(backend: str, args, workdir: Path) -> dict:
             _print_phase(f"capacity {kind} ({args.concurrency} in flight"
                          f"{', keep-alive' if args.keepalive else ', Connection: close'})",
                          res[f"capacity_{kind}"], "requests/s")
+            res[f"capacity_{kind}"]["counters"] = _print_counters(c0, _counters(server.url))
             if prof is not None:
                 try:
                     _, err = prof.communicate(timeout=args.capacity_duration + 30)
@@ -669,6 +675,33 @@ def run_backend(backend: str, args, workdir: Path) -> dict:
         if clients is not None:
             clients.close()
         server.stop()
+
+
+#: server counters printed per phase (deltas): they say which path the requests took
+_COUNTERS = ("picoiot_version_cache_misses_total", "picoiot_token_verifications",
+             "picoiot_device_offline_transitions_total", "picoiot_overload_rejections_total",
+             "picoiot_heartbeats_total")
+
+
+def _counters(url: str) -> dict[str, float]:
+    """Sums of the _COUNTERS samples on the server's /metrics (one worker's view with --workers N)."""
+    import httpx
+    out = dict.fromkeys(_COUNTERS, 0.0)
+    try:
+        text = httpx.get(f"{url}/metrics", timeout=5.0).text
+    except httpx.HTTPError:
+        return out
+    for line in text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in out:
+            out[name] += float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def _print_counters(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    delta = {k.removeprefix("picoiot_"): after[k] - before[k] for k in _COUNTERS}
+    print("      server counters: " + ", ".join(f"{k} +{v:.0f}" for k, v in delta.items()), flush=True)
+    return delta
 
 
 def _settle(url: str, limit_s: float = 60.0) -> bool:

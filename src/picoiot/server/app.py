@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 from typing import Iterable
 
@@ -13,6 +14,7 @@ from . import alarms, config, discovery, heartbeat, operators, ops, ota, state
 from . import db as tables
 from . import errors
 from .admission import Admission
+from .hotpath import HotPath
 from .core import ControlPlane
 from .db import migrate, now_ms
 from .devicetypes import BUILTIN
@@ -66,6 +68,11 @@ def create_app(settings: Settings | None = None, services: Iterable[str] | None 
         cp.started_ms = now_ms()
         await cp.notifier.start()
         await cp.warm_versions()  # after LISTEN starts: a change committed meanwhile reaches the cache as an event
+        # Everything loaded so far (modules, FastAPI's routes and models, SQLAlchemy's tables, the warm caches) lives
+        # as long as the process: out of the collector's sight, a full collection no longer walks it and stalls
+        # the event loop for 50–80 ms (docs/benchmarks.md, Control plane load).
+        gc.collect()
+        gc.freeze()
         task = asyncio.create_task(_housekeeping(cp))
         try:
             yield
@@ -86,6 +93,9 @@ def create_app(settings: Settings | None = None, services: Iterable[str] | None 
     for name in services or SERVICES:
         app.include_router(SERVICES[name])
     app.add_middleware(MetricsAndLimits, metrics=cp.metrics, max_body=settings.max_body_bytes)
+    mounted = set(services or SERVICES)
+    # outside FastAPI's own layers, inside admission control; see hotpath.py
+    app.add_middleware(HotPath, cp=cp, health="ops" in mounted, heartbeats="heartbeat" in mounted)
     # outermost: a refused request costs as little as possible
     app.add_middleware(Admission, metrics=cp.metrics, max_requests=settings.max_requests_in_flight,
                        max_longpolls=settings.max_longpolls)

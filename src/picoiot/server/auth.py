@@ -93,6 +93,11 @@ class TokenCache:
         #: signatures checked (cache misses), for /metrics
         self.verifications = 0
 
+    def fresh(self, token: str) -> Principal | None:
+        """The cached, unexpired principal of `token`, or None (then call `principal`); changes nothing."""
+        p = self._seen.get(token)
+        return p if p is not None and p.exp > time.time() else None
+
     def principal(self, signing_key: str, token: str) -> Principal:
         p = self._seen.get(token)
         if p is None:

@@ -20,6 +20,22 @@ router = APIRouter(tags=["heartbeat"])
 _ERR: dict[int | str, dict[str, Any]] = {s: {"model": ErrorBody} for s in (400, 401, 403, 404)}
 
 
+async def record(cp: "ControlPlane", ns: str, device_id: str, body: HeartbeatIn) -> None:
+    """Record a heartbeat of a known device; raises ApiError(404) if it is gone.
+
+    Shared by the FastAPI route and the fast path (`hotpath.py`), so both record and count the same way."""
+    if not await cp.liveness.beat(ns, device_id, body.model_dump(exclude_none=True)):
+        raise ApiError(404, "unknown device")
+    cp.metrics.heartbeats.inc()
+
+
+async def answer(cp: "ControlPlane", ns: str, device_id: str, seq: int, entry: list[int]) -> dict:
+    """The heartbeat answer (HeartbeatOut), built by hand: this is the hottest answer."""
+    return {"ack": seq, "server_time": now_ms(), "ttl": entry[2],
+            "pending": {"config_version": entry[0], "state_version": entry[1],
+                        "ota": await heartbeat_pending(cp, ns, device_id)}}
+
+
 @router.post("/api/v1/devices/{device_id}/heartbeat", response_model=HeartbeatOut, responses=_ERR)
 async def heartbeat(device_id: str, body: HeartbeatIn, request: Request, p: Principal = Depends(principal),
                     wait: float | None = Query(None, ge=0, le=86400)) -> JSONResponse:
@@ -31,10 +47,7 @@ async def heartbeat(device_id: str, body: HeartbeatIn, request: Request, p: Prin
     entry = await cp.versions_of(ns, device_id)
     if entry is None:
         raise ApiError(404, "unknown device")
-    hb = body.model_dump(exclude_none=True)
-    if not await cp.liveness.beat(ns, device_id, hb):
-        raise ApiError(404, "unknown device")
-    cp.metrics.heartbeats.inc()
+    await record(cp, ns, device_id, body)
 
     def changed(v: list[int]) -> bool:
         return ((body.config_version is not None and v[0] != body.config_version)
@@ -48,9 +61,6 @@ async def heartbeat(device_id: str, body: HeartbeatIn, request: Request, p: Prin
             return await cp.versions_of(ns, device_id) or entry
 
         entry = await wait_for_change(cp, ns, device_id, limit, "heartbeat", fetch, changed)
-        await cp.liveness.beat(ns, device_id, hb)
-    # built by hand, not through response_model validation: this is the hottest answer (the OpenAPI schema is still
-    # HeartbeatOut, and tests check the body against it)
-    return JSONResponse({"ack": body.seq, "server_time": now_ms(), "ttl": entry[2],
-                         "pending": {"config_version": entry[0], "state_version": entry[1],
-                                     "ota": await heartbeat_pending(cp, ns, device_id)}})
+        await cp.liveness.beat(ns, device_id, body.model_dump(exclude_none=True))
+    # not through response_model validation (the OpenAPI schema is still HeartbeatOut; tests check bodies against it)
+    return JSONResponse(await answer(cp, ns, device_id, body.seq, entry))

@@ -41,6 +41,22 @@ class Metrics:
                                         registry=self.registry)
         self.offline_transitions = Counter("picoiot_device_offline_transitions", "devices that missed their TTL",
                                            registry=self.registry)
+        self.fast_path = Counter("picoiot_fast_path_requests",
+                                 "hot requests (plain heartbeats, /health) served by the fast path, or handed on "
+                                 "to the full app (fallback)", ["route", "outcome"], registry=self.registry)
+        self._children: dict[tuple[str, str, int], tuple] = {}
+
+    def observe(self, method: str, route: str, status: int, start: float) -> None:
+        """Count one answered request and its latency (since `start`, a perf_counter() reading).
+
+        The labelled children are looked up once per (method, route, status): `labels()` costs a lock and a tuple
+        build per call, on every request."""
+        key = (method, route, status)
+        pair = self._children.get(key)
+        if pair is None:
+            pair = self._children[key] = (self.requests.labels(method, route, str(status)), self.latency.labels(route))
+        pair[0].inc()
+        pair[1].observe(time.perf_counter() - start)
 
 
 class MetricsAndLimits:
@@ -90,9 +106,7 @@ class MetricsAndLimits:
 
     def _observe(self, scope, status: int, start: float) -> None:
         route = scope.get("route")
-        path = getattr(route, "path", None) or "unmatched"
-        self.metrics.requests.labels(scope["method"], path, str(status)).inc()
-        self.metrics.latency.labels(path).observe(time.perf_counter() - start)
+        self.metrics.observe(scope["method"], getattr(route, "path", None) or "unmatched", status, start)
 
 
 class _BodyTooLarge(HTTPException):

@@ -1,0 +1,144 @@
+"""The fast path for plain heartbeats and /health (server/hotpath.py), shown by behaviour against a real uvicorn:
+it serves the happy case with the same answer as the FastAPI route, hands everything else to the app unchanged
+(body replayed), and the batched `last_seen` flush it feeds keeps the newest value on SQLite and PostgreSQL."""
+from __future__ import annotations
+
+import gc
+import json
+
+import httpx
+import sqlalchemy as sa
+
+from cptest import wait_until
+from picoiot.server import db as tables
+from picoiot.server.liveness import _flush_rows
+from picoiot.server.models import HeartbeatOut
+
+ROUTE = "/api/v1/devices/{device_id}/heartbeat"
+
+
+def metric(client: httpx.Client, name: str, labels: str = "") -> float:
+    key = f"{name}{{{labels}}} " if labels else f"{name} "
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith(key):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def served(c: httpx.Client, outcome: str = "served") -> float:
+    return metric(c, "picoiot_fast_path_requests_total", f'outcome="{outcome}",route="{ROUTE}"')
+
+
+def test_a_plain_heartbeat_is_served_by_the_fast_path_with_the_routes_answer(server):
+    d = server.register("fast-1")
+    c = server.client
+    before, fell = served(c), served(c, "fallback")
+    hb = {"seq": 41, "uptime": 12.5, "mem_free": 81234, "rssi": -61, "config_version": 1, "state_version": 0}
+    r = c.post(d.services["heartbeat"], headers=d.headers, json=hb)
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "application/json"
+    body = HeartbeatOut.model_validate(r.json())  # the documented schema
+    assert body.ack == 41 and body.ttl == d.intervals["ttl"] and body.pending.ota is None
+    assert served(c) == before + 1 and served(c, "fallback") == fell
+    # counted like any request, under the FastAPI route's label
+    assert metric(c, "picoiot_http_requests_total", f'method="POST",route="{ROUTE}",status="200"') >= 1
+    assert metric(c, "picoiot_heartbeats_total") >= 1
+    # the same answer as the route gives: a `wait` query takes the FastAPI path (answers at once: versions differ)
+    slow = c.post(d.services["heartbeat"], headers=d.headers, params={"wait": 5},
+                  json={**hb, "seq": 42, "config_version": 0})
+    assert slow.status_code == 200 and served(c, "fallback") == fell + 1
+    fast, slow = r.json(), slow.json()
+    assert fast.keys() == slow.keys() and fast["pending"] == slow["pending"] and fast["ttl"] == slow["ttl"]
+
+
+def test_the_fast_path_records_what_the_route_records(server_factory):
+    s = server_factory(heartbeat_flush_s=0.05)
+    d = s.register("fast-rec")
+    r = s.client.post(d.services["heartbeat"], headers=d.headers, json={"seq": 3, "mem_free": 999, "rssi": None})
+    assert r.status_code == 200 and served(s.client) >= 1
+    t = tables.devices
+
+    def stored():
+        return s.sql(lambda c: c.execute(sa.select(t.c.heartbeat).where(t.c.device_id == "fast-rec")).scalar())
+
+    wait_until(lambda: (stored() or {}).get("seq") == 3)
+    assert stored() == {"seq": 3, "mem_free": 999}  # model_dump(exclude_none=True), as through the route
+    dev = s.client.get("/api/v1/namespaces/default/devices/fast-rec", headers=s.auth("viewer")).json()
+    assert dev["online"] is True and dev["last_seen"]
+
+
+def test_everything_unusual_falls_back_to_the_app_with_its_answers(server):
+    d = server.register("fast-2")
+    other = server.register("fast-3")
+    c = server.client
+    url = d.services["heartbeat"]
+    fell = served(c, "fallback")
+    cases = [
+        (dict(json={"seq": 1}), 401),                                                     # no token
+        (dict(json={"seq": 1}, headers={"Authorization": "Bearer not-a-jwt"}), 401),       # not a token
+        (dict(json={"seq": 1}, headers={"Authorization": "Basic abc"}), 401),              # not bearer
+        (dict(json={"seq": 1}, headers=server.auth("admin")), 403),                        # an operator's token
+        (dict(json={"seq": -1}, headers=d.headers), 422),                                  # invalid body
+        (dict(content=b"{", headers={**d.headers, "content-type": "application/json"}), 400),  # body replayed
+        (dict(content=b"", headers={**d.headers, "content-type": "application/json"}), 422),   # empty body
+        (dict(json={"seq": 1}, headers=d.headers, params={"wait": -1}), 422),              # a bad query
+    ]
+    for kw, status in cases:
+        r = c.post(url, **kw)
+        assert r.status_code == status, (kw, r.text)
+        assert "error" in r.json()
+    # another device's token on this device's path: the route's 404 (no existence leak)
+    r = c.post(url, headers=other.headers, json={"seq": 1})
+    assert r.status_code == 404
+    assert served(c, "fallback") == fell + len(cases) + 1
+
+
+def test_an_oversize_heartbeat_is_refused_with_413(server_factory):
+    s = server_factory(max_body_bytes=512)
+    d = s.register("fast-big")
+    r = s.client.post(d.services["heartbeat"], headers=d.headers,
+                      content=json.dumps({"seq": 1, "firmware": "x" * 2000}).encode(),
+                      timeout=10)
+    assert r.status_code == 413 and r.json()["detail"]["max_bytes"] == 512
+
+
+def test_a_heartbeat_of_a_deleted_device_is_404_through_either_path(server):
+    d = server.register("fast-del")
+    assert server.client.post(d.services["heartbeat"], headers=d.headers, json={"seq": 1}).status_code == 200
+    assert server.client.delete("/api/v1/namespaces/default/devices/fast-del", headers=server.auth()).status_code \
+        in (200, 204)
+    r = server.client.post(d.services["heartbeat"], headers=d.headers, json={"seq": 2})
+    assert r.status_code == 404 and r.json()["error"] == "unknown device"
+
+
+def test_health_is_served_by_the_fast_path(server):
+    c = server.client
+    before = metric(c, "picoiot_fast_path_requests_total", 'outcome="served",route="/health"')
+    r = c.get("/health")
+    assert r.status_code == 200 and r.json() == {"status": "ok"} and r.headers["x-picoiot-pid"].isdigit()
+    assert metric(c, "picoiot_fast_path_requests_total", 'outcome="served",route="/health"') == before + 1
+    assert c.post("/health").status_code == 405  # other methods: the app's answer
+
+
+def test_flush_keeps_the_newest_last_seen_and_the_heartbeat_document(server):
+    for dev in ("fl-1", "fl-2"):
+        server.register(dev)
+    t = tables.devices
+
+    def write(batch):
+        server.cp.db.run_sync(lambda c: _flush_rows(c, batch))
+
+    def row(dev):
+        return server.sql(lambda c: c.execute(sa.select(t.c.last_seen, t.c.heartbeat)
+                                              .where(t.c.device_id == dev)).first())
+
+    write({("default", "fl-1"): (10**13, {"seq": 2, "firmware": 'q"uote\\'}), ("default", "fl-2"): (10**13, None)})
+    assert tuple(row("fl-1")) == (10**13, {"seq": 2, "firmware": 'q"uote\\'})
+    assert tuple(row("fl-2")) == (10**13, None)
+    write({("default", "fl-1"): (10**13 - 5, {"seq": 1})})  # older than what is stored: ignored
+    assert tuple(row("fl-1")) == (10**13, {"seq": 2, "firmware": 'q"uote\\'})
+    write({("default", "nobody"): (10**13, {"seq": 1})})  # unknown devices: nothing written, no error
+
+
+def test_startup_moves_the_long_lived_heap_out_of_the_collectors_sight(server):
+    assert gc.get_freeze_count() > 10_000
