@@ -50,6 +50,8 @@ def server(db: Optional[str] = DbUrl, host: str = typer.Option("127.0.0.1", help
            sweep_interval: float = typer.Option(1.0, help="seconds between liveness flush / offline sweeps"),
            heartbeat_flush: float = typer.Option(1.0, help="write last_seen every N s (0 = on every heartbeat)"),
            token_ttl: int = typer.Option(3600, help="device token lifetime, seconds"),
+           ttl_slack: int = typer.Option(5, help="seconds a device may be late beyond 3 missed heartbeats before "
+                                                 "it is offline (slow Wi-Fi reconnects)"),
            workers: int = typer.Option(1, help="server processes sharing the port (more than 1: PostgreSQL only)"),
            max_requests: int = typer.Option(128, help="requests worked on at once per process; beyond: 503"),
            max_longpolls: int = typer.Option(10_000, help="long-polls waiting at once per process; beyond: 503"),
@@ -60,13 +62,13 @@ def server(db: Optional[str] = DbUrl, host: str = typer.Option("127.0.0.1", help
     level = getattr(logging, log_level.upper(), None)
     if not isinstance(level, int):
         _fail("--log-level: debug, info, warning or error")
-    if workers < 1 or max_requests < 1 or max_longpolls < 0:
-        _fail("--workers and --max-requests must be at least 1, --max-longpolls at least 0")
+    if workers < 1 or max_requests < 1 or max_longpolls < 0 or ttl_slack < 0:
+        _fail("--workers and --max-requests must be at least 1, --max-longpolls and --ttl-slack at least 0")
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     ddir = data_dir or default_data_dir()
     settings = _settings(ddir, db, db_schema, public_url=public_url, sweep_interval_s=sweep_interval,
-                         heartbeat_flush_s=heartbeat_flush, token_ttl_s=token_ttl,
+                         heartbeat_flush_s=heartbeat_flush, token_ttl_s=token_ttl, ttl_slack_s=ttl_slack,
                          max_requests_in_flight=max_requests, max_longpolls=max_longpolls)
     sntp = None
     if sntp_port is not None:

@@ -218,3 +218,16 @@ def test_sntp_port_serves_time_and_is_advertised(tmp_path):
         assert r.status_code == 200 and r.json()["namespace"] == "lab"
     finally:
         assert srv.stop() == 0
+
+
+def test_ttl_slack_sets_the_ttl_devices_get_and_is_validated(tmp_path):
+    srv = ServerProcess(tmp_path / "d", [], ["--ttl-slack", "100"])
+    try:
+        key = json.loads(run("provision", "relay-1", "--data-dir", str(tmp_path / "d")).stdout)
+        intervals = _register(srv.client, key)["intervals"]
+        assert intervals["ttl"] == intervals["heartbeat"] * 3 + 100
+    finally:
+        assert srv.stop() == 0
+    bad = subprocess.run(PICOIOT + ["server", "--port", "0", "--data-dir", str(tmp_path / "e"), "--ttl-slack", "-1"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "--ttl-slack" in bad.stderr + bad.stdout

@@ -46,6 +46,15 @@ def test_public_url_is_used_for_service_urls(server_factory):
     assert d.services["config"] == "https://iot.example.net/api/v1/devices/relay-2/config"
 
 
+def test_ntp_address_of_a_wildcard_bind_is_the_host_the_device_reached(server_factory):
+    s = server_factory(ntp_address="0.0.0.0:12345")
+    assert s.register("ntp-1").services["ntp"] == "127.0.0.1:12345"  # not 0.0.0.0: the device would ask itself
+    p = server_factory(ntp_address="0.0.0.0:123", public_url="http://cp.example:8080")
+    assert p.register("ntp-2").services["ntp"] == "cp.example:123"
+    fixed = server_factory(ntp_address="10.0.0.5:123")
+    assert fixed.register("ntp-3").services["ntp"] == "10.0.0.5:123"  # a concrete bind address stays
+
+
 def test_replayed_nonce_is_refused(server):
     nonce = _challenge(server, "relay-1")
     assert _register(server, "relay-1", nonce, _key(server, "relay-1")).status_code == 200

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import secrets
+from urllib.parse import urlsplit
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
@@ -21,6 +22,17 @@ if TYPE_CHECKING:
     from .core import ControlPlane
 
 D, N = tables.devices, tables.nonces
+
+
+def advertised_ntp(ntp_address: str | None, base_url: str) -> str | None:
+    """The SNTP `host:port` to hand a device. A server bound to every interface (0.0.0.0 / ::) cannot advertise
+    that address — a device would query itself — so the host the device reached us at (or --public-url) is used."""
+    if not ntp_address:
+        return None
+    host, _, port = ntp_address.rpartition(":")
+    if host.strip("[]") in ("", "0.0.0.0", "::"):
+        host = urlsplit(base_url).hostname or "127.0.0.1"  # IPv6 unbracketed: devices split at the last ':'
+    return f"{host}:{port}"
 
 
 def ttl_for(settings, heartbeat_s: int) -> int:
@@ -131,7 +143,7 @@ async def register(body: RegisterIn, request: Request) -> RegisterOut:
                   "alarms": f"{base}/api/v1/devices/{dev}/alarms",
                   "ota": f"{base}/api/v1/devices/{dev}/ota",
                   "refresh": f"{base}/api/devices/refresh",
-                  "ntp": st.ntp_address},
+                  "ntp": advertised_ntp(st.ntp_address, base)},
         intervals={"heartbeat": hb, "ttl": ttl, "config_poll": st.config_poll_s,
                    "time_sync": int((cfg.get("time") or {}).get("interval_s") or st.time_sync_s)},
         server_time=now_ms())
