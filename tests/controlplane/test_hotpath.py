@@ -81,6 +81,8 @@ def test_everything_unusual_falls_back_to_the_app_with_its_answers(server):
         (dict(json={"seq": -1}, headers=d.headers), 422),                                  # invalid body
         (dict(content=b"{", headers={**d.headers, "content-type": "application/json"}), 400),  # body replayed
         (dict(content=b"", headers={**d.headers, "content-type": "application/json"}), 422),   # empty body
+        (dict(content=b'{"seq":1,"uptime":NaN}', headers={**d.headers, "content-type": "application/json"}), 422),
+        (dict(json={"seq": 1, "firmware": "0.1\u0000"}, headers=d.headers), 422),        # NUL: not storable
         (dict(json={"seq": 1}, headers=d.headers, params={"wait": -1}), 422),              # a bad query
     ]
     for kw, status in cases:

@@ -13,6 +13,8 @@ TS_MAX = 2**53  # milliseconds: far beyond any real clock, and exact in every JS
 
 def _find_nul(value: Any, path: str) -> str | None:
     """Path of the first NUL character or non-finite number (NaN/Infinity are not JSON) in value, or None."""
+    if value is None or type(value) is int or type(value) is bool:  # most fields: decided without isinstance chains
+        return None
     if isinstance(value, str):
         return path if "\x00" in value else None
     if isinstance(value, float):
