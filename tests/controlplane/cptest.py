@@ -145,6 +145,15 @@ def make_settings(backend: str, tmp_path: Path, schema: str | None = None, **kw)
 
 
 
+def metric(client: httpx.Client, name: str, labels: str = "") -> float:
+    """One sample of the server's /metrics (labels as rendered, e.g. 'kind="heartbeat"'); 0.0 when absent."""
+    key = f"{name}{{{labels}}} " if labels else f"{name} "
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith(key):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
 def wait_until(pred, timeout: float = 15.0, step: float = 0.01) -> None:
     """Poll a condition (a synchronisation aid, not a timing assertion); fails the test if it never holds."""
     deadline = time.monotonic() + timeout

@@ -9,20 +9,12 @@ import json
 import httpx
 import sqlalchemy as sa
 
-from cptest import wait_until
+from cptest import metric, wait_until
 from picoiot.server import db as tables
 from picoiot.server.liveness import _flush_rows
 from picoiot.server.models import HeartbeatOut
 
 ROUTE = "/api/v1/devices/{device_id}/heartbeat"
-
-
-def metric(client: httpx.Client, name: str, labels: str = "") -> float:
-    key = f"{name}{{{labels}}} " if labels else f"{name} "
-    for line in client.get("/metrics").text.splitlines():
-        if line.startswith(key):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
 
 
 def served(c: httpx.Client, outcome: str = "served") -> float:

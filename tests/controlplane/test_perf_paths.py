@@ -21,17 +21,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cptest import PG_URL, drop_schema, make_settings, require_pg, sign, wait_until
+from cptest import PG_URL, drop_schema, make_settings, metric, require_pg, sign, wait_until
 from picoiot.server.auth import derive_device_key, issue_token
 from picoiot.server.db import Database, DatabaseBusy
-
-
-def metric(client: httpx.Client, name: str, labels: str = "") -> float:
-    key = f"{name}{{{labels}}} " if labels else f"{name} "
-    for line in client.get("/metrics").text.splitlines():
-        if line.startswith(key):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
 
 
 def misses(srv) -> float:

@@ -145,8 +145,11 @@ class Settings:
     max_body_bytes: int = 64 * 1024
     max_doc_bytes: int = 8 * 1024
     max_doc_depth: int = 6
-    #: admission control (server/admission.py): requests doing work at once, beyond which 503 + Retry-After
-    max_requests_in_flight: int = 128
+    #: admission control (server/admission.py): requests doing work at once, beyond which 503 + Retry-After.
+    #: By Little's law a 2,000/s heartbeat load holds rate × latency requests: 128 turned every 64 ms scheduling
+    #: hiccup on a shared 2-core box into 503s; 512 is ~0.2 s of heartbeat work, far below a device's timeout, while
+    #: the database queue (max_db_queue) still bounds the expensive requests.
+    max_requests_in_flight: int = 512
     #: long-polls (`wait=` > 0) waiting at once, counted apart from requests (they hold no thread and little CPU)
     max_longpolls: int = 10_000
     #: database calls waiting for a worker thread, beyond which 503 (DatabaseBusy)
