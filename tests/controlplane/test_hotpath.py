@@ -136,3 +136,36 @@ def test_flush_keeps_the_newest_last_seen_and_the_heartbeat_document(server):
 
 def test_startup_moves_the_long_lived_heap_out_of_the_collectors_sight(server):
     assert gc.get_freeze_count() > 10_000
+
+
+def test_an_expired_no_ota_answer_is_refreshed_by_one_query_while_heartbeats_go_on(server):
+    import concurrent.futures
+    import time
+
+    from picoiot.server import ota
+    devs = [server.register(f"ota-herd-{i}") for i in range(16)]
+    assert server.client.post(devs[0].services["heartbeat"], headers=devs[0].headers, json={"seq": 1}).status_code \
+        == 200  # "no assignment in default" is now known
+    queries: list[str] = []
+
+    def count(_conn, _cursor, statement, *_):
+        if "ota_assignments" in statement:
+            queries.append(statement)
+
+    sa.event.listen(server.cp.db.engine, "before_cursor_execute", count)
+    try:
+        key = (id(server.cp), "default")
+        assert key in ota._no_assignments
+        ota._no_assignments[key] = time.monotonic() - 1  # expired: as 5 s later
+        clients = [httpx.Client(base_url=server.url, timeout=20) for _ in devs]
+        with concurrent.futures.ThreadPoolExecutor(len(devs)) as pool:
+            answers = list(pool.map(lambda i: clients[i].post(devs[i].services["heartbeat"], headers=devs[i].headers,
+                                                                json={"seq": 2}), range(len(devs))))
+        for c in clients:
+            c.close()
+    finally:
+        sa.event.remove(server.cp.db.engine, "before_cursor_execute", count)
+    assert [r.status_code for r in answers] == [200] * len(devs)
+    assert all(r.json()["pending"]["ota"] is None for r in answers)
+    assert len(queries) == 1, queries  # one refresh, not one per heartbeat
+    wait_until(lambda: ota._no_assignments[key] > time.monotonic())  # and it was stored

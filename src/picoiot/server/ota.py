@@ -6,9 +6,11 @@ again with the key in its own flash (the server is not trusted with code).
 """
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import re
+import time
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
@@ -195,7 +197,7 @@ async def assign(ns: str, body: AssignIn, request: Request, p: Principal = Depen
     if (body.device is None) == (body.group is None):
         raise ApiError(422, "give exactly one of device, group", {"path": "device"})
     await _cp(request).write(_assign, ns, body)
-    _no_assignments.pop((id(_cp(request)), ns), None)
+    assignments_changed(_cp(request), ns)
     return {"ok": True}
 
 
@@ -316,21 +318,56 @@ async def report(device_id: str, body: ReportIn, request: Request, p: Principal 
 #: heartbeat answers within this; the device's own periodic OTA check does not depend on it)
 NO_ASSIGNMENT_TTL_S = 5.0
 _no_assignments: dict[tuple[int, str], float] = {}
+#: the one query in flight per (app, namespace), and a counter that an assignment bumps (a query that started before
+#: it must not store its stale "none")
+_refreshing: dict[tuple[int, str], asyncio.Future] = {}
+_generation: dict[tuple[int, str], int] = {}
 
 
 def _has_assignments(conn, ns: str) -> bool:
     return conn.execute(sa.select(AS.c.version).where(AS.c.ns == ns).limit(1)).first() is not None
 
 
-async def heartbeat_pending(cp: "ControlPlane", ns: str, dev: str) -> str | None:
-    """`pending.ota` of a heartbeat answer: the offered version or None. The hot path (no assignment anywhere in the
-    namespace) costs one dict lookup; only namespaces with assignments pay a query."""
-    import time
+def assignments_changed(cp: "ControlPlane", ns: str) -> None:
     key = (id(cp), ns)
-    now = time.monotonic()
-    if _no_assignments.get(key, 0.0) > now:
+    _no_assignments.pop(key, None)
+    _generation[key] = _generation.get(key, 0) + 1
+
+
+async def _refresh(cp: "ControlPlane", ns: str, key: tuple[int, str]) -> bool:
+    gen = _generation.get(key, 0)
+    try:
+        has = await cp.read(_has_assignments, ns)
+    finally:
+        _refreshing.pop(key, None)
+    if not has and _generation.get(key, 0) == gen:
+        _no_assignments[key] = time.monotonic() + NO_ASSIGNMENT_TTL_S
+    return has
+
+
+def _retrieve(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()  # a failed background refresh: the next heartbeat tries again
+
+
+async def heartbeat_pending(cp: "ControlPlane", ns: str, dev: str) -> str | None:
+    """`pending.ota` of a heartbeat answer: the offered version or None.
+
+    The hot path (no assignment anywhere in the namespace) costs one dict lookup. When that knowledge expires, one
+    query refreshes it in the background while heartbeats go on answering from it (at 2,000 heartbeats/s each one
+    used to send its own query in that moment, and on SQLite, behind a flush holding the write lock, they filled the
+    database queue: timeouts). Only a namespace with assignments, or one not known yet, waits for the query — one
+    query, shared by every heartbeat waiting for it."""
+    key = (id(cp), ns)
+    until = _no_assignments.get(key)
+    if until is not None and until > time.monotonic():
         return None
-    if not await cp.read(_has_assignments, ns):
-        _no_assignments[key] = now + NO_ASSIGNMENT_TTL_S
+    task = _refreshing.get(key)
+    if task is None:
+        task = _refreshing[key] = asyncio.ensure_future(_refresh(cp, ns, key))
+        task.add_done_callback(_retrieve)
+    if until is not None:  # known, if stale: "none" stands until the refresh says otherwise
+        return None
+    if not await asyncio.shield(task):
         return None
     return await pending_for(cp, ns, dev)
