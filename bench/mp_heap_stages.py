@@ -44,6 +44,8 @@ def main(argv):
         snap("make")
         await ctl.start()
         snap("start")
+        if MEMINFO:
+            micropython.mem_info(1)
         print("picoiot device %s listening on http://127.0.0.1:%d" % (s["device_id"], s["port"]))
         n = 0
         while True:

@@ -67,7 +67,7 @@ class Board:
     def _volatile(self):
         self._sleepers = []     # (wake-up tick, asyncio.Event) of pending vsleep() calls
         self.pins = {}          # id -> [mode, value, pull, irq handler, irq trigger]
-        self.pin_events = []    # (ms, pin id, level), in order
+        self._events = []       # pin transitions in order, packed (see _pin_event); read them as pin_events
         self.pin_events_dropped = 0
         self.wdt_timeout = None
         self.wdt_last_feed = 0
@@ -187,11 +187,20 @@ class Board:
 
     # ---- pins ----
     def _pin_event(self, pid, level):
-        ev = self.pin_events
+        ev = self._events
         if len(ev) >= self.max_pin_events:
             ev.pop(0)
             self.pin_events_dropped += 1
-        ev.append((self.now_ms(), pid, level))
+        ms = self.now_ms()
+        if isinstance(pid, int) and 0 <= pid < 64 and 0 <= ms < 0x40000000:
+            ev.append(ms << 7 | pid << 1 | level)  # one small int, not a 3-tuple: 256 events cost 2K, not 16K
+        else:
+            ev.append((ms, pid, level))
+
+    @property
+    def pin_events(self):
+        """The pin transitions kept (at most max_pin_events, oldest first) as (ms, pin id, level) tuples."""
+        return [e if isinstance(e, tuple) else (e >> 7, e >> 1 & 63, e & 1) for e in self._events]
 
     def pin_value(self, pid):
         st = self.pins.get(pid)

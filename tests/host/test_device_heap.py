@@ -91,3 +91,17 @@ def test_masking_log_text_interns_no_characters():
     before, after = _qstrs(out)[-2:]
     assert after - before <= 2, f"mask_text interned {after - before} names"
     assert "token: *** password=*** Bearer ***" in out
+
+
+def test_simulated_pin_log_is_small():
+    # The simulated board logs every pin transition for tests (max_pin_events = 256); as 3-tuples a relays device
+    # that switched a while carried ≈ 16K of them on this port. Packed: one small int each.
+    out = _mp("import gc\n"
+              "from iotlib import hal, sim\n"
+              "b = sim.configure(flash_root='/tmp/picoiot-host-heap')\n"
+              "p = hal.Pin(3, hal.Pin.OUT)\n"
+              "gc.collect(); a = gc.mem_alloc()\n"
+              "for _ in range(b.max_pin_events): p.toggle()\n"
+              "gc.collect(); print('pinlog', gc.mem_alloc() - a, len(b.pin_events))\n")
+    used, n = map(int, out.split("pinlog")[1].split())
+    assert n == 256 and used < 4096, used
