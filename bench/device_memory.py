@@ -26,6 +26,7 @@ import asyncio
 import itertools
 import json
 import math
+import os
 import sys
 import tempfile
 import time
@@ -45,6 +46,7 @@ NS = "default"
 BASE_CONFIG = {"heartbeat_interval_s": 1, "time": {"servers": []}, "api": {"rate_per_s": 500, "burst": 500}}
 _ids = itertools.count(1)
 VERBOSE = False
+TRACE = False
 
 
 def note(msg: str) -> None:
@@ -149,7 +151,15 @@ def scenario(kind: str, mode: str, heap_k: int, ws_seconds: float, requests: int
             settings = device_settings(tmp / "dev.json", key, kind, free_port(), tmp / "flash")
             heap = heap_k + (image_k() if mode == "romfs" else 0)
             entry = "boot_romfs" if mode == "romfs" else "main_sim"
-            dev = DeviceChild(settings, heap=f"{heap}K", bundle=BUNDLE, log=tmp / "dev.log", entry=entry)
+            extra = None
+            if TRACE:  # bench/mp_heap_stages.py prints the heap at each stage into the device log
+                entry, extra = "mp_heap_stages", heaplib.BUILD
+                if mode == "romfs":
+                    os.environ["PICOIOT_ROMFS"] = str(BUNDLE / "romfs.img")
+                else:
+                    os.environ.pop("PICOIOT_ROMFS", None)
+            dev = DeviceChild(settings, heap=f"{heap}K", bundle=BUNDLE, log=tmp / "dev.log", entry=entry,
+                              extra_path=extra)
             dev.restart_on_reset = False
             dev.start()
             dev.wait_ready(60)                                   # registered, config applied, time synced
@@ -211,6 +221,25 @@ def scenario(kind: str, mode: str, heap_k: int, ws_seconds: float, requests: int
             if dev is not None:
                 dev.stop()
             cp.stop()
+            if TRACE and (tmp / "dev.log").exists():
+                _print_trace((tmp / "dev.log").read_text(errors="replace"))
+                if os.getenv("PICOIOT_TRACE_LOG"):  # keep the whole device log (with PICOIOT_QSTRS: every name)
+                    Path(os.environ["PICOIOT_TRACE_LOG"]).write_text((tmp / "dev.log").read_text(errors="replace"))
+
+
+def _print_trace(text: str) -> None:
+    """The STAGE lines of bench/mp_heap_stages.py, each with its qstr pool figures, and the steady-state maximum."""
+    lines = text.splitlines()
+    steady = []
+    for i, ln in enumerate(lines):
+        if ln.startswith("STAGE "):
+            _, tag, alloc, free = ln.split()
+            q = lines[i + 1] if i + 1 < len(lines) and lines[i + 1].startswith("qstr pool") else ""
+            print(f"  {tag:8} heap {int(alloc):7,}  free {int(free):7,}  {q}", flush=True)
+            if tag.startswith("t"):
+                steady.append(int(alloc))
+    if steady:
+        print(f"  steady state: min {min(steady):,}  max {max(steady):,}  last {steady[-1]:,}", flush=True)
 
 
 def hello_ok(heap_k: int) -> bool:
@@ -218,7 +247,7 @@ def hello_ok(heap_k: int) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    global VERBOSE, BUNDLE
+    global VERBOSE, BUNDLE, TRACE
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kind", choices=("relays", "sensors", "both"), default="both")
     ap.add_argument("--mode", choices=("mpy", "romfs", "both"), default="both")
@@ -231,11 +260,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-hello", action="store_true", help="skip microdot's hello world")
     ap.add_argument("--bundle", type=Path, default=BUNDLE, help="build directory (runs at once need their own)")
     ap.add_argument("-v", "--verbose", action="store_true")
+    ap.add_argument("--trace", action="store_true",
+                    help="run the device under bench/mp_heap_stages.py and print its heap at each stage (use --once)")
     a = ap.parse_args(argv)
-    VERBOSE, BUNDLE = a.verbose, a.bundle
+    VERBOSE, BUNDLE, TRACE = a.verbose, a.bundle, a.trace
     build.build_romfs(BUNDLE)
     heaplib.bundle()
     heaplib.compile_script(Path(__file__).resolve().parent / "mp_hello.py")
+    if TRACE:
+        heaplib.compile_script(Path(__file__).resolve().parent / "mp_heap_stages.py")
     kinds = ("relays", "sensors") if a.kind == "both" else (a.kind,)
     modes = ("mpy", "romfs") if a.mode == "both" else (a.mode,)
     print(f"romfs image: {(BUNDLE / 'romfs.img').stat().st_size} bytes ({image_k()}K)", flush=True)

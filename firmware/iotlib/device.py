@@ -456,5 +456,5 @@ def _unload(*names):
         sys.modules.pop(name, None)
         try:
             delattr(iotlib, name.rsplit(".", 1)[1])
-        except AttributeError:
+        except (AttributeError, KeyError):  # not loaded: MicroPython raises KeyError, CPython AttributeError
             pass

@@ -26,11 +26,14 @@ MAX_DEPTH = 6
 # A key is secret when its lower-cased name contains one of these (substring match: "wifi_password", "api_token").
 _SECRET_WORDS = ("password", "passwd", "secret", "token", "authorization", "cookie", "credential", "signature",
                  "psk", "private")
-_B64URL = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+# The scanner works on the text's UTF-8 bytes: indexing bytes gives ints, while indexing a str makes a one-character
+# string that MicroPython interns for good (every distinct character ever logged would stay in the qstr pool).
+_B64URL = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 _NAMECHARS = _B64URL  # [A-Za-z0-9_-] is also what a key=value name is made of
 # A credential ends at whitespace or at a delimiter of the text around it.
-_STOP = " \t\r\n\"',;)]}&"
-_SCHEMES = ("bearer", "basic", "digest", "token")
+_STOP = b" \t\r\n\"',;)]}&"
+_QUOTES = b"\"'"
+_SCHEMES = (b"bearer", b"basic", b"digest", b"token")
 
 dropped = 0  # lines lost because a sink failed (full flash, no console)
 written = 0  # lines written to the file sink
@@ -46,12 +49,12 @@ def is_secret_key(name):
 
 
 def _jwt_end(s, i, n):
-    """End of a JWT starting at s[i] ("eyJ..." is base64url of '{"'), or -1 if the run there is not one."""
+    """End of a JWT starting at s[i] ("eyJ..." is base64url of '{"'), or -1 if the run there is not one (s: bytes)."""
     k = i
-    while k < n and (s[k] in _B64URL or s[k] == "."):
+    while k < n and (s[k] in _B64URL or s[k] == 46):  # 46: "."
         k += 1
-    parts = s[i:k].split(".")
-    if len(parts) == 4 and parts[3] == "":  # a sentence's full stop after the token
+    parts = s[i:k].split(b".")
+    if len(parts) == 4 and parts[3] == b"":  # a sentence's full stop after the token
         parts.pop()
         k -= 1
     if len(parts) == 3 and len(parts[0]) >= 4 and parts[1]:
@@ -67,24 +70,24 @@ def _word_end(s, j, n):
 
 def _secret_value(s, i, n):
     """For a "=" or ":" at s[i] after a secret name (token=..., "password": "...", Authorization: Basic ...),
-    the (start, end) of the value to mask, else None."""
+    the (start, end) of the value to mask, else None (s: bytes)."""
     b = i
-    if b > 0 and s[b - 1] in "\"'":
+    if b > 0 and s[b - 1] in _QUOTES:
         b -= 1
     e = b
     while b > 0 and s[b - 1] in _NAMECHARS:
         b -= 1
-    if b == e or not is_secret_key(s[b:e]):
+    if b == e or not is_secret_key(s[b:e].decode()):
         return None
     j = i + 1
-    while j < n and s[j] == " ":
+    while j < n and s[j] == 32:  # " "
         j += 1
-    if j < n and s[j] in "\"'":
+    if j < n and s[j] in _QUOTES:
         j += 1
     k = _word_end(s, j, n)
     if k == j:
         return None
-    if k < n and s[k] == " " and s[j:k].lower() in _SCHEMES:
+    if k < n and s[k] == 32 and s[j:k].lower() in _SCHEMES:
         j = k + 1  # "Authorization: Basic <credential>": the credential is the secret
         k = _word_end(s, j, n)
         if k == j:
@@ -97,38 +100,39 @@ def mask_text(s):
     Returns s itself (no allocation) when nothing can match."""
     if "eyJ" not in s and "earer" not in s and "EARER" not in s and "=" not in s and ":" not in s:
         return s
+    t = s.encode()
     out = None
-    n = len(s)
+    n = len(t)
     i = 0
     start = 0
     while i < n:
-        c = s[i]
+        c = t[i]
         span = None
-        if (c == "B" or c == "b") and s[i:i + 7].lower() == "bearer " and (i == 0 or s[i - 1] not in _NAMECHARS):
-            j = i + 7
-            while j < n and s[j] == " ":
+        if (c == 66 or c == 98) and t[i:i + 7].lower() == b"bearer " and (i == 0 or t[i - 1] not in _NAMECHARS):
+            j = i + 7  # 66, 98: "B", "b"
+            while j < n and t[j] == 32:
                 j += 1
-            k = _word_end(s, j, n)
+            k = _word_end(t, j, n)
             if k > j:
                 span = (j, k)
-        elif c == "e" and s.startswith("eyJ", i) and (i == 0 or s[i - 1] not in _B64URL):
-            k = _jwt_end(s, i, n)
+        elif c == 101 and t.startswith(b"eyJ", i) and (i == 0 or t[i - 1] not in _B64URL):  # 101: "e"
+            k = _jwt_end(t, i, n)
             if k > 0:
                 span = (i, k)
-        elif (c == "=" or c == ":") and i + 1 < n:
-            span = _secret_value(s, i, n)
+        elif (c == 61 or c == 58) and i + 1 < n:  # "=", ":"
+            span = _secret_value(t, i, n)
         if span is None:
             i += 1
             continue
         if out is None:
             out = []
-        out.append(s[start:span[0]])
-        out.append(MASK)
+        out.append(t[start:span[0]])
+        out.append(b"***")
         start = i = span[1]
     if out is None:
         return s
-    out.append(s[start:])
-    return "".join(out)
+    out.append(t[start:])
+    return b"".join(out).decode()
 
 
 def _short(s, limit):

@@ -182,6 +182,14 @@ class Metrics:
             m.render(out)
         return "".join(out)
 
+    def render_chunks(self):
+        """The same text as render(), as a generator of UTF-8 chunks (one per metric): the device's /metrics writes
+        them as they are made, so it never needs the whole answer (≈ 1.5K) in one piece of a fragmented heap."""
+        for m in self.order:
+            out = []
+            m.render(out)
+            yield "".join(out).encode()
+
 
 REGISTRY = Metrics()
 

@@ -7,21 +7,20 @@ from iotlib.compat import asyncio, sleep_ms, ticks_diff, urandom
 
 _log = log.get("net")
 
-# cyw43 status -> (short name for logs and stats, what it means for the operator)
-_STATUS = {
-    0: ("idle", "link down"),
-    1: ("joining", "joining the access point"),
-    2: ("no_ip", "joined, waiting for a DHCP address"),
-    3: ("up", "connected with an address"),
-    -1: ("connect_fail", "connection failed"),
-    -2: ("no_ap_found", "access point not found: SSID wrong or out of range"),
-    -3: ("wrong_password", "authentication failed: check the Wi-Fi password"),
-}
+# cyw43 status code c (-3..3) -> short name for logs and stats _NAMES[c + 3], what it means for the operator
+# _MEANINGS[c + 3] (two constant tuples cost less heap than a dict of pairs)
+_NAMES = ("wrong_password", "no_ap_found", "connect_fail", "idle", "joining", "no_ip", "up")
+_MEANINGS = ("authentication failed: check the Wi-Fi password", "access point not found: SSID wrong or out of range",
+             "connection failed", "link down", "joining the access point", "joined, waiting for a DHCP address",
+             "connected with an address")
+
+
+def _meaning(code, default):
+    return _MEANINGS[code + 3] if isinstance(code, int) and -3 <= code <= 3 else default
 
 
 def status_name(code):
-    s = _STATUS.get(code)
-    return s[0] if s else "unknown_%s" % (code,)
+    return _NAMES[code + 3] if isinstance(code, int) and -3 <= code <= 3 else "unknown_%s" % (code,)
 
 
 class NetworkManager:
@@ -134,10 +133,10 @@ class NetworkManager:
                     self._went_up()
                     return True
                 if st < 0:
-                    self._failed(st, _STATUS[st][1] if st in _STATUS else "unknown failure")
+                    self._failed(st, _meaning(st, "unknown failure"))
                     return False
                 if st in (1, 2):
-                    _log.info("wifi " + _STATUS[st][1], ssid=self.ssid, status=st, reason=status_name(st))
+                    _log.info("wifi " + _meaning(st, ""), ssid=self.ssid, status=st, reason=status_name(st))
                 else:  # 0 or an unknown code while connecting: say so, keep waiting until the timeout
                     _log.warning("wifi status while connecting", ssid=self.ssid, status=st, reason=status_name(st))
             if waited >= self.connect_timeout_ms:
@@ -237,7 +236,7 @@ class NetworkManager:
         st = w.status()
         self.status = st
         if st != 3 or not w.isconnected():
-            self._went_down(status_name(st), _STATUS[st][1] if st in _STATUS else "unknown status")
+            self._went_down(status_name(st), _meaning(st, "unknown status"))
             try:
                 w.disconnect()
             except OSError:

@@ -9,7 +9,6 @@ import os
 from iotlib.compat import const, ticks_ms, ticks_add, ticks_diff
 
 _WDT_MAX_MS = const(8388)
-_EIO = const(5)  # what rp2 raises when an I2C address or byte is not acknowledged
 _ETIMEDOUT = const(110)
 _EHOSTUNREACH = const(113)
 
@@ -41,48 +40,6 @@ def _sample(store, key, now):
     return x
 
 
-# ---- RP2040 internal temperature sensor (ADC channel 4): the datasheet's conversion, both ways ----
-def temp_to_u16(celsius):
-    volts = 0.706 - (celsius - 27) * 0.001721
-    return _volts_to_u16(volts)
-
-
-def u16_to_temp(u16):
-    return 27 - (u16 * 3.3 / 65535 - 0.706) / 0.001721
-
-
-def _volts_to_u16(volts):
-    raw12 = int(volts / 3.3 * 4095 + 0.5)
-    raw12 = 0 if raw12 < 0 else 4095 if raw12 > 4095 else raw12
-    return (raw12 << 4) | (raw12 >> 8)  # how the rp2 port scales its 12-bit reading to 16 bits
-
-
-def _default_temperature(now):
-    import math
-    return 24.0 + 1.5 * math.sin(now / 95493.0)  # a slow ±1.5 °C drift over ~10 minutes
-
-
-# ---- civil dates for the RTC (UTC; Howard Hinnant's algorithms) ----
-def _days_from_civil(y, m, d):
-    y -= m <= 2
-    era = y // 400
-    yoe = y - era * 400
-    doy = (153 * (m + (-3 if m > 2 else 9)) + 2) // 5 + d - 1
-    return era * 146097 + yoe * 365 + yoe // 4 - yoe // 100 + doy - 719468
-
-
-def _civil_from_days(z):
-    z += 719468
-    era = z // 146097
-    doe = z - era * 146097
-    yoe = (doe - doe // 1460 + doe // 36524 - doe // 146096) // 365
-    doy = doe - (365 * yoe + yoe // 4 - yoe // 100)
-    mp = (5 * doy + 2) // 153
-    d = doy - (153 * mp + 2) // 5 + 1
-    m = mp + (3 if mp < 10 else -9)
-    return yoe + era * 400 + (m <= 2), m, d
-
-
 _RTC_BOOT_EPOCH_S = const(1609459200)  # rp2 MicroPython sets the RTC to 2021-01-01 00:00:00 at boot
 
 
@@ -101,7 +58,7 @@ class Board:
         self._offset = 0        # real clock + offset (advance() moves it)
         self.reset_count = 0    # boots after a simulated reset since configure()
         self.last_reset = None
-        self.adc = {4: _default_temperature_u16}
+        self.adc = {}           # ADC channel -> script (channel 4 unscripted: a slowly drifting room temperature)
         self._i2c = None
         self._default_devices = devices
         self.wlan = _WLAN(self)
@@ -110,7 +67,7 @@ class Board:
     def _volatile(self):
         self._sleepers = []     # (wake-up tick, asyncio.Event) of pending vsleep() calls
         self.pins = {}          # id -> [mode, value, pull, irq handler, irq trigger]
-        self.pin_events = []    # (ms, pin id, level), in order
+        self._events = []       # pin transitions in order, packed (see _pin_event); read them as pin_events
         self.pin_events_dropped = 0
         self.wdt_timeout = None
         self.wdt_last_feed = 0
@@ -230,11 +187,20 @@ class Board:
 
     # ---- pins ----
     def _pin_event(self, pid, level):
-        ev = self.pin_events
+        ev = self._events
         if len(ev) >= self.max_pin_events:
             ev.pop(0)
             self.pin_events_dropped += 1
-        ev.append((self.now_ms(), pid, level))
+        ms = self.now_ms()
+        if isinstance(pid, int) and 0 <= pid < 64 and 0 <= ms < 0x40000000:
+            ev.append(ms << 7 | pid << 1 | level)  # one small int, not a 3-tuple: 256 events cost 2K, not 16K
+        else:
+            ev.append((ms, pid, level))
+
+    @property
+    def pin_events(self):
+        """The pin transitions kept (at most max_pin_events, oldest first) as (ms, pin id, level) tuples."""
+        return [e if isinstance(e, tuple) else (e >> 7, e >> 1 & 63, e & 1) for e in self._events]
 
     def pin_value(self, pid):
         st = self.pins.get(pid)
@@ -268,58 +234,17 @@ class Board:
     def events_of(self, pid):
         return [e for e in self.pin_events if e[1] == pid]
 
-    # ---- ADC ----
-    def set_adc(self, channel, value):
-        """Script an ADC channel in raw read_u16 units (number, list or callable)."""
-        self.adc[channel] = value
-
-    def set_adc_volts(self, channel, volts):
-        self.adc[channel] = _map(volts, _volts_to_u16)
-
-    def set_temperature(self, celsius):
-        """Script the RP2040 internal sensor (ADC 4) in °C (number, list or callable); reads see the real conversion."""
-        self.adc[4] = _map(celsius, temp_to_u16)
-
-    def read_adc(self, channel):
-        if channel not in self.adc:
-            return 0
-        return _sample(self.adc, channel, self.now_ms())
-
-    # ---- I2C ----
-    @property
-    def i2c(self):
-        """{bus: {address: device model}}; the default sensors are put on bus 0 at first use."""
-        if self._i2c is None:
-            self._i2c = {0: {}, 1: {}}
-            if self._default_devices:
-                from iotlib import sim_i2c
-                self.attach(sim_i2c.BME280())
-                self.attach(sim_i2c.SHT3x())
-        return self._i2c
-
-    def attach(self, device, bus=0):
-        """Put an I2C device model on a bus (replacing one at the same address)."""
-        self.i2c.setdefault(bus, {})[device.addr] = device
-        return device
-
-    def detach(self, addr, bus=0):
-        self.i2c.get(bus, {}).pop(addr, None)
-
-    # ---- RTC ----
-    def rtc_now_ms(self):
-        return self.rtc_epoch_ms + ticks_diff(self.now_ms(), self.rtc_set_at)
-
-
-def _map(value, fn):
-    if isinstance(value, list):
-        return [v if isinstance(v, BaseException) else fn(v) for v in value]
-    if callable(value):
-        return lambda now: fn(value(now))
-    return fn(value)
-
-
-def _default_temperature_u16(now):
-    return temp_to_u16(_default_temperature(now))
+    def __getattr__(self, name):
+        # The ADC, I2C and RTC parts of the board (set_adc, set_adc_volts, set_temperature, read_adc, i2c, attach,
+        # detach, rtc_now_ms) live in sim_io, loaded on first use like the peripherals themselves: a device that
+        # only switches pins never pays for their code and names.
+        from iotlib import sim_io
+        if name == "i2c":
+            return sim_io.board_i2c(self)
+        f = sim_io.BOARD.get(name)
+        if f is None:
+            raise AttributeError(name)
+        return lambda *a, **kw: f(self, *a, **kw)
 
 
 # ---------------------------------------------------------------- machine.Pin
@@ -385,72 +310,6 @@ class Pin:
 
     def __repr__(self):
         return "Pin(%r)" % (self.id,)
-
-
-# ---------------------------------------------------------------- machine.ADC
-class ADC:
-    CORE_TEMP = const(4)
-
-    def __init__(self, pin):
-        if isinstance(pin, Pin):
-            pin = pin.id
-        if isinstance(pin, int) and 26 <= pin <= 29:
-            pin -= 26  # GPIO26..29 are ADC0..3
-        if not isinstance(pin, int) or not 0 <= pin <= 4:
-            raise ValueError("invalid ADC channel %r" % (pin,))
-        self.channel = pin
-
-    def read_u16(self):
-        return board.read_adc(self.channel)
-
-
-# ---------------------------------------------------------------- machine.I2C and device models
-class I2C:
-    def __init__(self, id=0, scl=None, sda=None, freq=400000, timeout=50000):
-        if id not in (0, 1):
-            raise ValueError("I2C(%r) doesn't exist" % (id,))
-        self.id = id
-        self.freq = freq
-
-    def _dev(self, addr):
-        d = board.i2c.get(self.id, {}).get(addr)
-        if d is None or not d.present:
-            raise OSError(_EIO)  # what rp2 raises when nobody ACKs the address
-        d._tx()
-        return d
-
-    def scan(self):
-        return sorted(a for a, d in board.i2c.get(self.id, {}).items() if d.present)
-
-    def writeto(self, addr, buf, stop=True):
-        self._dev(addr).write(bytes(buf))
-        return len(buf)
-
-    def writevto(self, addr, vector, stop=True):
-        data = b"".join(bytes(b) for b in vector)
-        self._dev(addr).write(data)
-        return len(data)
-
-    def readfrom(self, addr, nbytes, stop=True):
-        return self._dev(addr).read(nbytes)
-
-    def readfrom_into(self, addr, buf, stop=True):
-        data = self._dev(addr).read(len(buf))
-        for i in range(len(buf)):
-            buf[i] = data[i]
-
-    def writeto_mem(self, addr, memaddr, buf, addrsize=8):
-        self._dev(addr).write(bytes([memaddr]) + bytes(buf))
-
-    def readfrom_mem(self, addr, memaddr, nbytes, addrsize=8):
-        d = self._dev(addr)
-        d.write(bytes([memaddr]))
-        return d.read(nbytes)
-
-    def readfrom_mem_into(self, addr, memaddr, buf, addrsize=8):
-        data = self.readfrom_mem(addr, memaddr, len(buf))
-        for i in range(len(buf)):
-            buf[i] = data[i]
 
 
 # ---------------------------------------------------------------- network.WLAN
@@ -590,7 +449,7 @@ def WLAN(interface=0):
     return board.wlan
 
 
-# ---------------------------------------------------------------- machine.WDT / machine.RTC
+# ---------------------------------------------------------------- machine.WDT
 class WDT:
     """machine.WDT on the simulated board: ValueError above the RP2040's 8388 ms; once started it cannot be stopped
     (until the next boot). Starving it past its timeout resets the device: the next feed(), check() or
@@ -607,30 +466,18 @@ class WDT:
         board.wdt_check(now_ms)
 
 
-class RTC:
-    def datetime(self, dt=None):
-        """(year, month, day, weekday, hours, minutes, seconds, subseconds), UTC, weekday 0 = Monday."""
-        if dt is not None:
-            y, mo, d, _wd, h, mi, s = dt[:7]
-            board.rtc_epoch_ms = ((_days_from_civil(y, mo, d) * 86400) + h * 3600 + mi * 60 + s) * 1000
-            board.rtc_set_at = board.now_ms()
-            return None
-        ms = board.rtc_now_ms()
-        secs = ms // 1000
-        days = secs // 86400
-        rem = secs - days * 86400
-        y, mo, d = _civil_from_days(days)
-        return (y, mo, d, (days + 3) % 7, rem // 3600, rem // 60 % 60, rem % 60, 0)
-
-
 board = Board()
 
 
 def __getattr__(name):
-    # The sensor models live in sim_i2c (loaded only when a simulated I2C bus is used): sim.BME280 etc. still work.
+    # Loaded on first use: the sensor models live in sim_i2c (sim.BME280 etc. still work), the ADC, I2C and RTC
+    # peripherals and the RP2040 temperature conversions in sim_io.
     if name in ("I2CDevice", "BME280", "SHT3x"):
         from iotlib import sim_i2c
         return getattr(sim_i2c, name)
+    if name in ("ADC", "I2C", "RTC", "temp_to_u16", "u16_to_temp"):
+        from iotlib import sim_io
+        return getattr(sim_io, name)
     raise AttributeError(name)
 
 

@@ -131,6 +131,8 @@ class DeviceWeb:
     max_drain = 16 * 1024
     #: Largest body sent in the same write as the headers (larger ones are not copied for it).
     one_write_max = 1024
+    #: Bytes gathered per write of a body made in chunks (/metrics): the answer never needs one large block.
+    stream_write = 512
     #: Per-client token bucket defaults (requests/s sustained, burst); hot-reloadable through configure().
     rate_per_s = 10
     burst = 20
@@ -302,8 +304,9 @@ class DeviceWeb:
         # blank line and the body as separate writes (and builds an iterator class per answer): on the unix port that
         # was most of a request's cost and, with Nagle on the small trailing segments, much of its latency.
         body = res.body
-        if not isinstance(body, bytes) or res.is_head:
-            await res.write(writer)  # streamed bodies (generators, files) and HEAD: microdot's own path
+        chunks = not isinstance(body, bytes) and hasattr(body, "send")  # a generator of bytes (/metrics)
+        if not (isinstance(body, bytes) or chunks) or res.is_head:
+            await res.write(writer)  # other streamed bodies (files, async generators) and HEAD: microdot's own path
             return
         res.complete()
         h = res.headers
@@ -313,7 +316,16 @@ class DeviceWeb:
             for x in (v if isinstance(v, list) else (v,)):
                 head += "%s: %s\r\n" % (k, x)
         try:
-            if len(body) > self.one_write_max:  # no copy of a large body (/metrics) just to save one write
+            if chunks:  # no Content-Length: the answer is HTTP/1.0 and closing the connection ends the body
+                buf = head.encode() + b"\r\n"
+                for chunk in body:  # sent in writes of about stream_write bytes (not one per chunk: Nagle)
+                    buf += chunk
+                    if len(buf) >= self.stream_write:
+                        await writer.awrite(buf)
+                        buf = b""
+                if buf:
+                    await writer.awrite(buf)
+            elif len(body) > self.one_write_max:  # no copy of a large body just to save one write
                 await writer.awrite(head.encode() + b"\r\n")
                 await writer.awrite(body)
             else:
@@ -390,7 +402,7 @@ class DeviceWeb:
     async def _metrics_h(self, req):
         from iotlib import metrics as m
         reg = self._registry or m.REGISTRY
-        return reg.render(), 200, {"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
+        return reg.render_chunks(), 200, {"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
 
     async def _info_h(self, req):
         return self._info() if self._info else {}

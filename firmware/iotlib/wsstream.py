@@ -160,6 +160,10 @@ class WSStream:
             head += b"Sec-WebSocket-Protocol: picoiot\r\n"
         await w.awrite(head + b"\r\n")
         c = _Client(req.sock[0], w, req.client_addr)
+        # The session outlives its request by minutes: drop what the request object holds and nothing reads again
+        # (the headers, the URL and query with the token), so each client keeps only its own state.
+        req.headers = req.args = None
+        req.url = req.query_string = None
         c.tokens = float(self.max_msg_burst)
         self.clients.append(c)
         sender = asyncio.create_task(self._send_loop(c))

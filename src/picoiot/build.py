@@ -12,8 +12,78 @@ from . import paths
 MICRODOT_MODULES = ("__init__.py", "microdot.py", "websocket.py", "helpers.py")
 
 
+#: microdot features a device never uses, left out of the device bundle's copy (`slim_microdot`): every name loaded
+#: costs heap on the board (a function object, and an interned name for each new identifier or short string), and the
+#: names of the stock module push the device past a doubling of MicroPython's interned-name pool (docs/benchmarks.md,
+#: "Device memory"). Keys: "" for module level, else a class; values: the definitions (functions, methods,
+#: attributes) removed. `microdot/__init__.py` re-exports what is left.
+MICRODOT_SLIM = {
+    "": ("urlencode", "abort", "redirect", "send_file"),
+    "Request": ("form", "files", "after_request"),
+    "Response": ("types_map", "default_send_file_max_age", "set_cookie", "delete_cookie", "redirect", "send_file"),
+    "Microdot": ("get", "post", "put", "patch", "delete", "query", "mount", "abort", "start_server", "run",
+                 "shutdown"),
+}
+#: Statements of a method removed with it (cookie parsing: the device API uses bearer tokens only).
+MICRODOT_SLIM_STMTS = {("Request", "__init__"): ("'Cookie' in self.headers",)}
+MICRODOT_SLIM_INIT = ("from microdot.microdot import Microdot, Request, Response, URLPattern, AsyncBytesIO, "
+                      "iscoroutine  # noqa: F401  (slimmed for the device: picoiot.build.slim_microdot)\n")
+
+
 class BuildError(RuntimeError):
     pass
+
+
+def _defined_name(node):
+    import ast
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return node.name
+    if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+        return node.targets[0].id
+    return None
+
+
+def slim_microdot(text: str) -> str:
+    """microdot.py without the definitions named in MICRODOT_SLIM (and the statements in MICRODOT_SLIM_STMTS).
+    Removed lines become blank lines, so line numbers in tracebacks still match the stock source. Raises BuildError
+    when a name to remove is not found (a new microdot release moved things: revisit the list)."""
+    import ast
+    tree = ast.parse(text)
+    lines = text.split("\n")
+    todo = {(scope, name) for scope, names in MICRODOT_SLIM.items() for name in names}
+    todo |= {(key, cond) for key, conds in MICRODOT_SLIM_STMTS.items() for cond in conds}
+
+    def blank(node):
+        first = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", ())])
+        for i in range(first - 1, node.end_lineno):
+            lines[i] = ""
+
+    def scan(body, scope):
+        for node in body:
+            name = _defined_name(node)
+            if name is not None and (scope, name) in todo:
+                todo.discard((scope, name))
+                blank(node)
+            elif isinstance(node, ast.ClassDef) and scope == "":
+                scan(node.body, node.name)
+            elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and scope:
+                for stmt in node.body:
+                    if isinstance(stmt, ast.If) and ((scope, node.name), ast.unparse(stmt.test)) in todo:
+                        todo.discard(((scope, node.name), ast.unparse(stmt.test)))
+                        blank(stmt)
+    scan(tree.body, "")
+    if todo:
+        raise BuildError(f"slim_microdot: not found in this microdot: {sorted(map(str, todo))}")
+    out = "\n".join(lines)
+    compile(out, "microdot.py", "exec")
+    return out
+
+
+def _write_if_changed(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists() or path.read_text() != text:
+        path.write_text(text)
+    return path
 
 
 def compile_file(src: Path, dst: Path) -> None:
@@ -42,13 +112,36 @@ def compile_tree(src_root: Path, dst_root: Path, files: list[Path] | None = None
     return out
 
 
-def build_firmware(dst_root: Path, with_microdot: bool = True) -> list[Path]:
-    """The device bundle: iotlib, the controllers and microdot, all as .mpy."""
+def build_firmware(dst_root: Path, with_microdot: bool = True, slim: bool = True) -> list[Path]:
+    """The device bundle: iotlib, the controllers and microdot, all as .mpy. slim: microdot without the features a
+    device never uses (slim_microdot); False: the stock microdot (the hello-world baseline of the benchmarks)."""
     out = compile_tree(paths.FIRMWARE, dst_root)
     if with_microdot:
         md = paths.microdot_dir()
-        out += compile_tree(md, dst_root / "microdot", [md / m for m in MICRODOT_MODULES if (md / m).exists()])
+        files = [md / m for m in MICRODOT_MODULES if (md / m).exists()]
+        if slim:  # generated sources under dst_root/.slim (rewritten only when they change, so the .mpy stay cached)
+            gen = dst_root / ".slim" / "microdot"
+            files = [_write_if_changed(gen / "microdot.py", slim_microdot((md / "microdot.py").read_text())) if
+                     f.name == "microdot.py" else
+                     _write_if_changed(gen / "__init__.py", MICRODOT_SLIM_INIT + _version_line(md)) if
+                     f.name == "__init__.py" else f for f in files]
+            out += compile_tree(gen, dst_root / "microdot", [f for f in files if f.parent == gen])
+            out += compile_tree(md, dst_root / "microdot", [f for f in files if f.parent != gen])
+        else:
+            if (dst_root / ".slim").exists():  # this directory held the slim build: recompile the stock modules
+                import shutil
+                shutil.rmtree(dst_root / ".slim")
+                for f in files:
+                    (dst_root / "microdot" / f.with_suffix(".mpy").name).unlink(missing_ok=True)
+            out += compile_tree(md, dst_root / "microdot", files)
     return out
+
+
+def _version_line(md: Path) -> str:
+    for line in (md / "__init__.py").read_text().splitlines():
+        if line.startswith("__version__"):
+            return "\n" + line + "\n"
+    return ""
 
 
 #: What stays outside the ROMFS image: the launcher that mounts it (it must be importable before /rom exists).

@@ -124,6 +124,19 @@ def test_pin_log_is_bounded():
     assert b.pin_events_dropped == 13
 
 
+def test_pin_log_keeps_time_pin_and_level_of_any_pin_id():
+    b = sim.configure(flash_root=fwtest.tmpdir("pinlog"), clock="manual")
+    p = hal.Pin(29, hal.Pin.OUT)   # packed into one int per event
+    q = hal.Pin("LED", hal.Pin.OUT)  # a named pin (rp2 has "LED"): kept as a tuple
+    b.advance(123456)
+    p.on()
+    q.on()
+    b.advance(1)
+    p.off()
+    assert b.pin_events == [(0, 29, 0), (0, "LED", 0), (123456, 29, 1), (123456, "LED", 1), (123457, 29, 0)]
+    assert b.events_of(29)[-1] == (123457, 29, 0) and b.first_overlap((29, "LED")) == (123456, "LED", 1)
+
+
 def test_driven_input_runs_irq_handler():
     b = _board()
     seen = []

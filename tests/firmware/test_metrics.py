@@ -190,3 +190,13 @@ def test_module_level_registry():
     assert metrics.REGISTRY.get("fwtest_module_counter") is c
     assert "fwtest_module_counter_total 1" in metrics.REGISTRY.render()
     metrics.REGISTRY.unregister("fwtest_module_counter")
+
+
+def test_render_chunks_is_render_in_pieces():
+    r = metrics.Metrics()
+    r.counter("a", "A.", labels=("k",)).inc(k="x")
+    r.gauge("b", "B.").set(2.5)
+    r.gauge_fn("c", "C.", lambda: 7)
+    chunks = list(r.render_chunks())
+    assert len(chunks) == 3 and all(isinstance(c, bytes) for c in chunks)
+    assert b"".join(chunks).decode() == r.render()

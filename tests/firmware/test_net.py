@@ -273,3 +273,11 @@ def test_reconnect_request_drops_and_restores_the_link():
     assert events == [True, False, True] and nm.reconnects == 1 and nm.link_deaths == 0
     assert [r["reason"] for r in lines.records() if r["msg"] == "wifi down"] == ["reconnect_requested"]
     _done()
+
+
+def test_status_names_cover_every_cyw43_code():
+    from iotlib import net
+    assert [net.status_name(c) for c in range(-3, 4)] == ["wrong_password", "no_ap_found", "connect_fail", "idle",
+                                                          "joining", "no_ip", "up"]
+    assert net.status_name(7) == "unknown_7" and net.status_name(-4) == "unknown_-4"
+    assert net._meaning(-3, "?").startswith("authentication failed") and net._meaning(9, "?") == "?"

@@ -188,6 +188,12 @@ def test_health_ready_info_metrics_reboot():
         s, h, b = await wc.request(port, "GET", "/metrics", token=token("viewer"))
         assert s == 200 and h["content-type"].startswith("text/plain; version=0.0.4")
         assert 'iotlib_http_requests_total{code="200"}' in b
+        # written in chunks as it is rendered (never the whole answer in one block), yet the same text
+        for i in range(40):
+            web._registry.gauge("bulk_%d" % i, "A gauge to make the answer span several writes.").set(i)
+        s, h, b = await wc.request(port, "GET", "/metrics", token=token("viewer"))
+        assert s == 200 and len(b) > 3 * web.stream_write and "bulk_39 39" in b
+        assert b.split("iotlib_http_requests_total")[0] == web._registry.render().split("iotlib_http_requests_total")[0]
         s, h, b = await wc.request(port, "POST", "/reboot", token=token("operator"))
         assert s == 403 and rebooted == []
         s, h, b = await wc.request(port, "POST", "/reboot", token=token("admin"))

@@ -234,3 +234,26 @@ def test_accept_key_rfc6455_and_non_upgrade_400():
         s, h, b = await wc.request(port, "GET", "/ws", token=token("viewer"))
         assert s == 400 and b == {"error": "not a WebSocket upgrade request"}
     serve(t)
+
+
+def test_a_session_does_not_keep_its_request_headers_and_url():
+    # A stream session lasts minutes; its request (headers, URL and query with the token: ~2K each on the unix port)
+    # is dropped once the upgrade is done, so 3 clients fit a Pico-sized heap.
+    async def t(stream, port):
+        seen = []
+        check = stream.web.check
+
+        def spy(req, role):
+            seen.append(req)
+            return check(req, role)
+        stream.web.check = spy
+        c = (await wc.ws_connect(port, "/ws?token=" + token("viewer")))[2]
+        assert await wait_until(lambda: len(stream.clients) == 1)
+        req = seen[-1]
+        assert req.headers is None and req.args is None and req.url is None and req.query_string is None
+        assert req.path == "/ws" and req.method == "GET"
+        stream.publish(snap(1))
+        assert (await c.recv_json())["seq"] == 1  # the session goes on without them
+        await c.close()
+        assert await wait_until(lambda: stream.clients == [])
+    serve(t)

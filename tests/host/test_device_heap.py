@@ -1,0 +1,107 @@
+"""Guards for the device's heap diet (docs/benchmarks.md, "Device memory"), run on the real MicroPython unix port
+against the device bundle (.mpy, slimmed microdot): MicroPython interns every name of the loaded code into a pool that
+grows by doubling, and the RelaysController's names only just fit in six pools — one name too many costs the seventh
+(≈ 14K on this 64-bit port, half of that on a Pico)."""
+import ast
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from picoiot import build, paths
+from picoiot.procs import micropython_available
+
+REPO = Path(__file__).resolve().parents[2]
+BUNDLE = REPO / "build" / "host-heap"
+pytestmark = pytest.mark.skipif(not micropython_available(), reason="needs the micropython unix port")
+
+#: interned names after the RelaysController's code is loaded (main_sim.preload("relays")); the sixth pool ends at
+#: 1,260 and a running device interns ≈ 40 more (otaboot at boot, asyncio's submodules, names built at run time).
+RELAYS_QSTR_BUDGET = 1215
+
+
+def _mp(script: str, heap: str = "512K") -> str:
+    build.build_firmware(BUNDLE)
+    proc = subprocess.run([paths.micropython_bin(), "-X", f"heapsize={heap}", "-c", script], capture_output=True,
+                          text=True, timeout=60, env={"MICROPYPATH": f"{BUNDLE}:.frozen"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return proc.stdout
+
+
+def _qstrs(out: str) -> list[int]:
+    return [int(n) for n in re.findall(r"n_qstr=(\d+)", out)]
+
+
+def test_slim_microdot_keeps_the_api_the_device_uses_and_line_numbers():
+    stock = (paths.microdot_dir() / "microdot.py").read_text()
+    slim = build.slim_microdot(stock)
+    assert slim.count("\n") == stock.count("\n")  # removed lines are blank: tracebacks keep their line numbers
+    tree = ast.parse(slim)
+    defs = {(c.name, f.name) for c in tree.body if isinstance(c, ast.ClassDef) for f in c.body
+            if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    for gone in [("Response", "send_file"), ("Response", "set_cookie"), ("Microdot", "mount"), ("Microdot", "run")]:
+        assert gone not in defs
+    for kept in [("Microdot", "route"), ("Microdot", "errorhandler"), ("Microdot", "after_request"),
+                 ("Microdot", "after_error_request"), ("Microdot", "dispatch_request"), ("Request", "create"),
+                 ("Response", "complete"), ("Response", "write"), ("URLPattern", "match")]:
+        assert kept in defs
+    assert "Cookie" not in slim.split("class Request")[1].split("class Response")[0]
+    with pytest.raises(build.BuildError, match="not found"):
+        build.slim_microdot(stock.replace("def send_file(", "def send_a_file("))
+
+
+def test_relays_code_fits_six_qstr_pools_and_leaves_sim_io_unloaded():
+    out = _mp("import sys, micropython\n"
+              "from iotlib import sim\n"
+              "import main_sim\n"
+              "main_sim.preload('relays')\n"
+              "micropython.qstr_info()\n"
+              "print('sim_io' if 'iotlib.sim_io' in sys.modules else 'no sim_io')\n")
+    n = _qstrs(out)[-1]
+    assert "no sim_io" in out
+    assert n <= RELAYS_QSTR_BUDGET, (f"the relays bundle interns {n} names (budget {RELAYS_QSTR_BUDGET}): past ≈ 1,260 "
+                                     "MicroPython allocates a 7th qstr pool of ≈ 14K — cut names or raise the "
+                                     "controllers' heap figures in docs/benchmarks.md")
+
+
+def test_sim_io_loads_on_first_use_of_adc_i2c_or_rtc():
+    out = _mp("import sys\n"
+              "from iotlib import hal, sim\n"
+              "b = sim.configure(flash_root='/tmp/picoiot-host-heap')\n"
+              "hal.Pin(2, hal.Pin.OUT).on()\n"
+              "print('before', 'iotlib.sim_io' in sys.modules)\n"
+              "b.set_temperature(31.0)\n"
+              "print('after', 'iotlib.sim_io' in sys.modules, hal.ADC is sim.ADC, hal.ADC(4).read_u16() > 0)\n"
+              "print('rtc', hal.RTC().datetime()[0], sorted(b.i2c[0]))\n")
+    assert "before False" in out and "after True True True" in out and "rtc 2021 [68, 118]" in out
+
+
+def test_masking_log_text_interns_no_characters():
+    # Indexing a str makes a one-character string that MicroPython interns for good: a log scanner that did it kept
+    # every character it ever saw in the qstr pool (≈ 35 names in a relays run, enough to cost the 7th pool).
+    out = _mp("import micropython\n"
+              "from iotlib import log\n"
+              "log.mask_text('warm-up: x')\n"
+              "micropython.qstr_info()\n"
+              "t = 'QZJXVKWY qzjxvkwy 0123456789 ~^`|<>!?#$%@ token: abc password=hunter2 Bearer xyz'\n"
+              "m = log.mask_text(t)\n"
+              "micropython.qstr_info()\n"
+              "print(m)\n")
+    before, after = _qstrs(out)[-2:]
+    assert after - before <= 2, f"mask_text interned {after - before} names"
+    assert "token: *** password=*** Bearer ***" in out
+
+
+def test_simulated_pin_log_is_small():
+    # The simulated board logs every pin transition for tests (max_pin_events = 256); as 3-tuples a relays device
+    # that switched a while carried ≈ 16K of them on this port. Packed: one small int each.
+    out = _mp("import gc\n"
+              "from iotlib import hal, sim\n"
+              "b = sim.configure(flash_root='/tmp/picoiot-host-heap')\n"
+              "p = hal.Pin(3, hal.Pin.OUT)\n"
+              "gc.collect(); a = gc.mem_alloc()\n"
+              "for _ in range(b.max_pin_events): p.toggle()\n"
+              "gc.collect(); print('pinlog', gc.mem_alloc() - a, len(b.pin_events))\n")
+    used, n = map(int, out.split("pinlog")[1].split())
+    assert n == 256 and used < 4096, used
