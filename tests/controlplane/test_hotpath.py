@@ -169,3 +169,15 @@ def test_an_expired_no_ota_answer_is_refreshed_by_one_query_while_heartbeats_go_
     assert all(r.json()["pending"]["ota"] is None for r in answers)
     assert len(queries) == 1, queries  # one refresh, not one per heartbeat
     wait_until(lambda: ota._no_assignments[key] > time.monotonic())  # and it was stored
+
+
+def test_a_growing_fleet_is_moved_out_of_the_collectors_sight_again(server_factory):
+    from picoiot.server.app import refreeze_if_grown
+    s = server_factory(gc_refreeze_entries=4)
+    before = gc.get_freeze_count()
+    assert not refreeze_if_grown(s.cp)  # nothing new since start-up
+    for i in range(3):  # each registration: a token and a version entry
+        s.register(f"grow-{i}")
+    wait_until(lambda: s.cp.frozen_entries >= 6)  # the housekeeping loop froze them
+    assert gc.get_freeze_count() >= before
+    assert not refreeze_if_grown(s.cp)  # and does not again until the caches grow by another step

@@ -45,9 +45,27 @@ def seed_device_types(conn: sa.Connection) -> None:
                                            updated_ts=now_ms()))
 
 
+def refreeze_if_grown(cp: ControlPlane) -> bool:
+    """Freeze again once the per-device caches have grown by `gc_refreeze_entries` (or 10 %) since the last freeze.
+
+    A fleet registering after start-up fills the token and version caches with long-lived objects the start-up
+    freeze did not see; with 20,000 devices each full collection then walked them for 30–70 ms, found nothing
+    (collected 0) and stalled every heartbeat behind it — the heartbeat p99 (docs/benchmarks.md). Freezing without
+    a collection first also keeps whatever young garbage cycles exist at that moment (a few per freeze, and the
+    freezes are logarithmic in the fleet size); objects freed by reference counting are freed as ever."""
+    step = cp.settings.gc_refreeze_entries
+    n = len(cp.tokens) + len(cp.versions)
+    if step <= 0 or n - cp.frozen_entries < max(step, cp.frozen_entries // 10):
+        return False
+    gc.freeze()
+    cp.frozen_entries = n
+    return True
+
+
 async def _housekeeping(cp: ControlPlane) -> None:
     while True:
         await asyncio.sleep(min(cp.settings.sweep_interval_s, cp.settings.heartbeat_flush_s or 1e9))
+        refreeze_if_grown(cp)
         try:
             await cp.liveness.housekeeping()
         except asyncio.CancelledError:
@@ -73,6 +91,7 @@ def create_app(settings: Settings | None = None, services: Iterable[str] | None 
         # the event loop for 50–80 ms (docs/benchmarks.md, Control plane load).
         gc.collect()
         gc.freeze()
+        cp.frozen_entries = len(cp.tokens) + len(cp.versions)
         task = asyncio.create_task(_housekeeping(cp))
         try:
             yield

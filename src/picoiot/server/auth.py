@@ -93,6 +93,9 @@ class TokenCache:
         #: signatures checked (cache misses), for /metrics
         self.verifications = 0
 
+    def __len__(self) -> int:
+        return len(self._seen)
+
     def fresh(self, token: str) -> Principal | None:
         """The cached, unexpired principal of `token`, or None (then call `principal`); changes nothing."""
         p = self._seen.get(token)

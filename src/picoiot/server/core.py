@@ -98,6 +98,8 @@ class ControlPlane:
         from .liveness import Liveness
         self.liveness = Liveness(self)
         self.started_ms = 0
+        #: cache entries (tokens + versions) when the heap was last frozen (app.refreeze_if_grown)
+        self.frozen_entries = 0
 
     def emit(self, conn: sa.Connection, events: list[dict], event: dict) -> None:
         """Record a change made in this transaction: NOTIFY on PostgreSQL now, local wake-up after commit."""

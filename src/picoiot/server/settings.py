@@ -152,6 +152,9 @@ class Settings:
     max_requests_in_flight: int = 512
     #: long-polls (`wait=` > 0) waiting at once, counted apart from requests (they hold no thread and little CPU)
     max_longpolls: int = 10_000
+    #: the per-device caches (tokens, versions) grown by this many entries (or 10 %) since start-up: move them out of
+    #: the collector's sight again (app.refreeze_if_grown); 0 = only at start-up
+    gc_refreeze_entries: int = 1000
     #: database calls waiting for a worker thread, beyond which 503 (DatabaseBusy)
     max_db_queue: int = 256
     #: "auto" = PostgreSQL LISTEN/NOTIFY on PostgreSQL, in-process otherwise
