@@ -174,10 +174,12 @@ def test_an_expired_no_ota_answer_is_refreshed_by_one_query_while_heartbeats_go_
 def test_a_growing_fleet_is_moved_out_of_the_collectors_sight_again(server_factory):
     from picoiot.server.app import refreeze_if_grown
     s = server_factory(gc_refreeze_entries=4)
-    before = gc.get_freeze_count()
-    assert not refreeze_if_grown(s.cp)  # nothing new since start-up
-    for i in range(3):  # each registration: a token and a version entry
+    assert s.cp.frozen_entries == 0 and not refreeze_if_grown(s.cp)  # nothing new since start-up
+    for i in range(2):  # each registration: a token and a version entry — 4 in all, one step
         s.register(f"grow-{i}")
-    wait_until(lambda: s.cp.frozen_entries >= 6)  # the housekeeping loop froze them
-    assert gc.get_freeze_count() >= before
-    assert not refreeze_if_grown(s.cp)  # and does not again until the caches grow by another step
+    wait_until(lambda: s.cp.frozen_entries >= 4)  # the housekeeping loop froze them
+    frozen = s.cp.frozen_entries
+    s.register("grow-2")  # 2 more: less than a step since that freeze
+    assert not refreeze_if_grown(s.cp) and s.cp.frozen_entries == frozen
+    s.register("grow-3")  # a step again
+    wait_until(lambda: s.cp.frozen_entries >= frozen + 4)
