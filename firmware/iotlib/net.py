@@ -15,12 +15,16 @@ _MEANINGS = ("authentication failed: check the Wi-Fi password", "access point no
              "connected with an address")
 
 
+def _pick(table, code, default):
+    return table[code + 3] if isinstance(code, int) and -3 <= code <= 3 else default
+
+
 def _meaning(code, default):
-    return _MEANINGS[code + 3] if isinstance(code, int) and -3 <= code <= 3 else default
+    return _pick(_MEANINGS, code, default)
 
 
 def status_name(code):
-    return _NAMES[code + 3] if isinstance(code, int) and -3 <= code <= 3 else "unknown_%s" % (code,)
+    return _pick(_NAMES, code, None) or "unknown_%s" % (code,)
 
 
 class NetworkManager:

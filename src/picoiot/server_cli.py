@@ -50,10 +50,11 @@ def server(db: Optional[str] = DbUrl, host: str = typer.Option("127.0.0.1", help
            sweep_interval: float = typer.Option(1.0, help="seconds between liveness flush / offline sweeps"),
            heartbeat_flush: float = typer.Option(1.0, help="write last_seen every N s (0 = on every heartbeat)"),
            token_ttl: int = typer.Option(3600, help="device token lifetime, seconds"),
-           ttl_slack: int = typer.Option(5, help="seconds a device may be late beyond 3 missed heartbeats before "
-                                                 "it is offline (slow Wi-Fi reconnects)"),
+           ttl_slack: int = typer.Option(Settings.ttl_slack_s, help="seconds a device may be late beyond 3 missed "
+                                         "heartbeats before it is offline (slow Wi-Fi reconnects)"),
            workers: int = typer.Option(1, help="server processes sharing the port (more than 1: PostgreSQL only)"),
-           max_requests: int = typer.Option(512, help="requests worked on at once per process; beyond: 503"),
+           max_requests: int = typer.Option(Settings.max_requests_in_flight,
+                                            help="requests worked on at once per process; beyond: 503"),
            max_longpolls: int = typer.Option(10_000, help="long-polls waiting at once per process; beyond: 503"),
            log_level: str = typer.Option("info", help="debug | info | warning | error (to stderr)")) -> None:
     """Run the control plane (discovery, config, state, heartbeat, alarms[, SNTP]) until SIGTERM/SIGINT."""

@@ -73,12 +73,18 @@ def decode(signing_key: str, token: str) -> Principal:
     return Principal(sub=sub, ns=ns, role=role, exp=int(claims["exp"]))
 
 
-def bearer(request: Request) -> str:
-    header = request.headers.get("authorization", "")
+def bearer_token(header: str) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header value, or None."""
     scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
+
+
+def bearer(request: Request) -> str:
+    token = bearer_token(request.headers.get("authorization", ""))
+    if token is None:
         raise ApiError(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
-    return token.strip()
+    return token
 
 
 class TokenCache:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from pydantic import ValidationError
 
 from . import heartbeat
-from .auth import ALL_NAMESPACES
+from .auth import ALL_NAMESPACES, bearer_token
 from .models import HeartbeatIn
 
 if TYPE_CHECKING:
@@ -106,9 +106,9 @@ class HotPath:
 def _bearer(headers) -> str:
     for k, v in headers:
         if k == b"authorization":
-            scheme, _, token = v.decode("latin-1").partition(" ")
-            if scheme.lower() == "bearer" and token.strip():
-                return token.strip()
+            token = bearer_token(v.decode("latin-1"))
+            if token is not None:
+                return token
             break
     raise _Fallback
 
