@@ -126,12 +126,14 @@ def test_flush_keeps_the_newest_last_seen_and_the_heartbeat_document(server):
         return server.sql(lambda c: c.execute(sa.select(t.c.last_seen, t.c.heartbeat)
                                               .where(t.c.device_id == dev)).first())
 
-    write({("default", "fl-1"): (10**13, {"seq": 2, "firmware": 'q"uote\\'}), ("default", "fl-2"): (10**13, None)})
-    assert tuple(row("fl-1")) == (10**13, {"seq": 2, "firmware": 'q"uote\\'})
-    assert tuple(row("fl-2")) == (10**13, None)
-    write({("default", "fl-1"): (10**13 - 5, {"seq": 1})})  # older than what is stored: ignored
-    assert tuple(row("fl-1")) == (10**13, {"seq": 2, "firmware": 'q"uote\\'})
-    write({("default", "nobody"): (10**13, {"seq": 1})})  # unknown devices: nothing written, no error
+    # heartbeats arrive as JSON text (serialised once, on arrival); the rows' order must not matter
+    quoted = {"seq": 2, "firmware": 'q"uote\\ ü'}
+    write({("default", "fl-2"): (10**13 + 1, None), ("default", "fl-1"): (10**13, json.dumps(quoted))})
+    assert tuple(row("fl-1")) == (10**13, quoted)
+    assert tuple(row("fl-2")) == (10**13 + 1, None)
+    write({("default", "fl-1"): (10**13 - 5, '{"seq":1}')})  # older than what is stored: ignored
+    assert tuple(row("fl-1")) == (10**13, quoted)
+    write({("default", "nobody"): (10**13, '{"seq":1}')})  # unknown devices: nothing written, no error
 
 
 def test_startup_moves_the_long_lived_heap_out_of_the_collectors_sight(server):

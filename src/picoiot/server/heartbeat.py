@@ -24,7 +24,7 @@ async def record(cp: "ControlPlane", ns: str, device_id: str, body: HeartbeatIn)
     """Record a heartbeat of a known device; raises ApiError(404) if it is gone.
 
     Shared by the FastAPI route and the fast path (`hotpath.py`), so both record and count the same way."""
-    if not await cp.liveness.beat(ns, device_id, body.model_dump(exclude_none=True)):
+    if not await cp.liveness.beat(ns, device_id, body.model_dump_json(exclude_none=True)):
         raise ApiError(404, "unknown device")
     cp.metrics.heartbeats.inc()
 
@@ -61,6 +61,6 @@ async def heartbeat(device_id: str, body: HeartbeatIn, request: Request, p: Prin
             return await cp.versions_of(ns, device_id) or entry
 
         entry = await wait_for_change(cp, ns, device_id, limit, "heartbeat", fetch, changed)
-        await cp.liveness.beat(ns, device_id, body.model_dump(exclude_none=True))
+        await cp.liveness.beat(ns, device_id, body.model_dump_json(exclude_none=True))
     # not through response_model validation (the OpenAPI schema is still HeartbeatOut; tests check bodies against it)
     return JSONResponse(await answer(cp, ns, device_id, body.seq, entry))

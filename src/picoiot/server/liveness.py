@@ -28,12 +28,12 @@ OFFLINE_KEY = "device_offline"
 
 
 def mark_alive(conn: sa.Connection, events: list, cp: "ControlPlane", ns: str, dev: str, ts: int,
-               hb: dict | None) -> bool:
+               hb: str | None) -> bool:
     """Write last_seen; if the device was offline, mark it online and resolve its offline alarm. False = no device."""
     d = tables.devices
     values: dict[str, Any] = {"online": True, "last_seen": ts}
     if hb is not None:
-        values["heartbeat"] = hb
+        values["heartbeat"] = json.loads(hb)
     where = (d.c.ns == ns, d.c.device_id == dev)
     came_back = conn.execute(d.update().where(*where, d.c.online.is_(False)).values(**values)).rowcount
     if came_back:
@@ -44,27 +44,31 @@ def mark_alive(conn: sa.Connection, events: list, cp: "ControlPlane", ns: str, d
 
 
 _FLUSH_PG = (
-    "UPDATE devices AS d SET last_seen = v.ts, heartbeat = v.hb "
-    "FROM jsonb_to_recordset(%(rows)s::jsonb) AS v(ns text, dev text, ts bigint, hb jsonb) "
-    "WHERE d.ns = v.ns AND d.device_id = v.dev AND (d.last_seen IS NULL OR d.last_seen < v.ts)")
+    "UPDATE devices AS d SET last_seen = v.ts::bigint, heartbeat = NULLIF(v.hb, 'null'::jsonb) "
+    "FROM ROWS FROM (jsonb_array_elements_text(%(ns)s::jsonb), jsonb_array_elements_text(%(dev)s::jsonb), "
+    "jsonb_array_elements_text(%(ts)s::jsonb), jsonb_array_elements(%(hb)s::jsonb)) AS v(ns, dev, ts, hb) "
+    "WHERE d.ns = v.ns AND d.device_id = v.dev AND (d.last_seen IS NULL OR d.last_seen < v.ts::bigint)")
 _FLUSH_SQLITE = ("UPDATE devices SET last_seen = ?, heartbeat = ? "
                  "WHERE ns = ? AND device_id = ? AND (last_seen IS NULL OR last_seen < ?)")
 
 
-def _flush_rows(conn: sa.Connection, batch: dict[tuple[str, str], tuple[int, dict | None]]) -> None:
-    """Write each device's newest (last_seen, heartbeat); an older last_seen never overwrites a newer one.
+def _flush_rows(conn: sa.Connection, batch: dict[tuple[str, str], tuple[int, str | None]]) -> None:
+    """Write each device's newest (last_seen, heartbeat JSON text); an older last_seen never overwrites a newer one.
 
-    Driver-level SQL with the rows serialised by one C call: this runs every second with a row per device heard
-    from (2,000+ at fleet scale) on a worker thread that shares the GIL with the event loop, and SQLAlchemy's
-    per-row bind processing (or psycopg's Python array quoting) took 20–80 ms of CPU per 1,000 rows, stalling
-    heartbeats (docs/benchmarks.md). PostgreSQL gets one UPDATE over jsonb_to_recordset(), SQLite its C executemany."""
+    This runs every second with a row per device heard from (2,000+ at fleet scale) on a worker thread that shares
+    the GIL with the event loop, so it must cost next to no Python CPU (docs/benchmarks.md, Control plane load):
+    SQLAlchemy's per-row bind processing and psycopg's Python array quoting took 20–80 ms per 1,000 rows, and even one
+    `json.dumps` over the rows as objects 5–8 ms. So the heartbeats arrive serialised (one `model_dump_json` each,
+    on arrival), and PostgreSQL gets one UPDATE over four parallel JSON arrays (three flat lists dumped in C, the
+    heartbeats joined as text); SQLite gets its C executemany."""
     if conn.dialect.name == "postgresql":
-        doc = json.dumps([{"ns": ns, "dev": dev, "ts": ts, "hb": hb} for (ns, dev), (ts, hb) in batch.items()])
-        conn.exec_driver_sql(_FLUSH_PG, {"rows": doc})
+        keys, vals = list(batch), list(batch.values())
+        conn.exec_driver_sql(_FLUSH_PG, {"ns": json.dumps([k[0] for k in keys]),
+                                         "dev": json.dumps([k[1] for k in keys]),
+                                         "ts": json.dumps([v[0] for v in vals]),
+                                         "hb": "[" + ",".join([v[1] or "null" for v in vals]) + "]"})
     else:
-        dumps = json.dumps
-        conn.exec_driver_sql(_FLUSH_SQLITE, [(ts, None if hb is None else dumps(hb), ns, dev, ts)
-                                             for (ns, dev), (ts, hb) in batch.items()])
+        conn.exec_driver_sql(_FLUSH_SQLITE, [(ts, hb, ns, dev, ts) for (ns, dev), (ts, hb) in batch.items()])
 
 
 def _sweep(conn: sa.Connection, events: list, cp: "ControlPlane", now: int, started: int) -> list[tuple[str, str]]:
@@ -94,11 +98,18 @@ def _gauges(conn: sa.Connection) -> tuple[int, int, int]:
     return online, total, firing
 
 
+def decoded(entry: tuple[int, str | None] | None) -> tuple[int, dict | None] | None:
+    if entry is None:
+        return None
+    return entry[0], None if entry[1] is None else json.loads(entry[1])
+
+
 class Liveness:
     def __init__(self, cp: "ControlPlane"):
         self.cp = cp
-        self._pending: dict[tuple[str, str], tuple[int, dict | None]] = {}
-        self._flushing: dict[tuple[str, str], tuple[int, dict | None]] = {}  # being written right now
+        # (ns, device) → (last_seen ms, heartbeat as JSON text): serialised on arrival so the flush only joins strings
+        self._pending: dict[tuple[str, str], tuple[int, str | None]] = {}
+        self._flushing: dict[tuple[str, str], tuple[int, str | None]] = {}  # being written right now
         self._online: set[tuple[str, str]] = set()  # confirmed online in the database
         self._sweeps = 0
         cp.notifier.add_listener(self._on_event)
@@ -119,8 +130,8 @@ class Liveness:
     def known_online(self, ns: str, dev: str) -> None:
         self._online.add((ns, dev))
 
-    async def beat(self, ns: str, dev: str, hb: dict | None) -> bool:
-        """Record a sign of life. False if the device no longer exists."""
+    async def beat(self, ns: str, dev: str, hb: str | None) -> bool:
+        """Record a sign of life (`hb`: the heartbeat as a JSON object's text). False if the device no longer exists."""
         ts = now_ms()
         key = (ns, dev)
         if key in self._online and self.cp.settings.heartbeat_flush_s > 0:
@@ -149,7 +160,12 @@ class Liveness:
 
     def unflushed(self, ns: str, dev: str) -> tuple[int, dict | None] | None:
         """The newest heartbeat not yet in the database, if any (operators' reads overlay it)."""
-        return self._pending.get((ns, dev)) or self._flushing.get((ns, dev))
+        return decoded(self._pending.get((ns, dev)) or self._flushing.get((ns, dev)))
+
+    def unflushed_all(self) -> dict[tuple[str, str], tuple[int, str | None]]:
+        """Every heartbeat not yet in the database, still as text (`decoded` it per row used): a device list
+        overlays them, taken before its read because a flush may finish meanwhile."""
+        return {**self._flushing, **self._pending}
 
     async def housekeeping(self) -> None:
         """One round: flush, sweep, expire nonces, refresh gauges."""

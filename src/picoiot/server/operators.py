@@ -14,6 +14,7 @@ from .db import now_ms
 from .devicetypes import check_schema, validate_config
 from .discovery import ttl_for
 from .errors import ApiError
+from .liveness import decoded
 from .models import (ConfigReport, DeviceConfigOut, DeviceList, DeviceOut, DevicePatch, DeviceTypeIn,
                      DeviceTypeList, DeviceTypeOut, ErrorBody, GroupIn, GroupList, GroupOut, NamespaceIn,
                      NamespaceList, Ok, OverridesIn, ProvisionIn, ProvisionOut)
@@ -47,7 +48,7 @@ def device_out(row, overlay: tuple[int, dict | None] | None = None) -> DeviceOut
 
 def _overlay(cp: "ControlPlane", row, before=None):
     key = (row["ns"], row["device_id"])
-    return cp.liveness.unflushed(*key) or (before and (before[0].get(key) or before[1].get(key)))
+    return cp.liveness.unflushed(*key) or (decoded(before.get(key)) if before else None)
 
 
 # ---------------------------------------------------------------- namespaces
@@ -91,7 +92,7 @@ async def list_devices(ns: str, request: Request, p: Principal = Depends(princip
     require_ns(p, ns, request)
     require_role(p, "viewer")
     cp = _cp(request)
-    before = dict(cp.liveness._pending), dict(cp.liveness._flushing)  # a flush may finish while we read
+    before = cp.liveness.unflushed_all()  # a flush may finish while we read
     rows = await cp.read(_list_devices, ns, online, device_type, group, limit, offset)
     return DeviceList(devices=[device_out(r, _overlay(cp, r, before)) for r in rows])
 
