@@ -1,10 +1,11 @@
 """Heartbeat endpoint: proof of life for the device's watchdog, and the change notification (`pending`)."""
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 
 from .auth import Principal, device_ns, principal
 from .db import now_ms
@@ -29,16 +30,19 @@ async def record(cp: "ControlPlane", ns: str, device_id: str, body: HeartbeatIn)
     cp.metrics.heartbeats.inc()
 
 
-async def answer(cp: "ControlPlane", ns: str, device_id: str, seq: int, entry: list[int]) -> dict:
-    """The heartbeat answer (HeartbeatOut), built by hand: this is the hottest answer."""
-    return {"ack": seq, "server_time": now_ms(), "ttl": entry[2],
-            "pending": {"config_version": entry[0], "state_version": entry[1],
-                        "ota": await heartbeat_pending(cp, ns, device_id)}}
+#: HeartbeatOut as bytes: the hottest answer, formatted rather than built as a dict and serialised (~5 µs)
+_ANSWER = b'{"ack":%d,"server_time":%d,"ttl":%d,"pending":{"config_version":%d,"state_version":%d,"ota":%s}}'
+
+
+async def answer(cp: "ControlPlane", ns: str, device_id: str, seq: int, entry: list[int]) -> bytes:
+    """The heartbeat answer (HeartbeatOut) as JSON bytes; shared by the FastAPI route and the fast path."""
+    ota = await heartbeat_pending(cp, ns, device_id)
+    return _ANSWER % (seq, now_ms(), entry[2], entry[0], entry[1], b"null" if ota is None else json.dumps(ota).encode())
 
 
 @router.post("/api/v1/devices/{device_id}/heartbeat", response_model=HeartbeatOut, responses=_ERR)
 async def heartbeat(device_id: str, body: HeartbeatIn, request: Request, p: Principal = Depends(principal),
-                    wait: float | None = Query(None, ge=0, le=86400)) -> JSONResponse:
+                    wait: float | None = Query(None, ge=0, le=86400)) -> Response:
     """Record a sign of life; answer the current config/state versions. With `wait`, a long-poll for a change."""
     if not p.is_device:
         raise ApiError(403, "only devices send heartbeats")
@@ -63,4 +67,4 @@ async def heartbeat(device_id: str, body: HeartbeatIn, request: Request, p: Prin
         entry = await wait_for_change(cp, ns, device_id, limit, "heartbeat", fetch, changed)
         await cp.liveness.beat(ns, device_id, body.model_dump_json(exclude_none=True))
     # not through response_model validation (the OpenAPI schema is still HeartbeatOut; tests check bodies against it)
-    return JSONResponse(await answer(cp, ns, device_id, body.seq, entry))
+    return Response(await answer(cp, ns, device_id, body.seq, entry), media_type="application/json")

@@ -182,14 +182,22 @@ class ConflictBody(BaseModel):
 
 # --- heartbeat ---
 class HeartbeatIn(BaseModel):
+    # The hottest model (2,000/s at fleet scale): its NUL and NaN/Infinity checks are pydantic-core's own (the
+    # finite-number check, a pattern on its one string), not the generic Python walk over every field (~2 µs).
+    model_config = ConfigDict(allow_inf_nan=False)
+
     seq: int = Field(default=0, ge=0, le=TS_MAX)
     uptime: float | None = Field(default=None, ge=0, le=TS_MAX)
     mem_free: int | None = Field(default=None, ge=0, le=TS_MAX)
     rssi: int | None = Field(default=None, ge=-200, le=200)
     reconnects: int | None = Field(default=None, ge=0, le=TS_MAX)
-    firmware: str | None = Field(default=None, max_length=64)
+    firmware: str | None = Field(default=None, max_length=64, pattern=r"^[^\x00]*$")
     config_version: int | None = Field(default=None, ge=0, le=INT32)
     state_version: int | None = Field(default=None, ge=0, le=INT32)
+
+    @model_validator(mode="after")
+    def _storable(self):  # replaces BaseModel's walk: the field constraints above already refuse NUL and NaN
+        return self
 
 
 class Pending(BaseModel):
