@@ -151,6 +151,7 @@ class DeviceWeb:
         self._registry = metrics
         self.active = 0
         self.refused = 0
+        self.oom = 0  # requests answered 503 because the heap ran out while reading them
         self.started_ms = ticks_ms()
         self.server = None
         self._limiter = None
@@ -276,6 +277,16 @@ class DeviceWeb:
                     Request.create(app, reader, writer, writer.get_extra_info("peername")), self.read_timeout_s)
             except asyncio.TimeoutError:
                 await self._raw_answer(writer, 408, "request not received in time")
+                return
+            except MemoryError:
+                # The heap, not the client: answering 400 would tell it to give up. What the parse held is garbage
+                # now; collect it so the answer itself fits, and ask for a retry (as the connection cap does).
+                req = None
+                import gc
+                gc.collect()
+                self.oom += 1
+                await self._drain(reader, 2048, 0.05)
+                await self._raw_answer(writer, 503, "out of memory", "Retry-After: 1\r\n")
                 return
             except Exception:  # malformed request line/headers, line too long, reset: answered 400 below
                 req = None

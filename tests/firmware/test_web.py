@@ -230,3 +230,27 @@ def test_requests_split_anywhere_or_sent_with_the_body_in_one_segment_are_parsed
         await wc.close(w)
         assert raw.startswith(b"HTTP/1.0 200 OK\r\n") and state["n"] == 8, raw
     serve(t)
+
+
+def test_running_out_of_heap_while_reading_a_request_answers_503_and_the_server_goes_on():
+    import microdot
+    real = microdot.Request.create
+    calls = {"n": 0}
+
+    async def create_oom(*args, **kw):  # fault injection: the heap is gone while microdot parses this request
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise MemoryError("memory allocation failed")
+        return await real(*args, **kw)
+
+    async def t(web, port, state):
+        microdot.Request.create = create_oom
+        try:
+            s, h, b = await wc.request(port, "GET", "/health")
+            assert s == 503 and b == {"error": "out of memory"} and h["retry-after"] == "1"
+            assert web.oom == 1 and web.active == 0
+            s, h, b = await wc.request(port, "GET", "/health")  # the next request is served as ever
+            assert s == 200 and b["status"] == "ok"
+        finally:
+            microdot.Request.create = real
+    serve(t)
