@@ -667,7 +667,7 @@ def run_backend(backend: str, args, workdir: Path) -> dict:
             out = {"lat": cap["lat"], "errors": cap["errors"], "rate": len(cap["lat"]) / args.capacity_duration,
                    "server_cpu_s": cpu.server * cpu.wall, "client_cpu_s": cap["cpu"], "pg_cpu_s": cpu.pg * cpu.wall,
                    "machine_busy_s": cpu.machine * cpu.wall, "wall": cpu.wall,
-                   "counters": {k: v for k, v in _counter_delta(c0, _counters(server.url)).items()}}
+                   "counters": _counter_delta(c0, _counters(server.url))}
             out["server_us_per_req"] = out["server_cpu_s"] / max(1, len(cap["lat"])) * 1e6
             if prof is not None:
                 try:
@@ -711,8 +711,7 @@ def run_backend(backend: str, args, workdir: Path) -> dict:
                 "counters": {k: sum(r["counters"][k] for r in rs) for k in rs[0]["counters"]}}
             _print_phase(f"capacity {kind}, median of {len(rs)} rounds", res[f"capacity_{kind}"], "requests/s")
             print(f"      server CPU per request (median): {res[f'capacity_{kind}']['server_us_per_req']:.0f} µs")
-            print("      server counters: " + ", ".join(f"{k} +{v:.0f}" for k, v in
-                                                       res[f"capacity_{kind}"]["counters"].items()), flush=True)
+            _print_delta(res[f"capacity_{kind}"]["counters"])
         if res.get("profile"):
             print("\n".join(res["profile"]))
         ratios = [b["rate"] / h["rate"] for h, b in zip(rounds["health"], rounds["heartbeat"]) if h["rate"]]
@@ -721,14 +720,13 @@ def run_backend(backend: str, args, workdir: Path) -> dict:
         res["ratio"] = statistics.median(ratios) if ratios else float("nan")
         res["ratios"] = ratios
         res["cpu_ratio"] = statistics.median(cpu_ratios) if cpu_ratios else float("nan")
-        health, hb = res["capacity_health"]["rate"], res["capacity_heartbeat"]["rate"]
         print(f"   heartbeat / no-op capacity ratio: {res['ratio']:.2f} (median of rounds: "
               f"{', '.join(f'{x:.2f}' for x in ratios)}); by server CPU per request: {res['cpu_ratio']:.2f}")
         res["sustained"] = sustained(reg["ok"], "")
         s = res["sustained"]
         if s["p99_ms"] >= TARGET_P99_MS or s["rate"] < 0.98 * s["offered"]:
             # Overloaded: also show what this server does sustain, at 60 % of its measured heartbeat capacity.
-            n = min(reg["ok"], max(1, int(0.6 * hb * args.interval)))
+            n = min(reg["ok"], max(1, int(0.6 * res["capacity_heartbeat"]["rate"] * args.interval)))
             if n < reg["ok"]:
                 res["sustained_at_60pct_capacity"] = sustained(n, " at 60% of capacity")
         res["meets_target"] = bool(s["rate"] >= TARGET_RATE and s["p99_ms"] < TARGET_P99_MS
@@ -765,9 +763,13 @@ def _counter_delta(before: dict[str, float], after: dict[str, float]) -> dict[st
     return {k.removeprefix("picoiot_"): after[k] - before[k] for k in _COUNTERS}
 
 
+def _print_delta(delta: dict[str, float]) -> None:
+    print("      server counters: " + ", ".join(f"{k} +{v:.0f}" for k, v in delta.items()), flush=True)
+
+
 def _print_counters(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
     delta = _counter_delta(before, after)
-    print("      server counters: " + ", ".join(f"{k} +{v:.0f}" for k, v in delta.items()), flush=True)
+    _print_delta(delta)
     return delta
 
 

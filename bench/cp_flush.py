@@ -26,6 +26,7 @@ import sqlalchemy as sa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from picoiot.server import db as tables  # noqa: E402
 from picoiot.server import liveness  # noqa: E402
 from picoiot.server.models import HeartbeatIn  # noqa: E402
 
@@ -64,13 +65,12 @@ def run(db: str, rows: int, rounds: int) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="cp-flush-"))
     eng, schema = _engine(db, tmp)
     try:
-        jtype = "jsonb" if db == "postgres" else "text"
-        with eng.begin() as c:
-            c.exec_driver_sql(f"CREATE TABLE devices (ns varchar(64), device_id varchar(64), last_seen bigint, "
-                              f"heartbeat {jtype}, PRIMARY KEY (ns, device_id))")
-            c.exec_driver_sql("INSERT INTO devices VALUES (?, ?, 0, NULL)" if db == "sqlite" else
-                              "INSERT INTO devices VALUES (%s, %s, 0, NULL)",
-                              [("default", f"dev-{i:06d}") for i in range(rows)])
+        with eng.begin() as c:  # the server's own devices table, as its migrations create it
+            tables.devices.create(c)
+            c.execute(tables.devices.insert(), [
+                {"ns": "default", "device_id": f"dev-{i:06d}", "created_ts": 0, "last_seen": 0, "ttl_s": 35,
+                 "capabilities": [], "config_overrides": {}, "config_version": 0, "online": True}
+                for i in range(rows)])
         models = [HeartbeatIn.model_validate_json(_HB % (i, i * 10)) for i in range(rows)]
         figures: dict[str, list[tuple[float, float, float]]] = {"before": [], "now": []}
         base = int(time.time() * 1000)

@@ -35,20 +35,14 @@ import sqlalchemy as sa  # noqa: E402
 
 from picoiot.server import db as tables  # noqa: E402
 from picoiot.server.app import refreeze_if_grown  # noqa: E402
-from picoiot.server.auth import derive_device_key, issue_token  # noqa: E402
+from picoiot.server.auth import derive_device_key, issue_token, registration_signature  # noqa: E402
 from picoiot.server.settings import SecretStore  # noqa: E402
-
-
-def _sign(key: str, nonce: str, dev: str) -> str:
-    import hashlib
-    import hmac
-    return hmac.new(key.encode(), f"{nonce}|{dev}".encode(), hashlib.sha256).hexdigest()
 
 
 async def _register(client: httpx.AsyncClient, enrollment_key: str, dev: str) -> str:
     nonce = (await client.post("/api/devices/challenge", json={"device_id": dev})).json()["nonce"]
     r = await client.post("/api/devices/register", json={
-        "device_id": dev, "nonce": nonce, "signature": _sign(derive_device_key(enrollment_key, dev), nonce, dev),
+        "device_id": dev, "nonce": nonce, "signature": registration_signature(derive_device_key(enrollment_key, dev), nonce, dev),
         "firmware": "0.1.0", "device_type": "relays"})
     r.raise_for_status()
     return r.json()["token"]

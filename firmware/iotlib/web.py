@@ -5,6 +5,7 @@
 # arrive in time is dropped, and nothing a client does — garbage, a reset mid-request (microdot#105), a crashing
 # handler — stops the server. Handlers are coroutines and never block the loop (microdot#134): on CPython microdot would
 # otherwise run plain functions in threads.
+import gc
 import json
 from iotlib.compat import asyncio, ticks_ms, ticks_diff, format_exc
 from iotlib import log as _logmod
@@ -281,8 +282,6 @@ class DeviceWeb:
             except MemoryError:
                 # The heap, not the client: answering 400 would tell it to give up. What the parse held is garbage
                 # now; collect it so the answer itself fits, and ask for a retry (as the connection cap does).
-                req = None
-                import gc
                 gc.collect()
                 self.oom += 1
                 await self._drain(reader, 2048, 0.05)

@@ -21,13 +21,16 @@ router = APIRouter(tags=["heartbeat"])
 _ERR: dict[int | str, dict[str, Any]] = {s: {"model": ErrorBody} for s in (400, 401, 403, 404)}
 
 
-async def record(cp: "ControlPlane", ns: str, device_id: str, body: HeartbeatIn) -> None:
-    """Record a heartbeat of a known device; raises ApiError(404) if it is gone.
+async def record(cp: "ControlPlane", ns: str, device_id: str, body: HeartbeatIn) -> str:
+    """Record a heartbeat of a known device; raises ApiError(404) if it is gone. Returns the heartbeat as stored
+    (JSON text), for a second sign of life from the same request.
 
     Shared by the FastAPI route and the fast path (`hotpath.py`), so both record and count the same way."""
-    if not await cp.liveness.beat(ns, device_id, body.model_dump_json(exclude_none=True)):
+    hb = body.model_dump_json(exclude_none=True)
+    if not await cp.liveness.beat(ns, device_id, hb):
         raise ApiError(404, "unknown device")
     cp.metrics.heartbeats.inc()
+    return hb
 
 
 #: HeartbeatOut as bytes: the hottest answer, formatted rather than built as a dict and serialised (~5 µs)
@@ -51,7 +54,7 @@ async def heartbeat(device_id: str, body: HeartbeatIn, request: Request, p: Prin
     entry = await cp.versions_of(ns, device_id)
     if entry is None:
         raise ApiError(404, "unknown device")
-    await record(cp, ns, device_id, body)
+    hb = await record(cp, ns, device_id, body)
 
     def changed(v: list[int]) -> bool:
         return ((body.config_version is not None and v[0] != body.config_version)
@@ -65,6 +68,6 @@ async def heartbeat(device_id: str, body: HeartbeatIn, request: Request, p: Prin
             return await cp.versions_of(ns, device_id) or entry
 
         entry = await wait_for_change(cp, ns, device_id, limit, "heartbeat", fetch, changed)
-        await cp.liveness.beat(ns, device_id, body.model_dump_json(exclude_none=True))
+        await cp.liveness.beat(ns, device_id, hb)
     # not through response_model validation (the OpenAPI schema is still HeartbeatOut; tests check bodies against it)
     return Response(await answer(cp, ns, device_id, body.seq, entry), media_type="application/json")
