@@ -86,12 +86,52 @@ def _write_if_changed(path: Path, text: str) -> Path:
     return path
 
 
-def compile_file(src: Path, dst: Path) -> None:
+def source_name(src: Path, root: Path | None = None) -> str:
+    """The name a .mpy carries for tracebacks: the module's dotted name ("iotlib.metrics", "microdot" for a package's
+    __init__). MicroPython interns that name on import anyway, so the source name costs no entry of its own in the
+    interned-name pool — a file name ("metrics.py") would be one more per module, ≈ 27 on a device (docs/benchmarks.md,
+    "Device memory")."""
+    rel = src.relative_to(root) if root is not None else Path(src.name)
+    parts = list(rel.with_suffix("").parts)
+    if parts[-1] == "__init__" and len(parts) > 1:
+        parts.pop()
+    return ".".join(parts)
+
+
+def _varuint(data: bytes, i: int) -> tuple[int, int]:
+    n = 0
+    while True:
+        b = data[i]
+        i += 1
+        n = (n << 7) | (b & 0x7F)
+        if not b & 0x80:
+            return n, i
+
+
+def embedded_source_name(mpy: Path) -> str | None:
+    """The source name a .mpy (v6) carries: the first entry of its qstr table, after the 4-byte header and the
+    qstr/object counts. None if unreadable (a cached file from an older build convention is then rebuilt)."""
+    try:
+        data = mpy.read_bytes()[:300]
+        _, i = _varuint(data, 4)
+        _, i = _varuint(data, i)
+        n, i = _varuint(data, i)
+        if n & 1:  # a static qstr: not a name this build writes
+            return None
+        return data[i:i + (n >> 1)].decode()
+    except (OSError, IndexError, UnicodeDecodeError):
+        return None
+
+
+def compile_file(src: Path, dst: Path, name: str | None = None) -> None:
+    """src → dst with mpy-cross, unless dst is up to date. name: the source name embedded (default: the module name
+    of src's file name)."""
     dst.parent.mkdir(parents=True, exist_ok=True)
-    if dst.exists() and dst.stat().st_mtime >= src.stat().st_mtime:
+    name = name or source_name(src)
+    if dst.exists() and dst.stat().st_mtime >= src.stat().st_mtime and embedded_source_name(dst) == name:
         return
     tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")  # several test runs may build at once
-    proc = subprocess.run([paths.mpy_cross_bin(), "-o", str(tmp), "-s", src.name, str(src)],
+    proc = subprocess.run([paths.mpy_cross_bin(), "-o", str(tmp), "-s", name, str(src)],
                           capture_output=True, text=True)
     if proc.returncode != 0:
         tmp.unlink(missing_ok=True)
@@ -99,15 +139,19 @@ def compile_file(src: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
-def compile_tree(src_root: Path, dst_root: Path, files: list[Path] | None = None) -> list[Path]:
-    """Compile every .py under src_root (or the given files) to dst_root, keeping the layout."""
+def compile_tree(src_root: Path, dst_root: Path, files: list[Path] | None = None, package: str = "") -> list[Path]:
+    """Compile every .py under src_root (or the given files) to dst_root, keeping the layout. package: the dotted
+    package src_root is (for the source names), e.g. "microdot"."""
     out = []
     for src in files if files is not None else sorted(src_root.rglob("*.py")):
         if "__pycache__" in src.parts:
             continue
         rel = src.relative_to(src_root).with_suffix(".mpy")
         dst = dst_root / rel
-        compile_file(src, dst)
+        name = source_name(src, src_root)
+        if package:
+            name = package if name == "__init__" else package + "." + name
+        compile_file(src, dst, name)
         out.append(dst)
     return out
 
@@ -125,15 +169,15 @@ def build_firmware(dst_root: Path, with_microdot: bool = True, slim: bool = True
                      f.name == "microdot.py" else
                      _write_if_changed(gen / "__init__.py", MICRODOT_SLIM_INIT + _version_line(md)) if
                      f.name == "__init__.py" else f for f in files]
-            out += compile_tree(gen, dst_root / "microdot", [f for f in files if f.parent == gen])
-            out += compile_tree(md, dst_root / "microdot", [f for f in files if f.parent != gen])
+            out += compile_tree(gen, dst_root / "microdot", [f for f in files if f.parent == gen], "microdot")
+            out += compile_tree(md, dst_root / "microdot", [f for f in files if f.parent != gen], "microdot")
         else:
             if (dst_root / ".slim").exists():  # this directory held the slim build: recompile the stock modules
                 import shutil
                 shutil.rmtree(dst_root / ".slim")
                 for f in files:
                     (dst_root / "microdot" / f.with_suffix(".mpy").name).unlink(missing_ok=True)
-            out += compile_tree(md, dst_root / "microdot", files)
+            out += compile_tree(md, dst_root / "microdot", files, "microdot")
     return out
 
 
