@@ -8,8 +8,11 @@
 #   is answered {"type": "subscribed", "fields", "rate_hz"}; a subscribe naming an unknown field or a bad rate is
 #   answered {"type": "error", "error": …} and changes nothing. Invalid JSON or an unknown "type" closes with 1003;
 #   a client sending more than its message budget closes with 1008; an oversized message with 1009.
-# - Server pings every ping_interval_s; a client silent for two intervals is dropped. A client whose queue is full or
-#   whose send takes longer than send_timeout_s is dropped (close 1008 attempted) — never buffered without bound.
+# - Server pings every ping_interval_s (one task for all clients); a client silent for two intervals is dropped at the
+#   next ping. A client whose queue is full or whose send takes longer than send_timeout_s is dropped (close 1008
+#   attempted) — never buffered without bound.
+# - After the upgrade the connection is detached from its request (DeviceWeb.detach): a session holds only its own
+#   state, two small tasks (receiver, sender) and the socket.
 import json
 from iotlib.compat import asyncio, ticks_ms, ticks_diff
 from iotlib import log as _logmod
@@ -99,6 +102,7 @@ class WSStream:
         self.dropped = 0
         self.last_snapshot = None
         self.role = role
+        self._pinger = None
         web.route(path, False, self._handler)  # auth inside: refusals go out as HTTP/1.1 (WebSocket clients want it)
 
     # --- broadcast ---------------------------------------------------------------------------------------------------
@@ -159,13 +163,18 @@ class WSStream:
         if "picoiot" in offered:
             head += b"Sec-WebSocket-Protocol: picoiot\r\n"
         await w.awrite(head + b"\r\n")
-        c = _Client(req.sock[0], w, req.client_addr)
-        # The session outlives its request by minutes: drop what the request object holds and nothing reads again
-        # (the headers, the URL and query with the token), so each client keeps only its own state.
-        req.headers = req.args = None
-        req.url = req.query_string = None
+        # The session outlives its request by minutes: detached, it keeps only its own state (the request, its headers
+        # and URL with the token, and the frames that dispatched it are garbage once this returns).
+        reader, w = self.web.detach(req)
+        c = _Client(reader, w, req.client_addr)
         c.tokens = float(self.max_msg_burst)
         self.clients.append(c)
+        asyncio.create_task(self._session(c))
+        if self._pinger is None:
+            self._pinger = asyncio.create_task(self._ping_loop())
+        return Response.already_handled
+
+    async def _session(self, c):
         sender = asyncio.create_task(self._send_loop(c))
         try:
             await self._recv_loop(c)
@@ -175,12 +184,32 @@ class WSStream:
         finally:
             if c in self.clients:
                 self.clients.remove(c)
+            if not self.clients and self._pinger is not None:  # the last one: no task sleeps on for nobody
+                self._pinger.cancel()
+                self._pinger = None
             c.wake.set()
             try:
                 await asyncio.wait_for(sender, 1)
             except Exception:
                 pass
-        return Response.already_handled
+            await self.web.release(c.writer)
+
+    async def _ping_loop(self):
+        # One task for every client (not a timed wait in each sender): every ping_interval_s each client gets a ping,
+        # or is dropped if nothing came from it for two intervals.
+        while self.clients:
+            await asyncio.sleep(self.ping_interval_s)
+            now = ticks_ms()
+            for c in self.clients:
+                if c.dropped:
+                    continue
+                if ticks_diff(now, c.last_rx) > 2000 * self.ping_interval_s:
+                    self._drop(c, "no answer to pings")
+                    c.queue.append(_close_frame(1001, "ping timeout"))
+                else:
+                    c.queue.append(_frame(_PING, b""))
+                c.wake.set()
+        self._pinger = None
 
     async def _recv_loop(self, c):
         r = c.reader
@@ -273,14 +302,7 @@ class WSStream:
                     if c.dropped or c not in self.clients:
                         break
                     c.wake.clear()
-                    try:
-                        await asyncio.wait_for(c.wake.wait(), self.ping_interval_s)
-                    except asyncio.TimeoutError:
-                        if ticks_diff(ticks_ms(), c.last_rx) > 2000 * self.ping_interval_s:
-                            self._drop(c, "no answer to pings")
-                            c.queue.append(_close_frame(1001, "ping timeout"))
-                        else:
-                            c.queue.append(_frame(_PING, b""))
+                    await c.wake.wait()
                     continue
                 data = c.queue.pop(0)
                 await asyncio.wait_for(c.writer.awrite(data), self.send_timeout_s)
