@@ -120,6 +120,12 @@ class _BufferedReader:
         return buf[:n]
 
 
+def _prepend(first, rest):
+    yield first
+    for x in rest:
+        yield x
+
+
 class DeviceWeb:
     #: Connections served at once; more are answered 503 immediately. A Pico W has 5 lwIP TCP sockets in all: one is
     #: the listening socket and one the control-plane client, WebSocket clients count here too.
@@ -156,6 +162,7 @@ class DeviceWeb:
         self.started_ms = ticks_ms()
         self.server = None
         self._limiter = None
+        self._wbuf = None  # the streamed answers' write buffer, kept between answers (_stream_body)
         web = self
 
         class App(Microdot):
@@ -345,14 +352,7 @@ class DeviceWeb:
                 head += "%s: %s\r\n" % (k, x)
         try:
             if chunks:  # no Content-Length: the answer is HTTP/1.0 and closing the connection ends the body
-                buf = head.encode() + b"\r\n"
-                for chunk in body:  # sent in writes of about stream_write bytes (not one per chunk: Nagle)
-                    buf += chunk
-                    if len(buf) >= self.stream_write:
-                        await writer.awrite(buf)
-                        buf = b""
-                if buf:
-                    await writer.awrite(buf)
+                await self._stream_body(writer, head.encode() + b"\r\n", body)
             elif len(body) > self.one_write_max:  # no copy of a large body just to save one write
                 await writer.awrite(head.encode() + b"\r\n")
                 await writer.awrite(body)
@@ -360,6 +360,34 @@ class DeviceWeb:
                 await writer.awrite(head.encode() + b"\r\n" + body)
         except OSError:  # the peer is gone (reset, broken pipe): nothing left to tell it; microdot mutes these too
             pass
+
+    async def _stream_body(self, writer, head, chunks):
+        # Sent in writes of stream_write bytes (not one per chunk: Nagle) gathered in one buffer that stays allocated
+        # between answers: growing a bytes object chunk by chunk (`buf += chunk`) asked a fragmented heap for ever
+        # larger blocks — the 693-byte one was where the sensors device failed its /metrics below 216K (ROMFS).
+        wb = self._wbuf
+        self._wbuf = None  # two answers at once: the second gets its own
+        if wb is None or len(wb) != self.stream_write:
+            wb = bytearray(self.stream_write)
+        mv = memoryview(wb)
+        size = len(wb)
+        n = 0
+        try:
+            for chunk in _prepend(head, chunks):
+                cv = memoryview(chunk)
+                off = 0
+                while off < len(cv):
+                    k = min(len(cv) - off, size - n)
+                    mv[n:n + k] = cv[off:off + k]
+                    n += k
+                    off += k
+                    if n == size:
+                        await writer.awrite(wb)
+                        n = 0
+            if n:
+                await writer.awrite(mv[:n])
+        finally:
+            self._wbuf = wb
 
     async def _drain(self, reader, limit, timeout_s):
         try:

@@ -171,6 +171,27 @@ def test_connection_cap_answers_503_and_slow_clients_time_out():
     serve(t)
 
 
+def test_streamed_answer_keeps_one_write_buffer_and_is_exact_across_writes():
+    # /metrics goes out through one stream_write-sized buffer kept between answers (no bytes object grown chunk by
+    # chunk: on a fragmented heap that asked for ever larger blocks); a chunk longer than the buffer, chunks that end
+    # exactly on its boundary and two answers at once must all come out byte for byte.
+    async def t(web, port, state):
+        reg = web._registry
+        reg.gauge("long_help", "x" * (3 * web.stream_write)).set(1)  # one chunk spanning several writes
+        for i in range(30):
+            reg.gauge("g_%d" % i, "A gauge.").set(i)
+        r1, r2 = await asyncio.gather(wc.request(port, "GET", "/metrics", token=token("viewer")),
+                                      wc.request(port, "GET", "/metrics", token=token("viewer")))
+        for s, h, b in (r1, r2):
+            assert s == 200 and "long_help 1" in b and "g_29 29" in b
+            assert b.split("iotlib_http_requests_total")[0] == reg.render().split("iotlib_http_requests_total")[0]
+        buf = web._wbuf
+        assert isinstance(buf, bytearray) and len(buf) == web.stream_write
+        s, h, b = await wc.request(port, "GET", "/metrics", token=token("viewer"))
+        assert s == 200 and web._wbuf is buf  # the same buffer served the next answer
+    serve(t)
+
+
 def test_health_ready_info_metrics_reboot():
     ready = {"ok": False}
     rebooted = []
