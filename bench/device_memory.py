@@ -27,6 +27,7 @@ import itertools
 import json
 import math
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -37,7 +38,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import heaplib  # noqa: E402
 
-from picoiot import build  # noqa: E402
+from picoiot import build, paths  # noqa: E402
 from picoiot.procs import DeviceChild, ServerChild, device_settings, free_port, provision_over_api  # noqa: E402
 from picoiot.server.auth import device_local_token, issue_token  # noqa: E402
 
@@ -242,6 +243,16 @@ def _print_trace(text: str) -> None:
         print(f"  steady state: min {min(steady):,}  max {max(steady):,}  last {steady[-1]:,}", flush=True)
 
 
+def code_loads(kind: str, heap_k: int) -> bool:
+    """The controller's code merely loaded from .mpy (main_sim.preload: every module it imports), nothing constructed
+    or run: the floor under any scenario figure in mpy mode."""
+    script = ("import gc\nfrom iotlib import sim\nsim.configure(flash_root='/tmp/picoiot-devmem-floor')\n"
+              f"import main_sim\nmain_sim.preload('{kind}')\ngc.collect()\nprint('LOADED')\n")
+    proc = subprocess.run([paths.micropython_bin(), "-X", f"heapsize={heap_k}K", "-c", script], capture_output=True,
+                          text=True, timeout=60, env=dict(os.environ, MICROPYPATH=f"{BUNDLE}:.frozen"))
+    return proc.returncode == 0 and "LOADED" in proc.stdout and "MemoryError" not in proc.stdout + proc.stderr
+
+
 def hello_ok(heap_k: int) -> bool:
     return heaplib.served_ok("mp_hello", heap_k, requests=200)
 
@@ -283,6 +294,11 @@ def main(argv: list[str] | None = None) -> int:
     hello = None if a.no_hello else heaplib.min_heap(hello_ok, lo=16, hi=256)
     if hello is not None:
         print(f"microdot hello world: {hello}K", flush=True)
+    if "mpy" in modes:
+        for kind in kinds:
+            floor = heaplib.min_heap(lambda h: code_loads(kind, h), lo=32, hi=512)
+            target = f"; 2.0x hello world = {2 * hello}K" if hello else ""
+            print(f"{kind:8} mpy    code alone (loaded, nothing run): {floor}K{target}", flush=True)
     for kind, mode in itertools.product(kinds, modes):
         st = a.step
         m = heaplib.min_heap(lambda h: scenario(kind, mode, h * st, a.ws_seconds, a.requests), lo=a.lo // st,

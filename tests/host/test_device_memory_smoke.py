@@ -33,3 +33,10 @@ def test_scenario_passes_at_the_documented_heap_with_code_in_romfs(romfs_bundle,
 
 def test_scenario_fails_when_the_heap_is_far_too_small(romfs_bundle):
     assert not device_memory.scenario("relays", "mpy", 96, ws_seconds=3)
+
+
+def test_code_alone_floor_loads_with_room_and_fails_below_the_code(romfs_bundle):
+    # The floor the bench prints in mpy mode (the controller's modules loaded, nothing run): ≈ 186K relays, 213K
+    # sensors on the unix port. It must pass with room to spare and fail well below it.
+    assert device_memory.code_loads("sensors", 320)
+    assert not device_memory.code_loads("sensors", 96)
