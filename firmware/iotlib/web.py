@@ -75,49 +75,56 @@ class _BufferedReader:
     socket readline reads one byte per call (on the unix port one system call per byte): a request carrying a
     ~250-byte bearer token cost more than the rest of the request together. Also serves readexactly()/read() from
     the same buffer (the body, a WebSocket's frames)."""
-    __slots__ = ("_r", "_buf")
+    __slots__ = ("_r", "_buf", "_pos")
     #: bytes asked of the socket at a time
     block = 512
 
     def __init__(self, reader):
         self._r = reader
         self._buf = b""
+        self._pos = 0  # what is before it was handed out: lines are sliced from the buffer, the rest is not copied
+
+    def _take(self, end):
+        buf = self._buf
+        out = buf[self._pos:end]
+        if end >= len(buf):
+            self._buf = b""
+            self._pos = 0
+        else:
+            self._pos = end
+        return out
 
     async def _fill(self):
         chunk = await self._r.read(self.block)
         if not chunk:
             return False
-        self._buf += chunk
+        if self._pos:
+            self._buf = self._buf[self._pos:] + chunk
+            self._pos = 0
+        else:
+            self._buf = self._buf + chunk if self._buf else chunk
         return True
 
     async def readline(self, limit=2048):
         while True:
-            buf = self._buf
-            i = buf.find(b"\n")
+            i = self._buf.find(b"\n", self._pos)
             if i >= 0:
-                self._buf = buf[i + 1:]
-                return buf[:i + 1]
-            if len(buf) > limit or not await self._fill():  # too long (microdot refuses it) or EOF: what there is
-                self._buf = b""
-                return buf
+                return self._take(i + 1)
+            if len(self._buf) - self._pos > limit or not await self._fill():  # too long (microdot refuses it) or EOF
+                return self._take(len(self._buf))
 
     async def readexactly(self, n):
-        while len(self._buf) < n:
+        while len(self._buf) - self._pos < n:
             if not await self._fill():
                 raise EOFError("connection closed")
-        buf = self._buf
-        self._buf = buf[n:]
-        return buf[:n]
+        return self._take(self._pos + n)
 
     async def read(self, n=-1):
-        buf = self._buf
-        if not buf:
+        if self._pos >= len(self._buf):
             return await self._r.read(n)
-        if n < 0 or n >= len(buf):
-            self._buf = b""
-            return buf
-        self._buf = buf[n:]
-        return buf[:n]
+        if n < 0:
+            return self._take(len(self._buf))
+        return self._take(min(len(self._buf), self._pos + n))
 
 
 def _prepend(first, rest):
@@ -345,19 +352,23 @@ class DeviceWeb:
             return
         res.complete()
         h = res.headers
-        head = "HTTP/1.0 %d %s\r\n" % (res.status_code, res.reason or _REASONS.get(res.status_code, "N/A"))
+        # formatted in one piece (not a string grown header by header: each step was a fresh copy to collect)
+        parts = ["HTTP/1.0 %d %s\r\n" % (res.status_code, res.reason or _REASONS.get(res.status_code, "N/A"))]
         for k in h:
             v = h[k]
             for x in (v if isinstance(v, list) else (v,)):
-                head += "%s: %s\r\n" % (k, x)
+                parts.append("%s: %s\r\n" % (k, x))
+        parts.append("\r\n")
+        head = "".join(parts).encode()
+        parts = None
         try:
             if chunks:  # no Content-Length: the answer is HTTP/1.0 and closing the connection ends the body
-                await self._stream_body(writer, head.encode() + b"\r\n", body)
+                await self._stream_body(writer, head, body)
             elif len(body) > self.one_write_max:  # no copy of a large body just to save one write
-                await writer.awrite(head.encode() + b"\r\n")
+                await writer.awrite(head)
                 await writer.awrite(body)
             else:
-                await writer.awrite(head.encode() + b"\r\n" + body)
+                await writer.awrite(head + body)
         except OSError:  # the peer is gone (reset, broken pipe): nothing left to tell it; microdot mutes these too
             pass
 

@@ -275,3 +275,43 @@ def test_running_out_of_heap_while_reading_a_request_answers_503_and_the_server_
         finally:
             microdot.Request.create = real
     serve(t)
+
+
+def test_buffered_reader_mixes_lines_exact_reads_and_reads_across_blocks():
+    from iotlib.web import _BufferedReader
+
+    class Src:  # hands out the data a few bytes at a time, like a socket under load
+        def __init__(self, data, step):
+            self.data, self.step = data, step
+
+        async def read(self, n=-1):
+            k = min(n if n >= 0 else self.step, self.step)
+            out, self.data = self.data[:k], self.data[k:]
+            return out
+
+    data = b"GET / HTTP/1.0\r\nHost: x\r\n\r\n" + b"0123456789" + b"tail line\nrest"
+    for step in (1, 3, 7, 64):
+        for block in (4, 16, 512):
+            class Rd(_BufferedReader):
+                pass
+            Rd.block = block
+            r = Rd(Src(data, step))
+
+            async def go():
+                assert await r.readline() == b"GET / HTTP/1.0\r\n"
+                assert await r.readline() == b"Host: x\r\n"
+                assert await r.readline() == b"\r\n"
+                assert await r.readexactly(4) == b"0123"
+                got = b""
+                while len(got) < 6:
+                    got += await r.read(6 - len(got))
+                assert got == b"456789"
+                assert await r.readline() == b"tail line\n"
+                assert await r.readline() == b"rest"  # EOF: what there is
+                assert await r.readline() == b""
+                try:
+                    await r.readexactly(1)
+                    assert False, "EOF must raise"
+                except EOFError:
+                    pass
+            fwtest.run(go())
