@@ -255,12 +255,6 @@ class DeviceWeb:
                             (500, "internal server error")):
             self._error_handler(status, msg)
 
-        async def reason(req, res):  # microdot says "N/A" for every status but 200
-            if res.reason is None:
-                res.reason = _REASONS.get(res.status_code)
-            return res
-        app.after_request(reason)
-        app.after_error_request(reason)
 
         async def crashed(req, exc):
             _log.error("handler failed", path=req.path if req else None, error=repr(exc))
@@ -347,13 +341,15 @@ class DeviceWeb:
         # was most of a request's cost and, with Nagle on the small trailing segments, much of its latency.
         body = res.body
         chunks = not isinstance(body, bytes) and hasattr(body, "send")  # a generator of bytes (/metrics)
+        if res.reason is None:  # microdot says "N/A" for every status but 200 (set here, not by a hook per request)
+            res.reason = _REASONS.get(res.status_code, "N/A")
         if not (isinstance(body, bytes) or chunks) or res.is_head:
             await res.write(writer)  # other streamed bodies (files, async generators) and HEAD: microdot's own path
             return
         res.complete()
         h = res.headers
         # formatted in one piece (not a string grown header by header: each step was a fresh copy to collect)
-        parts = ["HTTP/1.0 %d %s\r\n" % (res.status_code, res.reason or _REASONS.get(res.status_code, "N/A"))]
+        parts = ["HTTP/1.0 %d %s\r\n" % (res.status_code, res.reason)]
         for k in h:
             v = h[k]
             for x in (v if isinstance(v, list) else (v,)):
