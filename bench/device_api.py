@@ -79,7 +79,8 @@ def fmt(r: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--heap", type=int, default=devicelib.DEFAULT_HEAP_K, help="micropython heap, KiB (both servers)")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5,
+                    help="rounds of hello, /gpio, /gpio 401 back to back; the ratio is the median of the rounds'")
     ap.add_argument("--requests", type=int, default=3000, help="measured requests per target per round (upper bound)")
     ap.add_argument("--seconds", type=float, default=8.0, help="time bound per target per round")
     ap.add_argument("--warmup", type=int, default=50)
@@ -140,7 +141,14 @@ def main(argv=None) -> int:
     chello, cgpio, c401 = med("hello", "cpu_us"), med("gpio", "cpu_us"), med("gpio_401", "cpu_us")
     print(f"server CPU per request: hello {chello:.0f} µs, /gpio {cgpio:.0f} µs, 401 {c401:.0f} µs "
           f"(CPU-based ratio hello ÷ /gpio = {chello / cgpio if cgpio else 0:.2f})")
-    print(f"ratio /gpio ÷ hello = {ratio:.2f} (target ≥ {TARGET}: {'met' if ratio >= TARGET else 'NOT met'}); "
+    # This VM's speed drifts by tens of percent within minutes (hello world alone: 180-280 µs of CPU per request
+    # between rounds), so each round's /gpio is divided by the hello world measured just before it, and the
+    # median of those ratios decides; the ratio of the medians is printed beside it.
+    rounds = [g["rps"] / h["rps"] for h, g in zip(results["hello"], results["gpio"]) if h["rps"]]
+    per_round = statistics.median(rounds) if rounds else 0.0
+    print("ratio /gpio ÷ hello per round: " + ", ".join(f"{r:.2f}" for r in rounds))
+    print(f"ratio /gpio ÷ hello = {per_round:.2f}, median of {len(rounds)} rounds (target ≥ {TARGET}: "
+          f"{'met' if per_round >= TARGET else 'NOT met'}); ratio of the medians {ratio:.2f}; "
           f"401 ÷ hello = {g401 / hello if hello else 0:.2f}")
     return 0 if ok else 1
 
