@@ -47,6 +47,8 @@ class Device:
     ota_check_s = 3600
     #: Seconds of uptime after which this boot no longer counts towards safe mode (healthy clears it sooner).
     stable_after_s = 120
+    #: Boots in a row that reached neither healthy nor stable_after_s before the device starts in safe mode.
+    safe_mode_after = 3
 
     def __init__(self, wifi_ssid, wifi_password, device_id, device_key, service_discovery_url, namespace=None,
                  host="0.0.0.0", port=80, flash_dir=None, address=None, config=None):
@@ -118,19 +120,27 @@ class Device:
         from iotlib.watchdog import WatchdogManager
         from iotlib.http import HTTPClient
         from iotlib import metrics
-        from iotlib.otaboot import OTABoot
         root = self.flash("")
         if root.rstrip("/"):
             fsutil.makedirs(root.rstrip("/"))
         # first: finish an interrupted update swap / roll a failed trial back, count boots for safe mode
         self._ota_root = root.rstrip("/")
-        ob = OTABoot(self._ota_root, public_key=self.ota_public_key)
-        self.ota_boot = ob.boot()
+        self._ota_used = self._ota_in_use()
+        if self._ota_used:
+            from iotlib.otaboot import OTABoot
+            ob = OTABoot(self._ota_root, public_key=self.ota_public_key)
+            ob.safe_mode_after = self.safe_mode_after
+            self.ota_boot = ob.boot()
+            self.ota = ob if ob.trial is not None else None  # kept loaded only during a trial (~5 KB of heap)
+            ob = None
+            if self.ota is None:
+                _unload("iotlib.otaboot")
+        else:  # OTA off: only the safe-mode counter (the file OTABoot keeps), without loading otaboot at all
+            fsutil.makedirs(self.flash("ota"))
+            n = fsutil.bump_counter(self.flash("ota/boots.json"))
+            self.ota_boot = {"boots": n, "safe_mode": n > self.safe_mode_after, "trial": None, "rolled_back": None}
+            self.ota = None
         self.safe_mode = self.ota_boot["safe_mode"]
-        self.ota = ob if ob.trial is not None else None  # kept loaded only during a trial (~5 KB of heap)
-        ob = None
-        if self.ota is None:
-            _unload("iotlib.otaboot")
         defaults = self.defaults()
         if self.factory_config:
             defaults = merge(defaults, self.factory_config)
@@ -347,6 +357,27 @@ class Device:
         return (url, self.auth.token) if url and self.auth.token else None
 
     # --- OTA (iotlib/ota.py, docs/ota.md) ------------------------------------------------------------------------------
+    def _ota_in_use(self):
+        # otaboot is loaded only where it has something to do: a key to check offers with, or what an update left on
+        # flash (a swap/trial/rollback marker, a result to report, staged or backed-up files). Otherwise its code
+        # and ≈ 26 interned names never load (the names would stay in the pool for good).
+        if self.ota_public_key is not None:
+            return True
+        from iotlib import fsutil
+        for rel in ("ota.json", "ota/result.json", "ota/new", "ota/old"):
+            if fsutil.exists(self.flash(rel)):
+                return True
+        return False
+
+    def _clear_boots(self):
+        if self._ota_used:
+            self._otaboot().stable()
+            if self.ota is None:
+                _unload("iotlib.otaboot")
+        else:
+            from iotlib import fsutil
+            fsutil.bump_counter(self.flash("ota/boots.json"), reset=True)
+
     def _otaboot(self):
         if self.ota is not None:
             return self.ota
@@ -355,11 +386,14 @@ class Device:
 
     def _became_healthy(self):
         self.healthy = True
-        committed = self._otaboot().healthy()
-        if committed:
-            _log.info("ota committed", version=committed)
-        self.ota = None
-        _unload("iotlib.otaboot")
+        if self._ota_used:
+            committed = self._otaboot().healthy()
+            if committed:
+                _log.info("ota committed", version=committed)
+            self.ota = None
+            _unload("iotlib.otaboot")
+        else:
+            self._clear_boots()
         self._ota_wake.set()  # report the result now
 
     def _ota_reset(self):
@@ -370,14 +404,13 @@ class Device:
     async def _stable_timer(self):
         await asyncio.sleep(self.stable_after_s)
         if self.ota is None:  # during a trial only healthy counts
-            self._otaboot().stable()
-            _unload("iotlib.otaboot")
+            self._clear_boots()
 
     async def _ota_task(self):
         while True:
             self._ota_wake.clear()
             url = self.auth.services.get("ota") if self.auth.services else None
-            if url and self.auth.token and self.ota is None:  # not during a trial
+            if url and self.auth.token and self.ota is None and self._ota_used:  # not during a trial; OTA on
                 hdr = self.auth.auth_header()
                 try:
                     ob = self._otaboot()

@@ -69,3 +69,17 @@ def read_json(path, default=None):
             return json.loads(f.read())
     except (OSError, ValueError):
         return default
+
+
+def bump_counter(path, reset=False):
+    """A counter kept on flash as {"n": int} (temp + rename): +1, returning the new value; with reset, back to 0 (no
+    flash write when it already is). A missing or corrupt file counts as 0."""
+    v = read_json(path)
+    n = v.get("n") if isinstance(v, dict) else None
+    n = n if isinstance(n, int) and not isinstance(n, bool) else 0
+    if reset:
+        if n:
+            write_json_atomic(path, {"n": 0})
+        return 0
+    write_json_atomic(path, {"n": n + 1})
+    return n + 1

@@ -37,9 +37,7 @@ class OTABoot:
         """Call first at every boot: finishes an interrupted swap or rollback, counts trial and unhealthy boots.
         Returns {"boots", "safe_mode", "trial", "rolled_back"}."""
         fsutil.makedirs(self.dir)
-        bc = fsutil.read_json(self._p("boots.json", "ota"), {}) or {}
-        self.boots = (bc.get("n", 0) if isinstance(bc.get("n"), int) else 0) + 1
-        fsutil.write_json_atomic(self._p("boots.json", "ota"), {"n": self.boots})
+        self.boots = fsutil.bump_counter(self._p("boots.json", "ota"))
         self.safe_mode = self.boots > self.safe_mode_after
         rolled = None
         m = fsutil.read_json(self.marker_path)
@@ -66,9 +64,7 @@ class OTABoot:
     def stable(self):
         """The device ran long enough not to be in a crash loop: clear the boot counter (a control plane outage must
         not send a working device into safe mode; only a trial needs healthy)."""
-        if (fsutil.read_json(self._p("boots.json", "ota")) or {}).get("n"):  # no flash write when already 0
-            fsutil.write_json_atomic(self._p("boots.json", "ota"), {"n": 0})
-        self.boots = 0
+        self.boots = fsutil.bump_counter(self._p("boots.json", "ota"), reset=True)  # no flash write when already 0
 
     def healthy(self):
         """The device registered and applied its config: clear the boot counter and commit a trial update."""

@@ -37,3 +37,44 @@ def test_unload_of_a_module_that_is_not_loaded_is_a_no_op():
     assert "iotlib.ed25519" not in sys.modules
     _unload("iotlib.ed25519", "iotlib.no_such_module")  # not loaded: nothing to do, no exception
     assert "iotlib.ed25519" not in sys.modules and "iotlib.no_such_module" not in sys.modules
+
+
+def test_device_without_ota_key_counts_boots_without_loading_otaboot():
+    # No key and nothing an update left on flash: the safe-mode counter is kept (same file, same rule) but otaboot's
+    # code and its ~26 interned names never load. With a key, or once an update left a result, OTABoot does the work.
+    import sys
+    from iotlib import fsutil
+    from iotlib.device import Device, _unload
+
+    class _D(Device):
+        def setup_domain(self, config):
+            pass
+
+    flash = fwtest.tmpdir("ota-off")
+    _unload("iotlib.otaboot")
+    for i in range(Device.safe_mode_after):
+        d = _D("ssid", "pw", "dev-2", "k" * 64, "http://127.0.0.1:1/api/devices", flash_dir=flash)
+        d.boot()
+        assert not d.safe_mode and d.ota_boot["boots"] == i + 1 and d.ota is None
+    d = _D("ssid", "pw", "dev-2", "k" * 64, "http://127.0.0.1:1/api/devices", flash_dir=flash)
+    d.boot()
+    assert d.safe_mode
+    d._became_healthy()
+    assert fsutil.read_json(flash + "/ota/boots.json") == {"n": 0}
+    d._clear_boots()  # already 0: nothing to write
+    assert "iotlib.otaboot" not in sys.modules
+    # what an update left behind (a result to report) switches OTABoot back on, key or not
+    fsutil.write_json_atomic(flash + "/ota/result.json", {"version": "2", "status": "installed"})
+    d = _D("ssid", "pw", "dev-2", "k" * 64, "http://127.0.0.1:1/api/devices", flash_dir=flash)
+    d.boot()
+    assert d._ota_used and not d.safe_mode and d.ota_boot["boots"] == 1
+
+
+def test_boot_counter_file_tolerates_garbage():
+    from iotlib import fsutil
+    p = fwtest.tmpdir("counter") + "/boots.json"
+    for bad in ("[1, 2]", "{\"n\": \"x\"}", "{\"n\": true}", "not json"):
+        fsutil.write_atomic(p, bad)
+        assert fsutil.bump_counter(p) == 1
+    assert fsutil.bump_counter(p) == 2 and fsutil.bump_counter(p, reset=True) == 0
+    assert fsutil.read_json(p) == {"n": 0}
