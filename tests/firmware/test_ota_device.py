@@ -78,3 +78,14 @@ def test_boot_counter_file_tolerates_garbage():
         assert fsutil.bump_counter(p) == 1
     assert fsutil.bump_counter(p) == 2 and fsutil.bump_counter(p, reset=True) == 0
     assert fsutil.read_json(p) == {"n": 0}
+
+
+def test_a_boot_counter_file_of_the_wrong_shape_counts_as_zero_and_boots():
+    # A JSON list in ota/boots.json (flash corruption that still parses) made OTABoot.boot() raise AttributeError:
+    # the device could not boot at all.
+    from iotlib import fsutil
+    from iotlib.otaboot import OTABoot
+    root = fwtest.tmpdir("ota-shape")
+    fsutil.makedirs(root + "/ota")
+    fsutil.write_atomic(root + "/ota/boots.json", "[1, 2]")
+    assert OTABoot(root).boot()["boots"] == 1
