@@ -298,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
         for kind in kinds:
             floor = heaplib.min_heap(lambda h: code_loads(kind, h), lo=32, hi=512)
             target = f"; 2.0x hello world = {2 * hello}K" if hello else ""
-            print(f"{kind:8} mpy    code alone (loaded, nothing run): {floor}K{target}", flush=True)
+            print(f"{kind:8} mpy    code alone (loaded, nothing run): "
+                  f"{f'{floor}K' if floor else 'fails even at 512K'}{target}", flush=True)
     for kind, mode in itertools.product(kinds, modes):
         st = a.step
         m = heaplib.min_heap(lambda h: scenario(kind, mode, h * st, a.ws_seconds, a.requests), lo=a.lo // st,

@@ -137,7 +137,7 @@ class Device:
                 _unload("iotlib.otaboot")
         else:  # OTA off: only the safe-mode counter (the file OTABoot keeps), without loading otaboot at all
             fsutil.makedirs(self.flash("ota"))
-            n = fsutil.bump_counter(self.flash("ota/boots.json"))
+            n = fsutil.bump_counter(self.flash(_BOOTS))
             self.ota_boot = {"boots": n, "safe_mode": n > self.safe_mode_after, "trial": None, "rolled_back": None}
             self.ota = None
         self.safe_mode = self.ota_boot["safe_mode"]
@@ -376,7 +376,7 @@ class Device:
                 _unload("iotlib.otaboot")
         else:
             from iotlib import fsutil
-            fsutil.bump_counter(self.flash("ota/boots.json"), reset=True)
+            fsutil.bump_counter(self.flash(_BOOTS), reset=True)
 
     def _otaboot(self):
         if self.ota is not None:
@@ -386,14 +386,14 @@ class Device:
 
     def _became_healthy(self):
         self.healthy = True
-        if self._ota_used:
-            committed = self._otaboot().healthy()
+        if not self._ota_used:
+            self._clear_boots()
+        else:
+            committed = self._otaboot().healthy()  # also clears the counter
             if committed:
                 _log.info("ota committed", version=committed)
             self.ota = None
             _unload("iotlib.otaboot")
-        else:
-            self._clear_boots()
         self._ota_wake.set()  # report the result now
 
     def _ota_reset(self):
@@ -479,6 +479,10 @@ class Device:
             t.cancel()
         if self.web is not None:
             await self.web.stop()
+
+
+#: The safe-mode boot counter, the file OTABoot keeps too (docs/ota.md).
+_BOOTS = "ota/boots.json"
 
 
 def _unload(*names):

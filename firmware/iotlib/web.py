@@ -257,7 +257,6 @@ class DeviceWeb:
                             (500, "internal server error")):
             self._error_handler(status, msg)
 
-
         async def crashed(req, exc):
             _log.error("handler failed", path=req.path if req else None, error=repr(exc))
             return error(500, "internal server error")
@@ -291,8 +290,8 @@ class DeviceWeb:
             try:
                 req = await Request.create(app, reader, writer, writer.get_extra_info("peername"))
             except asyncio.CancelledError:
-                if reading.pop(task, 0) is not None:
-                    raise  # cancelled from outside, not by the read timeout
+                if reading.get(task, 0) is not None:
+                    raise  # cancelled from outside, not by the read timeout (_reap marks its own with None)
                 await self._raw_answer(writer, 408, "request not received in time")
                 return
             except MemoryError:
@@ -315,7 +314,7 @@ class DeviceWeb:
             if self._requests is not None:
                 self._requests.inc(code=str(res.status_code))
             if req.sock is None:  # detach(): the connection has a new owner, which release()s it
-                reader = writer = None
+                writer = None
                 return
             if req.content_length > self.max_body:  # 413: swallow the body (bounded) so the answer is not lost to RST
                 await self._drain(reader, min(req.content_length, self.max_drain), 1)
@@ -366,7 +365,6 @@ class DeviceWeb:
                 parts.append("%s: %s\r\n" % (k, x))
         parts.append("\r\n")
         head = "".join(parts).encode()
-        parts = None
         try:
             if chunks:  # no Content-Length: the answer is HTTP/1.0 and closing the connection ends the body
                 await self._stream_body(writer, head, body)

@@ -86,13 +86,13 @@ def _write_if_changed(path: Path, text: str) -> Path:
     return path
 
 
-def source_name(src: Path, root: Path | None = None) -> str:
+def source_name(src: Path, root: Path | None = None, package: str = "") -> str:
     """The name a .mpy carries for tracebacks: the module's dotted name ("iotlib.metrics", "microdot" for a package's
-    __init__). MicroPython interns that name on import anyway, so the source name costs no entry of its own in the
-    interned-name pool — a file name ("metrics.py") would be one more per module, ≈ 27 on a device (docs/benchmarks.md,
-    "Device memory")."""
+    __init__), relative to root inside package. MicroPython interns that name on import anyway, so the source name
+    costs no entry of its own in the interned-name pool — a file name ("metrics.py") would be one more per module,
+    ≈ 27 on a device (docs/benchmarks.md, "Device memory")."""
     rel = src.relative_to(root) if root is not None else Path(src.name)
-    parts = list(rel.with_suffix("").parts)
+    parts = ([package] if package else []) + list(rel.with_suffix("").parts)
     if parts[-1] == "__init__" and len(parts) > 1:
         parts.pop()
     return ".".join(parts)
@@ -112,7 +112,8 @@ def embedded_source_name(mpy: Path) -> str | None:
     """The source name a .mpy (v6) carries: the first entry of its qstr table, after the 4-byte header and the
     qstr/object counts. None if unreadable (a cached file from an older build convention is then rebuilt)."""
     try:
-        data = mpy.read_bytes()[:300]
+        with open(mpy, "rb") as f:
+            data = f.read(300)  # the header and the first qstr: enough for any module name
         _, i = _varuint(data, 4)
         _, i = _varuint(data, i)
         n, i = _varuint(data, i)
@@ -148,10 +149,7 @@ def compile_tree(src_root: Path, dst_root: Path, files: list[Path] | None = None
             continue
         rel = src.relative_to(src_root).with_suffix(".mpy")
         dst = dst_root / rel
-        name = source_name(src, src_root)
-        if package:
-            name = package if name == "__init__" else package + "." + name
-        compile_file(src, dst, name)
+        compile_file(src, dst, source_name(src, src_root, package))
         out.append(dst)
     return out
 
