@@ -266,7 +266,7 @@ class AuthManager:
     refresh_fraction = 0.1
     #: leeway (s) for exp/nbf of tokens presented to the device's API
     leeway_s = JWT_LEEWAY_S
-    #: JWTs remembered as verified (whole token string → claims, until exp): a client repeats its token on every
+    #: JWTs remembered as verified (the whole header text → claims, until exp): a client repeats its token on every
     #: request, and re-checking the HMAC and re-parsing the claims each time is most of an authenticated request's cost
     verified_cache_size = 4
 
@@ -414,6 +414,14 @@ class AuthManager:
         """
         if not isinstance(bearer, str) or not bearer:
             raise AuthError("missing token")
+        # Remembered JWTs are keyed by the text as it came (the whole header value): a hit takes no copy of the token
+        # (stripping "Bearer " copied its ≈ 250 bytes on every request), and any other text is not a hit.
+        claims = self._verified.get(bearer)
+        if claims is not None:
+            exp = claims.get("exp")
+            if exp is None or (self._now_s() if self._now_s else _now_s()) <= exp + self.leeway_s:
+                return claims
+            del self._verified[bearer]  # expired: the full check below says so
         tok = bearer
         if tok[:7].lower() == "bearer ":
             tok = tok[7:].strip()
@@ -421,19 +429,13 @@ class AuthManager:
             raise AuthError("missing token")
         if tok.count(".") == 2:
             now = self._now_s() if self._now_s else _now_s()
-            claims = self._verified.get(tok)
-            if claims is not None:
-                exp = claims.get("exp")
-                if exp is None or now <= exp + self.leeway_s:
-                    return claims
-                del self._verified[tok]  # expired: the full check below says so
             claims = jwt_decode(tok, self._key, now=now, leeway=self.leeway_s, audience=self.device_id)
             if claims.get("role") not in ROLES:
                 raise AuthError("token has no valid role")
-            if len(tok) <= 512:  # a cached token must not cost much heap
+            if len(bearer) <= 520:  # a cached token must not cost much heap
                 if len(self._verified) >= self.verified_cache_size:
                     del self._verified[next(iter(self._verified))]
-                self._verified[tok] = claims
+                self._verified[bearer] = claims
             return claims
         claims = verify_static(tok, self.static_tokens if static_hashes is None else static_hashes)
         if claims is None:

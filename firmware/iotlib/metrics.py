@@ -88,6 +88,12 @@ class Metric:
         if self._slot(key):
             self.series[key] += _n
 
+    def inc_key(self, key, _n=1):
+        """inc() with the label values as a tuple of str the caller made once (a hot path: no dict, no tuple per
+        call). The caller keeps it right: one value per label name."""
+        if self._slot(key):
+            self.series[key] += _n
+
     def dec(self, _n=1, **labels):
         if self.kind == "counter":
             raise ValueError("counter %s cannot decrease" % self.name)

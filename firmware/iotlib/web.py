@@ -7,6 +7,7 @@
 # otherwise run plain functions in threads.
 import gc
 import json
+from microdot import Microdot, Request, Response
 from iotlib.compat import asyncio, ticks_ms, ticks_diff, ticks_add, format_exc
 from iotlib import log as _logmod
 
@@ -17,6 +18,9 @@ _REASONS = {200: "OK", 201: "Created", 202: "Accepted", 204: "No Content", 400: 
             403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
             413: "Payload Too Large", 429: "Too Many Requests", 500: "Internal Server Error",
             503: "Service Unavailable"}
+
+
+_NO_ARGS = {}  # url_args of a fixed-path route (never written to)
 
 
 class BadRequest(Exception):
@@ -73,8 +77,9 @@ def bearer_from(req):
 class _BufferedReader:
     """A connection's reader that reads in blocks. microdot parses a request with readline(), and MicroPython's
     socket readline reads one byte per call (on the unix port one system call per byte): a request carrying a
-    ~250-byte bearer token cost more than the rest of the request together. Also serves readexactly()/read() from
-    the same buffer (the body, a WebSocket's frames)."""
+    ~250-byte bearer token cost more than the rest of the request together. readhead() hands out the whole head at
+    once (_Request parses it in one pass); readexactly()/read() serve the body and a WebSocket's frames from the same
+    buffer."""
     __slots__ = ("_r", "_buf", "_pos")
     #: bytes asked of the socket at a time
     block = 512
@@ -86,7 +91,7 @@ class _BufferedReader:
 
     def _take(self, end):
         buf = self._buf
-        out = buf[self._pos:end]
+        out = buf if self._pos == 0 and end == len(buf) else buf[self._pos:end]  # all of it: no copy
         if end >= len(buf):
             self._buf = b""
             self._pos = 0
@@ -105,13 +110,24 @@ class _BufferedReader:
             self._buf = self._buf + chunk if self._buf else chunk
         return True
 
-    async def readline(self, limit=2048):
+    async def readhead(self, limit):
+        """The request line and headers with the blank line that ends them: b"" for a connection closed before
+        anything came, ValueError above limit bytes, EOFError when the connection closed mid-head. A head that ends
+        with a bare LF (some hand-written clients) is taken too."""
         while True:
-            i = self._buf.find(b"\n", self._pos)
+            buf = self._buf
+            i = buf.find(b"\r\n\r\n", self._pos)
             if i >= 0:
-                return self._take(i + 1)
-            if len(self._buf) - self._pos > limit or not await self._fill():  # too long (microdot refuses it) or EOF
-                return self._take(len(self._buf))
+                return self._take(i + 4)
+            i = buf.find(b"\n\n", self._pos)
+            if i >= 0:
+                return self._take(i + 2)
+            if len(buf) - self._pos > limit:
+                raise ValueError("request head too long")
+            if not await self._fill():
+                if len(buf) - self._pos:
+                    raise EOFError("connection closed mid-request")
+                return b""
 
     async def readexactly(self, n):
         while len(self._buf) - self._pos < n:
@@ -127,6 +143,159 @@ class _BufferedReader:
         return self._take(min(len(self._buf), self._pos + n))
 
 
+class _Headers:
+    """A request's headers, names lower-cased once as they are parsed; lookups take any case (a lower-case name costs
+    no copy). microdot's NoCaseDict keeps a second dict of names per request, grown header by header."""
+    __slots__ = ("_d",)
+
+    def __init__(self, d):
+        self._d = d
+
+    def get(self, name, default=None):
+        v = self._d.get(name)
+        return v if v is not None else self._d.get(name.lower(), default)
+
+    def __getitem__(self, name):
+        v = self.get(name)
+        if v is None:
+            raise KeyError(name)
+        return v
+
+    def __contains__(self, name):
+        return self.get(name) is not None
+
+    def __iter__(self):
+        return iter(self._d)
+
+    def __len__(self):
+        return len(self._d)
+
+    def items(self):
+        return self._d.items()
+
+
+class _Request(Request):
+    """microdot's Request, made in one pass over the request head. Request.create reads it line by line and
+    Request.__init__ sets 27 attributes on each request; what a device request does not use stays a class default
+    here (the per-request garbage is what sets how often the collector has to scan the whole heap: docs/benchmarks.md,
+    Device API)."""
+    scheme = "http"
+    url_prefix = ""
+    subapp = None
+    route = None
+    query_string = None
+    args = {}
+    cookies = {}
+    content_length = 0
+    content_type = None
+    _body = b""
+    body_used = False
+    _stream = None
+    _json = None
+    _form = None
+    _files = None
+    after_request_handlers = ()
+
+    def __init__(self, app, client_addr, method, url, http_version, headers, sock):
+        self.app = app
+        self.client_addr = client_addr
+        self.method = method
+        self.url = url
+        self.http_version = http_version
+        self.headers = headers
+        self.sock = sock
+        self.g = Request.G()
+        i = url.find("?")
+        if i < 0:
+            self.path = url
+        else:
+            self.path = url[:i]
+            self.query_string = url[i + 1:]
+            self.args = self._parse_urlencoded(self.query_string)
+        n = headers._d.get("content-length")  # names are stored lower-case: no copy to look one up
+        if n is not None:
+            self.content_length = int(n)
+        t = headers._d.get("content-type")
+        if t is not None:
+            self.content_type = t
+
+    @staticmethod
+    async def create(app, reader, writer, client_addr):
+        """The request on a _BufferedReader: ValueError for a malformed or oversized head, EOFError for a connection
+        closed before the head ended, None for one closed before it sent anything."""
+        head = await reader.readhead(DeviceWeb.max_head)
+        if not head:
+            return None
+        if head.find(b"\n") > Request.max_readline:  # microdot's limit for one line (its 400 for a URL this long)
+            raise ValueError("request line too long")
+        # Fields sliced straight out of the decoded head (no list of lines, no copy of a line before its value): the
+        # bearer token's line was copied three times that way.
+        s = head.decode()
+        nl = "\r\n" if "\r\n" in s else "\n"  # a bare-LF head (hand-written clients)
+        j = s.find(nl)
+        method, url, version = s[:j].split()
+        version = version.split("/", 1)[1]
+        d = {}
+        pos = j + len(nl)
+        while True:
+            j = s.find(nl, pos)
+            if j <= pos:  # the blank line that ends the head
+                break
+            c = s.find(":", pos, j)
+            if c <= pos:
+                raise ValueError("bad header line")
+            a = c + 1
+            while a < j and s[a] == " ":
+                a += 1
+            v = s[a:j]
+            if v[-1:] == " ":
+                v = v.strip()
+            d[s[pos:c].lower()] = v
+            pos = j + len(nl)
+        req = _Request(app, client_addr, method, url, version, _Headers(d), (reader, writer))
+        n = req.content_length
+        if n and n <= Request.max_body_length:
+            req._body = await reader.readexactly(n)
+        elif n:
+            req._stream = reader
+        return req
+
+
+class _Response(Response):
+    """microdot's Response with its headers in a plain dict: NoCaseDict copies every name lower-cased on each store
+    and lookup and keeps a second dict (≈ 0.6K per answer). Names are as the handler wrote them; DeviceWeb._write
+    and Response.write only iterate them."""
+
+    def __init__(self, body=b"", status_code=200, headers=None):
+        self.status_code = status_code
+        self.reason = None
+        self.is_head = False
+        h = {}
+        if headers:
+            h.update(headers)
+        if isinstance(body, (dict, list)):
+            body = json.dumps(body)
+            h["Content-Type"] = "application/json; charset=UTF-8"
+        self.body = body.encode() if isinstance(body, str) else body
+        self.headers = h
+
+
+def _answer(res):
+    """A handler's result as a _Response, by microdot's rules (dispatch_request then takes it as it is): a body,
+    (body, status), (body, status, headers), (body, headers), a bare status, or a Response."""
+    if isinstance(res, Response) or res is None:
+        return res
+    if isinstance(res, int):
+        return _Response(b"", res)
+    if isinstance(res, tuple):
+        if isinstance(res[0], int):
+            return _Response(b"", res[0], res[1] if len(res) > 1 else None)
+        if len(res) > 1 and not isinstance(res[1], int):
+            return _Response(res[0], 200, res[1])
+        return _Response(res[0], res[1] if len(res) > 1 else 200, res[2] if len(res) > 2 else None)
+    return _Response(res)
+
+
 def _prepend(first, rest):
     yield first
     for x in rest:
@@ -139,6 +308,8 @@ class DeviceWeb:
     max_connections = 3
     #: Largest request body accepted (413 above): the device API takes small JSON commands only.
     max_body = 1024
+    #: Largest request line + headers (400 above): a device JWT is ≈ 250 bytes.
+    max_head = 4096
     #: Seconds a client gets to send its request line and headers (a silent client must not hold a socket).
     read_timeout_s = 5
     #: Most bytes of an oversized body read and discarded before the 413 goes out (beyond it the client may see RST).
@@ -155,7 +326,6 @@ class DeviceWeb:
         """verify(bearer) → claims with a "role", raising on a bad token (iotlib.auth.AuthManager.verify).
         info() → dict for /info; ready() → (bool, dict) for /ready; on_reboot(): called shortly after POST /reboot
         answered. metrics: an iotlib.metrics registry for /metrics (None: the module's REGISTRY)."""
-        from microdot import Microdot, Request
         Request.max_content_length = self.max_body
         Request.max_body_length = self.max_body
         self._verify = verify
@@ -174,13 +344,36 @@ class DeviceWeb:
         self._reaper = None
         web = self
 
+        exact = self._exact = {}  # path without <args> -> {method: handler}, filled by route()
+
         class App(Microdot):
             async def handle_request(self, reader, writer):
                 await web._handle(self, reader, writer)
 
+            def find_route(self, req):
+                # A fixed path by one dict lookup: microdot tries every route's pattern in turn, each try a regex
+                # match and a dict. (So a fixed path wins over a pattern that also matches it: the device has none.)
+                # Patterns, 405 and OPTIONS: microdot's own walk.
+                f = exact.get(req.path)
+                if f is not None:
+                    m = req.method
+                    f = f.get("GET" if m == "HEAD" else m)
+                    if f is not None:
+                        req.url_args = _NO_ARGS
+                        return f, "", None
+                return Microdot.find_route(self, req)
+
+            def get_request_handlers(self, req, attr, local_first=True):
+                # No before/after hooks and no mounted sub-apps on the device: nothing to build (microdot joins the
+                # hook name and two lists, three times per request).
+                if self.before_request_handlers or self.after_request_handlers or self.after_error_request_handlers:
+                    return Microdot.get_request_handlers(self, req, attr, local_first)
+                return ()
+
         self.app = App()
         self._install_errors()
         self._requests = None
+        self._code_keys = {}
         if metrics is not False:
             self._setup_metrics()
         self.route("/health", None, self._health)
@@ -219,12 +412,16 @@ class DeviceWeb:
         async def guarded(req, **kw):
             denied = web.check(req, role) if role is not False else None
             if denied is not None:
-                return denied
+                return _answer(denied)
             try:
-                return await handler(req, **kw)
+                return _answer(await handler(req, **kw))
             except BadRequest as e:
-                return error(400, str(e))
-        self.app.route(path, methods=methods or ["GET"])(guarded)
+                return _answer(error(400, str(e)))
+        methods = methods or ["GET"]
+        self.app.route(path, methods=methods)(guarded)
+        if "<" not in path:
+            for m in methods:
+                self._exact.setdefault(path, {})[m] = guarded
         return guarded
 
     def check(self, req, role):
@@ -269,7 +466,6 @@ class DeviceWeb:
 
     # --- connection handling -----------------------------------------------------------------------------------------
     async def _handle(self, app, reader, writer):
-        from microdot import Request, Response
         if self.active >= self.max_connections:
             self.refused += 1
             if self._requests is not None:
@@ -288,7 +484,7 @@ class DeviceWeb:
             self._reaper = asyncio.create_task(self._reap())
         try:
             try:
-                req = await Request.create(app, reader, writer, writer.get_extra_info("peername"))
+                req = await _Request.create(app, reader, writer, writer.get_extra_info("peername"))
             except asyncio.CancelledError:
                 if reading.get(task, 0) is not None:
                     raise  # cancelled from outside, not by the read timeout (_reap marks its own with None)
@@ -312,7 +508,11 @@ class DeviceWeb:
                 return
             res = await app.dispatch_request(req)
             if self._requests is not None:
-                self._requests.inc(code=str(res.status_code))
+                code = res.status_code
+                key = self._code_keys.get(code)
+                if key is None:  # a series key per status code, made once (not a kwargs dict and a tuple per answer)
+                    key = self._code_keys[code] = (str(code),)
+                self._requests.inc_key(key)
             if req.sock is None:  # detach(): the connection has a new owner, which release()s it
                 writer = None
                 return
@@ -355,19 +555,26 @@ class DeviceWeb:
         if not (isinstance(body, bytes) or chunks) or res.is_head:
             await res.write(writer)  # other streamed bodies (files, async generators) and HEAD: microdot's own path
             return
-        res.complete()
+        # The head in one format (what Response.complete() adds, without writing it into the NoCaseDict first: each
+        # of its lookups and stores copies the name lower-cased, ≈ 1K per answer with the list and join that were here).
         h = res.headers
-        # formatted in one piece (not a string grown header by header: each step was a fresh copy to collect)
-        parts = ["HTTP/1.0 %d %s\r\n" % (res.status_code, res.reason)]
-        for k in h:
-            v = h[k]
-            for x in (v if isinstance(v, list) else (v,)):
-                parts.append("%s: %s\r\n" % (k, x))
-        parts.append("\r\n")
-        head = "".join(parts).encode()
+        extra = ""
+        for k, v in h.items():  # an answer has one to three headers
+            if isinstance(v, list):
+                for x in v:
+                    extra += "%s: %s\r\n" % (k, x)
+            else:
+                extra += "%s: %s\r\n" % (k, v)
+        if not chunks and "Content-Length" not in h:
+            extra += "Content-Length: %d\r\n" % len(body)
+        if "Content-Type" not in h:
+            extra += "Content-Type: text/plain; charset=UTF-8\r\n"
+        head = ("HTTP/1.0 %d %s\r\n%s\r\n" % (res.status_code, res.reason, extra)).encode()
         try:
             if chunks:  # no Content-Length: the answer is HTTP/1.0 and closing the connection ends the body
                 await self._stream_body(writer, head, body)
+            elif len(head) + len(body) <= self.stream_write:  # most answers: copied into the kept write buffer
+                await self._small_body(writer, head, body)
             elif len(body) > self.one_write_max:  # no copy of a large body just to save one write
                 await writer.awrite(head)
                 await writer.awrite(body)
@@ -375,6 +582,21 @@ class DeviceWeb:
                 await writer.awrite(head + body)
         except OSError:  # the peer is gone (reset, broken pipe): nothing left to tell it; microdot mutes these too
             pass
+
+    async def _small_body(self, writer, head, body):
+        # head + body would be a fresh block of their size on every answer; the kept buffer is none
+        wb = self._wbuf
+        self._wbuf = None  # two answers at once: the second gets its own
+        if wb is None or len(wb) != self.stream_write:
+            wb = bytearray(self.stream_write)
+        try:
+            n = len(head)
+            m = n + len(body)
+            wb[:n] = head
+            wb[n:m] = body
+            await writer.awrite(memoryview(wb)[:m])
+        finally:
+            self._wbuf = wb
 
     async def _stream_body(self, writer, head, chunks):
         # Sent in writes of stream_write bytes (not one per chunk: Nagle) gathered in one buffer that stays allocated
@@ -435,7 +657,7 @@ class DeviceWeb:
                 from types import MethodType
 
                 async def awrite(self, data):
-                    self.write(data)
+                    self.write(data if isinstance(data, bytes) else bytes(data))  # the buffer is reused: copy
                     await self.drain()
 
                 async def aclose(self):

@@ -19,13 +19,15 @@ MICRODOT_MODULES = ("__init__.py", "microdot.py", "websocket.py", "helpers.py")
 #: attributes) removed. `microdot/__init__.py` re-exports what is left.
 MICRODOT_SLIM = {
     "": ("urlencode", "abort", "redirect", "send_file"),
-    "Request": ("form", "files", "after_request"),
+    # iotlib.web._Request parses and builds the device's requests, its App(Microdot) reads the connections
+    "Request": ("__init__", "form", "files", "after_request", "create", "_safe_readline"),
     "Response": ("types_map", "default_send_file_max_age", "set_cookie", "delete_cookie", "redirect", "send_file"),
     "Microdot": ("get", "post", "put", "patch", "delete", "query", "mount", "abort", "start_server", "run",
-                 "shutdown"),
+                 "shutdown", "handle_request"),
 }
-#: Statements of a method removed with it (cookie parsing: the device API uses bearer tokens only).
-MICRODOT_SLIM_STMTS = {("Request", "__init__"): ("'Cookie' in self.headers",)}
+#: Statements of a kept method removed from it: {(class, method): (the `if` test's source, …)}. (Request.__init__'s
+#: cookie parsing was one; the whole __init__ is gone now.)
+MICRODOT_SLIM_STMTS = {}
 MICRODOT_SLIM_INIT = ("from microdot.microdot import Microdot, Request, Response, URLPattern, AsyncBytesIO, "
                       "iscoroutine  # noqa: F401  (slimmed for the device: picoiot.build.slim_microdot)\n")
 

@@ -375,6 +375,7 @@ def test_verified_jwt_cache_keeps_expiry_and_tampering_checks_and_stays_bounded(
     assert "signature" in str(fwtest.raises(AuthError, m.verify, forged))  # a cached signature proves nothing
     clock[0] = NOW + 60 + m.leeway_s + 1
     assert "expired" in str(fwtest.raises(AuthError, m.verify, tok))  # remembered tokens still expire
+    assert "expired" in str(fwtest.raises(AuthError, m.verify, "Bearer " + tok))  # also under the key it was kept
     clock[0] = NOW
     for i in range(m.verified_cache_size * 3):
         m.verify(auth.jwt_encode({"sub": "u%d" % i, "aud": "relay-1", "role": "viewer", "exp": NOW + 60}, KEY))

@@ -254,8 +254,8 @@ def test_requests_split_anywhere_or_sent_with_the_body_in_one_segment_are_parsed
 
 
 def test_running_out_of_heap_while_reading_a_request_answers_503_and_the_server_goes_on():
-    import microdot
-    real = microdot.Request.create
+    from iotlib import web as webmod
+    real = webmod._Request.create
     calls = {"n": 0}
 
     async def create_oom(*args, **kw):  # fault injection: the heap is gone while microdot parses this request
@@ -265,7 +265,7 @@ def test_running_out_of_heap_while_reading_a_request_answers_503_and_the_server_
         return await real(*args, **kw)
 
     async def t(web, port, state):
-        microdot.Request.create = create_oom
+        webmod._Request.create = create_oom
         try:
             s, h, b = await wc.request(port, "GET", "/health")
             assert s == 503 and b == {"error": "out of memory"} and h["retry-after"] == "1"
@@ -273,11 +273,11 @@ def test_running_out_of_heap_while_reading_a_request_answers_503_and_the_server_
             s, h, b = await wc.request(port, "GET", "/health")  # the next request is served as ever
             assert s == 200 and b["status"] == "ok"
         finally:
-            microdot.Request.create = real
+            webmod._Request.create = real
     serve(t)
 
 
-def test_buffered_reader_mixes_lines_exact_reads_and_reads_across_blocks():
+def test_buffered_reader_mixes_heads_exact_reads_and_reads_across_blocks():
     from iotlib.web import _BufferedReader
 
     class Src:  # hands out the data a few bytes at a time, like a socket under load
@@ -289,7 +289,7 @@ def test_buffered_reader_mixes_lines_exact_reads_and_reads_across_blocks():
             out, self.data = self.data[:k], self.data[k:]
             return out
 
-    data = b"GET / HTTP/1.0\r\nHost: x\r\n\r\n" + b"0123456789" + b"tail line\nrest"
+    data = b"GET / HTTP/1.0\r\nHost: x\r\n\r\n" + b"0123456789" + b"PUT /b HTTP/1.0\n\nrest"
     for step in (1, 3, 7, 64):
         for block in (4, 16, 512):
             class Rd(_BufferedReader):
@@ -298,20 +298,28 @@ def test_buffered_reader_mixes_lines_exact_reads_and_reads_across_blocks():
             r = Rd(Src(data, step))
 
             async def go():
-                assert await r.readline() == b"GET / HTTP/1.0\r\n"
-                assert await r.readline() == b"Host: x\r\n"
-                assert await r.readline() == b"\r\n"
+                assert await r.readhead(4096) == b"GET / HTTP/1.0\r\nHost: x\r\n\r\n"
                 assert await r.readexactly(4) == b"0123"
                 got = b""
                 while len(got) < 6:
                     got += await r.read(6 - len(got))
                 assert got == b"456789"
-                assert await r.readline() == b"tail line\n"
-                assert await r.readline() == b"rest"  # EOF: what there is
-                assert await r.readline() == b""
+                assert await r.readhead(4096) == b"PUT /b HTTP/1.0\n\n"  # a bare-LF head
                 try:
-                    await r.readexactly(1)
+                    await r.readhead(4096)  # "rest", then EOF: a head cut short
+                    assert False, "a head cut short must raise"
+                except EOFError:
+                    pass
+                try:
+                    await r.readexactly(5)
                     assert False, "EOF must raise"
                 except EOFError:
                     pass
+                assert await Rd(Src(b"", step)).readhead(4096) == b""  # closed before sending anything
+                try:
+                    await Rd(Src(b"x" * 40, step)).readhead(16)
+                    assert False, "a head over the limit must raise"
+                except ValueError:
+                    pass
             fwtest.run(go())
+
