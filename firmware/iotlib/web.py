@@ -173,6 +173,12 @@ class _Headers:
     def items(self):
         return self._d.items()
 
+    def keys(self):
+        return self._d.keys()
+
+    def values(self):
+        return self._d.values()
+
 
 class _Request(Request):
     """microdot's Request, made in one pass over the request head. Request.create reads it line by line and

@@ -23,6 +23,16 @@ def test_header_names_in_any_case_bare_lf_heads_head_and_405_on_a_fixed_path():
         return out
 
     async def t(web, port, state):
+        seen = {}
+
+        async def echo(req):
+            h = req.headers
+            seen.update(dict(h), has=("X-Thing" in h, "x-thing" in h, "nope" in h), get=h.get("X-THING"))
+            return {"n": h["x-thing"]}
+        web.route("/echo", None, echo)
+        out = await raw(port, b"GET /echo HTTP/1.0\r\nX-Thing: a b  \r\nHost: d\r\n\r\n")
+        assert out.endswith(b'{"n": "a b"}'), out
+        assert seen == {"x-thing": "a b", "host": "d", "has": (True, True, False), "get": "a b"}, seen
         for req in (b"GET /thing HTTP/1.0\r\nauthorization: Bearer " + tok + b"\r\n\r\n",
                     b"GET /thing HTTP/1.0\nAUTHORIZATION:Bearer " + tok + b"  \nX-Empty:\n\n",
                     b"GET /thing?verbose=1 HTTP/1.0\r\nAuthorization:   Bearer " + tok + b"\r\n\r\n"):
