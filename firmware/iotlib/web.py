@@ -167,17 +167,8 @@ class _Headers:
     def __iter__(self):
         return iter(self._d)
 
-    def __len__(self):
-        return len(self._d)
-
     def items(self):
         return self._d.items()
-
-    def keys(self):
-        return self._d.keys()
-
-    def values(self):
-        return self._d.values()
 
 
 class _Request(Request):
@@ -185,21 +176,18 @@ class _Request(Request):
     Request.__init__ sets 27 attributes on each request; what a device request does not use stays a class default
     here (the per-request garbage is what sets how often the collector has to scan the whole heap: docs/benchmarks.md,
     Device API)."""
+    # (cookies and forms are not parsed on the device)
     scheme = "http"
     url_prefix = ""
-    subapp = None
+    subapp = None  # read by microdot's error answers before any route is looked up (a 413)
     route = None
     query_string = None
     args = {}
-    cookies = {}
     content_length = 0
     content_type = None
     _body = b""
-    body_used = False
     _stream = None
     _json = None
-    _form = None
-    _files = None
     after_request_handlers = ()
 
     def __init__(self, app, client_addr, method, url, http_version, headers, sock):
@@ -579,8 +567,6 @@ class DeviceWeb:
         try:
             if chunks:  # no Content-Length: the answer is HTTP/1.0 and closing the connection ends the body
                 await self._stream_body(writer, head, body)
-            elif len(head) + len(body) <= self.stream_write:  # most answers: copied into the kept write buffer
-                await self._small_body(writer, head, body)
             elif len(body) > self.one_write_max:  # no copy of a large body just to save one write
                 await writer.awrite(head)
                 await writer.awrite(body)
@@ -588,21 +574,6 @@ class DeviceWeb:
                 await writer.awrite(head + body)
         except OSError:  # the peer is gone (reset, broken pipe): nothing left to tell it; microdot mutes these too
             pass
-
-    async def _small_body(self, writer, head, body):
-        # head + body would be a fresh block of their size on every answer; the kept buffer is none
-        wb = self._wbuf
-        self._wbuf = None  # two answers at once: the second gets its own
-        if wb is None or len(wb) != self.stream_write:
-            wb = bytearray(self.stream_write)
-        try:
-            n = len(head)
-            m = n + len(body)
-            wb[:n] = head
-            wb[n:m] = body
-            await writer.awrite(memoryview(wb)[:m])
-        finally:
-            self._wbuf = wb
 
     async def _stream_body(self, writer, head, chunks):
         # Sent in writes of stream_write bytes (not one per chunk: Nagle) gathered in one buffer that stays allocated

@@ -27,7 +27,7 @@ def test_header_names_in_any_case_bare_lf_heads_head_and_405_on_a_fixed_path():
 
         async def echo(req):
             h = req.headers
-            seen.update(dict(h), has=("X-Thing" in h, "x-thing" in h, "nope" in h), get=h.get("X-THING"))
+            seen.update(dict(h.items()), has=("X-Thing" in h, "x-thing" in h, "nope" in h), get=h.get("X-THING"))
             return {"n": h["x-thing"]}
         web.route("/echo", None, echo)
         out = await raw(port, b"GET /echo HTTP/1.0\r\nX-Thing: a b  \r\nHost: d\r\n\r\n")
