@@ -117,13 +117,14 @@ class _BufferedReader:
         while True:
             buf = self._buf
             i = buf.find(b"\r\n\r\n", self._pos)
-            if i >= 0:
-                return self._take(i + 4)
-            i = buf.find(b"\n\n", self._pos)
-            if i >= 0:
-                return self._take(i + 2)
-            if len(buf) - self._pos > limit:
+            n = 4
+            if i < 0:
+                i = buf.find(b"\n\n", self._pos)
+                n = 2
+            if i - self._pos > limit or (i < 0 and len(buf) - self._pos > limit):
                 raise ValueError("request head too long")
+            if i >= 0:
+                return self._take(i + n)
             if not await self._fill():
                 if len(buf) - self._pos:
                     raise EOFError("connection closed mid-request")
