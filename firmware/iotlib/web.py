@@ -249,6 +249,8 @@ class _Request(Request):
             pos = j + len(nl)
         req = _Request(app, client_addr, method, url, version, _Headers(d), (reader, writer))
         n = req.content_length
+        if n < 0:
+            raise ValueError("negative Content-Length")
         if n and n <= Request.max_body_length:
             req._body = await reader.readexactly(n)
         elif n:

@@ -45,6 +45,10 @@ def test_header_names_in_any_case_bare_lf_heads_head_and_405_on_a_fixed_path():
         assert json.loads(out.split(b"\r\n\r\n", 1)[1]) == {"error": "method not allowed"}
         out = await raw(port, b"GET /thing HTTP/1.0\r\nNoColonHere\r\n\r\n")
         assert out.startswith(b"HTTP/1.0 400 "), out
+        for n in (b"-5", b"five"):  # a Content-Length that is no length: 400, not a read of what was never sent
+            out = await raw(port, b"POST /thing HTTP/1.0\r\nAuthorization: Bearer " + token("operator").encode() +
+                            b"\r\nContent-Length: " + n + b"\r\n\r\n{}")
+            assert out.startswith(b"HTTP/1.0 400 ") and b"malformed request" in out, (n, out)
         pad = b"X-Pad: " + b"a" * 1500 + b"\r\n"
         out = await raw(port, b"GET /thing HTTP/1.0\r\n" + pad * 3 + b"\r\n")  # a head over max_head (4096)
         assert out.startswith(b"HTTP/1.0 400 ") and b"malformed request" in out, out
