@@ -414,12 +414,13 @@ class AuthManager:
         """
         if not isinstance(bearer, str) or not bearer:
             raise AuthError("missing token")
+        now = self._now_s() if self._now_s else _now_s()
         # Remembered JWTs are keyed by the text as it came (the whole header value): a hit takes no copy of the token
         # (stripping "Bearer " copied its ≈ 250 bytes on every request), and any other text is not a hit.
         claims = self._verified.get(bearer)
         if claims is not None:
             exp = claims.get("exp")
-            if exp is None or (self._now_s() if self._now_s else _now_s()) <= exp + self.leeway_s:
+            if exp is None or now <= exp + self.leeway_s:
                 return claims
             del self._verified[bearer]  # expired: the full check below says so
         tok = bearer
@@ -428,7 +429,6 @@ class AuthManager:
         if not tok:
             raise AuthError("missing token")
         if tok.count(".") == 2:
-            now = self._now_s() if self._now_s else _now_s()
             claims = jwt_decode(tok, self._key, now=now, leeway=self.leeway_s, audience=self.device_id)
             if claims.get("role") not in ROLES:
                 raise AuthError("token has no valid role")

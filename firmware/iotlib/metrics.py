@@ -82,15 +82,13 @@ class Metric:
 
     # The amount is named _n/_v so that any label name (even "n" or "v") can be passed as a keyword.
     def inc(self, _n=1, **labels):
-        if self.kind == "counter" and _n < 0:
-            raise ValueError("counter %s cannot decrease" % self.name)
-        key = self._key(labels)
-        if self._slot(key):
-            self.series[key] += _n
+        self.inc_key(self._key(labels), _n)
 
     def inc_key(self, key, _n=1):
         """inc() with the label values as a tuple of str the caller made once (a hot path: no dict, no tuple per
         call). The caller keeps it right: one value per label name."""
+        if self.kind == "counter" and _n < 0:
+            raise ValueError("counter %s cannot decrease" % self.name)
         if self._slot(key):
             self.series[key] += _n
 

@@ -192,12 +192,13 @@ class _Request(Request):
     after_request_handlers = ()
 
     def __init__(self, app, client_addr, method, url, http_version, headers, sock):
+        """headers: {lower-case name: value}."""
         self.app = app
         self.client_addr = client_addr
         self.method = method
         self.url = url
         self.http_version = http_version
-        self.headers = headers
+        self.headers = _Headers(headers)
         self.sock = sock
         self.g = Request.G()
         i = url.find("?")
@@ -207,10 +208,10 @@ class _Request(Request):
             self.path = url[:i]
             self.query_string = url[i + 1:]
             self.args = self._parse_urlencoded(self.query_string)
-        n = headers._d.get("content-length")  # names are stored lower-case: no copy to look one up
+        n = headers.get("content-length")
         if n is not None:
             self.content_length = int(n)
-        t = headers._d.get("content-type")
+        t = headers.get("content-type")
         if t is not None:
             self.content_type = t
 
@@ -221,13 +222,13 @@ class _Request(Request):
         head = await reader.readhead(DeviceWeb.max_head)
         if not head:
             return None
-        if head.find(b"\n") > Request.max_readline:  # microdot's limit for one line (its 400 for a URL this long)
-            raise ValueError("request line too long")
         # Fields sliced straight out of the decoded head (no list of lines, no copy of a line before its value): the
         # bearer token's line was copied three times that way.
         s = head.decode()
         nl = "\r\n" if "\r\n" in s else "\n"  # a bare-LF head (hand-written clients)
         j = s.find(nl)
+        if j > Request.max_readline:  # microdot's limit for one line (its 400 for a URL this long)
+            raise ValueError("request line too long")
         method, url, version = s[:j].split()
         version = version.split("/", 1)[1]
         d = {}
@@ -247,7 +248,7 @@ class _Request(Request):
                 v = v.strip()
             d[s[pos:c].lower()] = v
             pos = j + len(nl)
-        req = _Request(app, client_addr, method, url, version, _Headers(d), (reader, writer))
+        req = _Request(app, client_addr, method, url, version, d, (reader, writer))
         n = req.content_length
         if n < 0:
             raise ValueError("negative Content-Length")
@@ -417,8 +418,9 @@ class DeviceWeb:
         methods = methods or ["GET"]
         self.app.route(path, methods=methods)(guarded)
         if "<" not in path:
+            by_method = self._exact.setdefault(path, {})
             for m in methods:
-                self._exact.setdefault(path, {})[m] = guarded
+                by_method[m] = guarded
         return guarded
 
     def check(self, req, role):

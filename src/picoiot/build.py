@@ -25,9 +25,6 @@ MICRODOT_SLIM = {
     "Microdot": ("get", "post", "put", "patch", "delete", "query", "mount", "abort", "start_server", "run",
                  "shutdown", "handle_request"),
 }
-#: Statements of a kept method removed from it: {(class, method): (the `if` test's source, …)}. (Request.__init__'s
-#: cookie parsing was one; the whole __init__ is gone now.)
-MICRODOT_SLIM_STMTS = {}
 MICRODOT_SLIM_INIT = ("from microdot.microdot import Microdot, Request, Response, URLPattern, AsyncBytesIO, "
                       "iscoroutine  # noqa: F401  (slimmed for the device: picoiot.build.slim_microdot)\n")
 
@@ -46,14 +43,13 @@ def _defined_name(node):
 
 
 def slim_microdot(text: str) -> str:
-    """microdot.py without the definitions named in MICRODOT_SLIM (and the statements in MICRODOT_SLIM_STMTS).
+    """microdot.py without the definitions named in MICRODOT_SLIM.
     Removed lines become blank lines, so line numbers in tracebacks still match the stock source. Raises BuildError
     when a name to remove is not found (a new microdot release moved things: revisit the list)."""
     import ast
     tree = ast.parse(text)
     lines = text.split("\n")
     todo = {(scope, name) for scope, names in MICRODOT_SLIM.items() for name in names}
-    todo |= {(key, cond) for key, conds in MICRODOT_SLIM_STMTS.items() for cond in conds}
 
     def blank(node):
         first = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", ())])
@@ -68,11 +64,6 @@ def slim_microdot(text: str) -> str:
                 blank(node)
             elif isinstance(node, ast.ClassDef) and scope == "":
                 scan(node.body, node.name)
-            elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and scope:
-                for stmt in node.body:
-                    if isinstance(stmt, ast.If) and ((scope, node.name), ast.unparse(stmt.test)) in todo:
-                        todo.discard(((scope, node.name), ast.unparse(stmt.test)))
-                        blank(stmt)
     scan(tree.body, "")
     if todo:
         raise BuildError(f"slim_microdot: not found in this microdot: {sorted(map(str, todo))}")
