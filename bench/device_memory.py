@@ -246,7 +246,7 @@ def _print_trace(text: str) -> None:
 def code_loads(kind: str, heap_k: int) -> bool:
     """The controller's code merely loaded from .mpy (main_sim.preload: every module it imports), nothing constructed
     or run: the floor under any scenario figure in mpy mode."""
-    script = ("import gc\nfrom iotlib import sim\nsim.configure(flash_root='/tmp/picoiot-devmem-floor')\n"
+    script = ("import gc\nimport picosim as sim\nsim.configure(flash_root='/tmp/picoiot-devmem-floor')\n"
               f"import main_sim\nmain_sim.preload('{kind}')\ngc.collect()\nprint('LOADED')\n")
     proc = subprocess.run([paths.micropython_bin(), "-X", f"heapsize={heap_k}K", "-c", script], capture_output=True,
                           text=True, timeout=60, env=dict(os.environ, MICROPYPATH=f"{BUNDLE}:.frozen"))

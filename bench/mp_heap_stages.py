@@ -29,7 +29,7 @@ def main(argv):
     argv = [a for a in argv if not a.endswith(".img")]
     snap("start")
     import main_sim
-    from iotlib import sim
+    import picosim as sim
     from iotlib.fsutil import makedirs
     from iotlib.compat import asyncio
     s = main_sim.settings(argv)

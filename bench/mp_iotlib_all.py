@@ -219,7 +219,8 @@ DEFAULTS = {"sampling": {"interval_ms": 1000}, "time": {"servers": [], "interval
 
 
 async def workload(flash):
-    from iotlib import sim, metrics, log
+    import picosim as sim
+    from iotlib import metrics, log
     sim.configure(flash_root=flash)
     lag_task = asyncio.create_task(metrics.loop_lag_monitor(20))
 

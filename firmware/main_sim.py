@@ -8,7 +8,7 @@
 # Environment variables override the file: PICOIOT_KIND, PICOIOT_DEVICE_ID, PICOIOT_DEVICE_KEY, PICOIOT_SD_URL,
 # PICOIOT_NAMESPACE, PICOIOT_PORT, PICOIOT_HOST, PICOIOT_FLASH. When the local API listens it prints one line:
 #   picoiot device <id> listening on http://127.0.0.1:<port>
-# A simulated reset ends the process with status 75 (iotlib.sim.RESET_EXIT_CODE): restart it with the same flash.
+# A simulated reset ends the process with status 75 (picosim.RESET_EXIT_CODE): restart it with the same flash.
 import sys
 import os
 import json
@@ -93,7 +93,7 @@ async def run(s):
 
 def main(argv=None):
     s = settings(sys.argv[1:] if argv is None else argv)
-    from iotlib import sim
+    import picosim as sim
     from iotlib.fsutil import makedirs
     makedirs(s["flash_dir"])
     sim.configure(flash_root=s["flash_dir"])

@@ -1,6 +1,7 @@
-# The hardware boundary: the only module (with iotlib.sim) that touches `machine`/`network`.
+# The hardware boundary: the only iotlib module that touches `machine`/`network`.
 # On a Pico W it hands out the real classes; anywhere else (the unix port's `machine` is nearly empty and it has no
-# `network`; CPython has neither) it hands out the simulated board of iotlib.sim. Feature detection, not platform checks.
+# `network`; CPython has neither) it hands out the simulated board of `picosim`, test equipment that a board bundle
+# does not contain. Feature detection, not platform checks.
 from iotlib.compat import const
 
 try:
@@ -27,24 +28,26 @@ STAT_WRONG_PASSWORD = const(-3)  # CYW43_LINK_BADAUTH
 WDT_MAX_MS = const(8388)
 
 _CAUSE_FILE = ".reset_cause"   # written just before a reset we cause, read (and removed) at the next boot
-_cause = [None]                # this boot's reset cause, once read
+_cause = [None, None]          # this boot's reset cause once read, and the boot it was read in
 
 if SIMULATED:
-    from iotlib import sim as _sim
-    from iotlib.sim import Pin, WLAN, WDT, SimulatedReset  # noqa: F401
+    import picosim as _sim
+    from picosim import Pin, WLAN, WDT, SimulatedReset  # noqa: F401
     STA_IF = 0
     AP_IF = 1
 
     def __getattr__(name):
-        # ADC, I2C and RTC come from iotlib.sim_io, loaded on first use (a relays device never needs them)
+        # ADC, I2C and RTC come from picosim.periph, loaded on first use (a relays device never needs them)
         if name in ("ADC", "I2C", "RTC"):
             return getattr(_sim, name)
         raise AttributeError(name)
 
     def reset():
+        _record_cause("hard")
         _sim.board.reset("hard")
 
     def soft_reset():
+        _record_cause("soft")
         _sim.board.reset("soft")
 
     def ticks_ms():
@@ -63,7 +66,10 @@ if SIMULATED:
         _sim.board.wlan.check_io()
 
     def _hw_cause():
-        return "power_on"  # the simulated board has no reset register: every cause it knows is on flash
+        return _sim.board.reset_cause()
+
+    def _boot_id():
+        return _sim.board.boot_id  # a test may boot the simulated board again in the same process
 else:
     Pin = _machine.Pin
     ADC = _machine.ADC
@@ -106,6 +112,9 @@ else:
             return "hard"
         return "unknown"
 
+    def _boot_id():
+        return 0  # one boot per process on a board
+
 
 def flash_path(name):
     """The path of a persistent file `name` on the flash root."""
@@ -124,9 +133,9 @@ def _record_cause(cause):
 
 def reset_cause():
     """Why this boot happened: "power_on" | "watchdog" | "soft" | "hard" | "unknown". A reset that iotlib caused
-    (hal.reset / hal.soft_reset / a starved simulated WDT) leaves its cause on flash; the first call of a boot reads and
+    (hal.reset / hal.soft_reset) leaves its cause on flash; the first call of a boot reads and
     removes it, so the next power cycle is not mistaken for it. Later calls in the same boot give the same answer."""
-    if _cause[0] is None:
+    if _cause[0] is None or _cause[1] != _boot_id():
         cause = None
         path = flash_path(_CAUSE_FILE)
         try:
@@ -139,10 +148,5 @@ def reset_cause():
         hw = _hw_cause()
         # A board's own register knows watchdog resets best; our marker tells hard from soft (rp2 resets through the
         # watchdog, so machine.reset() alone would look like a WDT reset).
-        _cause[0] = cause or hw
+        _cause[0], _cause[1] = cause or hw, _boot_id()
     return _cause[0]
-
-
-def _forget_cause():
-    """Called by the simulator when the simulated device boots again."""
-    _cause[0] = None

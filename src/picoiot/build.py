@@ -7,9 +7,13 @@ from pathlib import Path
 
 from . import paths
 
-# microdot modules a device bundle needs (the core and the WebSocket extension); microdot's other
-# extensions stay off the board.
-MICRODOT_MODULES = ("__init__.py", "microdot.py", "websocket.py", "helpers.py")
+# microdot modules a device bundle needs: the core only. The firmware's WebSocket stream is its own
+# (iotlib.wsstream); microdot's extensions, `websocket.py` and `helpers.py` included, stay off the board.
+MICRODOT_MODULES = ("__init__.py", "microdot.py")
+
+#: Test equipment under firmware/ that a board bundle never contains: the simulated Pico W (the `picosim` package) and
+#: the launchers that run a controller on it.
+SIMULATOR = ("picosim", "main_sim.py", "boot_romfs.py")
 
 
 #: microdot features a device never uses, left out of the device bundle's copy (`slim_microdot`): every name loaded
@@ -147,13 +151,34 @@ def compile_tree(src_root: Path, dst_root: Path, files: list[Path] | None = None
     return out
 
 
-def build_firmware(dst_root: Path, with_microdot: bool = True, slim: bool = True) -> list[Path]:
+def is_simulator(rel: Path) -> bool:
+    """rel (relative to firmware/ or to a build directory, .py or .mpy) is test equipment, not board code."""
+    top = rel.parts[0]
+    return top in SIMULATOR or Path(top).with_suffix(".py").name in SIMULATOR
+
+
+def build_firmware(dst_root: Path, with_microdot: bool = True, slim: bool = True, simulator: bool = True) -> list[Path]:
     """The device bundle: iotlib, the controllers and microdot, all as .mpy. slim: microdot without the features a
-    device never uses (slim_microdot); False: the stock microdot (the hello-world baseline of the benchmarks)."""
-    out = compile_tree(paths.FIRMWARE, dst_root)
+    device never uses (slim_microdot); False: the stock microdot (the hello-world baseline of the benchmarks).
+    simulator: also the simulated board and its launchers (SIMULATOR), for running the bundle on the unix port;
+    False is the bundle for a board (`picoiot firmware build`), and removes any simulator left in dst_root."""
+    src = [p for p in sorted(paths.FIRMWARE.rglob("*.py"))
+           if "__pycache__" not in p.parts and (simulator or not is_simulator(p.relative_to(paths.FIRMWARE)))]
+    out = compile_tree(paths.FIRMWARE, dst_root, src)
+    if not simulator:
+        import shutil
+        for name in SIMULATOR:
+            target = dst_root / Path(name).with_suffix(".mpy" if name.endswith(".py") else "")
+            if target.is_dir():
+                shutil.rmtree(target)
+            else:
+                target.unlink(missing_ok=True)
     if with_microdot:
         md = paths.microdot_dir()
         files = [md / m for m in MICRODOT_MODULES if (md / m).exists()]
+        for old in (dst_root / "microdot").glob("*.mpy"):  # an extension an earlier build shipped
+            if old.with_suffix(".py").name not in MICRODOT_MODULES:
+                old.unlink()
         if slim:  # generated sources under dst_root/.slim (rewritten only when they change, so the .mpy stay cached)
             gen = dst_root / ".slim" / "microdot"
             files = [_write_if_changed(gen / "microdot.py", slim_microdot((md / "microdot.py").read_text())) if
@@ -183,27 +208,39 @@ def _version_line(md: Path) -> str:
 ROMFS_LAUNCHER = "boot_romfs.mpy"
 
 
-def build_romfs(out: Path) -> Path:
+def build_romfs(out: Path, simulator: bool = True) -> Path:
     """The device bundle in `out` (as build_firmware) plus `out/romfs.img`: a ROMFS image (`mpremote romfs build`) of
-    iotlib, the controllers, main_sim and microdot — everything but the launcher. On a Pico W (MicroPython >= 1.25)
-    `mpremote romfs deploy` writes the same tree to the ROM partition, so the bytecode runs in place from flash instead
-    of being loaded into the 192K heap; under the unix port `boot_romfs` mounts the image from one buffer."""
+    iotlib, the controllers and microdot (with `simulator`: also picosim and main_sim — everything but the launcher).
+    On a Pico W (MicroPython >= 1.25) `mpremote romfs deploy` writes the same tree to the ROM partition, so the bytecode
+    runs in place from flash instead of being loaded into the 192K heap; under the unix port `boot_romfs` mounts the
+    image from one buffer."""
+    build_firmware(out, simulator=simulator)
+    return _romfs(out, out / "romfs.img", lambda rel: simulator or not is_simulator(rel))
+
+
+def build_sim_romfs(out: Path) -> Path:
+    """`out/sim.img`: a ROMFS image of the simulator alone (picosim and main_sim), for the memory benches' mpy mode:
+    the bundle's board code is loaded from .mpy into the heap as on a board, while the simulated board, which a Pico W
+    has built in, runs in place from the image and takes no heap (boot_romfs mounts it)."""
+    build_firmware(out)
+    return _romfs(out, out / "sim.img", lambda rel: is_simulator(rel))
+
+
+def _romfs(out: Path, img: Path, keep) -> Path:
     import shutil
     import sys
 
-    build_firmware(out)
-    stage = out / f".romfs-src.{os.getpid()}"  # several runs may build the same bundle at once
+    stage = out / f".romfs-src.{img.stem}.{os.getpid()}"  # several runs may build the same bundle at once
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir(parents=True)
     for p in sorted(out.iterdir()):
-        if p.name.startswith(".") or p.name == ROMFS_LAUNCHER or p.suffix == ".img":
+        if p.name.startswith(".") or p.name == ROMFS_LAUNCHER or p.suffix == ".img" or not keep(Path(p.name)):
             continue
         if p.is_dir():
             shutil.copytree(p, stage / p.name, ignore=shutil.ignore_patterns(".*"))
         elif p.suffix == ".mpy":
             shutil.copy(p, stage / p.name)
-    img = out / "romfs.img"
-    tmp = out / f".romfs.img.{os.getpid()}.tmp"
+    tmp = out / f".{img.name}.{os.getpid()}.tmp"
     mpremote = Path(sys.executable).with_name("mpremote")
     cmd = [str(mpremote) if mpremote.exists() else "mpremote", "romfs", "--no-mpy", "-o", str(tmp), "build", str(stage)]
     proc = subprocess.run(cmd, capture_output=True, text=True)

@@ -12,10 +12,13 @@ app.add_typer(firmware_app, name="firmware")
 @firmware_app.command("test")
 def firmware_test(heap: str = typer.Option("192K", help="MicroPython heap size (-X heapsize)"),
                   pattern: str = typer.Option("test_", help="only test modules whose name starts with this"),
-                  verbose: bool = typer.Option(False, "-v", "--verbose")) -> None:
+                  verbose: bool = typer.Option(False, "-v", "--verbose"),
+                  micropython: str = typer.Option(None, "--micropython", metavar="PATH",
+                                                  help="the unix micropython to run (default: $PICOIOT_MICROPYTHON, "
+                                                       "else the pinned one)")) -> None:
     """Run tests/firmware under the unix micropython, firmware compiled to .mpy, with a Pico-sized heap."""
     from .fwtest import run_suite
-    passed, failed = run_suite(heap=heap, pattern=pattern, verbose=verbose, echo=typer.echo)
+    passed, failed = run_suite(heap=heap, pattern=pattern, verbose=verbose, echo=typer.echo, micropython=micropython)
     typer.echo(f"{passed} passed, {failed} failed")
     if failed or not passed:
         raise typer.Exit(1)
@@ -25,14 +28,15 @@ def firmware_test(heap: str = typer.Option("192K", help="MicroPython heap size (
 def firmware_build(out: str = typer.Option("build/firmware", help="output directory"),
                    romfs: bool = typer.Option(False, "--romfs", help="also build OUT/romfs.img (mpremote romfs build)"
                                               " for `mpremote romfs deploy` or the simulated boot_romfs")) -> None:
-    """Compile iotlib, the controllers and microdot to .mpy (the bundle that goes onto a board)."""
+    """Compile iotlib, the controllers and microdot to .mpy (the bundle that goes onto a board; the simulated board
+    and its launchers are test equipment and stay out)."""
     from pathlib import Path
 
     from .build import build_firmware, build_romfs
-    files = build_firmware(Path(out))
+    files = build_firmware(Path(out), simulator=False)
     typer.echo(f"{len(files)} files in {out}")
     if romfs:
-        img = build_romfs(Path(out))
+        img = build_romfs(Path(out), simulator=False)
         typer.echo(f"ROMFS image {img} ({img.stat().st_size} bytes)")
 
 

@@ -9,8 +9,17 @@ from pathlib import Path
 
 from . import build, paths
 
+#: seconds one test module may run under micropython before it counts as failed
+TIMEOUT_S = 600
 
-def run_suite(heap: str = "192K", pattern: str = "test_", verbose: bool = False, echo=print) -> tuple[int, int]:
+
+def run_suite(heap: str = "192K", pattern: str = "test_", verbose: bool = False, echo=print,
+              micropython: str | None = None) -> tuple[int, int]:
+    """Every tests/firmware module (name starting with `pattern`) in its own interpreter at `heap`; (passed, failed).
+    micropython: the interpreter to run (default: $PICOIOT_MICROPYTHON or the pinned one); its version and word size
+    are printed first."""
+    paths.use_micropython(micropython)
+    echo(f"interpreter: {paths.micropython_info()}, heap {heap}")
     out = paths.REPO / "build" / "fwtest"
     build.build_firmware(out)
     build.compile_tree(paths.FW_TESTS, out, [p for p in sorted(paths.FW_TESTS.glob("*.py")) if p.name != "conftest.py"])
@@ -21,14 +30,13 @@ def run_suite(heap: str = "192K", pattern: str = "test_", verbose: bool = False,
         env = dict(os.environ, MICROPYPATH=f"{out}:.frozen", PICOIOT_FWTEST_TMP=tmp)
         try:
             proc = subprocess.run([paths.micropython_bin(), "-X", f"heapsize={heap}", "-m", "fwrunner", mod],
-                                  capture_output=True, text=True, env=env, timeout=600, cwd=tmp)
+                                  capture_output=True, text=True, env=env, timeout=TIMEOUT_S, cwd=tmp)
         except subprocess.TimeoutExpired:
             echo(f"FAIL {mod} (timeout)")
             failed += 1
             continue
         finally:
-            pass
-        shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(tmp, ignore_errors=True)
         result = None
         for line in proc.stdout.splitlines():
             if line.startswith("RESULT "):

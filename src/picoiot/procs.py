@@ -1,7 +1,7 @@
 """Child processes for `picoiot demo` and `picoiot sim` (and the device tests): the control plane and simulated devices.
 
 Every child runs in its own process group (so a signal reaches whatever it spawned) and writes its output to a log
-file. A simulated device that exits with status 75 (`iotlib.sim.RESET_EXIT_CODE`: a simulated reset, e.g. after
+file. A simulated device that exits with status 75 (`picosim.RESET_EXIT_CODE`: a simulated reset, e.g. after
 `POST /reboot`) is started again with the same settings and flash directory, as a board boots again after a reset.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ import httpx
 
 from . import build, paths
 
-RESET_EXIT_CODE = 75  # iotlib.sim.RESET_EXIT_CODE
+RESET_EXIT_CODE = 75  # picosim.RESET_EXIT_CODE
 RUNTIMES = ("micropython", "cpython")
 
 

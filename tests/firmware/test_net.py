@@ -1,6 +1,7 @@
 import json
 import fwtest
-from iotlib import hal, sim, log
+import picosim as sim
+from iotlib import hal, log
 from iotlib.compat import asyncio
 from iotlib.net import NetworkManager
 

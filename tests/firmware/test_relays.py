@@ -256,7 +256,7 @@ def test_on_change_failure_does_not_break_switching():
 def test_interlock_proved_on_simulated_pins():
     # The real hal.Pin of the simulated board: its transition log replays every level change, so an overlap that
     # lasted no time at all still shows.
-    from iotlib import sim
+    import picosim as sim
     b = sim.configure(flash_root=fwtest.tmpdir())
     b.max_pin_events = 4096
     bank = R.RelayBank()

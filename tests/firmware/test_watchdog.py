@@ -1,6 +1,7 @@
 import json
 import fwtest
-from iotlib import hal, sim, log, fsutil
+import picosim as sim
+from iotlib import hal, log, fsutil
 from iotlib.compat import asyncio
 from iotlib.watchdog import WatchdogManager
 

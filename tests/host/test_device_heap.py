@@ -53,13 +53,13 @@ def test_slim_microdot_keeps_the_api_the_device_uses_and_line_numbers():
         build.slim_microdot(stock.replace("def send_file(", "def send_a_file("))
 
 
-def test_relays_code_fits_six_qstr_pools_and_leaves_sim_io_unloaded():
+def test_relays_code_fits_six_qstr_pools_and_leaves_the_simulated_peripherals_unloaded():
     out = _mp("import sys, micropython\n"
-              "from iotlib import sim\n"
+              "import picosim as sim\n"
               "import main_sim\n"
               "main_sim.preload('relays')\n"
               "micropython.qstr_info()\n"
-              "print('sim_io' if 'iotlib.sim_io' in sys.modules else 'no sim_io')\n")
+              "print('sim_io' if 'picosim.periph' in sys.modules else 'no sim_io')\n")
     n = _qstrs(out)[-1]
     assert "no sim_io" in out
     assert n <= RELAYS_QSTR_BUDGET, (f"the relays bundle interns {n} names (budget {RELAYS_QSTR_BUDGET}): past ≈ 1,260 "
@@ -86,14 +86,14 @@ def test_bundle_names_its_sources_by_module_so_loading_interns_no_file_name():
     assert 'File "iotlib.fsutil", line' in out  # tracebacks name the module
 
 
-def test_sim_io_loads_on_first_use_of_adc_i2c_or_rtc():
+def test_simulated_peripherals_load_on_first_use_of_adc_i2c_or_rtc():
     out = _mp("import sys\n"
-              "from iotlib import hal, sim\n"
+              "import picosim as sim\nfrom iotlib import hal\n"
               "b = sim.configure(flash_root='/tmp/picoiot-host-heap')\n"
               "hal.Pin(2, hal.Pin.OUT).on()\n"
-              "print('before', 'iotlib.sim_io' in sys.modules)\n"
+              "print('before', 'picosim.periph' in sys.modules)\n"
               "b.set_temperature(31.0)\n"
-              "print('after', 'iotlib.sim_io' in sys.modules, hal.ADC is sim.ADC, hal.ADC(4).read_u16() > 0)\n"
+              "print('after', 'picosim.periph' in sys.modules, hal.ADC is sim.ADC, hal.ADC(4).read_u16() > 0)\n"
               "print('rtc', hal.RTC().datetime()[0], sorted(b.i2c[0]))\n")
     assert "before False" in out and "after True True True" in out and "rtc 2021 [68, 118]" in out
 
@@ -118,7 +118,7 @@ def test_simulated_pin_log_is_small():
     # The simulated board logs every pin transition for tests (max_pin_events = 256); as 3-tuples a relays device
     # that switched a while carried ≈ 16K of them on this port. Packed: one small int each.
     out = _mp("import gc\n"
-              "from iotlib import hal, sim\n"
+              "import picosim as sim\nfrom iotlib import hal\n"
               "b = sim.configure(flash_root='/tmp/picoiot-host-heap')\n"
               "p = hal.Pin(3, hal.Pin.OUT)\n"
               "gc.collect(); a = gc.mem_alloc()\n"

@@ -219,7 +219,7 @@ def test_restore_mode_survives_a_simulated_reset(tmp_path, runtime):
             r = c.post("/reboot", headers=admin)
             assert r.status_code == 202
         dev.proc.wait(timeout=15)
-        assert dev.proc.returncode == 75  # iotlib.sim.RESET_EXIT_CODE: a reset, not a crash
+        assert dev.proc.returncode == 75  # picosim.RESET_EXIT_CODE: a reset, not a crash
     finally:
         out = dev.stop()
     assert "MemoryError" not in out, out[-3000:]

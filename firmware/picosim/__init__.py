@@ -1,43 +1,24 @@
-# The simulated Pico W that iotlib.hal hands out where there is no real `machine`/`network` (unix port, CPython).
-# One module-level `board` holds everything a test may script: pins (with a transition log), ADC signals, I2C sensor
-# models, the Wi-Fi link, the watchdog, the RTC, the clock and the flash directory. See docs/simulation.md.
+# picosim: the simulated Pico W, test equipment outside iotlib. iotlib.hal hands it out where there is no real
+# `machine`/`network` (unix port, CPython); a board bundle never contains it (picoiot.build). One module-level `board`
+# holds everything a test may script: pins (with a transition log), ADC signals, I2C sensor models, the Wi-Fi link, the
+# watchdog, the RTC, the clock and the flash directory. See docs/simulation.md.
+# It implements what hal needs (Pin, WLAN, WDT, ADC, I2C, RTC, reset, the reset-cause register, flash root) and knows
+# nothing of hal. Imports go one way: this module -> picosim.base; picosim.periph (ADC, I2C, RTC, loaded on first use) ->
+# picosim.base, picosim.i2c (the sensor models) -> picosim.base.
 #
 # Scripted values (ADC channels, sensor fields, RSSI) take one of: a number (constant), a list (one item per read, the
 # last one sticks), or a callable f(now_ms). An exception instance in a list is raised by the read that reaches it.
 import os
 
 from iotlib.compat import const, ticks_ms, ticks_add, ticks_diff
+from picosim import base
+from picosim.base import SimulatedReset, RESET_EXIT_CODE, sample as _sample  # noqa: F401
 
 _WDT_MAX_MS = const(8388)
 _ETIMEDOUT = const(110)
 _EHOSTUNREACH = const(113)
-
-
-#: Exit status of a process ended by an uncaught SimulatedReset (EX_TEMPFAIL: "start me again"); the cause is on flash.
-RESET_EXIT_CODE = const(75)
-
-
-class SimulatedReset(SystemExit):
-    """The simulated device reset (hal.reset(), soft_reset() or a starved WDT). A SystemExit, so it ends asyncio.run
-    on both runtimes like a reset ends everything on a board, and an uncaught one ends the process with status
-    RESET_EXIT_CODE; `.cause` says why. In a test, catch it and call `board.boot()` to go on."""
-
-    def __init__(self, cause):
-        super().__init__(RESET_EXIT_CODE)
-        self.cause = cause
-
-
-def _sample(store, key, now):
-    v = store[key]
-    if isinstance(v, list):
-        x = v.pop(0) if len(v) > 1 else v[0]
-    elif callable(v):
-        x = v(now)
-    else:
-        x = v
-    if isinstance(x, BaseException):
-        raise x
-    return x
+#: The chip's reset-reason register, kept on the flash directory so that it survives the process ending with the reset.
+_RESET_REGISTER = ".sim_reset_register"
 
 
 _RTC_BOOT_EPOCH_S = const(1609459200)  # rp2 MicroPython sets the RTC to 2021-01-01 00:00:00 at boot
@@ -65,6 +46,8 @@ class Board:
         self._volatile()
 
     def _volatile(self):
+        base.boots[0] += 1
+        self.boot_id = base.boots[0]
         self._sleepers = []     # (wake-up tick, asyncio.Event) of pending vsleep() calls
         self.pins = {}          # id -> [mode, value, pull, irq handler, irq trigger]
         self._events = []       # pin transitions in order, packed (see _pin_event); read them as pin_events
@@ -144,16 +127,31 @@ class Board:
 
     # ---- reset / boot ----
     def reset(self, cause):
-        from iotlib import hal
-        hal._record_cause(cause)
+        """Reset the chip ("hard", "soft" or "watchdog"): the cause goes into the reset-reason register (read by
+        reset_cause() at the next boot), then SimulatedReset ends everything running."""
         self.last_reset = cause
+        try:
+            from iotlib import fsutil
+            fsutil.write_atomic(self.flash_root + "/" + _RESET_REGISTER, cause)
+        except OSError:
+            pass  # a full flash must not stop a reset
         raise SimulatedReset(cause)
+
+    def reset_cause(self):
+        """The reset-reason register, as machine.reset_cause() reads it on a board: what the last reset was, or
+        "power_on". Reading clears it, so the next power cycle is not mistaken for it."""
+        path = self.flash_root + "/" + _RESET_REGISTER
+        try:
+            with open(path) as f:
+                cause = f.read().strip()
+            os.remove(path)
+        except OSError:
+            cause = None
+        return cause or "power_on"
 
     def boot(self):
         """Power the simulated chip up again after a SimulatedReset: pins, WDT, RTC and the Wi-Fi chip start fresh;
-        hal.reset_cause() reads the cause the reset left on flash."""
-        from iotlib import hal
-        hal._forget_cause()
+        hal.reset_cause() reads the cause the reset left (a new boot_id tells hal it is a new boot)."""
         self.reset_count += 1
         self._volatile()
 
@@ -236,9 +234,9 @@ class Board:
 
     def __getattr__(self, name):
         # The ADC, I2C and RTC parts of the board (set_adc, set_adc_volts, set_temperature, read_adc, i2c, attach,
-        # detach, rtc_now_ms) live in sim_io, loaded on first use like the peripherals themselves: a device that
+        # detach, rtc_now_ms) live in picosim.periph, loaded on first use like the peripherals themselves: a device that
         # only switches pins never pays for their code and names.
-        from iotlib import sim_io
+        sim_io = _sub("periph")
         if name == "i2c":
             return sim_io.board_i2c(self)
         f = sim_io.BOARD.get(name)
@@ -467,18 +465,23 @@ class WDT:
 
 
 board = Board()
+base.current[0] = board
 
 
 def __getattr__(name):
-    # Loaded on first use: the sensor models live in sim_i2c (sim.BME280 etc. still work), the ADC, I2C and RTC
-    # peripherals and the RP2040 temperature conversions in sim_io.
+    # Loaded on first use: the sensor models live in picosim.i2c (picosim.BME280 etc. work), the ADC, I2C and RTC
+    # peripherals and the RP2040 temperature conversions in picosim.periph.
     if name in ("I2CDevice", "BME280", "SHT3x"):
-        from iotlib import sim_i2c
-        return getattr(sim_i2c, name)
+        return getattr(_sub("i2c"), name)
     if name in ("ADC", "I2C", "RTC", "temp_to_u16", "u16_to_temp"):
-        from iotlib import sim_io
-        return getattr(sim_io, name)
+        return getattr(_sub("periph"), name)
+    if name in ("base", "periph", "i2c"):  # MicroPython routes `from picosim import periph` through here
+        return _sub(name)
     raise AttributeError(name)
+
+
+def _sub(name):
+    return __import__("picosim." + name, None, None, [name])
 
 
 def configure(flash_root=None, clock="real", devices=True):
@@ -486,9 +489,7 @@ def configure(flash_root=None, clock="real", devices=True):
     "real" (host ticks, advance() adds to them) or "manual" (only advance() moves it), and with `devices` the
     default sensors: a BME280 at 0x76 and an SHT3x at 0x44 on I2C bus 0. Returns the board."""
     global board
-    board = Board(flash_root, clock, devices)
-    from iotlib import hal
-    hal._forget_cause()
+    board = base.current[0] = Board(flash_root, clock, devices)
     return board
 
 

@@ -1,9 +1,9 @@
-# The ADC, I2C and RTC of the simulated board (iotlib.sim), loaded on first use: `sim.ADC`, `sim.I2C`, `sim.RTC`,
+# The ADC, I2C and RTC of the simulated board (picosim), loaded on first use: `picosim.ADC`, `.I2C`, `.RTC`,
 # `hal.ADC`… and the board's ADC/I2C/RTC methods (`board.set_adc`, `.set_temperature`, `.i2c`, `.attach`…) load it.
 # A device that only switches pins (the RelaysController) never pays for this code and its names.
 from iotlib.compat import const, ticks_diff
-from iotlib import sim
-from iotlib.sim import Pin, _sample
+from picosim import base
+from picosim.base import sample as _sample
 
 _EIO = const(5)  # what rp2 raises when an I2C address or byte is not acknowledged
 
@@ -63,11 +63,7 @@ def _default_temperature_u16(now):
 
 
 
-def _default_temperature_u16(now):
-    return temp_to_u16(_default_temperature(now))
-
-
-# ---------------------------------------------------------------- the board's ADC, I2C and RTC (sim.Board.__getattr__)
+# ---------------------------------------------------------------- the board's ADC, I2C and RTC (picosim.Board.__getattr__)
 def set_adc(board, channel, value):
     """Script an ADC channel in raw read_u16 units (number, list or callable)."""
     board.adc[channel] = value
@@ -93,7 +89,7 @@ def board_i2c(board):
     if board._i2c is None:
         board._i2c = {0: {}, 1: {}}
         if board._default_devices:
-            from iotlib import sim_i2c
+            from picosim import i2c as sim_i2c
             attach(board, sim_i2c.BME280())
             attach(board, sim_i2c.SHT3x())
     return board._i2c
@@ -122,8 +118,7 @@ class ADC:
     CORE_TEMP = const(4)
 
     def __init__(self, pin):
-        if isinstance(pin, Pin):
-            pin = pin.id
+        pin = getattr(pin, "id", pin)  # a Pin (picosim.Pin) or its number
         if isinstance(pin, int) and 26 <= pin <= 29:
             pin -= 26  # GPIO26..29 are ADC0..3
         if not isinstance(pin, int) or not 0 <= pin <= 4:
@@ -131,7 +126,7 @@ class ADC:
         self.channel = pin
 
     def read_u16(self):
-        return read_adc(sim.board, self.channel)
+        return read_adc(base.current[0], self.channel)
 
 
 # ---------------------------------------------------------------- machine.I2C and device models
@@ -143,14 +138,14 @@ class I2C:
         self.freq = freq
 
     def _dev(self, addr):
-        d = board_i2c(sim.board).get(self.id, {}).get(addr)
+        d = board_i2c(base.current[0]).get(self.id, {}).get(addr)
         if d is None or not d.present:
             raise OSError(_EIO)  # what rp2 raises when nobody ACKs the address
         d._tx()
         return d
 
     def scan(self):
-        return sorted(a for a, d in board_i2c(sim.board).get(self.id, {}).items() if d.present)
+        return sorted(a for a, d in board_i2c(base.current[0]).get(self.id, {}).items() if d.present)
 
     def writeto(self, addr, buf, stop=True):
         self._dev(addr).write(bytes(buf))
@@ -188,10 +183,10 @@ class RTC:
         """(year, month, day, weekday, hours, minutes, seconds, subseconds), UTC, weekday 0 = Monday."""
         if dt is not None:
             y, mo, d, _wd, h, mi, s = dt[:7]
-            sim.board.rtc_epoch_ms = ((_days_from_civil(y, mo, d) * 86400) + h * 3600 + mi * 60 + s) * 1000
-            sim.board.rtc_set_at = sim.board.now_ms()
+            base.current[0].rtc_epoch_ms = ((_days_from_civil(y, mo, d) * 86400) + h * 3600 + mi * 60 + s) * 1000
+            base.current[0].rtc_set_at = base.current[0].now_ms()
             return None
-        ms = rtc_now_ms(sim.board)
+        ms = rtc_now_ms(base.current[0])
         secs = ms // 1000
         days = secs // 86400
         rem = secs - days * 86400

@@ -1,7 +1,7 @@
-# I2C sensor models of the simulated board (iotlib.sim), register/command level: enough for a real driver to read
+# I2C sensor models of the simulated board (picosim), register/command level: enough for a real driver to read
 # temperature, humidity and pressure, with scriptable values and faults. Loaded only when a simulated I2C bus is used.
 from iotlib.compat import const
-from iotlib import sim
+from picosim import base
 
 _EIO = const(5)
 
@@ -31,7 +31,7 @@ class I2CDevice:
             raise self._faults.pop(0)
 
     def value(self, name):
-        return sim._sample(self.values, name, sim.board.now_ms())
+        return base.sample(self.values, name, base.current[0].now_ms())
 
 
 def _crc8(data):
