@@ -142,6 +142,48 @@ def test_pure_sha512_matches_known_digest():
         ed25519._hw_sha512 = hw
 
 
+def _frac_root(q, k, bits):
+    # floor(2**bits * frac(q ** (1/k))) by integer bisection: how FIPS 180-4 defines SHA-512's constants
+    lo, hi = 0, 1 << (bits + 8)
+    target = q << (bits * k)
+    while lo < hi:
+        mid = (lo + hi + 1) >> 1
+        if mid ** k <= target:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo & ((1 << bits) - 1)
+
+
+def test_sha512_constants_are_the_fips_180_4_ones():
+    primes = []
+    n = 2
+    while len(primes) < 80:
+        if all(n % q for q in primes if q * q <= n):
+            primes.append(n)
+        n += 1
+    assert ed25519._K == b"".join(_frac_root(q, 3, 64).to_bytes(8, "big") for q in primes)
+    assert ed25519._H0 == b"".join(_frac_root(q, 2, 64).to_bytes(8, "big") for q in primes[:8])
+
+
+def test_verification_keeps_nothing_on_the_heap():
+    # Whatever a first manifest check builds and keeps lies spread through the heap for good: the SHA-512 round
+    # constants built at first use cut a device's largest free block from ~180K to ~5K, too little for TLS.
+    import gc
+    import sys
+    sys.modules.pop("iotlib.ed25519", None)
+    fresh = __import__("iotlib.ed25519", None, None, ["ed25519"])
+    pk, sig = _unhex("d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a"), _unhex(RFC_SIG)
+    mem = getattr(gc, "mem_alloc", None)
+    gc.collect()
+    before = mem() if mem else 0
+    assert fresh.verify(pk, b"", sig)
+    gc.collect()
+    kept = (mem() - before) if mem else 0
+    assert kept < 256, "a verification left %d bytes on the heap" % kept
+    assert not [k for k, v in fresh.__dict__.items() if isinstance(v, (list, tuple, dict)) and not k.startswith("__")]
+
+
 def test_own_signatures_verify_and_other_key_does_not():
     pk = _keypair()[2]
     sig = _sign(b"hello")
