@@ -1,10 +1,16 @@
 """Minimum MicroPython heap (`-X heapsize`) at which each controller completes issue 4's standard scenario, beside
-microdot's hello world measured in the same run, in two modes:
+microdot's hello world measured in the same run, counted the way a Pico W holds the code (board-equivalent):
 
-  mpy   — the bundle as .mpy files on MICROPYPATH: bytecode is loaded into the heap (what `picoiot demo` runs today).
-  romfs — the bundle in a ROMFS image (picoiot.build.build_romfs) mounted by firmware/boot_romfs.py from one buffer:
-          bytecode runs in place, as on a Pico W with the code in its ROM partition. The figure printed is the heap
-          minus the image (the image stands in for flash), i.e. what the board's 192K must hold.
+  mpy   — the board code (iotlib, the controller, microdot) as .mpy files loaded into the heap: stock Pico W firmware
+          plus `mpremote cp`. The board-equivalent figure.
+  romfs — the board code in a ROMFS image, run in place (a Pico W with the code in its ROM partition, or frozen).
+
+In both modes the simulated board (picosim, and main_sim that starts it) is test equipment that a Pico W has built in
+(`machine`, `network`): it runs in place from a ROMFS image of its own (mpy: build/…/sim.img; romfs: inside
+romfs.img), mounted by firmware/boot_romfs.py from one buffer allocated first. Every figure printed is the heap minus
+that image (the image stands in for flash), i.e. what the board's 192K must hold. The interpreter is the pinned unix
+micropython (64-bit), or --micropython PATH (e.g. a 32-bit build: the size of a Pico W's objects); its version and word
+size are printed first.
 
 The scenario (one real `picoiot server` per run, on 127.0.0.1; a fresh device each run):
   register (challenge-response) → config fetched and applied (GET /ready = 200) → 200 authenticated API requests
@@ -18,6 +24,13 @@ The scenario (one real `picoiot server` per run, on 127.0.0.1; a fresh device ea
     .venv/bin/python bench/device_memory.py                       # both kinds, both modes, hello world
     .venv/bin/python bench/device_memory.py --kind sensors --mode romfs --ws-seconds 5
     .venv/bin/python bench/device_memory.py --once 192 --ws-seconds 3   # one run per kind/mode at 192K, no bisection
+    .venv/bin/python bench/device_memory.py --micropython PATH --kind relays --mode mpy --step 4 --ota
+
+With --ota each run ends with an OTA update of the complete board bundle (every file of `picoiot firmware build`,
+signed, published and assigned through the real control plane): the device must download, verify, install, reboot
+into trial and commit it at the heap under test. After each minimum, one more run at 192K reports the largest free
+block (GET /metrics, iotlib_heap_largest_free_block_bytes) and the lowest values since boot: TLS on a Pico W needs
+one contiguous ~24K block (mbedTLS's 16K + 4K record buffers and the handshake).
 """
 from __future__ import annotations
 
@@ -59,8 +72,26 @@ class Failed(Exception):
     pass
 
 
-def image_k() -> int:
-    return math.ceil((BUNDLE / "romfs.img").stat().st_size / 1024)
+#: Budgets of issue 11 (KiB, 32-bit, board-equivalent): (mpy, romfs) per kind; the moonshot is 128K for both in mpy.
+BUDGET_K = {"relays": (144, 96), "sensors": (160, 96)}
+#: Largest free block each controller must keep at 192K after the scenario and an OTA check (bytes): one TLS session.
+TLS_BLOCK = 24 * 1024
+OTA_VERSION = "9.9.9-bench"
+
+
+def image(mode: str) -> Path:
+    """The ROMFS image boot_romfs mounts: the simulator alone (mpy), or the simulator and the board code (romfs)."""
+    return BUNDLE / ("romfs.img" if mode == "romfs" else "sim.img")
+
+
+def image_k(mode: str = "romfs") -> int:
+    return math.ceil(image(mode).stat().st_size / 1024)
+
+
+def counted(mode: str) -> str:
+    what = ("board code (iotlib, controller, microdot) as .mpy in the heap" if mode == "mpy" else
+            "board code in place from ROMFS")
+    return f"{what}; simulator in place from its image ({image_k(mode)}K, not counted); heap figures exclude the image"
 
 
 async def _requests(url: str, tok: dict, kind: str, n: int) -> list[str]:
@@ -135,8 +166,51 @@ def _config_version(dev: DeviceChild, tok: str) -> int | None:
         return None
 
 
-def scenario(kind: str, mode: str, heap_k: int, ws_seconds: float, requests: int = 200) -> bool:
-    """One full run at heap_k (for romfs: heap_k for the program, plus the image). True when it passed."""
+def _metrics(dev: DeviceChild, tok: str) -> dict[str, float]:
+    r = httpx.get(dev.url + "/metrics", headers={"Authorization": f"Bearer {tok}"}, timeout=30)
+    r.raise_for_status()
+    out = {}
+    for line in r.text.splitlines():
+        if line.startswith("iotlib_heap_") or line.startswith("iotlib_memory_errors"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+def _ota_status(cp_url: str, admin: str, dev_id: str) -> dict:
+    r = httpx.get(f"{cp_url}/api/v1/namespaces/{NS}/ota/status", params={"device": dev_id},
+                  headers={"Authorization": f"Bearer {admin}"}, timeout=10)
+    r.raise_for_status()
+    return r.json()["devices"][0]
+
+
+def _ota_update(cp: ServerChild, admin: str, dev_id: str, dev: DeviceChild, tmp: Path, keyfile: Path) -> None:
+    """An update of the complete board bundle, through the real control plane: it must install, reboot into trial
+    (DeviceChild starts the process again after the simulated reset) and commit."""
+    from picoiot import ota_cli
+    release = tmp / "release"
+    build.build_firmware(release, simulator=False)
+    ota_cli.publish(cp.url, admin, NS, release, OTA_VERSION, keyfile)
+    ota_cli.assign(cp.url, admin, NS, OTA_VERSION, dev_id, None)
+    dev.restart_on_reset = True
+
+    def done() -> bool:
+        st = _ota_status(cp.url, admin, dev_id)
+        rep = st.get("report") or {}
+        if rep.get("version") == OTA_VERSION and rep.get("status") not in (None, "installed"):
+            raise Failed(f"ota {rep.get('status')}: {rep.get('reason')}")
+        return rep.get("status") == "installed" and st.get("running") == OTA_VERSION
+
+    _wait(done, 300, "the OTA update to install and commit", dev)
+    note(f"ota committed after {dev.restarts} restart(s)")
+    dev.wait_ready(60)
+
+
+def scenario(kind: str, mode: str, heap_k: int, ws_seconds: float, requests: int = 200, ota: bool = False,
+             report: dict | None = None) -> bool:
+    """One full run at heap_k (plus the simulator's or the whole code's ROMFS image, which stands in for flash). True
+    when it passed. ota: end with an OTA update of the whole board bundle. report: filled with the device's heap
+    gauges (/metrics) at the end of a passing run."""
     with tempfile.TemporaryDirectory(prefix="devmem-") as tmp:
         tmp = Path(tmp)
         cp = ServerChild(tmp / "cp", extra=("--sweep-interval", "0.2", "--heartbeat-flush", "0.2"))
@@ -150,15 +224,19 @@ def scenario(kind: str, mode: str, heap_k: int, ws_seconds: float, requests: int
             overrides = dict(BASE_CONFIG, failsafe_after_s=2) if kind == "relays" else BASE_CONFIG
             key = provision_over_api(cp.url, admin, dev_id, kind, NS, overrides=overrides)
             settings = device_settings(tmp / "dev.json", key, kind, free_port(), tmp / "flash")
-            heap = heap_k + (image_k() if mode == "romfs" else 0)
-            entry = "boot_romfs" if mode == "romfs" else "main_sim"
-            extra = None
+            keyfile = tmp / "ota.key"
+            if ota:
+                from picoiot import ota_cli
+                pub = ota_cli.keygen(keyfile)
+                ota_cli.set_key(cp.url, admin, NS, pub)
+                s = json.loads(settings.read_text())
+                s["ota_public_key"] = pub
+                settings.write_text(json.dumps(s))
+            heap = heap_k + image_k(mode)
+            os.environ["PICOIOT_ROMFS"] = str(image(mode))  # what boot_romfs mounts
+            entry, extra = "boot_romfs", None
             if TRACE:  # bench/mp_heap_stages.py prints the heap at each stage into the device log
                 entry, extra = "mp_heap_stages", heaplib.BUILD
-                if mode == "romfs":
-                    os.environ["PICOIOT_ROMFS"] = str(BUNDLE / "romfs.img")
-                else:
-                    os.environ.pop("PICOIOT_ROMFS", None)
             dev = DeviceChild(settings, heap=f"{heap}K", bundle=BUNDLE, log=tmp / "dev.log", entry=entry,
                               extra_path=extra)
             dev.restart_on_reset = False
@@ -204,10 +282,14 @@ def scenario(kind: str, mode: str, heap_k: int, ws_seconds: float, requests: int
             _wait(lambda: httpx.get(f"{cp.url}/api/v1/namespaces/{NS}/devices/{dev_id}",
                                     headers={"Authorization": f"Bearer {admin}"}, timeout=10).json().get("last_seen")
                   not in (None, seen0), 30, "a heartbeat", dev)
+            if ota:
+                _ota_update(cp, admin, dev_id, dev, tmp, keyfile)
             if dev.poll() is not None:
                 raise Failed(f"device exited ({dev.poll()})")
             if dev.out_of_memory():
                 raise Failed("MemoryError in the device log")
+            if report is not None:
+                report.update(_metrics(dev, tok["viewer"]))
             return True
         except Exception as e:  # noqa: BLE001 — any failure (timeouts, refused connections, …) fails the run
             oom = dev is not None and dev.out_of_memory()
@@ -245,16 +327,38 @@ def _print_trace(text: str) -> None:
 
 def code_loads(kind: str, heap_k: int) -> bool:
     """The controller's code merely loaded from .mpy (main_sim.preload: every module it imports), nothing constructed
-    or run: the floor under any scenario figure in mpy mode."""
-    script = ("import gc\nimport picosim as sim\nsim.configure(flash_root='/tmp/picoiot-devmem-floor')\n"
+    or run, the simulator in place from its image: the floor under any scenario figure in mpy mode."""
+    script = (f"import gc\nimport boot_romfs\nboot_romfs.mount('{image('mpy')}')\n"
+              "import picosim as sim\nsim.configure(flash_root='/tmp/picoiot-devmem-floor')\n"
               f"import main_sim\nmain_sim.preload('{kind}')\ngc.collect()\nprint('LOADED')\n")
-    proc = subprocess.run([paths.micropython_bin(), "-X", f"heapsize={heap_k}K", "-c", script], capture_output=True,
+    heap = heap_k + image_k("mpy")
+    proc = subprocess.run([paths.micropython_bin(), "-X", f"heapsize={heap}K", "-c", script], capture_output=True,
                           text=True, timeout=60, env=dict(os.environ, MICROPYPATH=f"{BUNDLE}:.frozen"))
     return proc.returncode == 0 and "LOADED" in proc.stdout and "MemoryError" not in proc.stdout + proc.stderr
 
 
 def hello_ok(heap_k: int) -> bool:
     return heaplib.served_ok("mp_hello", heap_k, requests=200)
+
+
+def _block(report: dict) -> str:
+    """The heap gauges a run left, as one phrase: largest free block now and its lowest since boot, lowest free heap."""
+    if not report:
+        return "heap gauges: none"
+    k = lambda name: f"{report[name] / 1024:.1f}K" if name in report else "?"  # noqa: E731
+    largest = report.get("iotlib_heap_largest_free_block_bytes", 0)
+    verdict = "ok" if largest >= TLS_BLOCK else f"UNDER {TLS_BLOCK // 1024}K"
+    return (f"largest free block {k('iotlib_heap_largest_free_block_bytes')} ({verdict} for TLS), lowest since boot "
+            f"{k('iotlib_heap_largest_free_block_min_bytes')}; free {k('iotlib_heap_free_bytes')}, lowest "
+            f"{k('iotlib_heap_free_min_bytes')}")
+
+
+def _budget(kind: str, mode: str, m: int | None) -> str:
+    b = BUDGET_K[kind][0 if mode == "mpy" else 1]
+    if not m:
+        return f"budget {b}K (32-bit)"
+    return f"budget {b}K (32-bit): {'within' if m <= b else 'over'}" + ("; moonshot 128K: " + (
+        "within" if m <= 128 else "over") if mode == "mpy" else "")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -265,50 +369,64 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ws-seconds", type=float, default=30.0, help="how long the 3 WebSocket clients run (sensors)")
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--once", type=int, metavar="HEAP_K", help="one run per kind/mode at this heap, no bisection")
-    ap.add_argument("--lo", type=int, default=96)
+    ap.add_argument("--lo", type=int, default=64)
     ap.add_argument("--hi", type=int, default=384)
     ap.add_argument("--step", type=int, default=1, help="bisection resolution in KiB (8: faster, coarser)")
     ap.add_argument("--no-hello", action="store_true", help="skip microdot's hello world")
+    ap.add_argument("--no-floor", action="store_true", help="skip the code-alone floor (mpy)")
+    ap.add_argument("--no-block", action="store_true", help="skip the run at 192K that reports the largest free block")
+    ap.add_argument("--ota", action="store_true", help="end every run with an OTA update of the whole board bundle")
+    ap.add_argument("--micropython", metavar="PATH", help="the unix micropython to measure (default: "
+                    "$PICOIOT_MICROPYTHON, else the pinned 64-bit one)")
     ap.add_argument("--bundle", type=Path, default=BUNDLE, help="build directory (runs at once need their own)")
     ap.add_argument("-v", "--verbose", action="store_true")
     ap.add_argument("--trace", action="store_true",
                     help="run the device under bench/mp_heap_stages.py and print its heap at each stage (use --once)")
     a = ap.parse_args(argv)
     VERBOSE, BUNDLE, TRACE = a.verbose, a.bundle, a.trace
+    paths.use_micropython(a.micropython)
     build.build_romfs(BUNDLE)
+    build.build_sim_romfs(BUNDLE)
     heaplib.bundle()
     heaplib.compile_script(Path(__file__).resolve().parent / "mp_hello.py")
     if TRACE:
         heaplib.compile_script(Path(__file__).resolve().parent / "mp_heap_stages.py")
     kinds = ("relays", "sensors") if a.kind == "both" else (a.kind,)
     modes = ("mpy", "romfs") if a.mode == "both" else (a.mode,)
-    print(f"romfs image: {(BUNDLE / 'romfs.img').stat().st_size} bytes ({image_k()}K)", flush=True)
+    print(f"interpreter: {paths.micropython_info()}", flush=True)
+    for mode in modes:
+        print(f"counted ({mode}): {counted(mode)}", flush=True)
+    print(f"scenario: {a.requests} requests, ws {a.ws_seconds:g}s (sensors){', then an OTA update of the whole bundle' if a.ota else ''}",
+          flush=True)
     if a.once:
         ok = True
         for kind, mode in itertools.product(kinds, modes):
-            r = scenario(kind, mode, a.once, a.ws_seconds, a.requests)
-            print(f"{kind:8} {mode:6} {a.once}K{' + image' if mode == 'romfs' else ''}: {'OK' if r else 'FAIL'}",
+            rep: dict = {}
+            r = scenario(kind, mode, a.once, a.ws_seconds, a.requests, a.ota, rep)
+            print(f"{kind:8} {mode:6} {a.once}K: {'OK' if r else 'FAIL'}" + (f"  {_block(rep)}" if r else ""),
                   flush=True)
             ok &= r
         return 0 if ok else 1
     hello = None if a.no_hello else heaplib.min_heap(hello_ok, lo=16, hi=256)
     if hello is not None:
         print(f"microdot hello world: {hello}K", flush=True)
-    if "mpy" in modes:
+    if "mpy" in modes and not a.no_floor:
         for kind in kinds:
             floor = heaplib.min_heap(lambda h: code_loads(kind, h), lo=32, hi=512)
-            target = f"; 2.0x hello world = {2 * hello}K" if hello else ""
             print(f"{kind:8} mpy    code alone (loaded, nothing run): "
-                  f"{f'{floor}K' if floor else 'fails even at 512K'}{target}", flush=True)
+                  f"{f'{floor}K' if floor else 'fails even at 512K'}", flush=True)
     for kind, mode in itertools.product(kinds, modes):
         st = a.step
-        m = heaplib.min_heap(lambda h: scenario(kind, mode, h * st, a.ws_seconds, a.requests), lo=a.lo // st,
+        m = heaplib.min_heap(lambda h: scenario(kind, mode, h * st, a.ws_seconds, a.requests, a.ota), lo=a.lo // st,
                              hi=a.hi // st)
         m = m * st if m else m
-        extra = f" (+{image_k()}K image)" if mode == "romfs" else ""
-        ratio = f"  ratio {m / hello:.2f}" if m and hello else ""
-        print(f"{kind:8} {mode:6} min heap {m}K{extra}{ratio}" if m else f"{kind:8} {mode:6} fails even at {a.hi}K",
-              flush=True)
+        ratio = f"  ratio to hello world {m / hello:.2f}" if m and hello else ""
+        print(f"{kind:8} {mode:6} min heap {m}K  {_budget(kind, mode, m)}{ratio}" if m else
+              f"{kind:8} {mode:6} fails even at {a.hi}K", flush=True)
+        if not a.no_block:
+            rep = {}
+            ok = scenario(kind, mode, 192, a.ws_seconds, a.requests, a.ota, rep)
+            print(f"{kind:8} {mode:6} at 192K: " + (_block(rep) if ok else "FAILED"), flush=True)
     return 0
 
 

@@ -213,6 +213,8 @@ class Device:
              "reset_cause": self.boot_info.get("reset_cause"), "registered": self.registered,
              "degraded": self.degraded, "namespace": self.auth.namespace, "mem_free": mem_free(),
              "time_synced": bool(getattr(self, "ts", None) and self.ts.synced)}
+        from iotlib.metrics import HEAP_LOW
+        d["mem_free_min"], d["largest_free_block_min"] = HEAP_LOW  # low-water marks since boot (None: not sampled)
         d.update(self.info_extra())
         return d
 

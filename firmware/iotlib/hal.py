@@ -70,6 +70,11 @@ if SIMULATED:
 
     def _boot_id():
         return _sim.board.boot_id  # a test may boot the simulated board again in the same process
+
+    def sha1(data):
+        """hashlib.sha1 for a port built without it (the simulated board supplies it; a Pico W has it built in)."""
+        from picosim.sha1 import sha1
+        return sha1(data)
 else:
     Pin = _machine.Pin
     ADC = _machine.ADC

@@ -210,12 +210,28 @@ def gauge_fn(name, help, fn):
     return REGISTRY.gauge_fn(name, help, fn)
 
 
+#: The heap's low-water marks since boot: [lowest gc.mem_free(), smallest largest-free-block probed] (None until
+#: sampled). How close the device ran to the edge, readable on real hardware (/metrics, /info).
+HEAP_LOW = [None, None]
+
+
+def _low(i, v):
+    if v is not None and (HEAP_LOW[i] is None or v < HEAP_LOW[i]):
+        HEAP_LOW[i] = v
+    return v
+
+
 def heap_free():
     try:
         import gc
-        return gc.mem_free()
+        return _low(0, gc.mem_free())
     except (ImportError, AttributeError):  # CPython: no GC heap to report
         return None
+
+
+def heap_report():
+    """{free, free_min, largest_free_block_min} in bytes (None where unknown): what /info shows."""
+    return {"free": heap_free(), "free_min": HEAP_LOW[0], "largest_free_block_min": HEAP_LOW[1]}
 
 
 #: Granularity of the largest-free-block probe (bytes); MicroPython's GC allocates in 16-byte blocks.
@@ -262,7 +278,7 @@ def largest_free_block():
         if size <= lo:
             break
     gc.collect()  # free the probe now instead of leaving the heap looking full until the next collection
-    return best
+    return _low(1, best)
 
 
 class LoopLag:
@@ -286,14 +302,26 @@ class LoopLag:
 LOOP_LAG = LoopLag()
 
 
+#: Event-loop ticks between two probes of the largest free block by the monitor (each costs up to PROBE_TRIES
+#: collections, so not every tick; /metrics probes too): 600 ticks of 100 ms = a minute.
+PROBE_EVERY = 600
+
+
 async def loop_lag_monitor(period_ms=100, lag=None, iterations=-1):
-    """Sleep period_ms again and again and record how much later than asked each sleep returns.
+    """Sleep period_ms again and again and record how much later than asked each sleep returns; also the heap's
+    low-water marks (free heap every tick, the largest free block every PROBE_EVERY ticks).
     Runs until cancelled (or for `iterations` rounds, for tests)."""
     lag = LOOP_LAG if lag is None else lag
+    n = 0
     while iterations != 0:
         t0 = ticks_ms()
         await sleep_ms(period_ms)
         lag.record(ticks_diff(ticks_ms(), t0) - period_ms)
+        heap_free()
+        n += 1
+        if n >= PROBE_EVERY:
+            n = 0
+            largest_free_block()
         if iterations > 0:
             iterations -= 1
 
@@ -305,6 +333,10 @@ def register_builtins(registry=None, lag=None):
     r.gauge_fn("iotlib_heap_free_bytes", "Free bytes in the MicroPython GC heap (gc.mem_free()).", heap_free)
     r.gauge_fn("iotlib_heap_largest_free_block_bytes",
                "Largest allocation that succeeded when probed (bytes, 256-byte granularity).", largest_free_block)
+    r.gauge_fn("iotlib_heap_free_min_bytes", "Lowest free heap seen since boot (bytes).", lambda: HEAP_LOW[0])
+    r.gauge_fn("iotlib_heap_largest_free_block_min_bytes",
+               "Smallest largest-free-block probed since boot (bytes): how fragmented the heap got.",
+               lambda: HEAP_LOW[1])
     r.gauge_fn("iotlib_loop_lag_ms", "Lateness of the last event-loop wake-up (ms).", lambda: lag.last_ms)
     r.gauge_fn("iotlib_loop_lag_max_ms", "Largest event-loop wake-up lateness since boot (ms).", lambda: lag.max_ms)
     return r

@@ -545,3 +545,11 @@ def test_virtual_time_wakes_sleepers_in_order_and_fires_the_wdt():
 def test_uncaught_reset_ends_the_process_with_status_75():
     e = sim.SimulatedReset("watchdog")
     assert e.args == (75,) and e.cause == "watchdog" and sim.RESET_EXIT_CODE == 75
+
+
+def test_simulated_board_supplies_sha1_where_the_port_lacks_it():
+    # A unix build without TLS has no hashlib.sha1; the WebSocket handshake needs it (a Pico W has it built in).
+    import binascii
+    for msg, want in ((b"abc", "a9993e364706816aba3e25717850c26c9cd0d89d"),
+                      (b"a" * 100, "7f9000257a4918d7072655ea468540cdcbd42e0c")):
+        assert binascii.hexlify(hal.sha1(msg).digest()).decode() == want

@@ -140,6 +140,35 @@ def test_largest_free_block_sees_fragmentation():
     assert frag < 4 * 1024 < whole  # ...but no large block
 
 
+def test_heap_low_water_marks_remember_the_worst_since_boot():
+    r = metrics.register_builtins(metrics.Metrics())
+    if metrics.heap_free() is None:  # CPython: no GC heap, the marks stay unknown and are not rendered
+        assert metrics.HEAP_LOW == [None, None] and "\niotlib_heap_free_min_bytes " not in r.render()
+        return
+    import gc
+    gc.collect()
+    calm_free, calm_block = metrics.heap_free(), metrics.largest_free_block()
+    keep = [None] * 64
+    n = 0
+    try:
+        while n < len(keep):  # fill the heap, free every other block: fragmented and fuller than before
+            keep[n] = bytearray(1024)
+            n += 1
+    except MemoryError:
+        pass
+    for i in range(0, n, 2):
+        keep[i] = None
+    gc.collect()
+    busy_free, busy_block = metrics.heap_free(), metrics.largest_free_block()
+    keep = None
+    gc.collect()
+    text = r.render()  # the heap is calm again: the current gauges recover, the marks keep the worst
+    low_free, low_block = metrics.HEAP_LOW
+    assert low_free <= busy_free < calm_free and low_block <= busy_block < calm_block
+    assert "\niotlib_heap_free_min_bytes %d\n" % low_free in text
+    assert "\niotlib_heap_largest_free_block_min_bytes %d\n" % low_block in text
+
+
 def test_largest_free_block_probe_leaves_the_heap_as_it_found_it():
     # The probe allocates nearly all free memory at once; that block must be collectable afterwards, or the next
     # allocation (the /metrics answer itself) fails with MemoryError.
