@@ -73,37 +73,65 @@ def _rotr(x, n):
 
 
 def sha512(data):
-    """SHA-512 digest of bytes (hashlib's when the port has it)."""
+    """SHA-512 digest of bytes, or of a list of byte strings taken as one (hashlib's when the port has it)."""
     out = [None]
     for _ in sha512_steps(data, out):
         pass
     return out[0]
 
 
+def _block(h, blk):
+    w = [int.from_bytes(blk[i:i + 8], "big") for i in range(0, 128, 8)]
+    for i in range(16, 80):
+        a, b = w[i - 15], w[i - 2]
+        s0 = _rotr(a, 1) ^ _rotr(a, 8) ^ (a >> 7)
+        s1 = _rotr(b, 19) ^ _rotr(b, 61) ^ (b >> 6)
+        w.append((w[i - 16] + s0 + w[i - 7] + s1) & _M64)
+    a, b, c, d, e, f, g, hh = h
+    for i in range(80):
+        t1 = (hh + (_rotr(e, 14) ^ _rotr(e, 18) ^ _rotr(e, 41)) + ((e & f) ^ (~e & g))
+              + int.from_bytes(_K[8 * i:8 * i + 8], "big") + w[i]) & _M64
+        t2 = ((_rotr(a, 28) ^ _rotr(a, 34) ^ _rotr(a, 39)) + ((a & b) ^ (a & c) ^ (b & c))) & _M64
+        hh, g, f, e, d, c, b, a = g, f, e, (d + t1) & _M64, c, b, a, (t1 + t2) & _M64
+    return [(x + y) & _M64 for x, y in zip(h, (a, b, c, d, e, f, g, hh))]
+
+
 def sha512_steps(data, out):
-    """Generator: sets out[0] to the digest, yielding after every 128-byte block (pure Python is slow on a Pico)."""
+    """Generator: sets out[0] to the digest of data (bytes, or a list of byte strings hashed as one: no joined copy of
+    a large message), yielding after every 128-byte block (pure Python is slow on a Pico)."""
+    parts = data if isinstance(data, (list, tuple)) else (data,)
     if _hw_sha512 is not None:
-        out[0] = _hw_sha512(data).digest()
+        hw = _hw_sha512()
+        for p in parts:
+            hw.update(p)
+        out[0] = hw.digest()
         return
-    K = _K
     h = [int.from_bytes(_H0[i:i + 8], "big") for i in range(0, 64, 8)]
-    ml = len(data)
-    data = bytes(data) + b"\x80" + b"\x00" * ((111 - ml) % 128) + (ml * 8).to_bytes(16, "big")
-    for off in range(0, len(data), 128):
-        w = [int.from_bytes(data[off + i * 8:off + i * 8 + 8], "big") for i in range(16)]
-        for i in range(16, 80):
-            a, b = w[i - 15], w[i - 2]
-            s0 = _rotr(a, 1) ^ _rotr(a, 8) ^ (a >> 7)
-            s1 = _rotr(b, 19) ^ _rotr(b, 61) ^ (b >> 6)
-            w.append((w[i - 16] + s0 + w[i - 7] + s1) & _M64)
-        a, b, c, d, e, f, g, hh = h
-        for i in range(80):
-            t1 = (hh + (_rotr(e, 14) ^ _rotr(e, 18) ^ _rotr(e, 41)) + ((e & f) ^ (~e & g)) + int.from_bytes(K[8 * i:8 * i + 8], "big")
-                  + w[i]) & _M64
-            t2 = ((_rotr(a, 28) ^ _rotr(a, 34) ^ _rotr(a, 39)) + ((a & b) ^ (a & c) ^ (b & c))) & _M64
-            hh, g, f, e, d, c, b, a = g, f, e, (d + t1) & _M64, c, b, a, (t1 + t2) & _M64
-        h = [(x + y) & _M64 for x, y in zip(h, (a, b, c, d, e, f, g, hh))]
+    blk = bytearray(128)  # one block at a time: the message is never copied whole
+    n = ml = 0
+    for p in parts:
+        mv = memoryview(p)
+        i, size = 0, len(mv)
+        ml += size
+        while i < size:
+            k = min(128 - n, size - i)
+            blk[n:n + k] = mv[i:i + k]
+            n += k
+            i += k
+            if n == 128:
+                h = _block(h, blk)
+                n = 0
+                yield
+    blk[n] = 0x80
+    n += 1
+    if n > 112:
+        blk[n:] = bytes(128 - n)
+        h = _block(h, blk)
+        n = 0
         yield
+    blk[n:112] = bytes(112 - n)
+    blk[112:] = (ml * 8).to_bytes(16, "big")
+    h = _block(h, blk)
     out[0] = b"".join(x.to_bytes(8, "big") for x in h)
 
 
@@ -171,7 +199,7 @@ def verify_steps(public_key, message, signature, out, bits_per_step=4):
     if s >= _L:
         return
     digest = [None]
-    for _ in sha512_steps(bytes(signature[:32]) + bytes(public_key) + bytes(message), digest):
+    for _ in sha512_steps((signature[:32], public_key, message), digest):  # the message is not copied
         yield
     k = int.from_bytes(digest[0], "little") % _L
     neg_a = ((_P - A[0]) % _P, A[1], A[2], (_P - A[3]) % _P)

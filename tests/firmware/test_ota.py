@@ -142,6 +142,20 @@ def test_pure_sha512_matches_known_digest():
         ed25519._hw_sha512 = hw
 
 
+def test_pure_sha512_of_parts_is_the_digest_of_the_whole_at_every_block_edge():
+    hw = ed25519._hw_sha512
+    ed25519._hw_sha512 = None
+    try:
+        for n in (0, 1, 111, 112, 113, 127, 128, 129, 255, 300):
+            msg = bytes((i * 7) & 255 for i in range(n))
+            whole = ed25519.sha512(msg)
+            assert ed25519.sha512([msg[:n // 3], b"", msg[n // 3:]]) == whole
+            if hw is not None:  # CPython: hashlib's
+                assert whole == hw(msg).digest(), n
+    finally:
+        ed25519._hw_sha512 = hw
+
+
 def _frac_root(q, k, bits):
     # floor(2**bits * frac(q ** (1/k))) by integer bisection: how FIPS 180-4 defines SHA-512's constants
     lo, hi = 0, 1 << (bits + 8)
