@@ -414,10 +414,10 @@ class Device:
             url = self.auth.services.get("ota") if self.auth.services else None
             if url and self.auth.token and self.ota is None and self._ota_used:  # not during a trial; OTA on
                 hdr = self.auth.auth_header()
+                offer = failed = None
                 try:
                     ob = self._otaboot()
                     await ob.send_result(self.http, url, hdr)
-                    offer = None
                     if ob.public_key is not None:
                         offer = await ob.check(self.http, url, hdr)
                     if offer:
@@ -428,10 +428,25 @@ class Device:
                                              feed=lambda: self.wd.checkin("ota"))
                         _log.info("ota installed, resetting into trial", version=v)
                         await self.reboot()
-                except Exception as e:  # OTAError, HTTPError, OSError: nothing was swapped; try at the next check
-                    _log.warning("ota failed", reason=_logmod.exc_summary(e))
+                except Exception as e:  # OTAError, HTTPError, OSError, MemoryError: nothing was swapped
+                    failed = _logmod.exc_summary(e)
+                    if isinstance(e, MemoryError):
+                        from iotlib import metrics
+                        metrics.memory_error("ota")
                 ob = mgr = None
-                _unload("iotlib.ota", "iotlib.ed25519", "iotlib.otaboot")
+                _unload("iotlib.ota", "iotlib.ed25519")
+                if failed:
+                    _log.warning("ota failed", reason=failed)
+                    if offer and isinstance(offer.get("version"), str):
+                        # reported at the next contact (ota status shows it); the control plane then stops offering
+                        # this release until it is assigned again, instead of the device failing on it for ever
+                        try:
+                            self._otaboot().failed(offer["version"], failed, self._otaboot().current(__version__))
+                        except (OSError, MemoryError) as e:
+                            _log.warning("ota result not recorded", reason=_logmod.exc_summary(e))
+                        self._ota_wake.set()  # report it now, not at the next periodic check
+                offer = None
+                _unload("iotlib.otaboot")
             self.wd.checkin("ota")
             try:
                 await asyncio.wait_for(self._ota_wake.wait(), self.ota_check_s)

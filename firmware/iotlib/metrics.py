@@ -229,9 +229,11 @@ def heap_free():
         return None
 
 
-def heap_report():
-    """{free, free_min, largest_free_block_min} in bytes (None where unknown): what /info shows."""
-    return {"free": heap_free(), "free_min": HEAP_LOW[0], "largest_free_block_min": HEAP_LOW[1]}
+def memory_error(where):
+    """Count a MemoryError the device survived and went on from (where: "ota", "request", …): /metrics shows it as
+    iotlib_memory_errors_total{where}. Registered at the first one: a device that never runs short pays nothing."""
+    REGISTRY.counter("iotlib_memory_errors", "MemoryErrors the device survived and went on from, by where.",
+                     ("where",)).inc(where=where)
 
 
 #: Granularity of the largest-free-block probe (bytes); MicroPython's GC allocates in 16-byte blocks.

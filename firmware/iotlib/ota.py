@@ -3,6 +3,9 @@
 # An update is a signed manifest {version, files[{path, sha256, size}]}. The device verifies the Ed25519 signature
 # over the manifest's exact bytes before parsing it, then downloads every file into a staging dir (chunked, sha256
 # and size checked). Imported only when the control plane offers an update (~10 KB of heap as .mpy).
+# Memory: an update must fit in the heap the device's normal work needs. The manifest is held once, as the bytes that
+# were signed (fetched raw, hashed in place); its file entries are parsed one at a time when needed, never as a whole
+# document of objects; a file goes from the network to flash one chunk at a time.
 import os
 import json
 from iotlib import fsutil
@@ -31,27 +34,125 @@ def _hex(b):
     return _hexlify(b).decode() if _hexlify else b.hex()
 
 
-def check_manifest(m, max_files, max_file_bytes):
-    """Raise OTAError unless m is a well-formed manifest dict; returns it."""
+def _check_version(m):
     if not isinstance(m, dict) or not isinstance(m.get("version"), str) or not 0 < len(m["version"]) <= 32:
         raise OTAError("manifest: version must be a string of 1-32 chars")
+
+
+def _check_entry(f, seen, max_file_bytes):
+    if not isinstance(f, dict):
+        raise OTAError("manifest: file entry is not an object")
+    p, h, n = f.get("path"), f.get("sha256"), f.get("size")
+    if (not isinstance(p, str) or not 0 < len(p) <= 64 or p[0] == "/" or p[-1] == "/" or ".." in p
+            or "//" in p or p.startswith("ota") or any(c not in _PATH_OK for c in p) or p in seen):
+        raise OTAError("manifest: bad path %r" % (p,))
+    if not isinstance(h, str) or len(h) != 64 or any(c not in _HEX for c in h):
+        raise OTAError("manifest: bad sha256 for " + p)
+    if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= max_file_bytes:
+        raise OTAError("manifest: size of %s must be 0-%d" % (p, max_file_bytes))
+    seen.add(p)
+
+
+def check_manifest(m, max_files, max_file_bytes):
+    """Raise OTAError unless m is a well-formed manifest dict; returns it."""
+    _check_version(m)
     files = m.get("files")
     if not isinstance(files, list) or not 0 < len(files) <= max_files:
         raise OTAError("manifest: files must be a list of 1-%d entries" % max_files)
     seen = set()
     for f in files:
-        if not isinstance(f, dict):
-            raise OTAError("manifest: file entry is not an object")
-        p, h, n = f.get("path"), f.get("sha256"), f.get("size")
-        if (not isinstance(p, str) or not 0 < len(p) <= 64 or p[0] == "/" or p[-1] == "/" or ".." in p
-                or "//" in p or p.startswith("ota") or any(c not in _PATH_OK for c in p) or p in seen):
-            raise OTAError("manifest: bad path %r" % (p,))
-        if not isinstance(h, str) or len(h) != 64 or any(c not in _HEX for c in h):
-            raise OTAError("manifest: bad sha256 for " + p)
-        if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= max_file_bytes:
-            raise OTAError("manifest: size of %s must be 0-%d" % (p, max_file_bytes))
-        seen.add(p)
+        _check_entry(f, seen, max_file_bytes)
     return m
+
+
+_WS = b" \t\r\n"
+
+
+def _skip_ws(t, i):
+    while t[i] in _WS:
+        i += 1
+    return i
+
+
+def _entry_spans(t, i, end=None):
+    """(start, stop) of each object in the JSON array whose "[" is at t[i]; end[0] = the index of its "]". A file entry
+    is a flat object (its strings hold no braces: paths and hashes are checked against their alphabets later)."""
+    i = _skip_ws(t, i + 1)
+    if t[i] != 0x5D:  # "]": an empty list
+        while True:
+            if t[i] != 0x7B:  # "{"
+                raise OTAError("manifest: files must be a list of objects")
+            j = t.find(b"}", i)
+            if j < 0:
+                raise OTAError("manifest: unterminated file entry")
+            yield i, j + 1
+            i = _skip_ws(t, j + 1)
+            if t[i] == 0x5D:
+                break
+            if t[i] != 0x2C:  # ","
+                raise OTAError("manifest: files must be a list of objects")
+            i = _skip_ws(t, i + 1)
+    if end is not None:
+        end[0] = i
+
+
+class Manifest:
+    """A verified manifest held once, as the bytes that were signed: the file entries are parsed one at a time when
+    `m["files"]` is iterated (each a small dict, dropped after use). Checked whole on construction (OTAError)."""
+
+    def __init__(self, text, max_files, max_file_bytes):
+        self.text = text
+        try:
+            k = -1
+            while True:  # the key "files" (a string "files" elsewhere, e.g. as the version, is not followed by ":")
+                k = text.find(b'"files"', k + 1)
+                if k < 0:
+                    raise OTAError("manifest: files must be a list of 1-%d entries" % max_files)
+                i = _skip_ws(text, k + 7)
+                if text[i] == 0x3A:  # ":"
+                    break
+            self._lb = i = _skip_ws(text, i + 1)
+            if text[i] != 0x5B:  # "["
+                raise OTAError("manifest: files must be a list of 1-%d entries" % max_files)
+            end = [None]
+            seen = set()
+            self.total = n = 0
+            for a, b in _entry_spans(text, i, end):
+                n += 1
+                if n > max_files:
+                    break
+                f = self._entry(a, b)
+                _check_entry(f, seen, max_file_bytes)
+                self.total += f["size"]
+            seen = None
+            if not 0 < n <= max_files:
+                raise OTAError("manifest: files must be a list of 1-%d entries" % max_files)
+            self._rb = end[0]
+            top = json.loads(text[:self._lb + 1] + text[self._rb:])  # the document without its file entries
+        except (IndexError, ValueError):
+            raise OTAError("manifest is not JSON")
+        _check_version(top)
+        top.pop("files", None)
+        self.top = top
+
+    def _entry(self, a, b):
+        try:
+            return json.loads(self.text[a:b])
+        except ValueError:
+            raise OTAError("manifest: bad file entry")
+
+    def files(self):
+        for a, b in _entry_spans(self.text, self._lb):
+            yield self._entry(a, b)
+
+    def __getitem__(self, key):
+        return self.files() if key == "files" else self.top[key]
+
+    def __setitem__(self, key, value):
+        self.top[key] = value
+
+    def get(self, key, default=None):
+        return self.top.get(key, default)
 
 
 class OTAUpdateManager(OTABoot):
@@ -94,16 +195,12 @@ class OTAUpdateManager(OTABoot):
             await asyncio.sleep(0)
         if not out[0]:
             raise OTAError("bad manifest signature")
-        try:
-            m = json.loads(text)
-        except ValueError:
-            raise OTAError("manifest is not JSON")
-        return check_manifest(m, self.max_files, self.max_file_bytes)
+        return Manifest(text, self.max_files, self.max_file_bytes)
 
     async def stage(self, manifest, fetch, feed=None):
         """Download every file with `await fetch(sha256, offset, length)` → bytes into ota/new, checking size and
         sha256. Raises OTAError (staging removed) on any mismatch, short read or too little flash."""
-        total = sum(f["size"] for f in manifest["files"])
+        total = manifest.total if isinstance(manifest, Manifest) else sum(f["size"] for f in manifest["files"])
         free = self.free_bytes()
         if free is not None and free < 2 * total + self.free_margin_bytes:
             raise OTAError("not enough flash: %d bytes free, %d needed" % (free, 2 * total + self.free_margin_bytes))
@@ -137,13 +234,18 @@ class OTAUpdateManager(OTABoot):
     # --- control plane ------------------------------------------------------------------------------------------------
     async def update(self, http, offer, headers, running=None, feed=None):
         """Fetch, verify, stage and install the offered release. Returns its version; raises OTAError."""
-        r = await http.request("GET", offer["manifest_url"], headers=headers)
+        # raw: the manifest's exact bytes as the body, its signature in a header (not both inside a JSON document that
+        # would have to be parsed into a second copy)
+        r = await http.request("GET", offer["manifest_url"] + "?raw=1", headers=headers)
         if r.status != 200:
             raise OTAError("manifest: HTTP %d" % r.status)
-        doc = r.json()
-        if not isinstance(doc, dict) or not isinstance(doc.get("manifest"), str):
-            raise OTAError("manifest: answer lacks the manifest text")
-        m = await self.verify_manifest(doc["manifest"], doc.get("signature") or "", feed)
+        sig = r.headers.get("x-manifest-signature")
+        if not sig:
+            raise OTAError("manifest: answer lacks its signature")
+        text = r.body
+        r = None
+        m = await self.verify_manifest(text, sig, feed)
+        text = None
         base = offer["files_url"]
 
         async def fetch(sha, offset, length):

@@ -161,6 +161,12 @@ class OTABoot:
             raise OSError("ota check: offer lacks manifest_url/files_url")
         return offer
 
+    def failed(self, version, reason, running=None):
+        """An offered update could not be installed (refused, download failed, out of memory): nothing was swapped,
+        the device runs `running` on. Recorded like an install result and reported at the next contact."""
+        fsutil.write_json_atomic(self._p("result.json", "ota"), {"version": version, "status": "failed",
+                                                                "reason": reason[:256], "running": running})
+
     def current(self, default=None):
         """Version of the last committed update, else default (the firmware's own)."""
         return (fsutil.read_json(self._p("current.json", "ota")) or {}).get("version") or default

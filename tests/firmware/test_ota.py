@@ -247,6 +247,62 @@ def test_hash_mismatch_leaves_running_set_and_no_staging():
     assert not fsutil.exists(root + "/ota/new") and not fsutil.exists(root + "/ota.json")
 
 
+def _big_manifest(n=40, spread=False):
+    files = [{"path": "iotlib/module_%02d.mpy" % i, "sha256": "%064x" % (i * 7919), "size": 1000 + i} for i in range(n)]
+    text = json.dumps({"version": "2.0", "files": files})
+    if spread:  # another layout of the same document (MicroPython's json.dumps has no indent)
+        text = text.replace(", ", ",\n  ").replace("[", "[\r\n\t").replace("]", " \n]")
+    return {"version": "2.0", "files": files}, text
+
+
+def test_manifest_entries_are_read_one_at_a_time_in_any_json_layout():
+    for spread in (False, True):
+        doc, text = _big_manifest(5, spread)
+        m = ota.Manifest(text.encode(), 48, 64 * 1024)
+        assert m["version"] == "2.0" and list(m["files"]) == doc["files"] and list(m["files"]) == doc["files"]
+        assert m.total == sum(f["size"] for f in doc["files"])
+    odd = b'{"version": "files", "files" : [ {"path":"a.py","sha256":"' + b"b" * 64 + b'","size":1} ] , "x": [1]}'
+    m = ota.Manifest(odd, 48, 100)
+    assert m["version"] == "files" and [f["path"] for f in m["files"]] == ["a.py"] and m.get("x") == [1]
+
+
+def test_malformed_manifest_text_is_refused_clearly():
+    sha = '"sha256":"' + "a" * 64 + '"'
+    for bad in (b'{"version":"1"}', b'{"version":"1","files":[]}', b'{"version":"1","files":{}}',
+                b'{"version":"1","files":[1]}', b'{"version":"1","files":[{"path":"a.py",' + sha.encode() + b'}',
+                b'{"version":"1","files":[{"path":"a.py",' + sha.encode() + b',"size":1}] trailing',
+                b'{"version":"1","files":[{"path":"a.py","x":{},' + sha.encode() + b',"size":1}]}',
+                b'{"version":"","files":[{"path":"a.py",' + sha.encode() + b',"size":1}]}',
+                b'{"version":"1","files":[{"path":"../a.py",' + sha.encode() + b',"size":1}]}',
+                b'{"version":"1","files":[{"path":"a.py",' + sha.encode() + b',"size":1},{"path":"a.py",'
+                + sha.encode() + b',"size":1}]}'):
+        e = fwtest.raises(OTAError, ota.Manifest, bad, 4, 100)
+        assert str(e).startswith("manifest"), (bad, str(e))
+    _, text = _big_manifest(5)
+    assert "1-4 entries" in str(fwtest.raises(OTAError, ota.Manifest, text.encode(), 4, 64 * 1024))
+
+
+def test_a_verified_manifest_is_held_once_as_its_signed_bytes():
+    # The device must not hold the manifest twice: parsed whole into objects, a 40-file manifest took several times
+    # its text on the heap on top of the text itself.
+    import gc
+    _, text = _big_manifest(40)
+    mgr = OTAUpdateManager(fwtest.tmpdir("ota-once"), public_key=_keypair()[2])
+    mgr.max_manifest_bytes = 16 * 1024
+    sig = _hex(_sign(text.encode()))
+    raw = text.encode()
+    text = None
+    fwtest.run(mgr.verify_manifest(raw, sig))  # warm-up: whatever a first run grows for good (pools, caches)
+    mem = getattr(gc, "mem_alloc", None)
+    gc.collect()
+    before = mem() if mem else 0
+    m = fwtest.run(mgr.verify_manifest(raw, sig))
+    gc.collect()
+    kept = (mem() - before) if mem else 0
+    assert len(list(m["files"])) == 40
+    assert kept < 1024, "a verified manifest of %d bytes keeps %d more bytes" % (len(raw), kept)
+
+
 def test_truncated_download_is_refused():
     root, mgr = _device()
     text, sig, blobs = _release("2.0", NEW)
@@ -423,17 +479,19 @@ def test_update_over_http_from_a_real_server():
             pass
         path = line.split(" ")[1]
         seen.append(path)
+        extra = b""
         if path == "/ota":
             body = json.dumps({"version": "2.0", "manifest_url": base + "/manifest", "files_url": base + "/files"})
-        elif path == "/manifest":
-            body = json.dumps({"manifest": text, "signature": sig})
+        elif path == "/manifest?raw=1":  # the manifest's exact bytes, the signature in a header
+            body, extra = text, b"X-Manifest-Signature: " + sig.encode() + b"\r\n"
         else:
             sha, q = path[len("/files/"):].split("?")
             args = dict(kv.split("=") for kv in q.split("&"))
             body = blobs[sha][int(args["offset"]):int(args["offset"]) + int(args["length"])]
         if isinstance(body, str):
             body = body.encode()
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n" % len(body) + extra + b"\r\n"
+                     + body)
         await writer.drain()
         writer.close()
         await writer.wait_closed()

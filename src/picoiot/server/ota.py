@@ -270,13 +270,18 @@ async def offer(device_id: str, request: Request, p: Principal = Depends(princip
 
 
 @router.get("/api/v1/devices/{device_id}/ota/releases/{version}/manifest", responses=_ERR)
-async def manifest(device_id: str, version: str, request: Request, p: Principal = Depends(principal)) -> dict:
-    """The signed manifest text and its signature (the device verifies the exact text)."""
+async def manifest(device_id: str, version: str, request: Request, p: Principal = Depends(principal),
+                   raw: bool = Query(False)) -> Any:
+    """The signed manifest text and its signature (the device verifies the exact text). raw: the manifest's exact
+    bytes as the body (itself a JSON object) and the signature in `X-Manifest-Signature`, so that a device holds the
+    manifest once instead of parsing it out of a document."""
     ns = device_ns(p, device_id, "viewer")
     row = await _cp(request).read(lambda conn: conn.execute(
         sa.select(R.c.manifest, R.c.signature).where(R.c.ns == ns, R.c.version == version)).first())
     if row is None:
         raise ApiError(404, "unknown release")
+    if raw:
+        return Response(row[0].encode(), media_type="application/json", headers={"X-Manifest-Signature": row[1]})
     return {"version": version, "manifest": row[0], "signature": row[1]}
 
 
