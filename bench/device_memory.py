@@ -207,10 +207,12 @@ def _ota_update(cp: ServerChild, admin: str, dev_id: str, dev: DeviceChild, tmp:
 
 
 def scenario(kind: str, mode: str, heap_k: int, ws_seconds: float, requests: int = 200, ota: bool = False,
-             report: dict | None = None) -> bool:
+             report: dict | None = None, standard: bool = True, ota_wrong_key: bool = False) -> bool:
     """One full run at heap_k (plus the simulator's or the whole code's ROMFS image, which stands in for flash). True
-    when it passed. ota: end with an OTA update of the whole board bundle. report: filled with the device's heap
-    gauges (/metrics) at the end of a passing run."""
+    when it passed. ota: end with an OTA update of the whole board bundle. standard: False skips the standard
+    scenario (boot to ready, then straight to the OTA update). ota_wrong_key: the device trusts another key than the
+    release is signed with (it must refuse the update and report why). report: filled with the device's heap gauges
+    (/metrics) at the end of a passing run, or {"failure": why} after a failed one."""
     with tempfile.TemporaryDirectory(prefix="devmem-") as tmp:
         tmp = Path(tmp)
         cp = ServerChild(tmp / "cp", extra=("--sweep-interval", "0.2", "--heartbeat-flush", "0.2"))
@@ -230,7 +232,7 @@ def scenario(kind: str, mode: str, heap_k: int, ws_seconds: float, requests: int
                 pub = ota_cli.keygen(keyfile)
                 ota_cli.set_key(cp.url, admin, NS, pub)
                 s = json.loads(settings.read_text())
-                s["ota_public_key"] = pub
+                s["ota_public_key"] = ota_cli.keygen(tmp / "other.key") if ota_wrong_key else pub
                 settings.write_text(json.dumps(s))
             heap = heap_k + image_k(mode)
             os.environ["PICOIOT_ROMFS"] = str(image(mode))  # what boot_romfs mounts
@@ -255,12 +257,14 @@ def scenario(kind: str, mode: str, heap_k: int, ws_seconds: float, requests: int
                     problems += [p for p in out if p]
                 return problems
 
-            problems = asyncio.run(traffic())
+            problems = asyncio.run(traffic()) if standard else []
             if problems:
                 raise Failed("; ".join(problems[:5]))
             note("requests done")
             # hot reload + alarm
-            if kind == "sensors":
+            if not standard:
+                pass
+            elif kind == "sensors":
                 v = httpx.patch(f"{cp.url}/api/v1/namespaces/{NS}/devices/{dev_id}/config",
                                 headers={"Authorization": f"Bearer {admin}"}, timeout=10,
                                 json={"overrides": dict(BASE_CONFIG, i2c={"bme280_address": 0x70})}).json()["version"]
@@ -279,9 +283,10 @@ def scenario(kind: str, mode: str, heap_k: int, ws_seconds: float, requests: int
                 cp.start()
                 _wait(lambda: "relays.failsafe" in _alarm_keys(cp.url, admin), 60, "failsafe alarm", dev)
             note("alarm delivered")
-            _wait(lambda: httpx.get(f"{cp.url}/api/v1/namespaces/{NS}/devices/{dev_id}",
-                                    headers={"Authorization": f"Bearer {admin}"}, timeout=10).json().get("last_seen")
-                  not in (None, seen0), 30, "a heartbeat", dev)
+            if standard:
+                _wait(lambda: httpx.get(f"{cp.url}/api/v1/namespaces/{NS}/devices/{dev_id}",
+                                        headers={"Authorization": f"Bearer {admin}"}, timeout=10).json()
+                      .get("last_seen") not in (None, seen0), 30, "a heartbeat", dev)
             if ota:
                 _ota_update(cp, admin, dev_id, dev, tmp, keyfile)
             if dev.poll() is not None:
@@ -293,6 +298,8 @@ def scenario(kind: str, mode: str, heap_k: int, ws_seconds: float, requests: int
             return True
         except Exception as e:  # noqa: BLE001 — any failure (timeouts, refused connections, …) fails the run
             oom = dev is not None and dev.out_of_memory()
+            if report is not None:
+                report["failure"] = f"{'MemoryError; ' if oom else ''}{e}"
             note(f"{kind}/{mode} @ {heap_k}K failed: {'MemoryError; ' if oom else ''}{e}")
             if VERBOSE and oom:
                 log = (tmp / "dev.log").read_text(errors="replace").splitlines()
@@ -337,6 +344,38 @@ def code_loads(kind: str, heap_k: int) -> bool:
     return proc.returncode == 0 and "LOADED" in proc.stdout and "MemoryError" not in proc.stdout + proc.stderr
 
 
+def breakdown(kind: str) -> list[tuple[str, int, int, int]]:
+    """(module, heap bytes it costs loaded from .mpy, of which interned-name pool bytes, new names) for every module
+    the controller loads, in its load order (bench/mp_device_modules.py; the simulator outside the heap)."""
+    import re
+    proc = subprocess.run([paths.micropython_bin(), "-X", "heapsize=1M", "-m", "mp_device_modules", str(image("mpy")),
+                           kind], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, MICROPYPATH=f"{BUNDLE}:{heaplib.BUILD}:.frozen"))
+    if proc.returncode != 0:
+        raise RuntimeError("mp_device_modules failed:\n" + proc.stdout[-600:] + proc.stderr[-600:])
+    snaps: list[list] = []
+    for line in proc.stdout.splitlines():
+        if line.startswith("MOD "):
+            _, tag, alloc = line.split()
+            snaps.append([tag, int(alloc)])
+        else:
+            m = re.search(r"n_qstr=(\d+), n_str_data_bytes=\d+, n_total_bytes=(\d+)", line)
+            if m and snaps and len(snaps[-1]) == 2:
+                snaps[-1] += [int(m.group(1)), int(m.group(2))]
+    return [(b[0], b[1] - a[1], b[3] - a[3], b[2] - a[2]) for a, b in zip(snaps, snaps[1:])]
+
+
+def print_breakdown(kind: str) -> None:
+    rows = breakdown(kind)
+    print(f"\n{kind}: heap each module costs loaded from .mpy (bytes, load order; qstr pool = interned names, it grows "
+          "by doubling so its cost lands on the module that needs the next pool):")
+    print(f"  {'module':<22}{'heap':>8}{'code+objs':>11}{'qstr pool':>11}{'new qstrs':>11}")
+    for name, heap, qbytes, nq in rows:
+        print(f"  {name:<22}{heap:>8}{heap - qbytes:>11}{qbytes:>11}{nq:>11}")
+    t = [sum(r[i] for r in rows) for i in (1, 2, 3)]
+    print(f"  {'total':<22}{t[0]:>8}{t[0] - t[1]:>11}{t[1]:>11}{t[2]:>11}", flush=True)
+
+
 def hello_ok(heap_k: int) -> bool:
     return heaplib.served_ok("mp_hello", heap_k, requests=200)
 
@@ -376,6 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-floor", action="store_true", help="skip the code-alone floor (mpy)")
     ap.add_argument("--no-block", action="store_true", help="skip the run at 192K that reports the largest free block")
     ap.add_argument("--ota", action="store_true", help="end every run with an OTA update of the whole board bundle")
+    ap.add_argument("--breakdown", action="store_true", help="only print the heap each module costs loaded (.mpy)")
     ap.add_argument("--micropython", metavar="PATH", help="the unix micropython to measure (default: "
                     "$PICOIOT_MICROPYTHON, else the pinned 64-bit one)")
     ap.add_argument("--bundle", type=Path, default=BUNDLE, help="build directory (runs at once need their own)")
@@ -389,9 +429,15 @@ def main(argv: list[str] | None = None) -> int:
     build.build_sim_romfs(BUNDLE)
     heaplib.bundle()
     heaplib.compile_script(Path(__file__).resolve().parent / "mp_hello.py")
+    heaplib.compile_script(Path(__file__).resolve().parent / "mp_device_modules.py")
     if TRACE:
         heaplib.compile_script(Path(__file__).resolve().parent / "mp_heap_stages.py")
     kinds = ("relays", "sensors") if a.kind == "both" else (a.kind,)
+    if a.breakdown:
+        print(f"interpreter: {paths.micropython_info()}", flush=True)
+        for kind in kinds:
+            print_breakdown(kind)
+        return 0
     modes = ("mpy", "romfs") if a.mode == "both" else (a.mode,)
     print(f"interpreter: {paths.micropython_info()}", flush=True)
     for mode in modes:
