@@ -163,8 +163,10 @@ class OTAUpdateManager(OTABoot):
     max_files = 48
     #: largest manifest document accepted (bytes)
     max_manifest_bytes = 8 * 1024
-    #: bytes asked for per download request (each is its own short connection: one outbound connection at a time)
-    chunk_bytes = 4096
+    #: bytes asked for per download request (each is its own short connection: one outbound connection at a time).
+    #: Small: a chunk needs one contiguous block (twice, while the stream reader joins its reads), and a device that
+    #: has run a while has many small holes and few large ones.
+    chunk_bytes = 1024
     #: flash that must stay free beyond the staged files and their backups
     free_margin_bytes = 32 * 1024
 
