@@ -36,20 +36,33 @@ def compile_script(src: Path) -> Path:
     return dst
 
 
-def romfs_image(modules: list[str]) -> Path:
-    """A ROMFS image (mpremote romfs build) holding the bundle's iotlib and the given compiled bench modules, for
-    runs that execute the bytecode in place (bench/mp_romfs.py)."""
+def romfs_image(modules: list[str], name: str = "romfs", lib: bool = True) -> Path:
+    """A ROMFS image (mpremote romfs build) holding the bundle's iotlib (lib), the simulated board (picosim, test
+    equipment that a Pico W has built in) and the given compiled bench modules, for runs that execute the bytecode in
+    place (bench/mp_romfs.py; with lib=False: the simulator alone, mounted through PICOIOT_SIM_IMG by runs whose
+    iotlib is loaded from .mpy)."""
     import shutil
-    src = BUILD / "romfs"
+    src = BUILD / name
     shutil.rmtree(src, ignore_errors=True)
-    shutil.copytree(BUILD / "iotlib", src / "iotlib")
+    if lib:
+        shutil.copytree(BUILD / "iotlib", src / "iotlib")
+    shutil.copytree(BUILD / "picosim", src / "picosim")
     for m in modules:
         shutil.copy(BUILD / (m + ".mpy"), src)
-    img = BUILD / "romfs.img"
+    img = BUILD / f"{name}.img"
     mpremote = Path(sys.executable).with_name("mpremote")
     subprocess.run([str(mpremote), "romfs", "--no-mpy", "-o", str(img), "build", str(src)], check=True,
                    capture_output=True, text=True)
     return img
+
+
+def sim_image() -> Path:
+    """The simulator alone as a ROMFS image; mp_env() has runs mount it (PICOIOT_SIM_IMG)."""
+    return romfs_image([], "sim", lib=False)
+
+
+def image_k(img: Path) -> int:
+    return -(-img.stat().st_size // 1024)
 
 
 def free_port() -> int:
@@ -59,7 +72,11 @@ def free_port() -> int:
 
 
 def mp_env(extra: dict | None = None) -> dict:
+    """MicroPython's environment for a bench run: the bundle on its path and, once sim_image() was built, the
+    simulator's image to mount (a run that loads iotlib from .mpy keeps the simulator out of the heap)."""
     env = dict(os.environ, MICROPYPATH=f"{BUILD}:.frozen")
+    if (BUILD / "sim.img").exists():
+        env["PICOIOT_SIM_IMG"] = str(BUILD / "sim.img")
     env.update(extra or {})
     return env
 
