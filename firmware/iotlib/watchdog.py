@@ -69,7 +69,6 @@ class WatchdogManager:
         self.acks = 0
         self.missed = 0         # in a row
         self.missed_total = 0
-        self.last_answer = None
 
     # ---- supervised tasks ----
     def supervise(self, name, coro_fn, critical=True, window_ms=None):
@@ -249,7 +248,6 @@ class WatchdogManager:
                 _log.info("heartbeat answered again", seq=seq, after_missed=self.missed)
             self.missed = 0
             self.acks += 1
-            self.last_answer = answer
             if self._on_answer is not None:
                 try:
                     r = self._on_answer(answer)
