@@ -16,13 +16,11 @@ from typing import Optional
 
 import typer
 
-from .procs import (RUNTIMES, DeviceChild, DeviceWatch, ProcError, ServerChild, device_settings, ensure_bundle, free_port,
-                    heap_bytes, micropython_available, provision_over_api, write_json)
+from .procs import (DEFAULT_HEAP, RUNTIMES, DeviceChild, DeviceWatch, ProcError, ServerChild, device_settings,
+                    ensure_bundle, free_port, heap_bytes, micropython_available, provision_over_api, write_json)
 
 NAMESPACE = "default"
 DEVICES = (("demo-relays", "relays"), ("demo-sensors", "sensors"))
-#: Heaps tried, in order, when a device cannot start in the one asked for (the firmware's memory work is ongoing).
-FALLBACK_HEAPS = ("256K", "320K", "384K")
 
 
 class _Stop(Exception):
@@ -34,7 +32,7 @@ def _on_signal(signum, frame):  # noqa: ARG001
 
 
 class Demo:
-    def __init__(self, data_dir: Path, port: int, heap: str, runtime: str, token_ttl: int, say):
+    def __init__(self, data_dir: Path, port: int, heap: Optional[str], runtime: str, token_ttl: int, say):
         self.dir = data_dir.resolve()
         self.port = port
         self.heap = heap
@@ -75,21 +73,13 @@ class Demo:
             key["service_discovery_url"] = f"{self.server.url}/api/devices"
             self.keys[dev_id] = key
 
-    def plans(self) -> list[tuple[str, str]]:
-        """(runtime, heap) in the order to try."""
-        if self.runtime == "cpython":
-            return [("cpython", "-")]
-        out = [("micropython", self.heap)]
-        out += [("micropython", h) for h in FALLBACK_HEAPS if heap_bytes(h) > heap_bytes(self.heap)]
-        return out + [("cpython", "-")]
-
     def start_devices(self) -> None:
-        plans = self.plans()
-        if plans[0][0] == "micropython":
+        runtime = self.runtime
+        if runtime == "micropython":
             if not micropython_available():
                 self.say("[yellow]micropython / mpy-cross not found (./dev setup installs them): running the "
                          "devices on CPython[/]")
-                plans = [("cpython", "-")]
+                runtime = "cpython"
             else:
                 self.bundle = ensure_bundle(self.dir / "firmware")
         used = set()
@@ -100,31 +90,18 @@ class Demo:
             used.add(port)
             settings = device_settings(self.dir / "devices" / f"{dev_id}.json", self.keys[dev_id], kind, port,
                                        self.dir / "devices" / f"{dev_id}.flash")
-            self.devices.append(self._device(settings, plans[0]).start())
-        for n, dev in enumerate(list(self.devices)):
-            step = 0
-            while True:
-                try:
-                    # a heap that is too small can also leave the device up but failing: give up on the first
-                    # MemoryError instead of waiting for a readiness that will not come
-                    dev.wait_ready(90, stop=dev.out_of_memory)
-                    break
-                except ProcError as e:
-                    oom = dev.out_of_memory()
-                    dev.stop()
-                    step += 1
-                    if step >= len(plans):
-                        raise ProcError(f"{dev.name} cannot start: {e}") from None
-                    nxt = plans[step]
-                    why = (f"MemoryError with a {dev.heap} heap (the firmware needs more than that so far)" if oom
-                           else str(e).splitlines()[0])
-                    self.say(f"[yellow]{dev.name}: {why}; retrying on {nxt[0]}"
-                             f"{'' if nxt[0] == 'cpython' else ' with a ' + nxt[1] + ' heap'}[/]")
-                    dev = self._device(dev.settings, nxt).start()
-                    self.devices[n] = dev
+            self.devices.append(self._device(settings, runtime, self.heap or DEFAULT_HEAP[kind]).start())
+        for dev in self.devices:
+            try:
+                # a heap that is too small can also leave the device up but failing: give up on the first
+                # MemoryError instead of waiting for a readiness that will not come
+                dev.wait_ready(90, stop=dev.out_of_memory)
+            except ProcError as e:
+                hint = (f" (MemoryError: a {dev.kind} device needs more than a {dev.heap} heap; the default is the "
+                        f"measured need, docs/benchmarks.md)" if dev.out_of_memory() else "")
+                raise ProcError(f"{dev.name} cannot start: {e}{hint}") from None
 
-    def _device(self, settings: Path, plan: tuple[str, str]) -> DeviceChild:
-        runtime, heap = plan
+    def _device(self, settings: Path, runtime: str, heap: str) -> DeviceChild:
         log = self.dir / "logs" / (settings.stem + ".log")
         return DeviceChild(settings, runtime=runtime, heap=heap if runtime == "micropython" else "-",
                            bundle=getattr(self, "bundle", None), log=log)
@@ -232,7 +209,8 @@ def _print(console, demo: Demo, info: dict) -> None:
 def demo(data_dir: Path = typer.Option(Path(".picoiot-demo"), "--data-dir", help="control-plane data, device "
                                        "flash, logs, demo.json"),
          port: int = typer.Option(8080, help="control-plane port (devices take the next free ones; 0 = any)"),
-         heap: str = typer.Option("192K", help="MicroPython heap per device (-X heapsize), as on a Pico W"),
+         heap: Optional[str] = typer.Option(None, help="MicroPython heap per device (-X heapsize) [default: each "
+                                            "kind's measured need: relays 288K, sensors 336K]"),
          runtime: str = typer.Option("micropython", help="micropython | cpython"),
          duration: Optional[float] = typer.Option(None, help="stop after this many seconds of running (tests)"),
          token_ttl: int = typer.Option(86400, help="lifetime of the printed tokens, seconds")) -> None:
@@ -243,7 +221,8 @@ def demo(data_dir: Path = typer.Option(Path(".picoiot-demo"), "--data-dir", help
         console.print(f"[red]error:[/] --runtime must be one of {', '.join(RUNTIMES)}")
         raise typer.Exit(2)
     try:
-        heap_bytes(heap)
+        if heap is not None:
+            heap_bytes(heap)
     except ValueError:
         console.print(f"[red]error:[/] --heap {heap!r}: expected a size like 192K")
         raise typer.Exit(2)

@@ -15,8 +15,8 @@ from typing import Optional
 
 import typer
 
-from .procs import (RUNTIMES, DeviceChild, DeviceWatch, ProcError, device_settings, ensure_bundle, free_port, heap_bytes,
-                    micropython_available, provision_over_api)
+from .procs import (DEFAULT_HEAP, RUNTIMES, DeviceChild, DeviceWatch, ProcError, device_settings, ensure_bundle,
+                    free_port, heap_bytes, micropython_available, provision_over_api)
 
 
 class _Stop(Exception):
@@ -66,7 +66,8 @@ def sim(kind: str = typer.Option(..., "--kind", help="relays | sensors"),
         server: str = typer.Option("http://127.0.0.1:8080", "--server", envvar="PICOIOT_URL",
                                    help="control-plane URL"),
         runtime: str = typer.Option("micropython", help="micropython | cpython"),
-        heap: str = typer.Option("192K", help="MicroPython heap per device (-X heapsize)"),
+        heap: Optional[str] = typer.Option(None, help="MicroPython heap per device (-X heapsize) [default: the "
+                                                       "kind's measured need: relays 288K, sensors 336K]"),
         data_dir: Optional[Path] = typer.Option(None, "--data-dir", envvar="PICOIOT_DATA_DIR",
                                                 help="the server's data dir (to mint an admin token)"),
         token: Optional[str] = typer.Option(None, "--token", envvar="PICOIOT_TOKEN", help="admin token"),
@@ -88,6 +89,7 @@ def sim(kind: str = typer.Option(..., "--kind", help="relays | sensors"),
         fail("--kind must be relays or sensors")
     if runtime not in RUNTIMES:
         fail(f"--runtime must be one of {', '.join(RUNTIMES)}")
+    heap = heap or DEFAULT_HEAP[kind]
     try:
         heap_bytes(heap)
     except ValueError:
@@ -124,8 +126,8 @@ def sim(kind: str = typer.Option(..., "--kind", help="relays | sensors"),
                     d.wait_ready(ready_timeout, stop=d.out_of_memory)
                     console.print(f"{d.device_id}  {d.url}  ready")
                 except ProcError as e:
-                    hint = (f" — MemoryError: the firmware needs more than {heap} so far; try --heap 384K"
-                            if d.out_of_memory() else "")
+                    hint = (f" — MemoryError: a {kind} device needs more than {heap} (docs/benchmarks.md, Device "
+                            f"memory)" if d.out_of_memory() else "")
                     console.print(f"[red]{e}[/]{hint}")
                     d.stop()
                     status = 1

@@ -189,6 +189,13 @@ class ServerChild(Child):
             time.sleep(0.05)
 
 
+#: The heap a simulated device gets by default (`picoiot demo`, `picoiot sim`, the device tests): the 64-bit unix
+#: port's measured minimum for the controller's standard scenario with its code as .mpy and the simulated board in the
+#: heap (bench/device_memory.py, docs/benchmarks.md "Device memory"), plus room for a long run. A Pico W's own figures
+#: (32-bit, simulator out of the count) are smaller: docs/benchmarks.md.
+DEFAULT_HEAP = {"relays": "288K", "sensors": "336K"}
+
+
 class DeviceChild(Child):
     """A simulated device: firmware/main_sim.py under the unix micropython (.mpy bundle, `-X heapsize`) or CPython.
     `settings` is main_sim's settings file (key file + kind, port, flash_dir)."""
