@@ -197,6 +197,9 @@ def _ota_update(cp: ServerChild, admin: str, dev_id: str, dev: DeviceChild, tmp:
     dev.restart_on_reset = True
 
     def done() -> bool:
+        if dev.out_of_memory():  # wherever it happened: a reported failure or not, the update did not fit
+            lines = [ln for ln in dev.log.read_text(errors="replace").splitlines() if "MemoryError" in ln]
+            raise Failed(f"MemoryError during the update: {lines[-1][-200:] if lines else '?'}")
         st = _ota_status(cp.url, admin, dev_id)
         rep = st.get("report") or {}
         if rep.get("version") == OTA_VERSION and rep.get("status") not in (None, "installed"):
