@@ -210,8 +210,10 @@ def gauge_fn(name, help, fn):
     return REGISTRY.gauge_fn(name, help, fn)
 
 
-#: The heap's low-water marks since boot: [lowest gc.mem_free(), smallest largest-free-block probed] (None until
-#: sampled). How close the device ran to the edge, readable on real hardware (/metrics, /info).
+#: The heap's low-water marks since boot: [lowest free heap after a collection, smallest largest-free-block], both
+#: sampled by largest_free_block() (at each /metrics and once a minute; None until then). How close the device ran to
+#: the edge, readable on real hardware (/metrics, /info). Free heap read without a collection says little: garbage
+#: counts as used until the collector runs, so it always nears 0 just before one.
 HEAP_LOW = [None, None]
 
 
@@ -224,7 +226,7 @@ def _low(i, v):
 def heap_free():
     try:
         import gc
-        return _low(0, gc.mem_free())
+        return gc.mem_free()
     except (ImportError, AttributeError):  # CPython: no GC heap to report
         return None
 
@@ -257,12 +259,13 @@ def largest_free_block():
     """Largest single allocation that succeeds now (bytes, within PROBE_STEP), or None where there is no GC heap.
 
     MicroPython has no cheap API for it: micropython.mem_info(1) prints the whole heap map to stdout (slow, and
-    not capturable on a board). We probe instead: try gc.mem_free() bytes at once (succeeds on an unfragmented
-    heap: one allocation), else bisect with at most PROBE_TRIES attempts, then collect. It runs only when
-    /metrics is rendered; its cost is up to PROBE_TRIES collections."""
+    not capturable on a board). We probe instead: collect, try gc.mem_free() bytes at once (succeeds on an unfragmented
+    heap: one allocation), else bisect with at most PROBE_TRIES attempts, then collect. It runs when /metrics is
+    rendered and once a minute from the loop-lag monitor; its cost is up to PROBE_TRIES + 2 collections."""
     import gc
     try:
-        hi = gc.mem_free()
+        gc.collect()  # garbage counts as used until collected: without this the bound below is far too low
+        hi = _low(0, gc.mem_free())
     except AttributeError:
         return None
     lo = 0
@@ -310,8 +313,8 @@ PROBE_EVERY = 600
 
 
 async def loop_lag_monitor(period_ms=100, lag=None, iterations=-1):
-    """Sleep period_ms again and again and record how much later than asked each sleep returns; also the heap's
-    low-water marks (free heap every tick, the largest free block every PROBE_EVERY ticks).
+    """Sleep period_ms again and again and record how much later than asked each sleep returns; also probe the heap's
+    low-water marks every PROBE_EVERY ticks (largest_free_block).
     Runs until cancelled (or for `iterations` rounds, for tests)."""
     lag = LOOP_LAG if lag is None else lag
     n = 0
@@ -319,7 +322,6 @@ async def loop_lag_monitor(period_ms=100, lag=None, iterations=-1):
         t0 = ticks_ms()
         await sleep_ms(period_ms)
         lag.record(ticks_diff(ticks_ms(), t0) - period_ms)
-        heap_free()
         n += 1
         if n >= PROBE_EVERY:
             n = 0
@@ -335,7 +337,8 @@ def register_builtins(registry=None, lag=None):
     r.gauge_fn("iotlib_heap_free_bytes", "Free bytes in the MicroPython GC heap (gc.mem_free()).", heap_free)
     r.gauge_fn("iotlib_heap_largest_free_block_bytes",
                "Largest allocation that succeeded when probed (bytes, 256-byte granularity).", largest_free_block)
-    r.gauge_fn("iotlib_heap_free_min_bytes", "Lowest free heap seen since boot (bytes).", lambda: HEAP_LOW[0])
+    r.gauge_fn("iotlib_heap_free_min_bytes", "Lowest free heap after a collection since boot (bytes; probed at each "
+               "/metrics and once a minute).", lambda: HEAP_LOW[0])
     r.gauge_fn("iotlib_heap_largest_free_block_min_bytes",
                "Smallest largest-free-block probed since boot (bytes): how fragmented the heap got.",
                lambda: HEAP_LOW[1])
