@@ -386,14 +386,15 @@ def hello_ok(heap_k: int) -> bool:
 
 
 def _block(report: dict) -> str:
-    """The heap gauges a run left, as one phrase: largest free block now and its lowest since boot, lowest free heap."""
+    """The heap gauges a run left, as one phrase: the largest free block now (after a collection) and its lowest since
+    boot, and the lowest free heap after a collection since boot (both sampled at each /metrics and once a minute)."""
     if not report:
         return "heap gauges: none"
     k = lambda name: f"{report[name] / 1024:.1f}K" if name in report else "?"  # noqa: E731
     largest = report.get("iotlib_heap_largest_free_block_bytes", 0)
     verdict = "ok" if largest >= TLS_BLOCK else f"UNDER {TLS_BLOCK // 1024}K"
     return (f"largest free block {k('iotlib_heap_largest_free_block_bytes')} ({verdict} for TLS), lowest since boot "
-            f"{k('iotlib_heap_largest_free_block_min_bytes')}; free {k('iotlib_heap_free_bytes')}, lowest "
+            f"{k('iotlib_heap_largest_free_block_min_bytes')}; lowest free heap since boot "
             f"{k('iotlib_heap_free_min_bytes')}")
 
 
