@@ -2,7 +2,7 @@
 # the control plane is unreachable, delivered in batches with capped exponential backoff (docs/protocol.md section 6),
 # critical ones persisted across a reset. Nothing here raises into the caller for a runtime failure: alarms are
 # raised from error paths, and an error path must not fail again.
-from .compat import epoch_ms, ticks_ms, ticks_diff, ticks_add, sleep_ms, urandom
+from .compat import epoch_ms, clock_synced, ticks_ms, ticks_diff, ticks_add, sleep_ms, urandom
 from . import fsutil
 from . import log
 
@@ -73,6 +73,7 @@ class AlarmManager:
         self.last_error = None
         self._retry_at = None
         self._persist_due = False
+        self._unsynced = set()  # keys stamped before the first time sync (board clock at 2021): see clock_stepped
         if self.file is not None:
             try:
                 fsutil.makedirs(path.rstrip("/"))
@@ -92,8 +93,23 @@ class AlarmManager:
         message = log.mask(message if isinstance(message, str) else str(message))
         return self._fire(key, severity, message[:self.MAX_MESSAGE])
 
+    def _now(self, key):
+        if not clock_synced():
+            self._unsynced.add(key)
+        return self.clock()
+
+    def clock_stepped(self, step_ms):
+        """The first time sync stepped the clock by step_ms: the timestamps taken before it move with it (the RTC
+        ran on in the same boot, so raw + step is the true time)."""
+        for key in self._unsynced:
+            a = self._alarms.get(key)
+            if a is not None:
+                a.first_ts += step_ms
+                a.last_ts += step_ms
+        self._unsynced = set()
+
     def _fire(self, key, severity, message):
-        now = self.clock()
+        now = self._now(key)
         a = self._alarms.get(key)
         persist_now = severity == "critical"
         if a is None:
@@ -123,7 +139,7 @@ class AlarmManager:
         if a is None or a.state != "firing":
             return False
         a.state = "resolved"
-        a.last_ts = self.clock()
+        a.last_ts = self._now(a.key)
         self._touch(a)
         _log.info("alarm resolved", alarm=a.key)
         if a.severity == "critical":

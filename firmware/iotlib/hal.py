@@ -1,7 +1,7 @@
 # The hardware boundary: the only module (with iotlib.sim) that touches `machine`/`network`.
 # On a Pico W it hands out the real classes; anywhere else (the unix port's `machine` is nearly empty and it has no
 # `network`; CPython has neither) it hands out the simulated board of iotlib.sim. Feature detection, not platform checks.
-from iotlib.compat import const
+from iotlib.compat import const, ticks_diff
 
 try:
     import machine as _machine
@@ -64,6 +64,16 @@ if SIMULATED:
 
     def _hw_cause():
         return "power_on"  # the simulated board has no reset register: every cause it knows is on flash
+
+    def rtc_ms():
+        """Epoch ms on the simulated board's RTC (2021-01-01 at every boot, like rp2's)."""
+        b = _sim.board
+        return b.rtc_epoch_ms + ticks_diff(b.now_ms(), b.rtc_set_at)
+
+    def set_rtc(ms):
+        b = _sim.board
+        b.rtc_epoch_ms = ms
+        b.rtc_set_at = b.now_ms()
 else:
     Pin = _machine.Pin
     ADC = _machine.ADC
@@ -95,6 +105,13 @@ else:
 
     def link_check():
         pass
+
+    rtc_ms = None  # the port's time.time() reads the RTC
+
+    def set_rtc(ms):
+        import time
+        t = time.gmtime(ms // 1000)
+        _machine.RTC().datetime((t[0], t[1], t[2], t[6], t[3], t[4], t[5], 0))
 
     def _hw_cause():
         rc = _machine.reset_cause()

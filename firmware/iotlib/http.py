@@ -7,6 +7,7 @@ from iotlib.compat import asyncio, const
 
 _CRLF = b"\r\n"
 _CHUNK = const(512)
+_ECONNREFUSED = const(111)
 
 
 class HTTPError(Exception):
@@ -103,6 +104,8 @@ class HTTPClient:
             self.max_body = max_body
         self.cadata = cadata
         self.user_agent = user_agent
+        #: on_io(ok): whether the link carried the connect (a refusal is an answer too); None: nobody listens
+        self.on_io = None
         self._ctx = None
         self._lock = None
         self.requests = 0
@@ -143,18 +146,31 @@ class HTTPClient:
                 self.failures += 1
                 raise
 
+    def _link(self, ok):
+        if self.on_io is not None:
+            try:
+                self.on_io(ok)
+            except Exception:  # the link supervisor's trouble is not this request's
+                pass
+
     async def _exchange(self, scheme, host, port, head, body, method, timeout_ms):
         ssl = self._tls() if scheme == "https" else None
         try:
+            from iotlib import hal
+            hal.link_check()  # the simulated board's silent link death; nothing on a board
             if ssl is None:
                 conn = asyncio.open_connection(host, port)
             else:
                 conn = asyncio.open_connection(host, port, ssl=ssl, server_hostname=host)
             reader, writer = await asyncio.wait_for(conn, self.connect_timeout_ms / 1000)
         except asyncio.TimeoutError:
+            self._link(False)
             raise HTTPError("connect to %s:%d timed out" % (host, port))
         except (OSError, ValueError) as e:  # ValueError: TLS verification on the unix port
-            raise HTTPError("connect to %s:%d failed: %s" % (host, port, _reason(e)))
+            # a refusal or a TLS alert came over the link; a timeout or "unreachable" may be a dead link
+            self._link(isinstance(e, ValueError) or _errno(e) == _ECONNREFUSED or _is_tls(e))
+            raise HTTPError("connect to %s:%d failed: %s" % (host, port, _tls_hint(e)))
+        self._link(True)
         try:
             return await asyncio.wait_for(self._send_receive(reader, writer, head, body, method), timeout_ms / 1000)
         except asyncio.TimeoutError:
@@ -254,6 +270,24 @@ class HTTPClient:
             if not line or line in (_CRLF, b"\n"):
                 return buf
         raise HTTPError("too many trailer lines")
+
+
+def _errno(e):
+    a = getattr(e, "args", None)
+    return getattr(e, "errno", None) or (a[0] if a and isinstance(a[0], int) else None)
+
+
+def _is_tls(e):
+    n = type(e).__name__
+    return "SSL" in n or "Cert" in n or (isinstance(_errno(e), int) and _errno(e) < -0x1000)  # mbedtls codes
+
+
+def _tls_hint(e):
+    # A refused certificate says what to check: the CA in the settings file, the server's name, the clock
+    r = _reason(e)
+    if _is_tls(e) or isinstance(e, ValueError):
+        return "TLS: %s (check the settings file's ca, the server certificate's name and dates, the clock)" % r
+    return r
 
 
 def _reason(e):

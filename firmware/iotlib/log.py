@@ -3,7 +3,7 @@
 # into the caller: a full flash drops the line and counts it in `dropped`.
 import sys
 import json
-from .compat import const, epoch_ms, format_exc
+from .compat import const, epoch_ms, format_exc, clock_synced, ticks_ms
 from . import fsutil
 
 DEBUG = const(10)
@@ -277,7 +277,18 @@ def configure(level="info", console=True, path=None, max_bytes=None, backups=Non
         _sink = FileSink(path, max_bytes, backups)
 
 
+def set_level(level):
+    """Change the global level only, keeping the sinks (a config hot-reload must not drop the board's log file)."""
+    global _level
+    _level = level_value(level)
+
+
 _ENVELOPE = ("ts", "level", "module", "msg")
+
+
+def _ts():
+    # Before the first time sync a board's clock reads 2021: such a line says so (ts null, ms since boot) instead.
+    return str(epoch_ms()) if clock_synced() else 'null,"up_ms":%d' % ticks_ms()
 
 
 def _line(level, module, msg, fields):
@@ -288,8 +299,8 @@ def _line(level, module, msg, fields):
             fields = {("_" + k2 if k2 in _ENVELOPE else k2): v for k2, v in fields.items()}
             break
     name = _NAMES[level // 10 - 1] if level % 10 == 0 and DEBUG <= level <= CRITICAL else "info"
-    head = '{"ts":%d,"level":"%s","module":%s,"msg":%s' % (
-        epoch_ms(), name, json.dumps(module), json.dumps(mask(msg if isinstance(msg, str) else str(msg))))
+    head = '{"ts":%s,"level":"%s","module":%s,"msg":%s' % (
+        _ts(), name, json.dumps(module), json.dumps(mask(msg if isinstance(msg, str) else str(msg))))
     if not fields:
         return head + "}"
     body = json.dumps(mask(fields))
@@ -304,7 +315,7 @@ def emit(level, module, msg, fields):
     try:
         line = _line(level, module, msg, fields)
     except Exception:  # a field whose str() fails must not take the caller down
-        line = '{"ts":%d,"level":"error","module":%s,"msg":"unloggable record"}' % (epoch_ms(), json.dumps(module))
+        line = '{"ts":%s,"level":"error","module":%s,"msg":"unloggable record"}' % (_ts(), json.dumps(module))
     if console is not None:
         try:
             console.write(line)
