@@ -40,11 +40,13 @@ def set_clock(ms):
     """Step the device's wall clock (compat.epoch_ms) and the board's RTC to ms. Returns the step in ms."""
     from iotlib import hal
     from iotlib.compat import set_time
+    step = ms - epoch_ms()
     try:
         hal.set_rtc(ms)
     except (AttributeError, OSError, ValueError, TypeError):  # a port without a settable RTC: the offset suffices
         pass
-    return set_time(ms)
+    set_time(ms)
+    return step
 
 
 def _log():
