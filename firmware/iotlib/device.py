@@ -275,6 +275,8 @@ class Device:
         seen = 0
         while True:
             try:
+                if self._own_clock and not clock_synced() and self.sd_url.startswith("https"):
+                    await self._early_time()
                 tok = await self.auth.ensure_token(self.http)
                 if self.auth.registrations != seen:
                     seen = self.auth.registrations
@@ -331,6 +333,16 @@ class Device:
             self.sm.report(self.reported())
             self.sm._wake()
             self._apply_time(self.cfg.config["time"])
+
+    async def _early_time(self):
+        # rp2's TLS checks the certificate's dates against the RTC, which reads 2021 until synced: one SNTP round
+        # (plain UDP, the config's time.servers) before the first HTTPS registration
+        from iotlib.timesync import TimeSyncManager
+        servers = self._ntp_servers()
+        if servers:
+            ts = TimeSyncManager(servers, step=self._step_clock)
+            ts.retries = 0
+            await ts.sync()
 
     def _step_clock(self, ms):
         from iotlib.timesync import set_clock

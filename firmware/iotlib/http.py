@@ -175,8 +175,8 @@ class HTTPClient:
             return await asyncio.wait_for(self._send_receive(reader, writer, head, body, method), timeout_ms / 1000)
         except asyncio.TimeoutError:
             raise HTTPError("no complete response from %s:%d within %d ms" % (host, port, timeout_ms))
-        except (OSError, ValueError, EOFError, IndexError) as e:
-            raise HTTPError("%s:%d: %s" % (host, port, _reason(e)))
+        except (OSError, ValueError, EOFError, IndexError) as e:  # the unix port verifies at the first read
+            raise HTTPError("%s:%d: %s" % (host, port, _tls_hint(e) if ssl is not None else _reason(e)))
         finally:
             try:
                 writer.close()

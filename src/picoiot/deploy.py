@@ -49,7 +49,7 @@ def ca_to_der_b64(pem_file: Path) -> str:
 
 def board_settings(key: dict, kind: str, wifi: list[tuple[str, str]], ca_file: Optional[Path] = None,
                    ota_key: Optional[str] = None, relay_pins: Optional[dict] = None,
-                   api_tokens: Optional[list[dict]] = None) -> dict:
+                   api_tokens: Optional[list[dict]] = None, ntp_servers: Optional[list[str]] = None) -> dict:
     """A complete settings file from a provisioning key file {device_id, device_key, namespace,
     service_discovery_url}. Raises DeployError naming the option at fault."""
     if kind not in KINDS:
@@ -70,6 +70,9 @@ def board_settings(key: dict, kind: str, wifi: list[tuple[str, str]], ca_file: O
         doc["ota_public_key"] = ota_key.lower()
     if relay_pins and kind == "relays":
         doc["controller"] = {"relay_pins": relay_pins}
+    if ca_file is not None:
+        # a board's TLS checks certificate dates against its RTC (2021 at power-on): SNTP must come before HTTPS
+        doc.setdefault("controller", {})["config"] = {"time": {"servers": list(ntp_servers or ["pool.ntp.org"])}}
     if api_tokens:
         doc["api_tokens"] = api_tokens
     return doc
@@ -103,10 +106,11 @@ def read_settings(path: Path) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ the bundle
-def stage_bundle(kind: str, out: Path) -> Path:
+def stage_bundle(kind: str, out: Path, cache: Optional[Path] = None) -> Path:
     """out/ as the board's flash will hold it: iotlib/, microdot/ and the kind's controller as .mpy, main.py as
-    source (MicroPython runs /main.py at boot, not a .mpy). Rebuilt from build/firmware (only what changed)."""
-    cache = out.parent / "firmware"
+    source (MicroPython runs /main.py at boot, not a .mpy). Compiled into `cache` (default out/../firmware; only what
+    changed is recompiled)."""
+    cache = cache or out.parent / "firmware"
     build.build_firmware(cache)
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)

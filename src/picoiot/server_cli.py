@@ -390,7 +390,8 @@ def provision(device_id: str = typer.Argument(..., help="device id: 1–64 of [A
     doc = {"device_id": device_id, "device_key": key, "namespace": namespace,
            "service_discovery_url": discovery_url or f"{settings.public_url or _server_url(data_dir)}/api/devices"}
     if board_settings is not None:
-        _write_board_settings(board_settings, doc, kind, list(zip(wifi_ssid, wifi_password)), ca, ota_key, api_token)
+        _write_board_settings(board_settings, doc, kind, list(zip(wifi_ssid, wifi_password)), ca, ota_key, api_token,
+                              _server_ntp(data_dir))
     text = json.dumps(doc, indent=1)
     if out is None:
         typer.echo(text)
@@ -402,8 +403,15 @@ def provision(device_id: str = typer.Argument(..., help="device id: 1–64 of [A
         typer.echo(f"wrote {out}")
 
 
+def _server_ntp(data_dir: Optional[Path]) -> Optional[str]:
+    try:
+        return json.loads(((data_dir or default_data_dir()) / SERVER_INFO).read_text()).get("ntp")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def _write_board_settings(path: Path, key: dict, kind: str, wifi: list, ca: Optional[Path], ota_key: Optional[str],
-                          roles: list[str]) -> None:
+                          roles: list[str], ntp: Optional[str] = None) -> None:
     import hashlib
     import secrets
 
@@ -415,7 +423,8 @@ def _write_board_settings(path: Path, key: dict, kind: str, wifi: list, ca: Opti
         tokens.append({"sha256": hashlib.sha256(tok.encode()).hexdigest(), "role": role})
         typer.echo(f"{role} API token (shown once, only its hash is stored): {tok}", err=True)
     try:
-        write_private(path, board_settings(key, kind, wifi, ca, ota_key, api_tokens=tokens))
+        write_private(path, board_settings(key, kind, wifi, ca, ota_key, api_tokens=tokens,
+                                           ntp_servers=[ntp, "pool.ntp.org"] if ntp else None))
     except DeployError as e:
         _fail(str(e))
     typer.echo(f"wrote {path} (board settings; picoiot deploy --settings {path})", err=True)
