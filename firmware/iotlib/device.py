@@ -126,7 +126,7 @@ class Device:
         from iotlib.alarms import AlarmManager
         from iotlib.watchdog import WatchdogManager
         from iotlib.http import HTTPClient
-        from iotlib import metrics
+        from iotlib import metrics, hal
         root = self.flash("")
         if root.rstrip("/"):
             fsutil.makedirs(root.rstrip("/"))
@@ -163,6 +163,7 @@ class Device:
         self.http = HTTPClient(timeout_ms=self.http_timeout_ms, cadata=self.ca,
                                connect_timeout_ms=self.http_connect_timeout_ms)
         self.http.on_io = self._io
+        self.http.link_check = hal.link_check
         self.auth = AuthManager(self.device_id, self._device_key, sd_url=self.sd_url, namespace=self.namespace,
                                 info=self._reg_info())
         self._apply_api(self.cfg.config["api"])

@@ -106,6 +106,9 @@ class HTTPClient:
         self.user_agent = user_agent
         #: on_io(ok): whether the link carried the connect (a refusal is an answer too); None: nobody listens
         self.on_io = None
+        #: link_check(): raises OSError when the link cannot carry traffic (hal.link_check: the simulated board's
+        #: silent link death; nothing on a board). None: not checked
+        self.link_check = None
         self._ctx = None
         self._lock = None
         self.requests = 0
@@ -156,8 +159,8 @@ class HTTPClient:
     async def _exchange(self, scheme, host, port, head, body, method, timeout_ms):
         ssl = self._tls() if scheme == "https" else None
         try:
-            from iotlib import hal
-            hal.link_check()  # the simulated board's silent link death; nothing on a board
+            if self.link_check is not None:
+                self.link_check()
             if ssl is None:
                 conn = asyncio.open_connection(host, port)
             else:

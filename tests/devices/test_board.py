@@ -10,6 +10,8 @@ import json
 import os
 import shlex
 import shutil
+import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -86,11 +88,11 @@ def tls_cp(pki, tmp_path_factory):
         s.stop()
 
 
-def provision(cp: TLSServer, dev: str, out: Path, ca_pem: Path) -> tuple[dict, str]:
+def provision(cp: ServerChild, dev: str, out: Path, ca_pem: Path | None) -> tuple[dict, str]:
     """`picoiot provision … --board-settings` → (the settings file, the operator API token it printed once)."""
     p = subprocess.run(CLI + ["provision", dev, "--data-dir", str(cp.data_dir), "--kind", "relays",
                               "--board-settings", str(out), "--wifi-ssid", "sim-ap", "--wifi-password", "sim-password",
-                              "--ca", str(ca_pem), "--api-token", "operator"],
+                              "--api-token", "operator"] + (["--ca", str(ca_pem)] if ca_pem else []),
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
     token = p.stderr.split("operator API token (shown once, only its hash is stored): ")[1].split()[0]
@@ -102,8 +104,9 @@ def for_the_simulator(settings: Path, **extra) -> None:
     port. SNTP goes to a closed port, so the clock comes from the registration answer alone."""
     doc = json.loads(settings.read_text())
     doc.update(host="127.0.0.1", port=free_port(), **extra)
-    doc["controller"]["config"]["time"]["servers"] = [f"127.0.0.1:{free_port()}"]
-    doc["controller"]["config"]["heartbeat_interval_s"] = 1
+    cfg = doc.setdefault("controller", {}).setdefault("config", {})
+    cfg["time"] = {"servers": [f"127.0.0.1:{free_port(socket.SOCK_DGRAM)}"]}
+    cfg["heartbeat_interval_s"] = 1
     settings.write_text(json.dumps(doc))
 
 
@@ -209,7 +212,7 @@ def test_bad_server_certificate_is_refused_and_the_device_keeps_serving(case, tl
                                        if "control plane unreachable" in ln], 60, "the refusal in the log")[0]
             assert "TLS" in line, line
             api = httpx.Client(base_url=dev.url, headers={"Authorization": f"Bearer {op_token}"}, timeout=10)
-            info = wait_until(lambda: _info(api), 30, "the local API")
+            info = wait_until(lambda: _info(api), 30, "the local API", interval=0.5)
             assert info["registered"] is False and info["degraded"] is True
             assert api.post("/gpio/relay1", json={"state": "on"}).status_code == 200
         finally:
@@ -225,3 +228,37 @@ def _info(api: httpx.Client):
     except httpx.TransportError:
         return None
     return r.json() if r.status_code == 200 else None
+
+
+def test_a_stalled_control_plane_puts_the_device_in_degraded_mode(tmp_path):
+    """SIGSTOP: the kernel still accepts the device's connections, nothing answers. Heartbeats time out (2 s here, the
+    settings' short HTTP timeout), and /info and /ready must say degraded within seconds, not after the next config
+    poll; after SIGCONT the next heartbeat clears it."""
+    cp = ServerChild(tmp_path / "cp", extra=("--sweep-interval", "0.2", "--heartbeat-flush", "0.2")).start()
+    dev = None
+    try:
+        settings = tmp_path / "settings.json"
+        _, op_token = provision(cp, "stalled-cp", settings, None)
+        for_the_simulator(settings, sim={"http_timeout_ms": 2000, "http_connect_timeout_ms": 2000})
+        flash = stage_bundle("relays", tmp_path / "flash", cache=BUNDLE)
+        shutil.copy(settings, flash / "settings.json")
+        dev = boot(flash, tmp_path / "dev.log")
+        api = httpx.Client(base_url=dev.url, headers={"Authorization": f"Bearer {op_token}"}, timeout=10)
+        wait_until(lambda: (lambda i: i and i["registered"] and not i["degraded"])(_info(api)), 60, "registered",
+                   interval=0.5)  # the local API's rate limit: 5/s
+        os.kill(cp.pid, signal.SIGSTOP)
+        try:
+            info = wait_until(lambda: (lambda i: i if i and i["degraded"] else None)(_info(api)), 20,
+                              "degraded while the control plane is stopped", interval=0.5)
+            assert info["registered"] is True  # still registered: only the answers are missing
+            ready = api.get("/ready").json()
+            assert ready.get("degraded") is True or ready.get("checks", {}).get("degraded") is True, ready
+        finally:
+            os.kill(cp.pid, signal.SIGCONT)
+        wait_until(lambda: (lambda i: i and not i["degraded"])(_info(api)), 30, "degraded cleared after SIGCONT",
+                   interval=0.5)
+        assert "heartbeat" in dev.log.read_text().split("degraded mode")[1].split("\n")[0]
+    finally:
+        if dev is not None:
+            dev.stop()
+        cp.stop()

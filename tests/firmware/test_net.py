@@ -304,6 +304,7 @@ def test_the_http_clients_connects_feed_link_death_detection():
         assert await nm.connect(attempts=1)
         http = HTTPClient(connect_timeout_ms=2000)
         http.on_io = lambda ok: nm.io_ok() if ok else nm.io_failed()  # what Device wires
+        http.link_check = hal.link_check
         for _ in range(4):  # refused: the link carried the answer, so it is alive
             try:
                 await http.request("GET", "http://127.0.0.1:1/")
