@@ -150,10 +150,15 @@ def _mpremote() -> str:
     return found
 
 
+def probe(port: str) -> list[str]:
+    """The first command: the board answers as MicroPython (and says which board it is)."""
+    return ["mpremote", "connect", port, "exec", "import sys; print(sys.implementation.name, sys.implementation._machine)"]
+
+
 def plan(port: str, settings: Path, stage: Path, romfs: Optional[Path] = None) -> list[list[str]]:
     """Every mpremote command of a deploy, in order. `fs cp` sources are local paths, destinations `:path`."""
     mp = ["mpremote", "connect", port]
-    steps = [mp + ["exec", "import sys; print(sys.implementation.name, sys.implementation._machine)"]]
+    steps = [probe(port)]
     if romfs is not None:
         steps.append(mp + ["romfs", "deploy", str(romfs)])
     else:
@@ -181,11 +186,15 @@ def explain_failure(port: str, output: str) -> str:
     return f"mpremote failed on {port}: {last[-1] if last else 'no output'}"
 
 
-def run_step(argv: list[str], port: str) -> str:
+def run_step(argv: list[str], port: str, probe_timeout: float = 20) -> str:
+    """Run one planned mpremote command; DeployError with one line saying what to do if it fails."""
+    probe = argv[3:4] == ["exec"]
     argv = [_mpremote()] + argv[1:]
     try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=probe_timeout if probe else 300)
     except subprocess.TimeoutExpired:
+        if probe:  # something answers on the port but not as a MicroPython REPL (mpremote would wait for ever)
+            raise DeployError(explain_failure(port, "could not enter raw repl")) from None
         raise DeployError(f"mpremote did not finish within 300 s on {port}: unplug and replug the board") from None
     out = (proc.stdout or "") + (proc.stderr or "")
     if proc.returncode != 0:
@@ -289,13 +298,16 @@ def deploy(port: str = typer.Option(..., "--port", help="the board's serial port
                                        "firmware freeze): copy only main.py and the settings"),
            dry_run: bool = typer.Option(False, "--dry-run", help="print every mpremote command, run none"),
            build_dir: Path = typer.Option(Path("build/deploy"), help="where the bundle is staged"),
-           wait: float = typer.Option(120, help="seconds to follow the console for the registration")) -> None:
+           wait: float = typer.Option(120, help="seconds to follow the console for the registration"),
+           probe_timeout: float = typer.Option(20, help="seconds the board gets to answer as MicroPython")) -> None:
     """Put picoiot on a Pico W: the bundle, main.py and the settings file; reset; follow the console until the
     device registers (or say why it did not)."""
     try:
         doc = read_settings(settings)
         if romfs and frozen:
             raise DeployError("--romfs and --frozen exclude each other")
+        if not dry_run:  # fail fast, before building anything: is there a MicroPython board on that port?
+            run_step(probe(port), port, probe_timeout)
         stage = stage_bundle(doc["kind"], build_dir / "flash")
         img = romfs_image(stage, build_dir) if romfs else None
         steps = plan(port, settings.resolve(), stage, img)
@@ -306,9 +318,9 @@ def deploy(port: str = typer.Option(..., "--port", help="the board's serial port
                 typer.echo(" ".join(_quote(a) for a in s))
             typer.echo(f"# then: follow the console on {port} until the device reports registered")
             return
-        for s in steps:
+        for s in steps[1:]:
             typer.echo("$ " + " ".join(_quote(a) for a in s), err=True)
-            run_step(s, port)
+            run_step(s, port, probe_timeout)
         typer.echo(f"reset; following the console on {port} (up to {wait:.0f} s)…", err=True)
         why = follow_console(serial_lines(port), wait, lambda ln: typer.echo(ln, err=True))
         if why:
