@@ -262,3 +262,27 @@ def test_a_stalled_control_plane_puts_the_device_in_degraded_mode(tmp_path):
         if dev is not None:
             dev.stop()
         cp.stop()
+
+
+@pytest.mark.parametrize("bad, field", [
+    ({"controller": {"relay_pins": {"pump": 23}}}, "controller.relay_pins.pump cannot be GPIO23"),
+    ({"kind": "lamp"}, "kind must be relays or sensors"),
+    ({"device_key": None}, "device_key is missing"),
+    ({"wifi": "home"}, "wifi must be a list"),
+])
+def test_bad_settings_leave_the_board_idle_with_the_field_named(bad, field, tmp_path):
+    doc = {"version": 1, "kind": "relays", "device_id": "idle-1", "device_key": "k" * 64,
+           "service_discovery_url": "http://127.0.0.1:9/api/devices", "wifi": [{"ssid": "home", "password": "pw-12345"}]}
+    doc.update(bad)
+    doc = {k: v for k, v in doc.items() if v is not None}
+    flash = stage_bundle("relays", tmp_path / "flash", cache=BUNDLE)
+    (flash / "settings.json").write_text(json.dumps(doc))
+    dev = boot(flash, tmp_path / "dev.log")
+    rc = wait_until(lambda: dev.poll(), 30, "main.py to give up")
+    assert rc == 78  # EX_CONFIG: idle, not a crash and not a reset (the launcher would restart a reset)
+    console = dev.log.read_text()
+    assert f"picoiot: settings: {field}" in console and "REPL reachable" in console, console
+    assert "Traceback" not in console and dev.restarts == 0
+    logged = [json.loads(ln) for ln in (flash / "log" / "device.log").read_text().splitlines()]
+    assert logged[-1]["msg"] == "settings unusable: idle" and logged[-1]["reason"].startswith(field)
+    assert "pw-12345" not in console and "k" * 64 not in console

