@@ -28,28 +28,31 @@ def _flash_root(path, raw):
     return path[:i] if i > 0 else "."
 
 
-def _log_sink(s, root):
-    # On by default on a board, sized for the flash that is free: a full flash must not stop the device.
+def _log_sink(s, root, free=-1):
+    """The rotating log file, on by default on a board, sized for the flash that is free (free: bytes, -1: ask the
+    filesystem): a full flash must not stop the device. Returns the file's path, or None (console only)."""
     from iotlib import log
     lg = s["log"] if s else {"file": True, "max_bytes": 16384, "backups": 2, "level": "info"}
     log.configure(level=lg["level"])
     if not lg["file"]:
-        return
-    try:
-        import os
-        st = os.statvfs(root or "/")
-        free = st[0] * st[3]
-    except (OSError, AttributeError, ImportError):
-        free = None
+        return None
+    if free == -1:
+        try:
+            import os
+            st = os.statvfs(root or "/")
+            free = st[0] * st[3]
+        except (OSError, AttributeError, ImportError):
+            free = None
     if free is not None and free < _MIN_LOG_FLASH:
         _say("no free flash for the log file (%d bytes free): console only" % free)
         log.get("main").warning("no free flash for the log file: console only", free_bytes=free)
-        return
+        return None
     per = lg["max_bytes"]
     if free is not None:
         per = min(per, free // _LOG_SHARE // (lg["backups"] + 1))
-    log.configure(level=lg["level"], path=(root.rstrip("/") if root else "") + "/log/device.log", max_bytes=per,
-                  backups=lg["backups"])
+    path = (root.rstrip("/") if root else "") + "/log/device.log"
+    log.configure(level=lg["level"], path=path, max_bytes=per, backups=lg["backups"])
+    return path
 
 
 def idle(reason, raw=None):
