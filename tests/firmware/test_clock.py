@@ -2,7 +2,6 @@
 # until then log lines are marked unsynced instead of dated 2021, and alarm timestamps taken meanwhile move with the
 # first step, so the control plane gets today's date.
 import json
-import fwtest
 from iotlib import compat, log
 from iotlib.alarms import AlarmManager
 
