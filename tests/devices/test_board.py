@@ -286,3 +286,23 @@ def test_bad_settings_leave_the_board_idle_with_the_field_named(bad, field, tmp_
     logged = [json.loads(ln) for ln in (flash / "log" / "device.log").read_text().splitlines()]
     assert logged[-1]["msg"] == "settings unusable: idle" and logged[-1]["reason"].startswith(field)
     assert "pw-12345" not in console and "k" * 64 not in console
+
+
+def test_picoiot_sim_runs_the_boards_main_from_a_settings_file(tmp_path):
+    cp = ServerChild(tmp_path / "cp").start()
+    try:
+        settings = tmp_path / "sim-board.json"
+        provision(cp, "sim-board", settings, None)
+        p = subprocess.run(CLI + ["sim", "--settings", str(settings), "--heap", HEAP["relays"], "--duration", "1",
+                                  "--state-dir", str(tmp_path / "state"), "--ready-timeout", "60"],
+                           capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stdout + p.stderr
+        assert "sim-board" in p.stdout and "ready" in p.stdout
+        log = (tmp_path / "state" / "logs" / "sim-board.log").read_text()
+        assert "picoiot: starting sim-board" in log and '"msg":"registered"' in log  # main.py, not main_sim
+        rec = httpx.get(f"{cp.url}/api/v1/namespaces/default/devices/sim-board", headers={
+            "Authorization": "Bearer " + issue_token(Settings.from_data_dir(cp.data_dir).secrets.signing_key, "t",
+                                                     "default", "viewer", 60)}).json()
+        assert rec["device_type"] == "relays" and rec["reset_cause"] == "power_on"
+    finally:
+        cp.stop()

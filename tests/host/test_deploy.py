@@ -133,3 +133,45 @@ def test_provision_writes_a_settings_file_the_firmware_accepts(tmp_path):
     assert tok not in out.read_text()
     assert s["controller"]["config"]["api"]["tokens"][0]["sha256"] == __import__("hashlib").sha256(
         tok.encode()).hexdigest()
+
+
+def test_the_json_schema_in_docs_agrees_with_the_firmware(tmp_path):
+    import jsonschema
+    schema = json.loads((paths.REPO / "docs" / "board-settings.schema.json").read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    sys.path.insert(0, str(paths.FIRMWARE))
+    try:
+        from iotlib import settings as fw
+    finally:
+        sys.path.remove(str(paths.FIRMWARE))
+    good = {"version": 1, "kind": "relays", "device_id": "d1", "device_key": "k" * 64, "namespace": "default",
+            "service_discovery_url": "http://cp.lan:8080/api/devices", "wifi": [{"ssid": "home", "password": "pw-12345"}],
+            "controller": {"relay_pins": {"pump": 2}, "config": {"i2c": {"sda": 4}}}, "port": 8080,
+            "api_tokens": [{"sha256": "a" * 64, "role": "viewer"}], "log": {"file": False, "level": "debug"}}
+    bad = [{"kind": "lamp"}, {"device_id": 7}, {"wifi": [{"ssid": "home", "password": "short"}]}, {"port": 0},
+           {"controller": {"relay_pins": {"pump": 23}}}, {"colour": "red"}, {"ota_public_key": "xyz"},
+           {"api_tokens": [{"sha256": "a" * 64, "role": "root"}]}, {"log": {"level": "loud"}}]
+    jsonschema.validate(good, schema)
+    fw.validate(good)
+    for b in bad:
+        doc = dict(good, **b)
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(doc, schema)
+        with pytest.raises(fw.SettingsError):
+            fw.validate(doc)
+
+
+def test_following_the_console_stops_at_registered_or_at_the_reason():
+    from picoiot.deploy import follow_console
+
+    def reader(lines):
+        it = iter(lines)
+        return lambda: next(it, None)
+    seen = []
+    assert follow_console(reader(['{"msg":"wifi up"}', '{"ts":1,"msg":"registered","namespace":"default"}']
+                                 ), 5, seen.append) == ""
+    assert seen[-1].startswith('{"ts":1,"msg":"registered"')
+    idle = "picoiot: settings: wifi[0].password must be empty (open network) or 8-64 characters"
+    assert follow_console(reader(["picoiot: starting", idle]), 5, seen.append) == idle
+    why = follow_console(reader(['{"msg":"wifi connect failed","reason":"wrong_password"}']), 0.2, seen.append)
+    assert "wrong_password" in why
