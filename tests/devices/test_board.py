@@ -170,8 +170,13 @@ def test_new_board_to_running_device_over_https(tls_cp, pki, tmp_path):
                            60, "the device's timesync.failed alarm")[0]
         now = time.time() * 1000
         assert abs(alarm["first_ts"] - now) < 120_000, (alarm, now)
+        # ... and reported back through the state service, over HTTPS
+        wait_until(lambda: (tls_cp.call("GET", "/api/v1/namespaces/default/devices/board-1/shadows/default",
+                                        "viewer")["state"].get("reported") or {}).get("relay1") == "on",
+                   30, "relay1 reported on", interval=0.5)
         info = api.get("/info").json()
-        assert info["registered"] is True and info["degraded"] is False
+        assert info["registered"] is True and info["degraded"] is False and info["time_synced"] is False
+        assert info["config_version"] >= 1  # the config fetched over HTTPS
         assert "sim-password" not in json.dumps(info) and doc["device_key"] not in json.dumps(info)
     finally:
         dev.stop()
