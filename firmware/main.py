@@ -103,12 +103,14 @@ def build(s, flash_dir=None):
         from sensors_controller import SensorsController as C
     ctl = C(**kw)
     ctl.wifi_networks = s["wifi"][1:]
-    ctl.ca = s["ca"]
+    ctl.cadata = s["ca"]
     ctl.ota_public_key = s["ota_public_key"]
     sim = s["sim"]
-    for k in ("http_timeout_ms", "http_connect_timeout_ms"):
-        if isinstance(sim.get(k), int):
-            setattr(ctl, k, sim[k])  # a test's short timeouts (a stalled control plane in seconds, not minutes)
+    if sim:  # a test's short HTTP timeouts (a stalled control plane found in seconds): the client's defaults change
+        from iotlib.http import HTTPClient
+        for k in ("timeout_ms", "connect_timeout_ms"):
+            if isinstance(sim.get("http_" + k), int):
+                setattr(HTTPClient, k, sim["http_" + k])
     return ctl
 
 

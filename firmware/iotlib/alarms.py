@@ -2,13 +2,15 @@
 # the control plane is unreachable, delivered in batches with capped exponential backoff (docs/protocol.md section 6),
 # critical ones persisted across a reset. Nothing here raises into the caller for a runtime failure: alarms are
 # raised from error paths, and an error path must not fail again.
-from .compat import epoch_ms, clock_synced, ticks_ms, ticks_diff, ticks_add, sleep_ms, urandom
+from .compat import const, epoch_ms, ticks_ms, ticks_diff, ticks_add, sleep_ms, urandom
 from . import fsutil
 from . import log
 
 _log = log.get("alarms")
 
 SEVERITIES = ("info", "warning", "error", "critical")
+#: 2022-01-01 in epoch ms: a board's RTC starts at 2021-01-01, so an earlier timestamp was taken before any time sync
+_SYNCED_AFTER_MS = const(1640995200000)
 # A severity's log level is log.INFO + 10 * its index in SEVERITIES (info 20 ... critical 50): no table in RAM.
 
 
@@ -73,7 +75,6 @@ class AlarmManager:
         self.last_error = None
         self._retry_at = None
         self._persist_due = False
-        self._unsynced = set()  # keys stamped before the first time sync (board clock at 2021): see clock_stepped
         if self.file is not None:
             try:
                 fsutil.makedirs(path.rstrip("/"))
@@ -93,23 +94,17 @@ class AlarmManager:
         message = log.mask(message if isinstance(message, str) else str(message))
         return self._fire(key, severity, message[:self.MAX_MESSAGE])
 
-    def _now(self, key):
-        if not clock_synced():
-            self._unsynced.add(key)
-        return self.clock()
-
-    def clock_stepped(self, step_ms):
-        """The first time sync stepped the clock by step_ms: the timestamps taken before it move with it (the RTC
-        ran on in the same boot, so raw + step is the true time)."""
-        for key in self._unsynced:
-            a = self._alarms.get(key)
-            if a is not None:
-                a.first_ts += step_ms
-                a.last_ts += step_ms
-        self._unsynced = set()
+    def clock_stepped(self, offset_ms):
+        """The first time sync stepped the clock by offset_ms: the timestamps taken before it (dated before 2022: the
+        RTC's power-on date) move with it — the RTC ran on in the same boot, so raw + step is the true time."""
+        for a in self._alarms.values():
+            if a.first_ts < _SYNCED_AFTER_MS:
+                a.first_ts += offset_ms
+            if a.last_ts < _SYNCED_AFTER_MS:
+                a.last_ts += offset_ms
 
     def _fire(self, key, severity, message):
-        now = self._now(key)
+        now = self.clock()
         a = self._alarms.get(key)
         persist_now = severity == "critical"
         if a is None:
@@ -139,7 +134,7 @@ class AlarmManager:
         if a is None or a.state != "firing":
             return False
         a.state = "resolved"
-        a.last_ts = self._now(a.key)
+        a.last_ts = self.clock()
         self._touch(a)
         _log.info("alarm resolved", alarm=a.key)
         if a.severity == "critical":

@@ -44,12 +44,9 @@ class Device:
     #: Ed25519 public key (64 hex) OTA manifests must be signed with; None disables OTA (docs/ota.md)
     ota_public_key = None
     #: DER bytes of the CA that signed the control plane's certificate (https discovery URL); None: the port's default
-    ca = None
+    cadata = None
     #: More Wi-Fi networks [(ssid, password), ...] tried in order after wifi_ssid (the board settings file's "wifi")
     wifi_networks = None
-    #: ms the HTTP client allows for a connect / a whole exchange with the control plane
-    http_connect_timeout_ms = 5000
-    http_timeout_ms = 10000
     #: Seconds between OTA checks when no heartbeat names a pending release.
     ota_check_s = 3600
     #: Seconds of uptime after which this boot no longer counts towards safe mode (healthy clears it sooner).
@@ -160,9 +157,9 @@ class Device:
         self.wd = WatchdogManager(on_crash=self.alarms.report_exception)
         self.wd.missed_reset = None  # degraded mode: never reset just because the control plane is away
         self.boot_info = self.wd.boot_report()
-        self.http = HTTPClient(timeout_ms=self.http_timeout_ms, cadata=self.ca,
-                               connect_timeout_ms=self.http_connect_timeout_ms)
-        self.http.on_io = self._io
+        self.http = HTTPClient(cadata=self.cadata)  # HTTPClient's timeouts: 5 s to connect, 10 s per exchange
+        # the HTTP client's connects feed the link-death detector: a cyw43 link can die while isconnected() is True
+        self.http.on_io = lambda ok: self.net.io_ok() if ok else self.net.io_failed()
         self.http.link_check = hal.link_check
         self.auth = AuthManager(self.device_id, self._device_key, sd_url=self.sd_url, namespace=self.namespace,
                                 info=self._reg_info())
@@ -192,12 +189,6 @@ class Device:
         ip = self.net.ip if up else None
         if ip and not self.address and ip != "0.0.0.0":
             self.auth.info["address"] = "http://%s:%d" % (ip, self.port) if self.port != 80 else "http://" + ip
-
-    def _io(self, ok):
-        # the HTTP client's connects feed the link-death detector: a cyw43 link can die while isconnected() is True
-        n = getattr(self, "net", None)
-        if n is not None:
-            n.io_ok() if ok else n.io_failed()
 
     def _apply_api(self, api):
         static = {}
@@ -264,10 +255,9 @@ class Device:
             _log.info("control plane reachable")
         self.degraded = False
 
-    def _lost(self, why, retry_s=None, quiet=False):
-        if not (quiet and self.degraded):
-            _log.warning("control plane unreachable" + ("" if self.degraded else ": degraded mode"), reason=why,
-                         retry_s=retry_s)
+    def _lost(self, why, retry_s=None):
+        _log.warning("control plane unreachable" + ("" if self.degraded else ": degraded mode"), reason=why,
+                     retry_s=retry_s)
         self.degraded = True
 
     async def _cloud(self):
@@ -276,8 +266,14 @@ class Device:
         seen = 0
         while True:
             try:
-                if self._own_clock and not clock_synced() and self.sd_url.startswith("https"):
-                    await self._early_time()
+                if self._own_clock and not clock_synced() and self.sd_url.startswith("https") and self._ntp_servers():
+                    # rp2's TLS checks the certificate's dates against the RTC, which reads 2021 until synced: one
+                    # SNTP round (plain UDP, the config's time.servers) before the first HTTPS registration
+                    from iotlib.timesync import TimeSyncManager
+                    t = TimeSyncManager(self._ntp_servers(), step=self._step_clock)
+                    t.retries = 0
+                    await t.sync()
+                    t = None
                 tok = await self.auth.ensure_token(self.http)
                 if self.auth.registrations != seen:
                     seen = self.auth.registrations
@@ -335,23 +331,13 @@ class Device:
             self.sm._wake()
             self._apply_time(self.cfg.config["time"])
 
-    async def _early_time(self):
-        # rp2's TLS checks the certificate's dates against the RTC, which reads 2021 until synced: one SNTP round
-        # (plain UDP, the config's time.servers) before the first HTTPS registration
-        from iotlib.timesync import TimeSyncManager
-        servers = self._ntp_servers()
-        if servers:
-            ts = TimeSyncManager(servers, step=self._step_clock)
-            ts.retries = 0
-            await ts.sync()
-
     def _step_clock(self, ms):
         from iotlib.timesync import set_clock
         first = not clock_synced()
         step = set_clock(ms)
         if first:
             self.alarms.clock_stepped(step)
-            _log.info("clock set", step_ms=step)
+            _log.info("time synced", server="registration", offset_ms=step)
 
     async def _send_heartbeat(self, body):
         if not self.auth.token or not self.auth.services.get("heartbeat"):
@@ -367,7 +353,8 @@ class Device:
             r = await self.http.request("POST", self.auth.services["heartbeat"], json=body,
                                         headers=self.auth.auth_header())
         except BaseException as e:  # HTTPError, or the watchdog's timeout cancelling an exchange a hung server holds
-            self._lost("heartbeat: " + (_logmod.exc_summary(e) or "timed out"), quiet=True)
+            if not self.degraded:  # said once per episode, not at every heartbeat
+                self._lost("heartbeat: " + (_logmod.exc_summary(e) or "timeout"))
             raise
         if r.status == 401:
             self.auth.invalidate()

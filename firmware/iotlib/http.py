@@ -8,6 +8,7 @@ from iotlib.compat import asyncio, const
 _CRLF = b"\r\n"
 _CHUNK = const(512)
 _ECONNREFUSED = const(111)
+_MBEDTLS_ERR = const(-0x1000)  # mbedtls error codes are below this
 
 
 class HTTPError(Exception):
@@ -149,13 +150,6 @@ class HTTPClient:
                 self.failures += 1
                 raise
 
-    def _link(self, ok):
-        if self.on_io is not None:
-            try:
-                self.on_io(ok)
-            except Exception:  # the link supervisor's trouble is not this request's
-                pass
-
     async def _exchange(self, scheme, host, port, head, body, method, timeout_ms):
         ssl = self._tls() if scheme == "https" else None
         try:
@@ -167,19 +161,22 @@ class HTTPClient:
                 conn = asyncio.open_connection(host, port, ssl=ssl, server_hostname=host)
             reader, writer = await asyncio.wait_for(conn, self.connect_timeout_ms / 1000)
         except asyncio.TimeoutError:
-            self._link(False)
+            if self.on_io is not None:
+                self.on_io(False)
             raise HTTPError("connect to %s:%d timed out" % (host, port))
         except (OSError, ValueError) as e:  # ValueError: TLS verification on the unix port
-            # a refusal or a TLS alert came over the link; a timeout or "unreachable" may be a dead link
-            self._link(isinstance(e, ValueError) or _errno(e) == _ECONNREFUSED or _is_tls(e))
-            raise HTTPError("connect to %s:%d failed: %s" % (host, port, _tls_hint(e)))
-        self._link(True)
+            if self.on_io is not None:  # a refusal or a TLS alert came over the link; "unreachable" may be a dead one
+                n = getattr(e, "errno", 0) or 0
+                self.on_io(isinstance(e, ValueError) or n == _ECONNREFUSED or n < _MBEDTLS_ERR)
+            raise HTTPError("connect to %s:%d failed: %s" % (host, port, _reason(e, ssl)))
+        if self.on_io is not None:
+            self.on_io(True)
         try:
             return await asyncio.wait_for(self._send_receive(reader, writer, head, body, method), timeout_ms / 1000)
         except asyncio.TimeoutError:
             raise HTTPError("no complete response from %s:%d within %d ms" % (host, port, timeout_ms))
         except (OSError, ValueError, EOFError, IndexError) as e:  # the unix port verifies at the first read
-            raise HTTPError("%s:%d: %s" % (host, port, _tls_hint(e) if ssl is not None else _reason(e)))
+            raise HTTPError("%s:%d: %s" % (host, port, _reason(e, ssl)))
         finally:
             try:
                 writer.close()
@@ -275,25 +272,10 @@ class HTTPClient:
         raise HTTPError("too many trailer lines")
 
 
-def _errno(e):
-    a = getattr(e, "args", None)
-    return getattr(e, "errno", None) or (a[0] if a and isinstance(a[0], int) else None)
-
-
-def _is_tls(e):
-    n = type(e).__name__
-    return "SSL" in n or "Cert" in n or (isinstance(_errno(e), int) and _errno(e) < -0x1000)  # mbedtls codes
-
-
-def _tls_hint(e):
-    # A refused certificate says what to check: the CA in the settings file, the server's name, the clock
-    r = _reason(e)
-    if _is_tls(e) or isinstance(e, ValueError):
-        return "TLS: %s (check the settings file's ca, the server certificate's name and dates, the clock)" % r
-    return r
-
-
-def _reason(e):
+def _reason(e, tls=None):
     # str(OSError) on MicroPython is just "[Errno 111] ECONNREFUSED"; keep the class name for the others
     s = " ".join(str(e).split())  # mbedtls messages start with a newline
-    return "%s: %s" % (type(e).__name__, s) if s else type(e).__name__
+    s = "%s: %s" % (type(e).__name__, s) if s else type(e).__name__
+    if tls is not None and (isinstance(e, ValueError) or (getattr(e, "errno", 0) or 0) < _MBEDTLS_ERR):  # a refused certificate says what to check
+        return "TLS: %s (check the settings file's ca, the server certificate's name and dates, the clock)" % s
+    return s

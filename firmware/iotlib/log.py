@@ -278,17 +278,15 @@ def configure(level="info", console=True, path=None, max_bytes=None, backups=Non
 
 
 def set_level(level):
-    """Change the global level only, keeping the sinks (a config hot-reload must not drop the board's log file)."""
-    global _level
+    """Change the global level, keeping the sinks (a config hot-reload must not drop the board's log file); a logger
+    nobody configured yet writes to the console, as configure() does by default."""
+    global _level, _console
     _level = level_value(level)
+    if _console is None and _sink is None:
+        _console = sys.stdout
 
 
 _ENVELOPE = ("ts", "level", "module", "msg")
-
-
-def _ts():
-    # Before the first time sync a board's clock reads 2021: such a line says so (ts null, ms since boot) instead.
-    return str(epoch_ms()) if clock_synced() else 'null,"up_ms":%d' % ticks_ms()
 
 
 def _line(level, module, msg, fields):
@@ -299,8 +297,9 @@ def _line(level, module, msg, fields):
             fields = {("_" + k2 if k2 in _ENVELOPE else k2): v for k2, v in fields.items()}
             break
     name = _NAMES[level // 10 - 1] if level % 10 == 0 and DEBUG <= level <= CRITICAL else "info"
+    # before the first time sync a board's clock reads 2021: such a line says so (ts null, ms since boot) instead
     head = '{"ts":%s,"level":"%s","module":%s,"msg":%s' % (
-        _ts(), name, json.dumps(module), json.dumps(mask(msg if isinstance(msg, str) else str(msg))))
+        str(epoch_ms()) if clock_synced() else 'null,"up_ms":%d' % ticks_ms(), name, json.dumps(module), json.dumps(mask(msg if isinstance(msg, str) else str(msg))))
     if not fields:
         return head + "}"
     body = json.dumps(mask(fields))
@@ -315,7 +314,7 @@ def emit(level, module, msg, fields):
     try:
         line = _line(level, module, msg, fields)
     except Exception:  # a field whose str() fails must not take the caller down
-        line = '{"ts":%s,"level":"error","module":%s,"msg":"unloggable record"}' % (_ts(), json.dumps(module))
+        line = '{"ts":%d,"level":"error","module":%s,"msg":"unloggable record"}' % (epoch_ms(), json.dumps(module))
     if console is not None:
         try:
             console.write(line)

@@ -48,7 +48,6 @@ class NetworkManager:
         self.ssid = ssid
         self._password = password  # never logged, never in stats()
         self._nets = [(ssid, password)] + [tuple(n) for n in networks or () if tuple(n) != (ssid, password)]
-        self._net = 0
         self._wlan = wlan
         self._sleep_ms = sleep_ms or _default_sleep
         self._cbs = []
@@ -160,9 +159,9 @@ class NetworkManager:
             self._streak = max(self._streak, 20)
         _log.error("wifi connect failed", ssid=self.ssid, status=st, reason=status_name(st), detail=why,
                    failures=self.failures)
-        if len(self._nets) > 1:
-            self._net = (self._net + 1) % len(self._nets)
-            self.ssid, self._password = self._nets[self._net]
+        if len(self._nets) > 1:  # the next network, in order, round and round
+            self._nets.append(self._nets.pop(0))
+            self.ssid, self._password = self._nets[0]
         try:
             self.wlan.disconnect()  # leave the driver idle before the next attempt
         except OSError:
