@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(not micropython_available(), reason="needs the m
 #: submodules, names built at run time; otaboot only with OTA on).
 RELAYS_QSTR_BUDGET = 1200
 #: the same through the board's entry point, main.py, after it read the settings file (iotlib.settings' names stay
-#: interned after the module is dropped): 1,228 on 2026-12-03. On a board many of these are the firmware's static names.
+#: interned after the module is dropped): 1,224 on 2026-12-03. On a board many of these are the firmware's static names.
 BOARD_QSTR_BUDGET = 1235
 
 
