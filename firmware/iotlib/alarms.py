@@ -2,13 +2,15 @@
 # the control plane is unreachable, delivered in batches with capped exponential backoff (docs/protocol.md section 6),
 # critical ones persisted across a reset. Nothing here raises into the caller for a runtime failure: alarms are
 # raised from error paths, and an error path must not fail again.
-from .compat import epoch_ms, ticks_ms, ticks_diff, ticks_add, sleep_ms, urandom
+from .compat import const, epoch_ms, ticks_ms, ticks_diff, ticks_add, sleep_ms, urandom
 from . import fsutil
 from . import log
 
 _log = log.get("alarms")
 
 SEVERITIES = ("info", "warning", "error", "critical")
+#: 2022-01-01 in epoch ms: a board's RTC starts at 2021-01-01, so an earlier timestamp was taken before any time sync
+_SYNCED_AFTER_MS = const(1640995200000)
 # A severity's log level is log.INFO + 10 * its index in SEVERITIES (info 20 ... critical 50): no table in RAM.
 
 
@@ -91,6 +93,15 @@ class AlarmManager:
             severity = "error"
         message = log.mask(message if isinstance(message, str) else str(message))
         return self._fire(key, severity, message[:self.MAX_MESSAGE])
+
+    def clock_stepped(self, offset_ms):
+        """The first time sync stepped the clock by offset_ms: the timestamps taken before it (dated before 2022: the
+        RTC's power-on date) move with it — the RTC ran on in the same boot, so raw + step is the true time."""
+        for a in self._alarms.values():
+            if a.first_ts < _SYNCED_AFTER_MS:
+                a.first_ts += offset_ms
+            if a.last_ts < _SYNCED_AFTER_MS:
+                a.last_ts += offset_ms
 
     def _fire(self, key, severity, message):
         now = self.clock()

@@ -3,7 +3,7 @@
 # (the local API keeps serving on the last-known-good config, alarms and state are buffered and resynced in full).
 # A controller subclass gives: device_type, capabilities, schema()/defaults(), setup_domain(), domain routes, the
 # state-delta handler and its own supervised tasks.
-from iotlib.compat import asyncio, ticks_ms, ticks_diff, mem_free
+from iotlib.compat import asyncio, ticks_ms, ticks_diff, mem_free, clock_synced
 from iotlib import log as _logmod
 from iotlib import __version__
 
@@ -43,6 +43,10 @@ class Device:
     wifi_reconnect_min_s = 600
     #: Ed25519 public key (64 hex) OTA manifests must be signed with; None disables OTA (docs/ota.md)
     ota_public_key = None
+    #: DER bytes of the CA that signed the control plane's certificate (https discovery URL); None: the port's default
+    cadata = None
+    #: More Wi-Fi networks [(ssid, password), ...] tried in order after wifi_ssid (the board settings file's "wifi")
+    wifi_networks = None
     #: Seconds between OTA checks when no heartbeat names a pending release.
     ota_check_s = 3600
     #: Seconds of uptime after which this boot no longer counts towards safe mode (healthy clears it sooner).
@@ -119,7 +123,7 @@ class Device:
         from iotlib.alarms import AlarmManager
         from iotlib.watchdog import WatchdogManager
         from iotlib.http import HTTPClient
-        from iotlib import metrics
+        from iotlib import metrics, hal
         root = self.flash("")
         if root.rstrip("/"):
             fsutil.makedirs(root.rstrip("/"))
@@ -146,12 +150,17 @@ class Device:
             defaults = merge(defaults, self.factory_config)
         self.cfg = ConfigManager(self.schema(), defaults, path=self.flash("config.json"))
         loaded = self.cfg.load()
-        _logmod.configure(level=self.cfg.config["log"]["level"])
+        _logmod.set_level(self.cfg.config["log"]["level"])
+        # a board's clock starts unsynced (main.py): then this device steps it from registration and SNTP
+        self._own_clock = not clock_synced()
         self.alarms = AlarmManager(path=self.flash("alarms"))
         self.wd = WatchdogManager(on_crash=self.alarms.report_exception)
         self.wd.missed_reset = None  # degraded mode: never reset just because the control plane is away
         self.boot_info = self.wd.boot_report()
-        self.http = HTTPClient(timeout_ms=10000)
+        self.http = HTTPClient(cadata=self.cadata)  # HTTPClient's timeouts: 5 s to connect, 10 s per exchange
+        # the HTTP client's connects feed the link-death detector: a cyw43 link can die while isconnected() is True
+        self.http.on_io = lambda ok: self.net.io_ok() if ok else self.net.io_failed()
+        self.http.link_check = hal.link_check
         self.auth = AuthManager(self.device_id, self._device_key, sd_url=self.sd_url, namespace=self.namespace,
                                 info=self._reg_info())
         self._apply_api(self.cfg.config["api"])
@@ -161,7 +170,7 @@ class Device:
         else:
             self.setup_domain(self.cfg.config)
         self.cfg.on_change("api", self._apply_api)
-        self.cfg.on_change("log", lambda sec: _logmod.configure(level=sec["level"]))
+        self.cfg.on_change("log", lambda sec: _logmod.set_level(sec["level"]))
         self.cfg.on_change("time", self._apply_time)
         self.cfg.on_change("heartbeat_interval_s", lambda v: self.wd.set_heartbeat_interval(v * 1000))
         self.wd.heartbeat_interval_ms = self.cfg.config["heartbeat_interval_s"] * 1000
@@ -169,10 +178,17 @@ class Device:
                   last_known_good=loaded, reset_cause=self.boot_info.get("reset_cause"))
 
     def _reg_info(self):
-        info = {"device_type": self.device_type, "firmware": __version__, "capabilities": list(self.capabilities)}
+        info = {"device_type": self.device_type, "firmware": __version__, "capabilities": list(self.capabilities),
+                "reset_cause": self.boot_info.get("reset_cause")}
         if self.address:
             info["address"] = self.address
         return info
+
+    def _wifi_up(self, up):
+        # the address the WLAN actually has goes into the next registration (a launcher's `address` wins)
+        ip = self.net.ip if up else None
+        if ip and not self.address and ip != "0.0.0.0":
+            self.auth.info["address"] = "http://%s:%d" % (ip, self.port) if self.port != 80 else "http://" + ip
 
     def _apply_api(self, api):
         static = {}
@@ -252,6 +268,14 @@ class Device:
         seen = 0
         while True:
             try:
+                if self._own_clock and not clock_synced() and self.sd_url.startswith("https") and self._ntp_servers():
+                    # rp2's TLS checks the certificate's dates against the RTC, which reads 2021 until synced: one
+                    # SNTP round (plain UDP, the config's time.servers) before the first HTTPS registration
+                    from iotlib.timesync import TimeSyncManager
+                    t = TimeSyncManager(self._ntp_servers(), step=self._step_clock)
+                    t.retries = 0
+                    await t.sync()
+                    t = None
                 tok = await self.auth.ensure_token(self.http)
                 if self.auth.registrations != seen:
                     seen = self.auth.registrations
@@ -286,6 +310,9 @@ class Device:
         iv = self.auth.intervals or {}
         if iv.get("config_poll"):
             self.config_poll_s = iv["config_poll"]
+        st = self.auth.server_time
+        if self._own_clock and not clock_synced() and isinstance(st, int) and st > 0:
+            self._step_clock(st)  # coarse (one round trip), but no longer 2021; SNTP refines it
         _log.info("registered", namespace=self.auth.namespace, registrations=self.auth.registrations)
         self._ota_wake.set()
         if self.safe_mode:
@@ -298,13 +325,21 @@ class Device:
             self.wd.supervise("state", self.sm.run, critical=False)
             t = self.cfg.config["time"]
             self.ts = TimeSyncManager(self._ntp_servers(t), t.get("interval_s", 3600), on_alarm=self.alarms.fire,
-                                      on_clear=self.alarms.clear)
+                                      on_clear=self.alarms.clear, step=self._step_clock if self._own_clock else None)
             self.wd.supervise("time", self.ts.run, critical=False)
         else:
             self.sm.disconnected()  # full GET on every (re)connect
             self.sm.report(self.reported())
             self.sm._wake()
             self._apply_time(self.cfg.config["time"])
+
+    def _step_clock(self, ms):
+        from iotlib.timesync import set_clock
+        first = not clock_synced()
+        step = set_clock(ms)
+        if first:
+            self.alarms.clock_stepped(step)
+            _log.info("time synced", server="registration", offset_ms=step)
 
     async def _send_heartbeat(self, body):
         if not self.auth.token or not self.auth.services.get("heartbeat"):
@@ -316,7 +351,13 @@ class Device:
         body["config_version"] = self.cfg.version
         sm = getattr(self, "sm", None)
         body["state_version"] = sm.version if sm else None
-        r = await self.http.request("POST", self.auth.services["heartbeat"], json=body, headers=self.auth.auth_header())
+        try:
+            r = await self.http.request("POST", self.auth.services["heartbeat"], json=body,
+                                        headers=self.auth.auth_header())
+        except BaseException as e:  # HTTPError, or the watchdog's timeout cancelling an exchange a hung server holds
+            if not self.degraded:  # said once per episode, not at every heartbeat
+                self._lost("heartbeat: " + (_logmod.exc_summary(e) or "timeout"))
+            raise
         if r.status == 401:
             self.auth.invalidate()
             self._config_wake.set()
@@ -458,7 +499,8 @@ class Device:
         """Steps 1-2 and the supervised tasks; returns once the local API listens (main() then waits for ever)."""
         from iotlib.net import NetworkManager
         self.boot()
-        self.net = NetworkManager(self.wifi_ssid, self._wifi_password)
+        self.net = NetworkManager(self.wifi_ssid, self._wifi_password, networks=self.wifi_networks)
+        self.net.on_change(self._wifi_up)
         await self.net.connect()
         if not self.safe_mode:
             self.build_web()

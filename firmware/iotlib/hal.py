@@ -2,7 +2,7 @@
 # On a Pico W it hands out the real classes; anywhere else (the unix port's `machine` is nearly empty and it has no
 # `network`; CPython has neither) it hands out the simulated board of `picosim`, test equipment that a board bundle
 # does not contain. Feature detection, not platform checks.
-from iotlib.compat import const
+from iotlib.compat import const, ticks_diff
 
 try:
     import machine as _machine
@@ -75,6 +75,16 @@ if SIMULATED:
         """hashlib.sha1 for a port built without it (the simulated board supplies it; a Pico W has it built in)."""
         from picosim.sha1 import sha1
         return sha1(data)
+
+    def rtc_ms():
+        """Epoch ms on the simulated board's RTC (2021-01-01 at every boot, like rp2's)."""
+        b = _sim.board
+        return b.rtc_epoch_ms + ticks_diff(b.now_ms(), b.rtc_set_at)
+
+    def set_rtc(ms):
+        b = _sim.board
+        b.rtc_epoch_ms = ms
+        b.rtc_set_at = b.now_ms()
 else:
     Pin = _machine.Pin
     ADC = _machine.ADC
@@ -106,6 +116,13 @@ else:
 
     def link_check():
         pass
+
+    rtc_ms = None  # the port's time.time() reads the RTC
+
+    def set_rtc(ms):
+        import time
+        t = time.gmtime(ms // 1000)
+        _machine.RTC().datetime((t[0], t[1], t[2], t[6], t[3], t[4], t[5], 0))
 
     def _hw_cause():
         rc = _machine.reset_cause()

@@ -7,6 +7,8 @@ from iotlib.compat import asyncio, const
 
 _CRLF = b"\r\n"
 _CHUNK = const(512)
+_ECONNREFUSED = const(111)
+_MBEDTLS_ERR = const(-0x1000)  # mbedtls error codes are below this
 
 
 class HTTPError(Exception):
@@ -103,6 +105,11 @@ class HTTPClient:
             self.max_body = max_body
         self.cadata = cadata
         self.user_agent = user_agent
+        #: on_io(ok): whether the link carried the connect (a refusal is an answer too); None: nobody listens
+        self.on_io = None
+        #: link_check(): raises OSError when the link cannot carry traffic (hal.link_check: the simulated board's
+        #: silent link death; nothing on a board). None: not checked
+        self.link_check = None
         self._ctx = None
         self._lock = None
         self.requests = 0
@@ -146,21 +153,30 @@ class HTTPClient:
     async def _exchange(self, scheme, host, port, head, body, method, timeout_ms):
         ssl = self._tls() if scheme == "https" else None
         try:
+            if self.link_check is not None:
+                self.link_check()
             if ssl is None:
                 conn = asyncio.open_connection(host, port)
             else:
                 conn = asyncio.open_connection(host, port, ssl=ssl, server_hostname=host)
             reader, writer = await asyncio.wait_for(conn, self.connect_timeout_ms / 1000)
         except asyncio.TimeoutError:
+            if self.on_io is not None:
+                self.on_io(False)
             raise HTTPError("connect to %s:%d timed out" % (host, port))
         except (OSError, ValueError) as e:  # ValueError: TLS verification on the unix port
-            raise HTTPError("connect to %s:%d failed: %s" % (host, port, _reason(e)))
+            if self.on_io is not None:  # a refusal or a TLS alert came over the link; "unreachable" may be a dead one
+                n = getattr(e, "errno", 0) or 0
+                self.on_io(isinstance(e, ValueError) or n == _ECONNREFUSED or n < _MBEDTLS_ERR)
+            raise HTTPError("connect to %s:%d failed: %s" % (host, port, _reason(e, ssl)))
+        if self.on_io is not None:
+            self.on_io(True)
         try:
             return await asyncio.wait_for(self._send_receive(reader, writer, head, body, method), timeout_ms / 1000)
         except asyncio.TimeoutError:
             raise HTTPError("no complete response from %s:%d within %d ms" % (host, port, timeout_ms))
-        except (OSError, ValueError, EOFError, IndexError) as e:
-            raise HTTPError("%s:%d: %s" % (host, port, _reason(e)))
+        except (OSError, ValueError, EOFError, IndexError) as e:  # the unix port verifies at the first read
+            raise HTTPError("%s:%d: %s" % (host, port, _reason(e, ssl)))
         finally:
             try:
                 writer.close()
@@ -256,7 +272,10 @@ class HTTPClient:
         raise HTTPError("too many trailer lines")
 
 
-def _reason(e):
+def _reason(e, tls=None):
     # str(OSError) on MicroPython is just "[Errno 111] ECONNREFUSED"; keep the class name for the others
     s = " ".join(str(e).split())  # mbedtls messages start with a newline
-    return "%s: %s" % (type(e).__name__, s) if s else type(e).__name__
+    s = "%s: %s" % (type(e).__name__, s) if s else type(e).__name__
+    if tls is not None and (isinstance(e, ValueError) or (getattr(e, "errno", 0) or 0) < _MBEDTLS_ERR):  # a refused certificate says what to check
+        return "TLS: %s (check the settings file's ca, the server certificate's name and dates, the clock)" % s
+    return s

@@ -3,7 +3,7 @@
 # into the caller: a full flash drops the line and counts it in `dropped`.
 import sys
 import json
-from .compat import const, epoch_ms, format_exc
+from .compat import const, epoch_ms, format_exc, clock_synced, ticks_ms
 from . import fsutil
 
 DEBUG = const(10)
@@ -277,6 +277,15 @@ def configure(level="info", console=True, path=None, max_bytes=None, backups=Non
         _sink = FileSink(path, max_bytes, backups)
 
 
+def set_level(level):
+    """Change the global level, keeping the sinks (a config hot-reload must not drop the board's log file); a logger
+    nobody configured yet writes to the console, as configure() does by default."""
+    global _level, _console
+    _level = level_value(level)
+    if _console is None and _sink is None:
+        _console = sys.stdout
+
+
 _ENVELOPE = ("ts", "level", "module", "msg")
 
 
@@ -288,8 +297,9 @@ def _line(level, module, msg, fields):
             fields = {("_" + k2 if k2 in _ENVELOPE else k2): v for k2, v in fields.items()}
             break
     name = _NAMES[level // 10 - 1] if level % 10 == 0 and DEBUG <= level <= CRITICAL else "info"
-    head = '{"ts":%d,"level":"%s","module":%s,"msg":%s' % (
-        epoch_ms(), name, json.dumps(module), json.dumps(mask(msg if isinstance(msg, str) else str(msg))))
+    # before the first time sync a board's clock reads 2021: such a line says so (ts null, ms since boot) instead
+    head = '{"ts":%s,"level":"%s","module":%s,"msg":%s' % (
+        str(epoch_ms()) if clock_synced() else 'null,"up_ms":%d' % ticks_ms(), name, json.dumps(module), json.dumps(mask(msg if isinstance(msg, str) else str(msg))))
     if not fields:
         return head + "}"
     body = json.dumps(mask(fields))

@@ -43,9 +43,11 @@ class NetworkManager:
     #: cyw43 power management off (network.WLAN.PM_NONE): the default power save drops and delays packets.
     power_mode = 0xA11140
 
-    def __init__(self, ssid, password, wlan=None, sleep_ms=None):
+    def __init__(self, ssid, password, wlan=None, sleep_ms=None, networks=None):
+        """networks: more (ssid, password) pairs; a failed attempt moves on to the next network, in order."""
         self.ssid = ssid
         self._password = password  # never logged, never in stats()
+        self._nets = [(ssid, password)] + [tuple(n) for n in networks or () if tuple(n) != (ssid, password)]
         self._wlan = wlan
         self._sleep_ms = sleep_ms or _default_sleep
         self._cbs = []
@@ -157,6 +159,9 @@ class NetworkManager:
             self._streak = max(self._streak, 20)
         _log.error("wifi connect failed", ssid=self.ssid, status=st, reason=status_name(st), detail=why,
                    failures=self.failures)
+        if len(self._nets) > 1:  # the next network, in order, round and round
+            self._nets.append(self._nets.pop(0))
+            self.ssid, self._password = self._nets[0]
         try:
             self.wlan.disconnect()  # leave the driver idle before the next attempt
         except OSError:

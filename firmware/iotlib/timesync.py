@@ -1,6 +1,7 @@
 # SNTP v4 client (RFC 4330) over non-blocking UDP: round-trip-corrected offset, several servers, retries, periodic
-# resync, a drift estimate from successive offsets, and alarms through an injected callback. The device's clock is
-# never stepped here; callers read the corrected time from now_ms().
+# resync, a drift estimate from successive offsets, and alarms through an injected callback. Without `step` the clock
+# is never touched and callers read the corrected time from now_ms(); a board's Device passes step=set_clock, so the
+# RTC and every timestamp (logs, alarms, JWT checks) follow each sync.
 import struct
 
 from iotlib.compat import asyncio, const, epoch_ms, ticks_ms, ticks_diff, urandom
@@ -33,6 +34,19 @@ async def udp_recvfrom(sock, n):
         return sock.recvfrom(n)
     loop = asyncio.get_running_loop()
     return await loop.sock_recvfrom(sock, n)
+
+
+def set_clock(ms):
+    """Step the device's wall clock (compat.epoch_ms) and the board's RTC to ms. Returns the step in ms."""
+    from iotlib import hal
+    from iotlib.compat import set_time
+    step = ms - epoch_ms()
+    try:
+        hal.set_rtc(ms)
+    except (AttributeError, OSError, ValueError, TypeError):  # a port without a settable RTC: the offset suffices
+        pass
+    set_time(ms)
+    return step
 
 
 def _log():
@@ -122,7 +136,11 @@ class TimeSyncManager:
     #: seconds before the first retry after a failed sync (doubles up to interval_s)
     retry_s = 30
 
-    def __init__(self, servers=(), interval_s=3600, on_alarm=None, on_clear=None, clock=epoch_ms, ticks=ticks_ms):
+    def __init__(self, servers=(), interval_s=3600, on_alarm=None, on_clear=None, clock=epoch_ms, ticks=ticks_ms,
+                 step=None):
+        """step: called with the corrected epoch ms after each sync to step the clock itself (set_clock); the
+        offset then starts again from 0, so successive offsets are the drift since the last step."""
+        self.step = step
         self.servers = []
         self.interval_s = 3600
         self._wake = None
@@ -222,6 +240,9 @@ class TimeSyncManager:
                 self.drift_ppm = (self.offset_ms - offset) * 1000000 // span
         self._last_ticks = now
         self.offset_ms = offset
+        if self.step is not None:
+            self.step(self._clock() + offset)
+            self.offset_ms = 0
         self.delay_ms = delay
         self.server = server
         self.synced = True

@@ -43,7 +43,7 @@ def firmware_build(out: str = typer.Option("build/firmware", help="output direct
 def _register_optional() -> None:
     # Commands living in their own modules register themselves here; a missing module must not break the CLI.
     import importlib
-    for name in ("server_cli", "device_cli", "demo", "ota_cli"):
+    for name in ("server_cli", "device_cli", "demo", "ota_cli", "deploy"):
         try:
             mod = importlib.import_module(f"picoiot.{name}")
         except ModuleNotFoundError as e:

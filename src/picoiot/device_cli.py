@@ -61,7 +61,9 @@ def _key_for(state_dir: Path, url: str, token: str, dev_id: str, kind: str, name
     return key
 
 
-def sim(kind: str = typer.Option(..., "--kind", help="relays | sensors"),
+def sim(kind: Optional[str] = typer.Option(None, "--kind", help="relays | sensors"),
+        settings: Optional[Path] = typer.Option(None, "--settings", help="run one device from a board settings file "
+                                                "(picoiot provision --board-settings) through the board's main.py"),
         count: int = typer.Option(1, "--count", min=1, max=64, help="how many devices"),
         server: str = typer.Option("http://127.0.0.1:8080", "--server", envvar="PICOIOT_URL",
                                    help="control-plane URL"),
@@ -85,6 +87,13 @@ def sim(kind: str = typer.Option(..., "--kind", help="relays | sensors"),
         console.print(f"[red]error:[/] {msg}")
         raise typer.Exit(2)
 
+    if settings is not None:
+        from .deploy import DeployError, read_settings
+        try:
+            board = read_settings(settings)
+        except DeployError as e:
+            fail(str(e))
+        kind = board["kind"]
     if kind not in ("relays", "sensors"):
         fail("--kind must be relays or sensors")
     if runtime not in RUNTIMES:
@@ -103,15 +112,19 @@ def sim(kind: str = typer.Option(..., "--kind", help="relays | sensors"),
     old = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     status = 0
     try:
-        import httpx
-        try:
-            httpx.get(url + "/health", timeout=5).raise_for_status()
-        except httpx.HTTPError as e:
-            raise ProcError(f"no control plane at {url}: {type(e).__name__}") from None
-        tok = _admin_token(token, data_dir, namespace)
         bundle = ensure_bundle(state_dir / "firmware") if runtime == "micropython" else None
+        if settings is not None:
+            devices.append(_board_device(board, state_dir, runtime, heap, bundle, base_port))
+            count = 1
+        else:
+            import httpx
+            try:
+                httpx.get(url + "/health", timeout=5).raise_for_status()
+            except httpx.HTTPError as e:
+                raise ProcError(f"no control plane at {url}: {type(e).__name__}") from None
+            tok = _admin_token(token, data_dir, namespace)
         port = base_port
-        for i in range(1, count + 1):
+        for i in range(1, count + 1 if settings is None else 1):
             dev_id = f"{prefix}-{i}"
             key = _key_for(state_dir, url, tok, dev_id, kind, namespace, data_dir)
             key["service_discovery_url"] = f"{url}/api/devices"
@@ -157,6 +170,21 @@ def sim(kind: str = typer.Option(..., "--kind", help="relays | sensors"),
                 signal.signal(s, h)
     console.print(f"stopped {len(devices)} device(s)")
     raise typer.Exit(status)
+
+
+def _board_device(board: dict, state_dir: Path, runtime: str, heap: str, bundle: Optional[Path],
+                  base_port: int) -> DeviceChild:
+    """The board's main.py on a simulated board whose flash directory holds a copy of the settings file, with the
+    local API moved to 127.0.0.1 and a free port (what a board would serve on its WLAN address, port 80)."""
+    from . import paths
+    from .deploy import SETTINGS_NAME, write_private
+    dev_id = board["device_id"]
+    flash = state_dir / f"{dev_id}.flash"
+    doc = dict(board, host="127.0.0.1", port=free_port(preferred=base_port))
+    doc["sim"] = dict(board.get("sim") or {}, flash_dir=str(flash))
+    write_private(flash / SETTINGS_NAME, doc)
+    return DeviceChild(flash / SETTINGS_NAME, runtime=runtime, heap=heap, bundle=bundle,
+                       log=state_dir / "logs" / f"{dev_id}.log", entry="main", extra_path=paths.FIRMWARE).start()
 
 
 def register(app: typer.Typer) -> None:

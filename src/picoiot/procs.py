@@ -216,8 +216,9 @@ class DeviceChild(Child):
         self.settings = settings
         self.device_id = s["device_id"]
         self.kind = s.get("kind", "relays")
-        self.port = int(s["port"])
-        self.flash_dir = Path(s["flash_dir"])
+        self.port = int(s.get("port", 80))
+        # main_sim's settings name the flash; a board settings file (main.py) sits in it or names it under "sim"
+        self.flash_dir = Path(s.get("flash_dir") or (s.get("sim") or {}).get("flash_dir") or settings.parent)
         self.runtime = runtime
         self.heap = heap
         self.bundle = bundle

@@ -56,6 +56,8 @@ def server(db: Optional[str] = DbUrl, host: str = typer.Option("127.0.0.1", help
            max_requests: int = typer.Option(Settings.max_requests_in_flight,
                                             help="requests worked on at once per process; beyond: 503"),
            max_longpolls: int = typer.Option(10_000, help="long-polls waiting at once per process; beyond: 503"),
+           tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", help="PEM certificate (chain): serve HTTPS"),
+           tls_key: Optional[Path] = typer.Option(None, "--tls-key", help="PEM private key of --tls-cert"),
            log_level: str = typer.Option("info", help="debug | info | warning | error (to stderr)")) -> None:
     """Run the control plane (discovery, config, state, heartbeat, alarms[, SNTP]) until SIGTERM/SIGINT."""
     import logging
@@ -67,8 +69,10 @@ def server(db: Optional[str] = DbUrl, host: str = typer.Option("127.0.0.1", help
         _fail("--workers and --max-requests must be at least 1, --max-longpolls and --ttl-slack at least 0")
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+    _check_tls(tls_cert, tls_key)
     ddir = data_dir or default_data_dir()
-    settings = _settings(ddir, db, db_schema, public_url=public_url, sweep_interval_s=sweep_interval,
+    settings = _settings(ddir, db, db_schema, public_url=public_url,
+                         tls_cert=str(tls_cert) if tls_cert else None, tls_key=str(tls_key) if tls_key else None, sweep_interval_s=sweep_interval,
                          heartbeat_flush_s=heartbeat_flush, token_ttl_s=token_ttl, ttl_slack_s=ttl_slack,
                          max_requests_in_flight=max_requests, max_longpolls=max_longpolls)
     sntp = None
@@ -94,6 +98,25 @@ def server(db: Optional[str] = DbUrl, host: str = typer.Option("127.0.0.1", help
     _serve_workers(settings, ddir, host, port, public_url, sntp, sntp_port, workers)
 
 
+def _check_tls(cert: Optional[Path], key: Optional[Path]) -> None:
+    """Both or neither, and a pair the ssl module loads: a clear error now instead of a traceback from uvicorn."""
+    if cert is None and key is None:
+        return
+    if cert is None or key is None:
+        _fail("--tls-cert and --tls-key go together")
+    import ssl
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(str(cert), str(key))
+    except FileNotFoundError as e:
+        _fail(f"TLS: {e.filename}: no such file")
+    except (ssl.SSLError, OSError) as e:
+        _fail(f"TLS: --tls-cert {cert} / --tls-key {key} unusable: {e}")
+
+
+def _scheme(settings) -> str:
+    return "https" if settings.tls_cert else "http"
+
+
 def _uvicorn_server(settings, host: str, port: int):
     import uvicorn
 
@@ -105,7 +128,8 @@ def _uvicorn_server(settings, host: str, port: int):
     except ImportError:  # pragma: no cover
         loop = "asyncio"
     config = uvicorn.Config(create_app(settings), host=host, port=port, log_level="warning", access_log=False, loop=loop,
-                            timeout_graceful_shutdown=5, server_header=False)
+                            timeout_graceful_shutdown=5, server_header=False,
+                            ssl_certfile=settings.tls_cert, ssl_keyfile=settings.tls_key)
     return _QuietExitServer(config), loop
 
 
@@ -144,7 +168,7 @@ def _serve_one(settings, ddir: Path, host: str, port: int, public_url: Optional[
                 os.close(ready_fd)
             else:
                 bound = srv.servers[0].sockets[0].getsockname()[1] if srv.servers else port
-                url = f"http://{host}:{bound}"
+                url = f"{_scheme(settings)}://{host}:{bound}"
                 _write_server_info(ddir, public_url or url, settings.ntp_address)
                 typer.echo(f"picoiot server listening on {url}")
             await serving
@@ -237,7 +261,7 @@ def _serve_workers(settings, ddir: Path, host: str, port: int, public_url: Optio
     if ready < workers:
         stop_all()
     else:
-        url = f"http://{host}:{bound}"
+        url = f"{_scheme(settings)}://{host}:{bound}"
         _write_server_info(ddir, public_url or url, settings.ntp_address, workers)
         typer.echo(f"picoiot server listening on {url} ({workers} worker processes)")
     failed = ready < workers
@@ -300,9 +324,25 @@ def provision(device_id: str = typer.Argument(..., help="device id: 1–64 of [A
               individual: bool = typer.Option(False, help="a random key stored by the server instead of a derived one"),
               out: Optional[Path] = typer.Option(None, "--out", "-o", help="write the key file here (0600)"),
               create_namespace: bool = typer.Option(True, help="create the namespace if it does not exist"),
+              kind: Optional[str] = typer.Option(None, "--kind", help="relays | sensors: the controller the board "
+                                                 "runs (also the device type)"),
+              board_settings: Optional[Path] = typer.Option(None, "--board-settings", help="write the board's "
+                                                            "settings file here (0600), for picoiot deploy"),
+              wifi_ssid: list[str] = typer.Option([], "--wifi-ssid", help="Wi-Fi network (repeat: tried in order)"),
+              wifi_password: list[str] = typer.Option([], "--wifi-password", envvar="PICOIOT_WIFI_PASSWORD",
+                                                      help="its password, one per --wifi-ssid ('' for open)"),
+              discovery_url: Optional[str] = typer.Option(None, "--discovery-url", help="the URL the device "
+                                                          "registers at [default: the server's, + /api/devices]"),
+              ca: Optional[Path] = typer.Option(None, "--ca", help="PEM of the CA that signed the server's TLS "
+                                                "certificate (stored as DER in the settings)"),
+              ota_key: Optional[str] = typer.Option(None, "--ota-key", help="Ed25519 public key (64 hex) OTA "
+                                                    "releases are signed with"),
+              api_token: list[str] = typer.Option([], "--api-token", help="viewer|operator|admin: a static token "
+                                                  "for the device's local API, printed once, stored as SHA-256"),
               data_dir: Optional[Path] = DataDir, db: Optional[str] = DbUrl,
               db_schema: Optional[str] = DbSchema) -> None:
-    """Enroll a device and print (or write) its key file {device_id, device_key, namespace, service_discovery_url}."""
+    """Enroll a device and print (or write) its key file {device_id, device_key, namespace, service_discovery_url};
+    with --board-settings, also write the complete settings file the board reads (docs/hardware.md)."""
     from .server.app import seed_device_types
     from .server.core import ControlPlane
     from .server.db import migrate
@@ -312,6 +352,24 @@ def provision(device_id: str = typer.Argument(..., help="device id: 1–64 of [A
 
     if not NAME_RE.match(device_id) or not NAME_RE.match(namespace):
         _fail("device id and namespace: 1-64 characters of A-Z a-z 0-9 _ . -")
+    if kind is not None and kind not in ("relays", "sensors"):
+        _fail("--kind must be relays or sensors")
+    type_ = type_ or kind
+    if board_settings is not None:
+        if kind is None:
+            _fail("--board-settings needs --kind relays|sensors")
+        if not wifi_ssid:
+            _fail("--board-settings needs --wifi-ssid and --wifi-password (the network the board joins)")
+        if len(wifi_password) != len(wifi_ssid):
+            _fail("give one --wifi-password per --wifi-ssid ('' for an open network)")
+        for i, (ssid, pw) in enumerate(zip(wifi_ssid, wifi_password)):
+            if not 1 <= len(ssid) <= 32 or not (pw == "" or 8 <= len(pw) <= 64):
+                _fail(f"--wifi-ssid/--wifi-password #{i + 1}: SSID 1-32 characters, password empty or 8-64")
+        for r in api_token:
+            if r not in ("viewer", "operator", "admin"):
+                _fail("--api-token: viewer, operator or admin")
+        if ca is not None and not ca.is_file():
+            _fail(f"--ca {ca}: no such file")
     settings = _settings(data_dir, db, db_schema)
     if settings.secrets.enrollment_key(namespace) is None:
         if not create_namespace:
@@ -330,7 +388,10 @@ def provision(device_id: str = typer.Argument(..., help="device id: 1–64 of [A
     finally:
         cp.db.dispose()
     doc = {"device_id": device_id, "device_key": key, "namespace": namespace,
-           "service_discovery_url": f"{settings.public_url or _server_url(data_dir)}/api/devices"}
+           "service_discovery_url": discovery_url or f"{settings.public_url or _server_url(data_dir)}/api/devices"}
+    if board_settings is not None:
+        _write_board_settings(board_settings, doc, kind, list(zip(wifi_ssid, wifi_password)), ca, ota_key, api_token,
+                              _server_ntp(data_dir))
     text = json.dumps(doc, indent=1)
     if out is None:
         typer.echo(text)
@@ -340,6 +401,33 @@ def provision(device_id: str = typer.Argument(..., help="device id: 1–64 of [A
             f.write(text + "\n")
         os.chmod(out, 0o600)
         typer.echo(f"wrote {out}")
+
+
+def _server_ntp(data_dir: Optional[Path]) -> Optional[str]:
+    try:
+        return json.loads(((data_dir or default_data_dir()) / SERVER_INFO).read_text()).get("ntp")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _write_board_settings(path: Path, key: dict, kind: str, wifi: list, ca: Optional[Path], ota_key: Optional[str],
+                          roles: list[str], ntp: Optional[str] = None) -> None:
+    import hashlib
+    import secrets
+
+    from .deploy import DeployError, board_settings, write_private
+    tokens = []
+    for role in roles:
+        tok = secrets.token_urlsafe(24)
+        # the form the device keeps static tokens in: hex SHA-256 of the UTF-8 token (iotlib.auth.hash_token)
+        tokens.append({"sha256": hashlib.sha256(tok.encode()).hexdigest(), "role": role})
+        typer.echo(f"{role} API token (shown once, only its hash is stored): {tok}", err=True)
+    try:
+        write_private(path, board_settings(key, kind, wifi, ca, ota_key, api_tokens=tokens,
+                                           ntp_servers=[ntp, "pool.ntp.org"] if ntp else None))
+    except DeployError as e:
+        _fail(str(e))
+    typer.echo(f"wrote {path} (board settings; picoiot deploy --settings {path})", err=True)
 
 
 def token(role: str = typer.Option(..., "--role", help="viewer | operator | admin"),

@@ -282,3 +282,44 @@ def test_status_names_cover_every_cyw43_code():
                                                           "joining", "no_ip", "up"]
     assert net.status_name(7) == "unknown_7" and net.status_name(-4) == "unknown_-4"
     assert net._meaning(-3, "?").startswith("authentication failed") and net._meaning(9, "?") == "?"
+
+
+def test_several_networks_are_tried_in_order():
+    b, nm, slept, lines = _setup()
+    nm = NetworkManager("home", "home-password", sleep_ms=nm._sleep_ms, networks=[("cafe", "cafe-password")])
+    b.wlan.ap = ("cafe", "cafe-password")
+    try:
+        assert fwtest.run(nm.connect(attempts=2)) is True
+        assert b.wlan.connects == ["home", "cafe"] and nm.ssid == "cafe" and nm.is_up
+        assert "home-password" not in lines.text() and "cafe-password" not in lines.text()
+        assert "cafe-password" not in json.dumps(nm.stats())
+    finally:
+        _done()
+
+
+def test_the_http_clients_connects_feed_link_death_detection():
+    from iotlib.http import HTTPClient, HTTPError
+    b, nm, slept, lines = _setup()
+
+    async def main():
+        assert await nm.connect(attempts=1)
+        http = HTTPClient(connect_timeout_ms=2000)
+        http.on_io = lambda ok: nm.io_ok() if ok else nm.io_failed()  # what Device wires
+        http.link_check = hal.link_check
+        for _ in range(4):  # refused: the link carried the answer, so it is alive
+            try:
+                await http.request("GET", "http://127.0.0.1:1/")
+            except HTTPError:
+                pass
+        assert nm.link_deaths == 0 and nm.is_up
+        b.wlan.kill_link()  # isconnected() still True, nothing gets through
+        for _ in range(3):
+            try:
+                await http.request("GET", "http://127.0.0.1:1/")
+            except HTTPError:
+                pass
+        assert nm.link_deaths == 1 and not nm.is_up
+    try:
+        fwtest.run(main())
+    finally:
+        _done()

@@ -268,3 +268,25 @@ def test_parse_reply_direct():
     assert (off, delay, stratum) == (1, 18, 2)
     e = fwtest.raises(SNTPError, timesync.parse_reply, b"", nonce, 0, 0)
     assert "short" in str(e)
+
+
+def test_step_sets_the_clock_itself_and_drift_still_follows():
+    server_now = [T]
+    ticks = [0]
+    stepped = []
+
+    async def body(servers, rs):
+        clock = Clock(now=T - 5000, step=0)
+
+        def step(ms):  # what set_clock does to the device's wall clock
+            stepped.append(ms)
+            clock.now = ms
+
+        m, alarms, _ = _mgr(servers, clock=clock, ticks=lambda: ticks[0], step=step)
+        assert await m.sync() and stepped == [T + 1] and m.offset_ms == 0 and m.now_ms() == T + 1
+        ticks[0] += 1000 * 1000
+        server_now[0] += 1000 * 1000
+        clock.now += 1000 * 1000 + 50  # 50 ms gained in 1000 s
+        assert await m.sync() and m.drift_ppm == 50 and m.offset_ms == 0
+        assert stepped[-1] == server_now[0] + 1
+    fwtest.run(_with([lambda q: reply(q, server_ms=server_now[0])], body))

@@ -127,6 +127,9 @@ class Settings:
     public_url: str | None = None
     #: `host:port` of the SNTP responder advertised as services.ntp (None = not advertised)
     ntp_address: str | None = None
+    #: PEM certificate chain and private key: serve HTTPS (`picoiot server --tls-cert/--tls-key`); None = HTTP
+    tls_cert: str | None = None
+    tls_key: str | None = None
     token_ttl_s: int = 3600
     nonce_ttl_s: int = 60
     default_heartbeat_s: int = 10
