@@ -137,7 +137,7 @@ def main(argv=None):
     s, raw = load(path)
     root = ""
     if hal.SIMULATED:
-        from iotlib import sim
+        import picosim as sim
         root = _flash_root(path, raw)
         sim.configure(flash_root=root)
     from iotlib import compat
