@@ -52,9 +52,15 @@ def install(app: FastAPI) -> None:
             if e.get("type") == "json_invalid":
                 return error_response(400, "malformed JSON", {"message": str(e.get("ctx", {}).get("error", ""))})
         first = errors[0] if errors else {}
-        where = first.get("loc", ())
-        return error_response(422, "invalid request", {
-            "path": _loc_path(tuple(where)), "in": where[0] if where else None, "message": first.get("msg", "")})
+        where = tuple(first.get("loc", ()))
+        msg = first.get("msg", "")
+        if first.get("type") == "unstorable":  # models._storable: the offending value's path inside the model
+            where += tuple(first["ctx"]["at"].split("."))
+        path = _loc_path(where)
+        if first.get("type") in ("unstorable", "string_unicode"):
+            msg = f"{msg} at {path}"
+        return error_response(422, "invalid request", {"path": path, "in": where[0] if where else None,
+                                                       "message": msg})
 
     @app.exception_handler(DatabaseBusy)
     async def _busy(_req: Request, exc: DatabaseBusy):
@@ -65,6 +71,12 @@ def install(app: FastAPI) -> None:
     async def _data(_req: Request, exc: DataError):
         # the last line of defence: a value the database cannot hold (validation should have caught it)
         return error_response(400, "value out of range or not storable")
+
+    @app.exception_handler(Exception)
+    async def _bug(_req: Request, exc: Exception):
+        # a bug still answers in the API's one error format; Starlette re-raises it after this, so the server
+        # logs the traceback (and the request's transaction, if any, was never committed)
+        return error_response(500, "internal server error", {"type": type(exc).__name__})
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_req: Request, exc: StarletteHTTPException):
