@@ -16,8 +16,8 @@ _log = _logmod.get("web")
 ROLES = ("viewer", "operator", "admin")
 _REASONS = {200: "OK", 201: "Created", 202: "Accepted", 204: "No Content", 400: "Bad Request", 401: "Unauthorized",
             403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
-            413: "Payload Too Large", 429: "Too Many Requests", 500: "Internal Server Error",
-            503: "Service Unavailable"}
+            413: "Payload Too Large", 414: "URI Too Long", 429: "Too Many Requests", 500: "Internal Server Error",
+            431: "Request Header Fields Too Large", 503: "Service Unavailable"}
 
 
 _NO_ARGS = {}  # url_args of a fixed-path route (never written to)
@@ -25,6 +25,14 @@ _NO_ARGS = {}  # url_args of a fixed-path route (never written to)
 
 class BadRequest(Exception):
     pass
+
+
+class TooLarge(ValueError):
+    """A request head beyond the documented limits: 414 (request line) or 431 (request line + headers)."""
+
+    def __init__(self, status):
+        super().__init__("URI too long" if status == 414 else "request headers too large")
+        self.status = status
 
 
 def error(status, message, headers=None):
@@ -64,7 +72,8 @@ def bearer_from(req):
     h = req.headers.get("Authorization")
     if h:
         return h
-    t = req.args.get("token") if req.args else None
+    q = req.query_string
+    t = req.args.get("token") if q and "token=" in q else None
     if t:
         return t
     for p in (req.headers.get("Sec-WebSocket-Protocol") or "").split(","):
@@ -122,7 +131,10 @@ class _BufferedReader:
                 i = buf.find(b"\n\n", self._pos)
                 n = 2
             if i - self._pos > limit or (i < 0 and len(buf) - self._pos > limit):
-                raise ValueError("request head too long")
+                j = buf.find(b"\n", self._pos)
+                raise TooLarge(414 if j < 0 or j - self._pos > Request.max_readline + 1 else 431)
+            if i < 0 and len(buf) - self._pos > Request.max_readline + 1 and buf.find(b"\n", self._pos) < 0:
+                raise TooLarge(414)  # refused as soon as the request line is too long, not at the head's limit
             if i >= 0:
                 return self._take(i + n)
             if not await self._fill():
@@ -183,7 +195,7 @@ class _Request(Request):
     subapp = None  # read by microdot's error answers before any route is looked up (a 413)
     route = None
     query_string = None
-    args = {}
+    _args = None
     content_length = 0
     content_type = None
     _body = b""
@@ -207,13 +219,22 @@ class _Request(Request):
         else:
             self.path = url[:i]
             self.query_string = url[i + 1:]
-            self.args = self._parse_urlencoded(self.query_string)
         n = headers.get("content-length")
         if n is not None:
             self.content_length = int(n)
         t = headers.get("content-type")
         if t is not None:
             self.content_type = t
+
+    @property
+    def args(self):
+        # Parsed when a handler asks: microdot's parse makes ≈ 5 copies of the query string, and no device route
+        # but a WebSocket's ?token= reads it (a 1,200-character query ran a sensors device out of heap).
+        a = self._args
+        if a is None:
+            q = self.query_string
+            a = self._args = self._parse_urlencoded(q) if q else _NO_ARGS
+        return a
 
     @staticmethod
     async def create(app, reader, writer, client_addr):
@@ -227,8 +248,8 @@ class _Request(Request):
         s = head.decode()
         nl = "\r\n" if "\r\n" in s else "\n"  # a bare-LF head (hand-written clients)
         j = s.find(nl)
-        if j > Request.max_readline:  # microdot's limit for one line (its 400 for a URL this long)
-            raise ValueError("request line too long")
+        if j > Request.max_readline:  # the request line's limit (docs/device-api.yaml)
+            raise TooLarge(414)
         method, url, version = s[:j].split()
         version = version.split("/", 1)[1]
         d = {}
@@ -294,6 +315,34 @@ def _answer(res):
     return _Response(res)
 
 
+def _match(segs, path):
+    """The url args of path under a route's segments ((literal, None) or (None, name) pairs), or None. A loop over
+    the path's segments: no regex (recursive in MicroPython) and no copy beyond the segments themselves."""
+    n = len(segs)
+    i = 0
+    args = None
+    pos = 0
+    end = len(path)
+    while pos <= end:
+        j = path.find("/", pos)
+        if j < 0:
+            j = end
+        if i >= n:
+            return None
+        lit, name = segs[i]
+        if lit is None:
+            if j == pos:
+                return None  # an empty segment is no value
+            if args is None:
+                args = {}
+            args[name] = path[pos:j]
+        elif j - pos != len(lit) or not path.startswith(lit, pos):
+            return None
+        i += 1
+        pos = j + 1
+    return args if i == n else None
+
+
 def _prepend(first, rest):
     yield first
     for x in rest:
@@ -343,23 +392,39 @@ class DeviceWeb:
         web = self
 
         exact = self._exact = {}  # path without <args> -> {method: handler}, filled by route()
+        pats = self._patterns = []  # [(segments, {method: handler})] for paths with <args>, filled by route()
 
         class App(Microdot):
             async def handle_request(self, reader, writer):
                 await web._handle(self, reader, writer)
 
             def find_route(self, req):
-                # A fixed path by one dict lookup: microdot tries every route's pattern in turn, each try a regex
-                # match and a dict. (So a fixed path wins over a pattern that also matches it: the device has none.)
-                # Patterns, 405 and OPTIONS: microdot's own walk.
-                f = exact.get(req.path)
-                if f is not None:
-                    m = req.method
-                    f = f.get("GET" if m == "HEAD" else m)
-                    if f is not None:
-                        req.url_args = _NO_ARGS
-                        return f, "", None
-                return Microdot.find_route(self, req)
+                # Every route is looked up here, without microdot's regexes: a fixed path by one dict lookup, a path
+                # with <args> segment by segment (_match). MicroPython's regex engine recurses per character, and a
+                # 1,000-character path under /gpio/<relay> ended in "maximum recursion depth exceeded" and no answer.
+                path = req.path
+                args = _NO_ARGS
+                f = exact.get(path)
+                if f is None:
+                    for segs, by in pats:
+                        args = _match(segs, path)
+                        if args is not None:
+                            f = by
+                            break
+                if f is None:
+                    return 404, "", None
+                m = req.method
+                if m == "OPTIONS":
+                    allow = list(f)
+                    if "GET" in f:
+                        allow.append("HEAD")
+                    allow.append("OPTIONS")
+                    return {"Allow": ", ".join(allow)}, "", None
+                f = f.get("GET" if m == "HEAD" else m)
+                if f is None:
+                    return 405, "", None
+                req.url_args = args
+                return f, "", None
 
             def get_request_handlers(self, req, attr, local_first=True):
                 # No before/after hooks and no mounted sub-apps on the device: nothing to build (microdot joins the
@@ -416,11 +481,21 @@ class DeviceWeb:
             except BadRequest as e:
                 return _answer(error(400, str(e)))
         methods = methods or ["GET"]
-        self.app.route(path, methods=methods)(guarded)
-        if "<" not in path:
+        if "<" in path:
+            # "<name>" or "<type:name>": one non-empty segment, passed as a string (the device's routes need no more)
+            segs = tuple(None if p[:1] == "<" else p for p in path.split("/"))
+            names = tuple(p[1:-1].split(":")[-1] if p[:1] == "<" else None for p in path.split("/"))
+            key = tuple(zip(segs, names))
+            for k, by_method in self._patterns:
+                if k == key:
+                    break
+            else:
+                by_method = {}
+                self._patterns.append((key, by_method))
+        else:
             by_method = self._exact.setdefault(path, {})
-            for m in methods:
-                by_method[m] = guarded
+        for m in methods:
+            by_method[m] = guarded
         return guarded
 
     def check(self, req, role):
@@ -488,6 +563,10 @@ class DeviceWeb:
                 if reading.get(task, 0) is not None:
                     raise  # cancelled from outside, not by the read timeout (_reap marks its own with None)
                 await self._raw_answer(writer, 408, "request not received in time")
+                return
+            except TooLarge as e:
+                # answered before the rest is read and dropped: the client reads its 4xx before the close
+                await self._raw_answer(writer, e.status, str(e), drain=reader)
                 return
             except MemoryError:
                 # The heap, not the client: answering 400 would tell it to give up. What the parse held is garbage
@@ -618,11 +697,15 @@ class DeviceWeb:
         except Exception:
             pass
 
-    async def _raw_answer(self, writer, status, msg, extra="", version="1.0"):
+    async def _raw_answer(self, writer, status, msg, extra="", version="1.0", drain=None):
+        """A JSON error answer, then the connection closed; drain: a reader whose unread request (up to max_drain
+        bytes) is swallowed after the answer, so the close does not reset the connection under it."""
         body = json.dumps({"error": msg})
         try:
             await writer.awrite(("HTTP/%s %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s\r\n%s"
                                  % (version, status, _REASONS.get(status, "Error"), len(body), extra, body)).encode())
+            if drain is not None:
+                await self._drain(drain, self.max_drain, 0.2)
         except Exception:
             pass
         try:
