@@ -1,8 +1,9 @@
 # The device's web layer on microdot: every route declares the least role it needs; before the handler runs, the
-# caller is rate limited (token bucket per client address → 429 + Retry-After) and authenticated (Bearer device JWT or
-# static token → 401 / 403). Every error answer is JSON {"error": …} (404, 405, 413, 400 bad JSON, 500 too). A
-# connection cap answers 503 at once instead of queueing (a Pico W has 5 TCP sockets in all), a request that does not
-# arrive in time is dropped, and nothing a client does — garbage, a reset mid-request (microdot#105), a crashing
+# caller is authenticated (Bearer device JWT or static token → 401 / 403) and rate limited (token bucket per
+# authenticated caller, else per client address → 429 + Retry-After). Every error answer is JSON {"error": …} (404,
+# 405, 413, 414, 431, 400 bad JSON, 500 too). A connection cap answers 503 at once instead of queueing (a Pico W has 5
+# TCP sockets in all) unless a connection slow to send its request can make room, a request that does not arrive in
+# time is dropped, and nothing a client does — garbage, a reset mid-request (microdot#105), a crashing
 # handler — stops the server. Handlers are coroutines and never block the loop (microdot#134): on CPython microdot would
 # otherwise run plain functions in threads.
 import gc
@@ -359,6 +360,8 @@ class DeviceWeb:
     max_head = 4096
     #: Seconds a client gets to send its request line and headers (a silent client must not hold a socket).
     read_timeout_s = 5
+    #: At the connection cap, a new connection takes the place of one that has been sending its head this long.
+    evict_after_s = 1
     #: Most bytes of an oversized body read and discarded before the 413 goes out (beyond it the client may see RST).
     max_drain = 16 * 1024
     #: Largest body sent in the same write as the headers (larger ones are not copied for it).
@@ -382,6 +385,7 @@ class DeviceWeb:
         self._registry = metrics
         self.active = 0
         self.refused = 0
+        self.evicted = 0  # slow connections closed (408) to make room for a new one (_evict_idle)
         self.oom = 0  # requests answered 503 because the heap ran out while reading them
         self.started_ms = ticks_ms()
         self.server = None
@@ -499,27 +503,36 @@ class DeviceWeb:
         return guarded
 
     def check(self, req, role):
-        """None when req may go ahead for role, else the error answer (429, 401, 403). Sets req.g.claims."""
+        """None when req may go ahead for role, else the error answer (429, 401, 403). Sets req.g.claims.
+
+        Rate limits: a caller with a valid token has a bucket of its own (its `sub`); everything else — public routes,
+        no token, a bad token — shares its address's bucket. Anonymous calls (/health probes, a scanner) cannot use up
+        an operator's requests from the same address, and a flood of bad tokens is still throttled."""
         if self._limiter is None:
             self.configure()
-        ok, wait = self._limiter.allow(client_ip(req.client_addr))
-        if not ok:
-            return error(429, "rate limit exceeded", {"Retry-After": str(max(1, wait))})
         req.g.claims = None
         if role is None:
-            return None
+            return self._limit(client_ip(req.client_addr))
         bearer = bearer_from(req)
         if not bearer:
-            return error(401, "missing token", {"WWW-Authenticate": "Bearer"})
+            return self._limit(client_ip(req.client_addr)) or error(401, "missing token", {"WWW-Authenticate": "Bearer"})
         try:
             claims = self._verify(bearer)
         except Exception as e:  # AuthError, or anything else a verifier raises: never a 500
-            return error(401, "invalid token: %s" % e, {"WWW-Authenticate": "Bearer"})
+            return self._limit(client_ip(req.client_addr)) or error(401, "invalid token: %s" % e,
+                                                                     {"WWW-Authenticate": "Bearer"})
+        denied = self._limit(claims.get("sub") or "?")
+        if denied is not None:
+            return denied
         have = claims.get("role")
         if have not in ROLES or ROLES.index(have) < ROLES.index(role):
             return error(403, "role %s required" % role)
         req.g.claims = claims
         return None
+
+    def _limit(self, key):
+        ok, wait = self._limiter.allow(key)
+        return None if ok else error(429, "rate limit exceeded", {"Retry-After": str(max(1, wait))})
 
     def _install_errors(self):
         app = self.app
@@ -539,8 +552,27 @@ class DeviceWeb:
         self.app.errorhandler(status)(h)
 
     # --- connection handling -----------------------------------------------------------------------------------------
+    def _evict_idle(self):
+        """At the connection cap: cancel the connection that has been sending its request line and headers longest,
+        if for more than evict_after_s (it answers 408 and closes). True if one was. A few slow clients then cannot
+        hold every socket for read_timeout_s at a time while operators are refused."""
+        reading = self._reading
+        now = ticks_ms()
+        oldest = None
+        left = int((self.read_timeout_s - self.evict_after_s) * 1000)  # at most this long before its deadline
+        for t in reading:
+            d = reading[t]
+            if d is not None and ticks_diff(d, now) <= left and (oldest is None or ticks_diff(d, reading[oldest]) < 0):
+                oldest = t
+        if oldest is None:
+            return False
+        reading[oldest] = None
+        oldest.cancel()
+        self.evicted += 1
+        return True
+
     async def _handle(self, app, reader, writer):
-        if self.active >= self.max_connections:
+        if self.active >= self.max_connections and not self._evict_idle():
             self.refused += 1
             if self._requests is not None:
                 self._refused.inc()

@@ -113,9 +113,12 @@ def test_rate_limit_429_retry_after():
         assert codes[:3] == [200, 200, 200] and codes[3] == 429
         s, h, b = await wc.request(port, "GET", "/thing", token=v)
         assert s == 429 and b == {"error": "rate limit exceeded"} and int(h["retry-after"]) >= 1
-        # unauthenticated floods are limited too (before any signature work)
-        s, h, b = await wc.request(port, "GET", "/thing")
-        assert s == 429
+        # unauthenticated calls and bad tokens share the address's own bucket: limited too
+        codes = []
+        for i in range(5):
+            s, h, b = await wc.request(port, "GET", "/thing", token="x" if i % 2 else None)
+            codes.append(s)
+        assert codes == [401, 401, 401, 429, 429], codes
     serve(t, rate=0.01, burst=3)
 
 
