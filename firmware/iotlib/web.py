@@ -28,12 +28,8 @@ class BadRequest(Exception):
     pass
 
 
-class TooLarge(ValueError):
-    """A request head beyond the documented limits: 414 (request line) or 431 (request line + headers)."""
-
-    def __init__(self, status):
-        super().__init__("URI too long" if status == 414 else "request headers too large")
-        self.status = status
+#: a request head beyond the documented limits: ValueError(414) for the request line, ValueError(431) for the head
+_TOO_LARGE = {414: "URI too long", 431: "request headers too large"}
 
 
 def error(status, message, headers=None):
@@ -73,8 +69,7 @@ def bearer_from(req):
     h = req.headers.get("Authorization")
     if h:
         return h
-    q = req.query_string
-    t = req.args.get("token") if q and "token=" in q else None
+    t = req.args.get("token") if "token=" in req.url else None
     if t:
         return t
     for p in (req.headers.get("Sec-WebSocket-Protocol") or "").split(","):
@@ -133,9 +128,9 @@ class _BufferedReader:
                 n = 2
             if i - self._pos > limit or (i < 0 and len(buf) - self._pos > limit):
                 j = buf.find(b"\n", self._pos)
-                raise TooLarge(414 if j < 0 or j - self._pos > Request.max_readline + 1 else 431)
+                raise ValueError(414 if j < 0 or j - self._pos > Request.max_readline + 1 else 431)
             if i < 0 and len(buf) - self._pos > Request.max_readline + 1 and buf.find(b"\n", self._pos) < 0:
-                raise TooLarge(414)  # refused as soon as the request line is too long, not at the head's limit
+                raise ValueError(414)  # refused as soon as the request line is too long, not at the head's limit
             if i >= 0:
                 return self._take(i + n)
             if not await self._fill():
@@ -195,7 +190,7 @@ class _Request(Request):
     url_prefix = ""
     subapp = None  # read by microdot's error answers before any route is looked up (a 413)
     route = None
-    query_string = None
+    _q = -1  # where the url's "?" is
     _args = None
     content_length = 0
     content_type = None
@@ -219,7 +214,7 @@ class _Request(Request):
             self.path = url
         else:
             self.path = url[:i]
-            self.query_string = url[i + 1:]
+            self._q = i
         n = headers.get("content-length")
         if n is not None:
             self.content_length = int(n)
@@ -229,12 +224,11 @@ class _Request(Request):
 
     @property
     def args(self):
-        # Parsed when a handler asks: microdot's parse makes ≈ 5 copies of the query string, and no device route
-        # but a WebSocket's ?token= reads it (a 1,200-character query ran a sensors device out of heap).
+        # Parsed when a handler asks (microdot's parse makes ≈ 5 copies of the query string; no device route but a
+        # WebSocket's ?token= reads it), from the url: the query is not held twice by every request.
         a = self._args
         if a is None:
-            q = self.query_string
-            a = self._args = self._parse_urlencoded(q) if q else _NO_ARGS
+            a = self._args = self._parse_urlencoded(self.url[self._q + 1:]) if self._q >= 0 else _NO_ARGS
         return a
 
     @staticmethod
@@ -246,13 +240,22 @@ class _Request(Request):
             return None
         # Fields sliced straight out of the decoded head (no list of lines, no copy of a line before its value): the
         # bearer token's line was copied three times that way.
+        # What is held at once sets the longest request line a fragmented heap can take (a 1,200-character query
+        # ran a sensors device at its documented heap out of memory): the bytes are let go once decoded (a failed
+        # allocation collects them first), and the url is the line's only copy.
         s = head.decode()
+        head = None
         nl = "\r\n" if "\r\n" in s else "\n"  # a bare-LF head (hand-written clients)
         j = s.find(nl)
         if j > Request.max_readline:  # the request line's limit (docs/device-api.yaml)
-            raise TooLarge(414)
-        method, url, version = s[:j].split()
-        version = version.split("/", 1)[1]
+            raise ValueError(414)
+        a = s.find(" ", 0, j)
+        b = s.rfind(" ", 0, j)
+        if a <= 0 or b <= a + 1:
+            raise ValueError("bad request line")
+        method = s[:a]
+        url = s[a + 1:b]
+        version = s[b + 1:j].split("/", 1)[1]
         d = {}
         pos = j + len(nl)
         while True:
@@ -317,31 +320,20 @@ def _answer(res):
 
 
 def _match(segs, path):
-    """The url args of path under a route's segments ((literal, None) or (None, name) pairs), or None. A loop over
-    the path's segments: no regex (recursive in MicroPython) and no copy beyond the segments themselves."""
-    n = len(segs)
+    """The url args of path under a route's segments ((literal, None) or (None, name) pairs), or None. No regex
+    (MicroPython's recurses per character), and a path with the wrong number of segments is not even split."""
+    if path.count("/") != len(segs) - 1:
+        return None
+    args = {}
     i = 0
-    args = None
-    pos = 0
-    end = len(path)
-    while pos <= end:
-        j = path.find("/", pos)
-        if j < 0:
-            j = end
-        if i >= n:
-            return None
+    for p in path.split("/"):
         lit, name = segs[i]
-        if lit is None:
-            if j == pos:
-                return None  # an empty segment is no value
-            if args is None:
-                args = {}
-            args[name] = path[pos:j]
-        elif j - pos != len(lit) or not path.startswith(lit, pos):
-            return None
         i += 1
-        pos = j + 1
-    return args if i == n else None
+        if lit is None and p:
+            args[name] = p
+        elif p != lit:
+            return None
+    return args
 
 
 def _prepend(first, rest):
@@ -418,13 +410,7 @@ class DeviceWeb:
                 if f is None:
                     return 404, "", None
                 m = req.method
-                if m == "OPTIONS":
-                    allow = list(f)
-                    if "GET" in f:
-                        allow.append("HEAD")
-                    allow.append("OPTIONS")
-                    return {"Allow": ", ".join(allow)}, "", None
-                f = f.get("GET" if m == "HEAD" else m)
+                f = f.get("GET" if m == "HEAD" else m)  # (no OPTIONS: no browser calls the device cross-origin)
                 if f is None:
                     return 405, "", None
                 req.url_args = args
@@ -486,10 +472,8 @@ class DeviceWeb:
                 return _answer(error(400, str(e)))
         methods = methods or ["GET"]
         if "<" in path:
-            # "<name>" or "<type:name>": one non-empty segment, passed as a string (the device's routes need no more)
-            segs = tuple(None if p[:1] == "<" else p for p in path.split("/"))
-            names = tuple(p[1:-1].split(":")[-1] if p[:1] == "<" else None for p in path.split("/"))
-            key = tuple(zip(segs, names))
+            # "<name>": one non-empty segment, passed as a string (the device's routes need no more)
+            key = tuple((None, p[1:-1]) if p[:1] == "<" else (p, None) for p in path.split("/"))
             for k, by_method in self._patterns:
                 if k == key:
                     break
@@ -596,10 +580,6 @@ class DeviceWeb:
                     raise  # cancelled from outside, not by the read timeout (_reap marks its own with None)
                 await self._raw_answer(writer, 408, "request not received in time")
                 return
-            except TooLarge as e:
-                # answered before the rest is read and dropped: the client reads its 4xx before the close
-                await self._raw_answer(writer, e.status, str(e), drain=reader)
-                return
             except MemoryError:
                 # The heap, not the client: answering 400 would tell it to give up. What the parse held is garbage
                 # now; collect it so the answer itself fits, and ask for a retry (as the connection cap does).
@@ -608,8 +588,12 @@ class DeviceWeb:
                 await self._drain(reader, 2048, 0.05)
                 await self._raw_answer(writer, 503, "out of memory", "Retry-After: 1\r\n")
                 return
-            except Exception:  # malformed request line/headers, line too long, reset: answered 400 below
+            except Exception as e:  # malformed request line/headers, reset: answered 400 below; too large: 414/431
                 req = None
+                if e.args and e.args[0] in _TOO_LARGE:
+                    # answered before the rest is read and dropped: the client reads its 4xx before the close
+                    await self._raw_answer(writer, e.args[0], _TOO_LARGE[e.args[0]], drain=reader)
+                    return
             finally:
                 reading.pop(task, None)
             if req is None:
