@@ -155,7 +155,7 @@ async def register(body: RegisterIn, request: Request) -> RegisterOut:
         server_time=now_ms())
 
 
-@router.post("/api/devices/refresh", response_model=TokenOut, responses=_ERR)
+@router.post("/api/devices/refresh", response_model=TokenOut, responses={**_ERR, 403: {"model": ErrorBody}})
 async def refresh(request: Request, p: Principal = Depends(principal)) -> TokenOut:
     """A fresh device token for a still-valid one (the device is still on record)."""
     if not p.is_device:

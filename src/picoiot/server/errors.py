@@ -79,9 +79,23 @@ def install(app: FastAPI) -> None:
         return error_response(500, "internal server error", {"type": type(exc).__name__})
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_req: Request, exc: StarletteHTTPException):
+    async def _http(req: Request, exc: StarletteHTTPException):
         msg = exc.detail if isinstance(exc.detail, str) else "error"
         if exc.status_code == 400 and msg == "There was an error parsing the body":
             msg = "malformed JSON (unparseable or nested too deeply)"
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:  # Starlette names only the first route of the path; a path has several
+            headers = {**(headers or {}), "Allow": ", ".join(allowed_methods(req))}
         return error_response(exc.status_code, msg.lower() if exc.status_code in (404, 405) else msg,
-                              headers=getattr(exc, "headers", None))
+                              headers=headers)
+
+
+def allowed_methods(req: Request) -> list[str]:
+    """Every method some route serves at this request's path."""
+    path = req.scope["path"]
+    methods: set[str] = set()
+    for route in req.app.router.routes:
+        regex = getattr(route, "path_regex", None)
+        if regex is not None and getattr(route, "methods", None) and regex.match(path):
+            methods |= set(route.methods)
+    return sorted(methods)

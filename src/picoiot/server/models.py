@@ -55,6 +55,9 @@ def _find_unstorable(value: Any, path: str) -> tuple[str, str] | None:
 
 
 class BaseModel(_PydanticModel):
+    # strict: `true` is no integer and "1" no number (the OpenAPI document says integer; lax mode took both)
+    model_config = ConfigDict(strict=True)
+
     """Every wire model refuses, anywhere in its values, NUL characters (PostgreSQL cannot store them; no protocol
     field needs them), lone surrogates (SQLite stores them, then no read can encode them) and NaN/Infinity (Python's
     JSON parser accepts them; JSON does not). pydantic's own `str` fields refuse surrogates already; free-form
