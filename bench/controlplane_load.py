@@ -441,7 +441,7 @@ class ServerProcess:
         self.schema = f"bench_{os.getpid()}_{uuid.uuid4().hex[:8]}" if backend == "postgres" else None
         entry = [launcher] if launcher else ["-m", "picoiot.cli"]
         cmd = [sys.executable, *entry, "server", "--host", "127.0.0.1", "--port", "0",
-               "--data-dir", str(self.data_dir), *extra]
+               "--data-dir", str(self.data_dir), "--challenge-rate", "0", *extra]  # the whole fleet is one address
         if backend == "postgres":
             cmd += ["--db", PG_URL, "--db-schema", self.schema]
         self.log = open(log_path, "wb")

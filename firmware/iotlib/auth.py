@@ -115,10 +115,11 @@ def _now_s():
     return epoch_ms() // 1000
 
 
-def jwt_decode(token, key, now=None, leeway=JWT_LEEWAY_S, audience=None):
+def jwt_decode(token, key, now=None, leeway=JWT_LEEWAY_S, audience=None, require_exp=False):
     """Verify an HS256 token and return its claims; raise AuthError with the reason otherwise.
 
-    now: epoch seconds (default: the local clock). audience: if given, an `aud` claim must name it.
+    now: epoch seconds (default: the local clock). audience: if given, an `aud` claim must name it. require_exp: a
+    token without `exp` is refused (it would never expire).
     """
     if not isinstance(token, str):
         raise AuthError("token is not a string")
@@ -148,6 +149,8 @@ def jwt_decode(token, key, now=None, leeway=JWT_LEEWAY_S, audience=None):
     if now is None:
         now = _now_s()
     exp = claims.get("exp")
+    if exp is None and require_exp:
+        raise AuthError("token has no exp")
     if exp is not None:
         if not isinstance(exp, (int, float)):
             raise AuthError("exp is not a number")
@@ -408,7 +411,7 @@ class AuthManager:
         """Claims (with a valid `role`) for an API caller's token, or AuthError.
 
         bearer: the Authorization header value ("Bearer …") or the bare token. A JWT must be HS256-signed with this
-        device's key (`picoiot token --device`), carry a role viewer/operator/admin, and its `aud`, when present, must
+        device's key (`picoiot token --device`), carry a role viewer/operator/admin and an `exp`, and its `aud`, when present, must
         name this device (`sub` is the person). Anything else is looked up by SHA-256 among the static tokens
         (static_hashes, or self.static_tokens as hot-reloaded from config).
         """
@@ -419,8 +422,7 @@ class AuthManager:
         # (stripping "Bearer " copied its ≈ 250 bytes on every request), and any other text is not a hit.
         claims = self._verified.get(bearer)
         if claims is not None:
-            exp = claims.get("exp")
-            if exp is None or now <= exp + self.leeway_s:
+            if now <= claims["exp"] + self.leeway_s:  # only tokens with an exp are remembered
                 return claims
             del self._verified[bearer]  # expired: the full check below says so
         tok = bearer
@@ -429,7 +431,8 @@ class AuthManager:
         if not tok:
             raise AuthError("missing token")
         if tok.count(".") == 2:
-            claims = jwt_decode(tok, self._key, now=now, leeway=self.leeway_s, audience=self.device_id)
+            claims = jwt_decode(tok, self._key, now=now, leeway=self.leeway_s, audience=self.device_id,
+                                require_exp=True)
             if claims.get("role") not in ROLES:
                 raise AuthError("token has no valid role")
             if len(bearer) <= 520:  # a cached token must not cost much heap

@@ -1,8 +1,9 @@
 # The device's web layer on microdot: every route declares the least role it needs; before the handler runs, the
-# caller is rate limited (token bucket per client address → 429 + Retry-After) and authenticated (Bearer device JWT or
-# static token → 401 / 403). Every error answer is JSON {"error": …} (404, 405, 413, 400 bad JSON, 500 too). A
-# connection cap answers 503 at once instead of queueing (a Pico W has 5 TCP sockets in all), a request that does not
-# arrive in time is dropped, and nothing a client does — garbage, a reset mid-request (microdot#105), a crashing
+# caller is authenticated (Bearer device JWT or static token → 401 / 403) and rate limited (token bucket per
+# authenticated caller, else per client address → 429 + Retry-After). Every error answer is JSON {"error": …} (404,
+# 405, 413, 414, 431, 400 bad JSON, 500 too). A connection cap answers 503 at once instead of queueing (a Pico W has 5
+# TCP sockets in all) unless a connection slow to send its request can make room, a request that does not arrive in
+# time is dropped, and nothing a client does — garbage, a reset mid-request (microdot#105), a crashing
 # handler — stops the server. Handlers are coroutines and never block the loop (microdot#134): on CPython microdot would
 # otherwise run plain functions in threads.
 import gc
@@ -26,8 +27,8 @@ _log = _logmod.get("web")
 ROLES = ("viewer", "operator", "admin")
 _REASONS = {200: "OK", 201: "Created", 202: "Accepted", 204: "No Content", 400: "Bad Request", 401: "Unauthorized",
             403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
-            413: "Payload Too Large", 429: "Too Many Requests", 500: "Internal Server Error",
-            503: "Service Unavailable"}
+            413: "Payload Too Large", 414: "URI Too Long", 429: "Too Many Requests", 500: "Internal Server Error",
+            431: "Request Header Fields Too Large", 503: "Service Unavailable"}
 
 
 _NO_ARGS = {}  # url_args of a fixed-path route (never written to)
@@ -35,6 +36,10 @@ _NO_ARGS = {}  # url_args of a fixed-path route (never written to)
 
 class BadRequest(Exception):
     pass
+
+
+#: a request head beyond the documented limits: ValueError(414) for the request line, ValueError(431) for the head
+_TOO_LARGE = {414: "URI too long", 431: "request headers too large"}
 
 
 def error(status, message, headers=None):
@@ -74,7 +79,7 @@ def bearer_from(req):
     h = req.headers.get("Authorization")
     if h:
         return h
-    t = req.args.get("token") if req.args else None
+    t = req.args.get("token") if "token=" in req.url else None
     if t:
         return t
     for p in (req.headers.get("Sec-WebSocket-Protocol") or "").split(","):
@@ -132,7 +137,10 @@ class _BufferedReader:
                 i = buf.find(b"\n\n", self._pos)
                 n = 2
             if i - self._pos > limit or (i < 0 and len(buf) - self._pos > limit):
-                raise ValueError("request head too long")
+                j = buf.find(b"\n", self._pos)
+                raise ValueError(414 if j < 0 or j - self._pos > Request.max_readline + 1 else 431)
+            if i < 0 and len(buf) - self._pos > Request.max_readline + 1 and buf.find(b"\n", self._pos) < 0:
+                raise ValueError(414)  # refused as soon as the request line is too long, not at the head's limit
             if i >= 0:
                 return self._take(i + n)
             if not await self._fill():
@@ -192,8 +200,8 @@ class _Request(Request):
     url_prefix = ""
     subapp = None  # read by microdot's error answers before any route is looked up (a 413)
     route = None
-    query_string = None
-    args = {}
+    _q = -1  # where the url's "?" is
+    _args = None
     content_length = 0
     content_type = None
     _body = b""
@@ -216,14 +224,22 @@ class _Request(Request):
             self.path = url
         else:
             self.path = url[:i]
-            self.query_string = url[i + 1:]
-            self.args = self._parse_urlencoded(self.query_string)
+            self._q = i
         n = headers.get("content-length")
         if n is not None:
             self.content_length = int(n)
         t = headers.get("content-type")
         if t is not None:
             self.content_type = t
+
+    @property
+    def args(self):
+        # Parsed when a handler asks (microdot's parse makes ≈ 5 copies of the query string; no device route but a
+        # WebSocket's ?token= reads it), from the url: the query is not held twice by every request.
+        a = self._args
+        if a is None:
+            a = self._args = self._parse_urlencoded(self.url[self._q + 1:]) if self._q >= 0 else _NO_ARGS
+        return a
 
     @staticmethod
     async def create(app, reader, writer, client_addr):
@@ -234,13 +250,22 @@ class _Request(Request):
             return None
         # Fields sliced straight out of the decoded head (no list of lines, no copy of a line before its value): the
         # bearer token's line was copied three times that way.
+        # What is held at once sets the longest request line a fragmented heap can take (a 1,200-character query
+        # ran a sensors device at its documented heap out of memory): the bytes are let go once decoded (a failed
+        # allocation collects them first), and the url is the line's only copy.
         s = head.decode()
+        head = None
         nl = "\r\n" if "\r\n" in s else "\n"  # a bare-LF head (hand-written clients)
         j = s.find(nl)
-        if j > Request.max_readline:  # microdot's limit for one line (its 400 for a URL this long)
-            raise ValueError("request line too long")
-        method, url, version = s[:j].split()
-        version = version.split("/", 1)[1]
+        if j > Request.max_readline:  # the request line's limit (docs/device-api.yaml)
+            raise ValueError(414)
+        a = s.find(" ", 0, j)
+        b = s.rfind(" ", 0, j)
+        if a <= 0 or b <= a + 1:
+            raise ValueError("bad request line")
+        method = s[:a]
+        url = s[a + 1:b]
+        version = s[b + 1:j].split("/", 1)[1]
         d = {}
         pos = j + len(nl)
         while True:
@@ -304,6 +329,23 @@ def _answer(res):
     return _Response(res)
 
 
+def _match(segs, path):
+    """The url args of path under a route's segments ((literal, None) or (None, name) pairs), or None. No regex
+    (MicroPython's recurses per character), and a path with the wrong number of segments is not even split."""
+    if path.count("/") != len(segs) - 1:
+        return None
+    args = {}
+    i = 0
+    for p in path.split("/"):
+        lit, name = segs[i]
+        i += 1
+        if lit is None and p:
+            args[name] = p
+        elif p != lit:
+            return None
+    return args
+
+
 def _prepend(first, rest):
     yield first
     for x in rest:
@@ -320,6 +362,8 @@ class DeviceWeb:
     max_head = 4096
     #: Seconds a client gets to send its request line and headers (a silent client must not hold a socket).
     read_timeout_s = 5
+    #: At the connection cap, a new connection takes the place of one that has been sending its head this long.
+    evict_after_s = 1
     #: Most bytes of an oversized body read and discarded before the 413 goes out (beyond it the client may see RST).
     max_drain = 16 * 1024
     #: Largest body sent in the same write as the headers (larger ones are not copied for it).
@@ -343,6 +387,7 @@ class DeviceWeb:
         self._registry = metrics
         self.active = 0
         self.refused = 0
+        self.evicted = 0  # slow connections closed (408) to make room for a new one (_evict_idle)
         self.oom = 0  # requests answered 503 because the heap ran out while reading them
         self.started_ms = ticks_ms()
         self.server = None
@@ -353,23 +398,33 @@ class DeviceWeb:
         web = self
 
         exact = self._exact = {}  # path without <args> -> {method: handler}, filled by route()
+        pats = self._patterns = []  # [(segments, {method: handler})] for paths with <args>, filled by route()
 
         class App(Microdot):
             async def handle_request(self, reader, writer):
                 await web._handle(self, reader, writer)
 
             def find_route(self, req):
-                # A fixed path by one dict lookup: microdot tries every route's pattern in turn, each try a regex
-                # match and a dict. (So a fixed path wins over a pattern that also matches it: the device has none.)
-                # Patterns, 405 and OPTIONS: microdot's own walk.
-                f = exact.get(req.path)
-                if f is not None:
-                    m = req.method
-                    f = f.get("GET" if m == "HEAD" else m)
-                    if f is not None:
-                        req.url_args = _NO_ARGS
-                        return f, "", None
-                return Microdot.find_route(self, req)
+                # Every route is looked up here, without microdot's regexes: a fixed path by one dict lookup, a path
+                # with <args> segment by segment (_match). MicroPython's regex engine recurses per character, and a
+                # 1,000-character path under /gpio/<relay> ended in "maximum recursion depth exceeded" and no answer.
+                path = req.path
+                args = _NO_ARGS
+                f = exact.get(path)
+                if f is None:
+                    for segs, by in pats:
+                        args = _match(segs, path)
+                        if args is not None:
+                            f = by
+                            break
+                if f is None:
+                    return 404, "", None
+                m = req.method
+                f = f.get("GET" if m == "HEAD" else m)  # (no OPTIONS: no browser calls the device cross-origin)
+                if f is None:
+                    return 405, "", None
+                req.url_args = args
+                return f, "", None
 
             def get_request_handlers(self, req, attr, local_first=True):
                 # No before/after hooks and no mounted sub-apps on the device: nothing to build (microdot joins the
@@ -426,35 +481,52 @@ class DeviceWeb:
             except BadRequest as e:
                 return _answer(error(400, str(e)))
         methods = methods or ["GET"]
-        self.app.route(path, methods=methods)(guarded)
-        if "<" not in path:
+        if "<" in path:
+            # "<name>": one non-empty segment, passed as a string (the device's routes need no more)
+            key = tuple((None, p[1:-1]) if p[:1] == "<" else (p, None) for p in path.split("/"))
+            for k, by_method in self._patterns:
+                if k == key:
+                    break
+            else:
+                by_method = {}
+                self._patterns.append((key, by_method))
+        else:
             by_method = self._exact.setdefault(path, {})
-            for m in methods:
-                by_method[m] = guarded
+        for m in methods:
+            by_method[m] = guarded
         return guarded
 
     def check(self, req, role):
-        """None when req may go ahead for role, else the error answer (429, 401, 403). Sets req.g.claims."""
+        """None when req may go ahead for role, else the error answer (429, 401, 403). Sets req.g.claims.
+
+        Rate limits: a caller with a valid token has a bucket of its own (its `sub`); everything else — public routes,
+        no token, a bad token — shares its address's bucket. Anonymous calls (/health probes, a scanner) cannot use up
+        an operator's requests from the same address, and a flood of bad tokens is still throttled."""
         if self._limiter is None:
             self.configure()
-        ok, wait = self._limiter.allow(client_ip(req.client_addr))
-        if not ok:
-            return error(429, "rate limit exceeded", {"Retry-After": str(max(1, wait))})
         req.g.claims = None
         if role is None:
-            return None
+            return self._limit(client_ip(req.client_addr))
         bearer = bearer_from(req)
         if not bearer:
-            return error(401, "missing token", {"WWW-Authenticate": "Bearer"})
+            return self._limit(client_ip(req.client_addr)) or error(401, "missing token", {"WWW-Authenticate": "Bearer"})
         try:
             claims = self._verify(bearer)
         except Exception as e:  # AuthError, or anything else a verifier raises: never a 500
-            return error(401, "invalid token: %s" % e, {"WWW-Authenticate": "Bearer"})
+            return self._limit(client_ip(req.client_addr)) or error(401, "invalid token: %s" % e,
+                                                                     {"WWW-Authenticate": "Bearer"})
+        denied = self._limit(claims.get("sub") or "?")
+        if denied is not None:
+            return denied
         have = claims.get("role")
         if have not in ROLES or ROLES.index(have) < ROLES.index(role):
             return error(403, "role %s required" % role)
         req.g.claims = claims
         return None
+
+    def _limit(self, key):
+        ok, wait = self._limiter.allow(key)
+        return None if ok else error(429, "rate limit exceeded", {"Retry-After": str(max(1, wait))})
 
     def _install_errors(self):
         app = self.app
@@ -474,8 +546,27 @@ class DeviceWeb:
         self.app.errorhandler(status)(h)
 
     # --- connection handling -----------------------------------------------------------------------------------------
+    def _evict_idle(self):
+        """At the connection cap: cancel the connection that has been sending its request line and headers longest,
+        if for more than evict_after_s (it answers 408 and closes). True if one was. A few slow clients then cannot
+        hold every socket for read_timeout_s at a time while operators are refused."""
+        reading = self._reading
+        now = ticks_ms()
+        oldest = None
+        left = int((self.read_timeout_s - self.evict_after_s) * 1000)  # at most this long before its deadline
+        for t in reading:
+            d = reading[t]
+            if d is not None and ticks_diff(d, now) <= left and (oldest is None or ticks_diff(d, reading[oldest]) < 0):
+                oldest = t
+        if oldest is None:
+            return False
+        reading[oldest] = None
+        oldest.cancel()
+        self.evicted += 1
+        return True
+
     async def _handle(self, app, reader, writer):
-        if self.active >= self.max_connections:
+        if self.active >= self.max_connections and not self._evict_idle():
             self.refused += 1
             if self._requests is not None:
                 self._refused.inc()
@@ -508,8 +599,12 @@ class DeviceWeb:
                 await self._drain(reader, 2048, 0.05)
                 await self._raw_answer(writer, 503, "out of memory", "Retry-After: 1\r\n")
                 return
-            except Exception:  # malformed request line/headers, line too long, reset: answered 400 below
+            except Exception as e:  # malformed request line/headers, reset: answered 400 below; too large: 414/431
                 req = None
+                if e.args and e.args[0] in _TOO_LARGE:
+                    # answered before the rest is read and dropped: the client reads its 4xx before the close
+                    await self._raw_answer(writer, e.args[0], _TOO_LARGE[e.args[0]], drain=reader)
+                    return
             finally:
                 reading.pop(task, None)
             if req is None:
@@ -629,11 +724,15 @@ class DeviceWeb:
         except Exception:
             pass
 
-    async def _raw_answer(self, writer, status, msg, extra="", version="1.0"):
+    async def _raw_answer(self, writer, status, msg, extra="", version="1.0", drain=None):
+        """A JSON error answer, then the connection closed; drain: a reader whose unread request (up to max_drain
+        bytes) is swallowed after the answer, so the close does not reset the connection under it."""
         body = json.dumps({"error": msg})
         try:
             await writer.awrite(("HTTP/%s %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s\r\n%s"
                                  % (version, status, _REASONS.get(status, "Error"), len(body), extra, body)).encode())
+            if drain is not None:
+                await self._drain(drain, self.max_drain, 0.2)
         except Exception:
             pass
         try:

@@ -8,8 +8,10 @@ commands. Ctrl-C or SIGTERM stops every process it started; a device that resets
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import socket
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -49,7 +51,9 @@ class Demo:
         if self.port and port != self.port:
             self.say(f"[yellow]port {self.port} is taken: the control plane uses {port}[/]")
         self.server = ServerChild(self.dir / "control-plane", port=port,
-                                  sntp_port=free_port(socket.SOCK_DGRAM, preferred=port + 123),
+                                  # SNTP next to it when the port range allows (65500 + 123 does not exist)
+                                  sntp_port=free_port(socket.SOCK_DGRAM,
+                                                      preferred=port + 123 if port + 123 <= 65535 else 0),
                                   log=self.dir / "logs" / "control-plane.log")
         self.server.start()
         from .server.settings import Settings
@@ -148,7 +152,13 @@ class Demo:
 
     def env_lines(self, info: dict) -> list[str]:
         t = info["tokens"]
-        out = [f"export PICOIOT_URL={info['control_plane_url']}"]
+        # a new shell that sources this finds the venv's python (websockets, picoiot), the control plane, a token
+        # for the CLI's remote commands and the data dir `picoiot token` mints from
+        venv_bin = shlex.quote(str(Path(sys.executable).parent))
+        out = [f'export PATH={venv_bin}:"$PATH"',
+               f"export PICOIOT_URL={info['control_plane_url']}",
+               f"export PICOIOT_TOKEN={t['control_plane']['admin']}",
+               f"export PICOIOT_DATA_DIR={shlex.quote(str(self.server.data_dir.resolve()))}"]
         out += [f"export CP_{r.upper()}={v}" for r, v in t["control_plane"].items()]
         for d in info["devices"]:
             prefix = d["kind"].upper()
@@ -196,7 +206,7 @@ def _print(console, demo: Demo, info: dict) -> None:
     console.print(t)
     console.print(f"\n[bold]tokens[/] (valid {demo.token_ttl // 3600} h) for this shell:  "
                   f"[cyan]source {demo.dir / 'demo.env'}[/]")
-    for line in demo.env_lines(info):
+    for line in demo.env_lines(info)[1:]:  # (not PATH: demo.env puts the venv first)
         name, _, value = line.removeprefix("export ").partition("=")
         console.print(f"  {name:<18} {value}", soft_wrap=True, highlight=False)
     console.print("\n[bold]try[/]")
@@ -208,7 +218,8 @@ def _print(console, demo: Demo, info: dict) -> None:
 
 def demo(data_dir: Path = typer.Option(Path(".picoiot-demo"), "--data-dir", help="control-plane data, device "
                                        "flash, logs, demo.json"),
-         port: int = typer.Option(8080, help="control-plane port (devices take the next free ones; 0 = any)"),
+         port: int = typer.Option(8080, min=0, max=65535,
+                                  help="control-plane port (devices take the next free ones; 0 = any)"),
          heap: Optional[str] = typer.Option(None, help="MicroPython heap per device (-X heapsize) [default: each "
                                             "kind's measured need: relays 288K, sensors 336K]"),
          runtime: str = typer.Option("micropython", help="micropython | cpython"),

@@ -16,7 +16,8 @@ import typer
 
 ota_app = typer.Typer(help="Over-the-air updates: signing keys, releases, assignments.", no_args_is_help=True)
 
-_SERVER = typer.Option("http://127.0.0.1:8080", "--server", envvar="PICOIOT_URL", help="control plane base URL")
+_SERVER = typer.Option("http://127.0.0.1:8080", "--url", "--server", envvar="PICOIOT_URL",
+                       help="control plane base URL (--server: the old name)")
 _TOKEN = typer.Option(..., "--token", envvar="PICOIOT_TOKEN", help="operator token (admin to publish/assign)")
 _NS = typer.Option("default", "--namespace", "-n")
 

@@ -40,6 +40,38 @@ def _fail(msg: str) -> None:
     raise typer.Exit(2)
 
 
+def _existing_secrets(data_dir: Optional[Path]) -> Path:
+    """The data dir of a server that has run (its secrets exist), else a one-line error: minting from a secret made
+    up here would give tokens no server accepts."""
+    from .server.settings import SECRETS_FILE
+    ddir = data_dir or default_data_dir()
+    if not (ddir / SECRETS_FILE).exists():
+        _fail(f"no server secrets in {ddir}/: pass the server's --data-dir (or PICOIOT_DATA_DIR; the demo's is "
+              "printed in .picoiot-demo/demo.env), or run `picoiot server` there first")
+    return ddir
+
+
+def _check_database(settings: Settings) -> None:
+    """Connect once before serving: a wrong URL is one line that names the database, not a startup traceback."""
+    import sqlalchemy as sa
+
+    from .server.db import make_engine
+    shown = sa.make_url(settings.db_url).render_as_string(hide_password=True)
+    try:
+        engine = make_engine(settings)
+    except Exception as e:  # a malformed URL, an unknown driver
+        _fail(f"--db {shown}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    try:
+        with engine.connect():
+            pass
+    except Exception as e:
+        cause = getattr(e, "orig", None) or e
+        lines = [ln.strip() for ln in str(cause).splitlines() if ln.strip()]
+        _fail(f"cannot connect to the database {shown}: {' — '.join(lines) if lines else type(cause).__name__}")
+    finally:
+        engine.dispose()
+
+
 # ------------------------------------------------------------------------------------------------ server
 def server(db: Optional[str] = DbUrl, host: str = typer.Option("127.0.0.1", help="address to bind"),
            port: int = typer.Option(8080, help="TCP port (0 = any free port)"),
@@ -58,6 +90,10 @@ def server(db: Optional[str] = DbUrl, host: str = typer.Option("127.0.0.1", help
            max_longpolls: int = typer.Option(10_000, help="long-polls waiting at once per process; beyond: 503"),
            tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", help="PEM certificate (chain): serve HTTPS"),
            tls_key: Optional[Path] = typer.Option(None, "--tls-key", help="PEM private key of --tls-cert"),
+           challenge_rate: float = typer.Option(Settings.challenges_per_address_per_s,
+                                                help="registration challenges per second per client address after "
+                                                     f"a burst of {Settings.challenges_per_address_burst}; beyond: "
+                                                     "429 (0 = no limit)"),
            log_level: str = typer.Option("info", help="debug | info | warning | error (to stderr)")) -> None:
     """Run the control plane (discovery, config, state, heartbeat, alarms[, SNTP]) until SIGTERM/SIGINT."""
     import logging
@@ -65,8 +101,9 @@ def server(db: Optional[str] = DbUrl, host: str = typer.Option("127.0.0.1", help
     level = getattr(logging, log_level.upper(), None)
     if not isinstance(level, int):
         _fail("--log-level: debug, info, warning or error")
-    if workers < 1 or max_requests < 1 or max_longpolls < 0 or ttl_slack < 0:
-        _fail("--workers and --max-requests must be at least 1, --max-longpolls and --ttl-slack at least 0")
+    if workers < 1 or max_requests < 1 or max_longpolls < 0 or ttl_slack < 0 or challenge_rate < 0:
+        _fail("--workers and --max-requests must be at least 1, --max-longpolls, --ttl-slack and --challenge-rate "
+              "at least 0")
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     _check_tls(tls_cert, tls_key)
@@ -74,7 +111,9 @@ def server(db: Optional[str] = DbUrl, host: str = typer.Option("127.0.0.1", help
     settings = _settings(ddir, db, db_schema, public_url=public_url,
                          tls_cert=str(tls_cert) if tls_cert else None, tls_key=str(tls_key) if tls_key else None, sweep_interval_s=sweep_interval,
                          heartbeat_flush_s=heartbeat_flush, token_ttl_s=token_ttl, ttl_slack_s=ttl_slack,
-                         max_requests_in_flight=max_requests, max_longpolls=max_longpolls)
+                         max_requests_in_flight=max_requests, max_longpolls=max_longpolls,
+                         challenges_per_address_per_s=challenge_rate)
+    _check_database(settings)
     sntp = None
     if sntp_port is not None:
         try:
@@ -443,7 +482,7 @@ def token(role: str = typer.Option(..., "--role", help="viewer | operator | admi
         _fail(f"role must be one of {', '.join(ROLES)}")
     if ttl <= 0:
         _fail("--ttl must be positive")
-    settings = _settings(data_dir, db, db_schema)
+    settings = _settings(_existing_secrets(data_dir), db, db_schema)
     if device is None:
         if namespace != "*" and settings.secrets.enrollment_key(namespace) is None:
             _fail(f"unknown namespace {namespace!r}")
@@ -481,6 +520,10 @@ class _Api:
         self.ns = namespace
         base = (url or _server_url(data_dir)).rstrip("/")
         if not tok:
+            from .server.settings import SECRETS_FILE
+            if not ((data_dir or default_data_dir()) / SECRETS_FILE).exists():
+                _fail("no token: pass --token or set PICOIOT_TOKEN (`source .picoiot-demo/demo.env` sets it for the "
+                      "demo), or --data-dir of the server to mint one")
             settings = Settings.from_data_dir(data_dir or default_data_dir())
             tok = issue_token(settings.secrets.signing_key, "cli", namespace, role, 300)
         self.client = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {tok}"}, timeout=30)
@@ -496,8 +539,10 @@ class _Api:
                 body = r.json()
             except ValueError:
                 body = {"error": r.text}
+            hint = (f" — {self.client.base_url} did not accept the token: use one it issued (--token / "
+                    "PICOIOT_TOKEN, or --data-dir of that server)") if r.status_code == 401 else ""
             _fail(f"{r.status_code} {body.get('error')}" + (f" {json.dumps(body['detail'])}" if body.get("detail")
-                                                               else ""))
+                                                               else "") + hint)
         return r.json() if r.content else None
 
 

@@ -185,10 +185,13 @@ def test_verify_device_scoped_jwt():
     assert "audience" in str(fwtest.raises(AuthError, m.verify, other))
     wrong_key = auth.jwt_encode({"aud": "relay-1", "role": "admin"}, "another-device-key")
     assert "signature" in str(fwtest.raises(AuthError, m.verify, wrong_key))
-    no_role = auth.jwt_encode({"aud": "relay-1", "role": "device"}, KEY)
+    no_role = auth.jwt_encode({"aud": "relay-1", "role": "device", "exp": NOW + 600}, KEY)
     assert "role" in str(fwtest.raises(AuthError, m.verify, no_role))
     old = auth.jwt_encode({"role": "admin", "exp": NOW - 3600}, KEY)
     assert "expired" in str(fwtest.raises(AuthError, m.verify, old))
+    forever = auth.jwt_encode({"aud": "relay-1", "role": "admin"}, KEY)  # no exp: it would never expire
+    assert "no exp" in str(fwtest.raises(AuthError, m.verify, "Bearer " + forever))
+    assert auth.jwt_decode(forever, KEY, now=NOW)["role"] == "admin"  # the codec itself leaves exp optional
     for bad in (None, "", "Bearer ", "Bearer  "):
         assert "missing" in str(fwtest.raises(AuthError, m.verify, bad))
     assert "AuthManager" in repr(m) and KEY not in repr(m)

@@ -113,9 +113,12 @@ def test_rate_limit_429_retry_after():
         assert codes[:3] == [200, 200, 200] and codes[3] == 429
         s, h, b = await wc.request(port, "GET", "/thing", token=v)
         assert s == 429 and b == {"error": "rate limit exceeded"} and int(h["retry-after"]) >= 1
-        # unauthenticated floods are limited too (before any signature work)
-        s, h, b = await wc.request(port, "GET", "/thing")
-        assert s == 429
+        # unauthenticated calls and bad tokens share the address's own bucket: limited too
+        codes = []
+        for i in range(5):
+            s, h, b = await wc.request(port, "GET", "/thing", token="x" if i % 2 else None)
+            codes.append(s)
+        assert codes == [401, 401, 401, 429, 429], codes
     serve(t, rate=0.01, burst=3)
 
 
@@ -128,14 +131,15 @@ def test_bad_rate_config_rejected():
 
 def test_garbage_and_resets_do_not_kill_server():
     async def t(web, port, state):
-        for junk in (b"\x00\xff garbage\r\n\r\n", b"GET\r\n\r\n", b"GET / HTTP/1.1\r\nBadHeader\r\n\r\n",
-                     b"GET /" + b"a" * 3000 + b" HTTP/1.1\r\n\r\n"):
+        for junk, status in ((b"\x00\xff garbage\r\n\r\n", b"400"), (b"GET\r\n\r\n", b"400"),
+                             (b"GET / HTTP/1.1\r\nBadHeader\r\n\r\n", b"400"),
+                             (b"GET /" + b"a" * 3000 + b" HTTP/1.1\r\n\r\n", b"414")):
             r, w = await asyncio.open_connection("127.0.0.1", port)
             w.write(junk)
             await w.drain()
             raw = await wc.read_all(r)
             await wc.close(w)
-            assert raw == b"" or raw.startswith(b"HTTP/1.0 400"), raw
+            assert raw == b"" or raw.startswith(b"HTTP/1.0 " + status), raw
         # a client that connects and vanishes mid-request
         r, w = await asyncio.open_connection("127.0.0.1", port)
         w.write(b"POST /thing HTTP/1.1\r\nContent-Length: 100\r\n\r\n{")

@@ -37,6 +37,13 @@ def busy_body(kind: str, limit: int) -> bytes:
     return json.dumps({"error": "server busy, retry later", "detail": {"limit": kind, "max": limit}}).encode()
 
 
+async def send_error(send, status: int, doc: dict) -> None:
+    body = json.dumps(doc).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
 async def send_busy(send, kind: str, limit: int) -> None:
     body = busy_body(kind, limit)
     await send({"type": "http.response.start", "status": 503,
@@ -60,6 +67,10 @@ class Admission:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["path"] in EXEMPT:
             return await self.app(scope, receive, send)
+        if "\x00" in scope["path"] or b"%00" in scope["query_string"]:
+            # no path or query parameter takes a NUL (the OpenAPI document says so; PostgreSQL cannot compare it)
+            return await send_error(send, 422, {"error": "invalid request", "detail": {
+                "in": "path" if "\x00" in scope["path"] else "query", "message": "NUL character in the URL"}})
         if is_longpoll(scope["query_string"]):
             if self.longpolls >= self.max_longpolls:
                 self.metrics.overload_rejections.labels("longpoll").inc()

@@ -12,7 +12,7 @@ from fastapi import APIRouter, FastAPI
 
 from . import alarms, config, discovery, heartbeat, operators, ops, ota, state
 from . import db as tables
-from . import errors
+from . import errors, openapi
 from .admission import Admission
 from .hotpath import HotPath
 from .core import ControlPlane
@@ -112,6 +112,7 @@ def create_app(settings: Settings | None = None, services: Iterable[str] | None 
                               "(docs/protocol.md, docs/control-plane.md).")
     app.state.cp = cp
     errors.install(app)
+    openapi.install(app)
     for name in services or SERVICES:
         app.include_router(SERVICES[name])
     app.add_middleware(MetricsAndLimits, metrics=cp.metrics, max_body=settings.max_body_bytes)

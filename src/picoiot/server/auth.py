@@ -150,5 +150,5 @@ def device_ns(p: Principal, device_id: str, role: str) -> str:
     """Namespace for the device-facing endpoints (no namespace in the path): the device's own, or the operator's."""
     require_device_or_role(p, device_id, role)
     if p.ns == ALL_NAMESPACES:
-        raise ApiError(400, "this endpoint needs a token of one namespace; use /api/v1/namespaces/{ns}/…")
+        raise ApiError(403, "this endpoint needs a token of one namespace; use /api/v1/namespaces/{ns}/…")
     return p.ns

@@ -97,6 +97,9 @@ class ControlPlane:
         self.metrics.token_verifications.set_function(lambda: self.tokens.verifications)
         from .liveness import Liveness
         self.liveness = Liveness(self)
+        from .addrlimit import AddressLimiter
+        #: registration challenges per client address (unauthenticated, and each one writes a nonce row)
+        self.challenges = AddressLimiter(settings.challenges_per_address_per_s, settings.challenges_per_address_burst)
         self.started_ms = 0
         #: cache entries (tokens + versions) when the heap was last frozen (app.refreeze_if_grown)
         self.frozen_entries = 0

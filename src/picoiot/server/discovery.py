@@ -99,10 +99,16 @@ _ERR: dict[int | str, dict[str, Any]] = {s: {"model": ErrorBody} for s in (400, 
 router = APIRouter(tags=["discovery"])
 
 
-@router.post("/api/devices/challenge", response_model=ChallengeOut, responses=_ERR)
+@router.post("/api/devices/challenge", response_model=ChallengeOut, responses={**_ERR, 429: {"model": ErrorBody}})
 async def challenge(body: ChallengeIn, request: Request) -> ChallengeOut:
-    """A single-use nonce bound to this device id, to be signed with the device key."""
+    """A single-use nonce bound to this device id, to be signed with the device key. Limited per client address
+    (a burst, then a steady rate: `challenges_per_address_*`); beyond, 429 with Retry-After."""
     cp: ControlPlane = request.app.state.cp
+    wait = cp.challenges.take(request.client.host if request.client else "")
+    if wait:
+        cp.metrics.registrations.labels("throttled").inc()
+        raise ApiError(429, "too many registration challenges from this address", {"retry_after_s": round(wait, 1)},
+                       headers={"Retry-After": str(max(1, int(wait + 0.999)))})
     if cp.settings.secrets.enrollment_key(body.namespace) is None:
         raise ApiError(404, "unknown namespace")
     nonce = await cp.write(lambda conn, _ev: _new_nonce(conn, body.namespace, body.device_id,
@@ -149,7 +155,7 @@ async def register(body: RegisterIn, request: Request) -> RegisterOut:
         server_time=now_ms())
 
 
-@router.post("/api/devices/refresh", response_model=TokenOut, responses=_ERR)
+@router.post("/api/devices/refresh", response_model=TokenOut, responses={**_ERR, 403: {"model": ErrorBody}})
 async def refresh(request: Request, p: Principal = Depends(principal)) -> TokenOut:
     """A fresh device token for a still-valid one (the device is still on record)."""
     if not p.is_device:

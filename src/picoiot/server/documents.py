@@ -93,10 +93,18 @@ def encoded_size(obj: Any) -> int:
     return len(json.dumps(obj, separators=(",", ":")).encode())
 
 
-def check_limits(doc: Any, max_bytes: int, max_depth: int, what: str = "document") -> None:
+#: how deep a device type's JSON schema may nest (the built-in ones: 7)
+SCHEMA_DEPTH = 12
+
+
+def check_depth(doc: Any, max_depth: int, what: str = "document") -> None:
     d = depth(doc)
     if d > max_depth:
         raise ApiError(400, f"{what} too deep", {"depth": d, "max_depth": max_depth})
+
+
+def check_limits(doc: Any, max_bytes: int, max_depth: int, what: str = "document") -> None:
+    check_depth(doc, max_depth, what)
     size = encoded_size(doc)
     if size > max_bytes:
         raise ApiError(413, f"{what} too large", {"size": size, "max_bytes": max_bytes})

@@ -52,9 +52,15 @@ def install(app: FastAPI) -> None:
             if e.get("type") == "json_invalid":
                 return error_response(400, "malformed JSON", {"message": str(e.get("ctx", {}).get("error", ""))})
         first = errors[0] if errors else {}
-        where = first.get("loc", ())
-        return error_response(422, "invalid request", {
-            "path": _loc_path(tuple(where)), "in": where[0] if where else None, "message": first.get("msg", "")})
+        where = tuple(first.get("loc", ()))
+        msg = first.get("msg", "")
+        if first.get("type") == "unstorable":  # models._storable: the offending value's path inside the model
+            where += tuple(first["ctx"]["at"].split("."))
+        path = _loc_path(where)
+        if first.get("type") in ("unstorable", "string_unicode"):
+            msg = f"{msg} at {path}"
+        return error_response(422, "invalid request", {"path": path, "in": where[0] if where else None,
+                                                       "message": msg})
 
     @app.exception_handler(DatabaseBusy)
     async def _busy(_req: Request, exc: DatabaseBusy):
@@ -66,10 +72,30 @@ def install(app: FastAPI) -> None:
         # the last line of defence: a value the database cannot hold (validation should have caught it)
         return error_response(400, "value out of range or not storable")
 
+    @app.exception_handler(Exception)
+    async def _bug(_req: Request, exc: Exception):
+        # a bug still answers in the API's one error format; Starlette re-raises it after this, so the server
+        # logs the traceback (and the request's transaction, if any, was never committed)
+        return error_response(500, "internal server error", {"type": type(exc).__name__})
+
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_req: Request, exc: StarletteHTTPException):
+    async def _http(req: Request, exc: StarletteHTTPException):
         msg = exc.detail if isinstance(exc.detail, str) else "error"
         if exc.status_code == 400 and msg == "There was an error parsing the body":
             msg = "malformed JSON (unparseable or nested too deeply)"
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:  # Starlette names only the first route of the path; a path has several
+            headers = {**(headers or {}), "Allow": ", ".join(allowed_methods(req))}
         return error_response(exc.status_code, msg.lower() if exc.status_code in (404, 405) else msg,
-                              headers=getattr(exc, "headers", None))
+                              headers=headers)
+
+
+def allowed_methods(req: Request) -> list[str]:
+    """Every method some route serves at this request's path."""
+    path = req.scope["path"]
+    methods: set[str] = set()
+    for route in req.app.router.routes:
+        regex = getattr(route, "path_regex", None)
+        if regex is not None and getattr(route, "methods", None) and regex.match(path):
+            methods |= set(route.methods)
+    return sorted(methods)

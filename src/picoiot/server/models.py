@@ -6,45 +6,70 @@ from typing import Any, Literal
 
 from pydantic import BaseModel as _PydanticModel
 from pydantic import ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 INT32 = 2**31 - 1
 TS_MAX = 2**53  # milliseconds: far beyond any real clock, and exact in every JSON parser
 
 
-def _find_nul(value: Any, path: str) -> str | None:
-    """Path of the first NUL character or non-finite number (NaN/Infinity are not JSON) in value, or None."""
-    if value is None or type(value) is int or type(value) is bool:  # most fields: decided without isinstance chains
-        return None
-    if isinstance(value, str):
-        return path if "\x00" in value else None
-    if isinstance(value, float):
-        return None if math.isfinite(value) else path
-    if isinstance(value, dict):
-        for k, v in value.items():
-            sub = f"{path}.{k}" if path else str(k)
-            if "\x00" in str(k):
-                return sub
-            found = _find_nul(v, sub)
-            if found is not None:
-                return found
-    if isinstance(value, (list, tuple)):
-        for i, v in enumerate(value):
-            found = _find_nul(v, f"{path}.{i}" if path else str(i))
-            if found is not None:
-                return found
+def _bad_text(s: str) -> str | None:
+    """Why `s` cannot be stored, or None: a NUL (PostgreSQL's text refuses it) or a lone surrogate (valid in JSON's
+    \\u escapes, not encodable as UTF-8: SQLite would store it and every later read would fail to serialise)."""
+    if "\x00" in s:
+        return "NUL character"
+    if not s.isascii():
+        try:
+            s.encode()
+        except UnicodeEncodeError:
+            return "lone surrogate (text that is not UTF-8)"
+    return None
+
+
+def _find_unstorable(value: Any, path: str) -> tuple[str, str] | None:
+    """(path, reason) of the first value no database can hold and no JSON encoder can write back: a NUL character,
+    a lone surrogate, a non-finite number (NaN/Infinity are not JSON) — in a value or a key; None if there is none.
+    Iterative, so a deep document cannot exhaust the stack."""
+    stack = [(value, path)]
+    while stack:
+        value, path = stack.pop()
+        if value is None or type(value) is int or type(value) is bool:  # most fields: decided at once
+            continue
+        if isinstance(value, str):
+            why = _bad_text(value)
+            if why:
+                return path, why
+        elif isinstance(value, float):
+            if not math.isfinite(value):
+                return path, "non-finite number"
+        elif isinstance(value, dict):
+            for k, v in reversed(value.items()):
+                sub = f"{path}.{k}" if path else str(k)
+                why = _bad_text(str(k))
+                if why:
+                    return sub, why + " in a key"
+                stack.append((v, sub))
+        elif isinstance(value, (list, tuple)):
+            for i in range(len(value) - 1, -1, -1):
+                stack.append((value[i], f"{path}.{i}" if path else str(i)))
     return None
 
 
 class BaseModel(_PydanticModel):
-    """Every wire model refuses NUL characters (PostgreSQL cannot store them; no protocol field needs them) and
-    NaN/Infinity (Python's JSON parser accepts them; JSON does not) anywhere in its values."""
+    # strict: `true` is no integer and "1" no number (the OpenAPI document says integer; lax mode took both)
+    model_config = ConfigDict(strict=True)
+
+    """Every wire model refuses, anywhere in its values, NUL characters (PostgreSQL cannot store them; no protocol
+    field needs them), lone surrogates (SQLite stores them, then no read can encode them) and NaN/Infinity (Python's
+    JSON parser accepts them; JSON does not). pydantic's own `str` fields refuse surrogates already; free-form
+    documents (`dict[str, Any]`) need this walk."""
 
     @model_validator(mode="after")
     def _storable(self):
         for name in type(self).model_fields:
-            found = _find_nul(getattr(self, name), name)
+            found = _find_unstorable(getattr(self, name), name)
             if found is not None:
-                raise ValueError(f"NUL character or non-finite number at {found}")
+                # errors.py joins `at` to the model's own location: the detail names the whole path
+                raise PydanticCustomError("unstorable", "not storable: {why}", {"why": found[1], "at": found[0]})
         return self
 
 DeviceId = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")

@@ -13,6 +13,7 @@ from .config import device_row, latest, recompute, recompute_where, set_override
 from .db import now_ms
 from .devicetypes import check_schema, validate_config
 from .discovery import ttl_for
+from .documents import SCHEMA_DEPTH, check_depth
 from .errors import ApiError
 from .liveness import decoded
 from .models import (ConfigReport, DeviceConfigOut, DeviceList, DeviceOut, DevicePatch, DeviceTypeIn,
@@ -218,6 +219,7 @@ async def _set_overrides(request: Request, p: Principal, ns: str, dev: str, over
     require_ns(p, ns, request)
     require_role(p, "admin")
     cp = _cp(request)
+    check_depth(overrides, cp.settings.max_doc_depth, "overrides")
     await cp.write(set_overrides, cp, ns, dev, overrides, patch)
     return await cp.read(_device_config, ns, dev)
 
@@ -289,6 +291,8 @@ async def put_type(body: DeviceTypeIn, request: Request, name: str = Name,
         raise ApiError(403, "device types are shared by all namespaces: needs an admin token with ns '*'")
     check_schema(body.json_schema)
     cp = _cp(request)
+    check_depth(body.defaults, cp.settings.max_doc_depth, "defaults")
+    check_depth(body.json_schema, SCHEMA_DEPTH, "json_schema")
     return _type_out(await cp.write(_put_type, cp, name, body))
 
 
@@ -326,6 +330,7 @@ async def put_group(ns: str, body: GroupIn, request: Request, name: str = Name,
     require_ns(p, ns, request)
     require_role(p, "admin")
     cp = _cp(request)
+    check_depth(body.overrides, cp.settings.max_doc_depth, "overrides")
     return _group_out(await cp.write(_put_group, cp, ns, name, body.overrides))
 
 

@@ -132,6 +132,9 @@ class Settings:
     tls_key: str | None = None
     token_ttl_s: int = 3600
     nonce_ttl_s: int = 60
+    #: registration challenges per client address: a burst, then this many per second (0 = no limit); beyond, 429
+    challenges_per_address_per_s: float = 5.0
+    challenges_per_address_burst: int = 100
     default_heartbeat_s: int = 10
     #: a device's TTL = its heartbeat interval × ttl_missed + ttl_slack_s (10 s → 35 s)
     ttl_missed: int = 3

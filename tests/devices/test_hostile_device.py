@@ -1,0 +1,89 @@
+"""Hostile clients against the real controllers under micropython (issue 17): everything within the documented limits
+of docs/device-api.yaml is served, everything beyond them gets its 4xx; slow clients cannot lock operators out; a
+JWT without exp is refused; anonymous calls cannot use up an operator's rate limit."""
+import socket
+import threading
+
+import jwt
+import pytest
+
+
+@pytest.fixture(scope="module")
+def relays(device_factory):
+    return device_factory("relays", {"api": {"rate_per_s": 1, "burst": 30}})
+
+
+@pytest.fixture(scope="module")
+def sensors(device_factory):
+    return device_factory("sensors")
+
+
+def _raw(url: str, data: bytes, timeout: float = 20) -> bytes:
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as s:
+        s.sendall(data)
+        out = b""
+        while True:
+            try:
+                chunk = s.recv(4096)
+            except ConnectionResetError:
+                return out
+            if not chunk:
+                return out
+            out += chunk
+
+
+def _status(out: bytes) -> int:
+    assert out.startswith(b"HTTP/1."), out[:100]
+    return int(out.split(b" ", 2)[1])
+
+
+def test_long_request_lines_within_the_limit_are_served_and_beyond_it_are_414(sensors):
+    auth = f"Authorization: Bearer {sensors.token('viewer')}\r\n".encode()
+    for n in (1200, 1600, 2048 - len("GET /sensors? HTTP/1.0")):
+        for _ in range(3):
+            out = _raw(sensors.url, b"GET /sensors?" + b"x" * n + b" HTTP/1.0\r\n" + auth + b"\r\n")
+            assert _status(out) == 200, (n, out[:300])
+    out = _raw(sensors.url, b"GET /sensors?" + b"x" * 2100 + b" HTTP/1.0\r\n" + auth + b"\r\n")
+    assert _status(out) == 414 and b'"error"' in out, out[:200]
+    for _ in range(9):
+        out = _raw(sensors.url, b"GET /sensors HTTP/1.0\r\n" + auth + b"X-Pad: " + b"a" * 8192 + b"\r\n\r\n")
+        assert _status(out) == 431 and b"\"error\"" in out, out[:300]
+    assert sensors.get("/sensors").status_code == 200
+
+
+def test_a_long_path_gets_an_answer(relays):
+    auth = f"Authorization: Bearer {relays.token('viewer')}\r\n".encode()
+    out = _raw(relays.url, b"GET /gpio/" + b"a" * 1000 + b" HTTP/1.0\r\n" + auth + b"\r\n")
+    assert _status(out) == 404 and b"unknown relay" in out, out[:200]
+    assert relays.get("/gpio/relay1").status_code == 200
+
+
+def test_a_jwt_without_exp_is_refused(relays):
+    forever = jwt.encode({"sub": "x", "role": "admin", "aud": relays.id}, relays.key, algorithm="HS256")
+    r = relays.get("/gpio", role=None, headers={"Authorization": f"Bearer {forever}"})
+    assert r.status_code == 401 and "exp" in r.json()["error"], r.text
+    assert relays.get("/gpio").status_code == 200
+
+
+def test_slow_clients_do_not_lock_operators_out(relays):
+    held = []
+    try:
+        for _ in range(3):  # a slowloris client: request lines that never end
+            host, port = relays.url.removeprefix("http://").split(":")
+            s = socket.create_connection((host, int(port)), timeout=30)
+            s.sendall(b"GET /gpio HTTP/1.1\r\nX-Slow: ")
+            held.append(s)
+        threading.Event().wait(1.5)  # older than the device's evict_after_s
+        served = [relays.get("/gpio").status_code for _ in range(10)]
+        assert served.count(200) >= 9, served
+    finally:
+        for s in held:
+            s.close()
+
+
+def test_anonymous_calls_do_not_use_up_an_operators_rate_limit(relays):
+    codes = [relays.get("/health", role=None).status_code for _ in range(35)]
+    assert 429 in codes  # the address's bucket (burst 30) ran out
+    r = relays.post("/gpio/relay1", role="operator", json={"state": "off"})
+    assert r.status_code == 200, r.text
