@@ -24,6 +24,7 @@ class RelaysController(Device):
         self.relay_pins = relay_pins or {"relay1": 2, "relay2": 3}
         self.bank = None
         self.failsafe_active = False
+        self._rejected = []  # desired keys reported as rejected (cleared in reported once a valid value comes)
 
     def schema(self):
         s = Device.schema(self)
@@ -63,29 +64,44 @@ class RelaysController(Device):
         for name in self.bank.names():
             self._m_on.set(1 if self.bank.state(name) == "on" else 0, relay=name)
 
-    def _changed(self, name, state):
+    def _changed(self, name, state, cause):
+        # every switch: one log line and the cause reported beside the state; anything but the desired state itself
+        # overrides a desired value (docs/devices.md, "Who wins")
+        _log.info("relay switched", relay=name, state=state, cause=cause)
         self._m_on.set(1 if state == "on" else 0, relay=name)
         self._m_switches.inc(relay=name)
         sm = getattr(self, "sm", None)
         if sm is not None:
-            sm.report({name: state})
+            sm.report({name: state, "cause": {name: cause}})
+            if cause != "desired":
+                sm.override(name, state)
 
     def reported(self):
-        return self.bank.states()
+        r = self.bank.states()
+        r["cause"] = self.bank.causes()
+        return r
 
     def info_extra(self):
         return {"relays": self.bank.states(), "failsafe_active": self.failsafe_active}
 
     async def on_delta(self, delta):
         out = {}
+        rejected = {}
         for name in delta:
             v = delta[name]
-            if name in self.bank and v in ("on", "off", True, False):
-                try:
-                    out[name] = await self.bank.set(name, v)
-                    _log.info("relay switched by desired state", relay=name, state=out[name])
-                except ValueError as e:
-                    _log.warning("desired state refused", relay=name, reason=str(e))
+            if name in self.bank and (v is True or v is False or v in ("on", "off")):
+                out[name] = await self.bank.set(name, v, cause="desired")
+                if name in self._rejected:
+                    self._rejected.remove(name)
+                    rejected[name] = None
+            elif name not in ("cause", "rejected"):
+                why = "unknown relay" if name not in self.bank else "must be \"on\" or \"off\""
+                _log.warning("desired state refused", relay=name, reason=why)
+                rejected[name] = why
+                if name not in self._rejected:
+                    self._rejected.append(name)
+        if rejected:
+            out["rejected"] = rejected
         return out
 
     def routes(self, web):
