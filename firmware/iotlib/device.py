@@ -444,9 +444,10 @@ class Device:
         self.net = NetworkManager(self.wifi_ssid, self._wifi_password)
         await self.net.connect()
         if not self.safe_mode:
+            from iotlib import hal
             self.build_web()
-            await self.web.start(self.host, self.port)
-            _log.info("listening", port=self.port)
+            await self.web.start(self.host, hal.listen_port(self.port))
+            _log.info("listening", port=self.web.port)
         wd = self.wd
         wd.supervise("net", self.net.run, critical=False)
         wd.supervise("cloud", self._cloud, window_ms=(self.retry_max_s + self.config_poll_s + 30) * 1000)

@@ -64,6 +64,10 @@ if SIMULATED:
 
     def _hw_cause():
         return "power_on"  # the simulated board has no reset register: every cause it knows is on flash
+
+    def listen_port(port):
+        """The host port standing in for the board's `port` (port 80 needs privileges on the host)."""
+        return _sim.board.port_map.get(port, port)
 else:
     Pin = _machine.Pin
     ADC = _machine.ADC
@@ -95,6 +99,9 @@ else:
 
     def link_check():
         pass
+
+    def listen_port(port):
+        return port
 
     def _hw_cause():
         rc = _machine.reset_cause()
