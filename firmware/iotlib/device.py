@@ -3,7 +3,7 @@
 # (the local API keeps serving on the last-known-good config, alarms and state are buffered and resynced in full).
 # A controller subclass gives: device_type, capabilities, schema()/defaults(), setup_domain(), domain routes, the
 # state-delta handler and its own supervised tasks.
-from iotlib.compat import asyncio, ticks_ms, ticks_diff, mem_free
+from iotlib.compat import asyncio, ticks_ms, ticks_diff, mem_free, urandom
 from iotlib import log as _logmod
 from iotlib import __version__
 
@@ -41,6 +41,9 @@ class Device:
     #: Fewest seconds between two Wi-Fi reconnects ordered by the heartbeat ladder: while the control plane is away
     #: the ladder repeats, and every reconnect takes the local API off the network for a few seconds.
     wifi_reconnect_min_s = 600
+    #: Hold each heartbeat as a long-poll for up to one heartbeat interval (docs/protocol.md §5): a config or desired
+    #: state change reaches the device within a round trip instead of at its next heartbeat, on the same connection.
+    longpoll = True
     #: Ed25519 public key (64 hex) OTA manifests must be signed with; None disables OTA (docs/ota.md)
     ota_public_key = None
     #: Seconds between OTA checks when no heartbeat names a pending release.
@@ -76,6 +79,7 @@ class Device:
         self.safe_mode = False
         self.healthy = False
         self._ota_wake = asyncio.Event()
+        self._known = [None, None]  # config and state versions the control plane has told of (the long-poll's base)
 
     # --- subclass hooks --------------------------------------------------------------------------------------------
     def schema(self):
@@ -163,10 +167,14 @@ class Device:
         self.cfg.on_change("api", self._apply_api)
         self.cfg.on_change("log", lambda sec: _logmod.configure(level=sec["level"]))
         self.cfg.on_change("time", self._apply_time)
-        self.cfg.on_change("heartbeat_interval_s", lambda v: self.wd.set_heartbeat_interval(v * 1000))
-        self.wd.heartbeat_interval_ms = self.cfg.config["heartbeat_interval_s"] * 1000
+        self.cfg.on_change("heartbeat_interval_s", self._heartbeat_every)
+        self._heartbeat_every(self.cfg.config["heartbeat_interval_s"])
         _log.info("boot", device_id=self.device_id, type=self.device_type, config_version=self.cfg.version,
                   last_known_good=loaded, reset_cause=self.boot_info.get("reset_cause"))
+
+    def _heartbeat_every(self, s):
+        self.wd.heartbeat_hold_ms = s * 1000 if self.longpoll else 0
+        self.wd.set_heartbeat_interval(s * 1000)
 
     def _reg_info(self):
         info = {"device_type": self.device_type, "firmware": __version__, "capabilities": list(self.capabilities)}
@@ -267,7 +275,9 @@ class Device:
                 wait = self.config_poll_s
             except Exception as e:  # HTTPError, AuthError, OSError: degrade, retry with backoff
                 self._lost(_logmod.exc_summary(e), delay)
-                wait = delay
+                # jittered over half..all of it: a fleet that lost the control plane together must not come back
+                # together
+                wait = delay * (128 + urandom(1)[0] // 2) / 255
                 delay = min(delay * 2, self.retry_max_s)
             self.wd.checkin("cloud")
             self._config_wake.clear()
@@ -314,12 +324,30 @@ class Device:
         body["config_version"] = self.cfg.version
         sm = getattr(self, "sm", None)
         body["state_version"] = sm.version if sm else None
-        r = await self.http.request("POST", self.auth.services["heartbeat"], json=body, headers=self.auth.auth_header())
+        url = self.auth.services["heartbeat"]
+        hold = self.wd.heartbeat_hold_ms // 1000
+        if hold:
+            # the long-poll answers when a version differs from the one we were told of last
+            url += "?wait=%d" % hold
+            if self._known[0] is not None:
+                url += "&config_version=%d" % self._known[0]
+            if self._known[1] is not None:
+                url += "&state_version=%d" % self._known[1]
+        from iotlib.http import Yielded
+        try:
+            r = await self.http.request("POST", url, json=body, headers=self.auth.auth_header(),
+                                        timeout_ms=self.wd.heartbeat_timeout_ms + hold * 1000, yieldable=hold > 0)
+        except Yielded:  # a report, an alarm or a fetch needed the connection: poll again once it is done
+            self.wd.again = True
+            return {"ack": body["seq"]}
         if r.status == 401:
             self.auth.invalidate()
             self._config_wake.set()
             raise OSError("heartbeat: token refused")
         if r.status != 200:
+            ra = r.headers.get("retry-after")
+            if ra and ra.isdigit():
+                self.wd.retry_after_ms = int(ra) * 1000
             raise OSError("heartbeat: HTTP %d" % r.status)
         self._contact()
         return r.json()
@@ -327,6 +355,11 @@ class Device:
     def _heartbeat_answer(self, answer):
         pending = answer.get("pending") or {}
         cv = pending.get("config_version")
+        k = self._known
+        for i, v in ((0, cv), (1, pending.get("state_version"))):
+            if isinstance(v, int) and v != k[i]:
+                k[i] = v
+                self.wd.again = True  # news: hold the next poll at once
         if isinstance(cv, int) and cv != self.cfg.version and (self.cfg.rejected is None or self.cfg.rejected[0] != cv):
             self._config_wake.set()
         if pending.get("ota"):

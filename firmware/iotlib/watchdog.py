@@ -39,6 +39,9 @@ class WatchdogManager:
     #: Heartbeat period, and how long one heartbeat may wait for its answer before it counts as missed.
     heartbeat_interval_ms = 10000
     heartbeat_timeout_ms = 10000
+    #: ms the control plane may hold a heartbeat as a long-poll (docs/protocol.md §5); 0: plain heartbeats. A held
+    #: heartbeat is the pause itself: the next one starts when it ends, or one interval after it started.
+    heartbeat_hold_ms = 0
     #: Consecutive missed heartbeats at which each escalation step runs (once per episode). missed_reset = None never
     #: resets: the ladder then repeats reconnect/re-register every missed_reregister misses (degraded mode for ever).
     missed_reconnect = 3
@@ -70,6 +73,8 @@ class WatchdogManager:
         self.missed = 0         # in a row
         self.missed_total = 0
         self.last_answer = None
+        self.again = False      # send the next heartbeat at once (the answer brought news, the poll gave way)
+        self.retry_after_ms = 0  # the server's Retry-After on its last refusal
 
     # ---- supervised tasks ----
     def supervise(self, name, coro_fn, critical=True, window_ms=None):
@@ -219,9 +224,27 @@ class WatchdogManager:
     async def _heartbeat_loop(self):
         while True:
             self.checkin("heartbeat")
-            await self.beat()
+            t0 = hal.ticks_ms()
+            ok = await self.beat()
             self.checkin("heartbeat")
-            await self._sleep_ms(self.heartbeat_interval_ms)
+            iv = self.heartbeat_interval_ms
+            if ok and self.heartbeat_hold_ms:
+                if self.again:
+                    self.again = False
+                    continue
+                delay = iv - ticks_diff(hal.ticks_ms(), t0)
+            elif ok:
+                delay = iv
+            else:
+                # a failed heartbeat: a whole fleet fails together when the server goes away, so the retries are
+                # spread over half..1.5 intervals (never before the server's Retry-After)
+                r = urandom(1)[0]
+                delay = iv // 2 + r * iv // 255
+                if delay < self.retry_after_ms:
+                    delay = self.retry_after_ms + r * iv // 510
+                self.retry_after_ms = 0
+            if delay > 0:
+                await self._sleep_ms(delay)
 
     def uptime_s(self):
         return ticks_diff(hal.ticks_ms(), self._t0) // 1000
@@ -237,7 +260,8 @@ class WatchdogManager:
             body.update(self._payload())
         answer = None
         try:
-            answer = await asyncio.wait_for(self._send(body), self.heartbeat_timeout_ms / 1000)
+            answer = await asyncio.wait_for(self._send(body),
+                                            (self.heartbeat_timeout_ms + self.heartbeat_hold_ms) / 1000)
             ok = isinstance(answer, dict) and answer.get("ack") == seq
             if not ok:
                 _log.warning("heartbeat answer without our ack", seq=seq, answer=answer)
