@@ -42,6 +42,9 @@ class WatchdogManager:
     #: ms the control plane may hold a heartbeat as a long-poll (docs/protocol.md §5); 0: plain heartbeats. A held
     #: heartbeat is the pause itself: the next one starts when it ends, or one interval after it started.
     heartbeat_hold_ms = 0
+    #: Longest pause (ms, before jitter) after a failed heartbeat, however long the interval: with long-polls the
+    #: heartbeat is how changes arrive, so a long interval must not keep a device deaf for as long.
+    retry_cap_ms = 60000
     #: Consecutive missed heartbeats at which each escalation step runs (once per episode). missed_reset = None never
     #: resets: the ladder then repeats reconnect/re-register every missed_reregister misses (degraded mode for ever).
     missed_reconnect = 3
@@ -229,17 +232,21 @@ class WatchdogManager:
             self.checkin("heartbeat")
             iv = self.heartbeat_interval_ms
             if ok and self.heartbeat_hold_ms:
-                if self.again:
+                held = ticks_diff(hal.ticks_ms(), t0)
+                # next poll at once after news, a poll given up, or one the server held (it may cap the hold below
+                # ours); one answered at once with nothing new (a server that does not hold) waits out the interval
+                if self.again or held >= min(self.heartbeat_hold_ms, 1000):
                     self.again = False
                     continue
-                delay = iv - ticks_diff(hal.ticks_ms(), t0)
+                delay = iv - held
             elif ok:
                 delay = iv
             else:
                 # a failed heartbeat: a whole fleet fails together when the server goes away, so the retries are
-                # spread over half..1.5 intervals (never before the server's Retry-After)
+                # spread over half..1.5 of min(interval, retry_cap_ms) (never before the server's Retry-After)
                 r = urandom(1)[0]
-                delay = iv // 2 + r * iv // 255
+                b = iv if iv < self.retry_cap_ms else self.retry_cap_ms
+                delay = b // 2 + r * b // 255
                 if delay < self.retry_after_ms:
                     delay = self.retry_after_ms + r * iv // 510
                 self.retry_after_ms = 0
