@@ -80,6 +80,7 @@ class Device:
         self.healthy = False
         self._ota_wake = asyncio.Event()
         self._known = [None, None]  # config and state versions the control plane has told of (the long-poll's base)
+        self._reg_wake = asyncio.Event()
 
     # --- subclass hooks --------------------------------------------------------------------------------------------
     def schema(self):
@@ -291,6 +292,7 @@ class Device:
         from iotlib.state import StateManager
         from iotlib.timesync import TimeSyncManager
         self.registered = True
+        self._reg_wake.set()
         iv = self.auth.intervals or {}
         if iv.get("config_poll"):
             self.config_poll_s = iv["config_poll"]
@@ -315,6 +317,13 @@ class Device:
             self._apply_time(self.cfg.config["time"])
 
     async def _send_heartbeat(self, body):
+        if (not self.auth.token or not self.auth.services.get("heartbeat")) and self.wd.heartbeat_hold_ms:
+            # not registered yet: wait for it as long as a poll would be held, not a failed heartbeat's retry delay
+            self._reg_wake.clear()
+            try:
+                await asyncio.wait_for(self._reg_wake.wait(), self.wd.heartbeat_hold_ms / 1000)
+            except asyncio.TimeoutError:
+                pass
         if not self.auth.token or not self.auth.services.get("heartbeat"):
             raise OSError("not registered")
         mf = body.get("mem_free")
