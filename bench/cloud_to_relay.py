@@ -51,6 +51,7 @@ class Bench:
         self.server = ServerChild(self.tmp / "cp", db=args.db, extra=("--heartbeat-flush", "1"))
         self.devices: list[dict] = []
         self.lost = 0
+        self.ports: set[int] = set()
 
     def start_server(self):
         self.server.start()
@@ -64,7 +65,11 @@ class Bench:
         a = self.args
         key = provision_over_api(self.server.url, self.admin, name, "relays", "default",
                                  overrides={"heartbeat_interval_s": a.interval, "time": {"servers": []}})
-        settings = device_settings(self.tmp / f"{name}.json", key, "relays", free_port(), self.tmp / f"{name}.flash")
+        port = free_port()
+        while port in self.ports:  # free_port only asks the OS: two devices of this run must not get the same one
+            port = free_port()
+        self.ports.add(port)
+        settings = device_settings(self.tmp / f"{name}.json", key, "relays", port, self.tmp / f"{name}.flash")
         if not longpoll:
             s = json.loads(settings.read_text())
             s["longpoll"] = False
@@ -155,6 +160,10 @@ def main() -> int:
                 d["child"].wait_ready(120)
         for d in fleet + ([base] if base else []):
             d["child"].wait_ready(180)
+        time.sleep(1)
+        dead = [d["id"] for d in fleet + ([base] if base else []) if d["child"].poll() is not None]
+        if dead:
+            raise SystemExit(f"devices exited after start (port taken by another process?): {dead}")
         print(f"# {len(fleet)} long-polling devices + {1 if base else 0} heartbeat-paced, heartbeat every "
               f"{a.interval} s, {a.runtime} {a.heap}; ready after {time.monotonic() - t:.0f} s", flush=True)
         time.sleep(2 * a.interval / 10 + 1)  # let every device settle into its poll

@@ -336,12 +336,15 @@ class Device:
         url = self.auth.services["heartbeat"]
         hold = self.wd.heartbeat_hold_ms // 1000
         if hold:
-            # the long-poll answers when a version differs from the one we were told of last
+            # the long-poll answers when a version differs from the newest we know of: told by the last answer, or
+            # reached by our own fetches and updates (our own report must not answer our poll)
             url += "?wait=%d" % hold
-            if self._known[0] is not None:
-                url += "&config_version=%d" % self._known[0]
-            if self._known[1] is not None:
-                url += "&state_version=%d" % self._known[1]
+            k = self._known
+            for i, name, mine in ((0, "config_version", self.cfg.version), (1, "state_version", body["state_version"])):
+                if mine is not None and (k[i] is None or mine > k[i]):
+                    k[i] = mine
+                if k[i] is not None:
+                    url += "&%s=%d" % (name, k[i])
         from iotlib.http import Yielded
         try:
             r = await self.http.request("POST", url, json=body, headers=self.auth.auth_header(),
