@@ -42,7 +42,7 @@ class WatchdogManager:
     #: ms the control plane may hold a heartbeat as a long-poll (docs/protocol.md §5); 0: plain heartbeats. A held
     #: heartbeat is the pause itself: the next one starts when it ends, or one interval after it started.
     heartbeat_hold_ms = 0
-    #: Longest pause (ms, before jitter) after a failed heartbeat, however long the interval: with long-polls the
+    #: Longest pause (ms, before jitter) after failed heartbeats, however long the interval: with long-polls the
     #: heartbeat is how changes arrive, so a long interval must not keep a device deaf for as long.
     retry_cap_ms = 60000
     #: Consecutive missed heartbeats at which each escalation step runs (once per episode). missed_reset = None never
@@ -242,10 +242,13 @@ class WatchdogManager:
             elif ok:
                 delay = iv
             else:
-                # a failed heartbeat: a whole fleet fails together when the server goes away, so the retries are
-                # spread over half..1.5 of min(interval, retry_cap_ms) (never before the server's Retry-After)
+                # a failed heartbeat: min(interval, retry_cap_ms), with long-polls a capped exponential backoff
+                # (2 s, 4 s, … up to that), each spread over half..1.5 of it, because a whole fleet fails together
+                # when the server goes away; never before the server's Retry-After
                 r = urandom(1)[0]
-                b = iv if iv < self.retry_cap_ms else self.retry_cap_ms
+                b = min(iv, self.retry_cap_ms)
+                if self.heartbeat_hold_ms:  # the poll is how changes arrive: come back soon after a short outage
+                    b = min(b, 1000 << (self.missed if self.missed < 7 else 7))
                 delay = b // 2 + r * b // 255
                 if delay < self.retry_after_ms:
                     delay = self.retry_after_ms + r * iv // 510
