@@ -77,6 +77,7 @@ class WatchdogManager:
         self.missed_total = 0
         self.last_answer = None
         self.again = False      # send the next heartbeat at once (the answer brought news, the poll gave way)
+        self._quick = 0         # long-polls in a row answered at once with nothing new
         self.retry_after_ms = 0  # the server's Retry-After on its last refusal
 
     # ---- supervised tasks ----
@@ -231,21 +232,25 @@ class WatchdogManager:
             ok = await self.beat()
             self.checkin("heartbeat")
             iv = self.heartbeat_interval_ms
+            r = urandom(1)[0]
             if ok and self.heartbeat_hold_ms:
                 held = ticks_diff(hal.ticks_ms(), t0)
                 # next poll at once after news, a poll given up, or one the server held (it may cap the hold below
-                # ours); one answered at once with nothing new (a server that does not hold) waits out the interval
+                # ours); answers that come at once with nothing new (a server that does not hold, one draining for
+                # a shutdown) back off 2 s, 4 s, … up to the interval, jittered
                 if self.again or held >= min(self.heartbeat_hold_ms, 1000):
                     self.again = False
+                    self._quick = 0
                     continue
-                delay = iv - held
+                self._quick += 1
+                b = min(iv, 1000 << (self._quick if self._quick < 7 else 7))
+                delay = b // 2 + r * b // 255
             elif ok:
                 delay = iv
             else:
                 # a failed heartbeat: min(interval, retry_cap_ms), with long-polls a capped exponential backoff
                 # (2 s, 4 s, … up to that), each spread over half..1.5 of it, because a whole fleet fails together
                 # when the server goes away; never before the server's Retry-After
-                r = urandom(1)[0]
                 b = min(iv, self.retry_cap_ms)
                 if self.heartbeat_hold_ms:  # the poll is how changes arrive: come back soon after a short outage
                     b = min(b, 1000 << (self.missed if self.missed < 7 else 7))
