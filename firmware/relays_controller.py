@@ -20,10 +20,15 @@ class RelaysController(Device):
 
     def __init__(self, wifi_ssid, wifi_password, device_id, device_key, service_discovery_url, relay_pins=None,
                  **kw):
+        """relay_pins {name: GPIO}: the board's wiring, and the truth for pins: a config that would move one of these
+        relays to another pin, or add a relay they do not name, is refused (reported with its reason). Without it,
+        relay1/relay2 on GPIO 2/3 unless the config says otherwise."""
         Device.__init__(self, wifi_ssid, wifi_password, device_id, device_key, service_discovery_url, **kw)
+        self.wired = relay_pins is not None
         self.relay_pins = relay_pins or {"relay1": 2, "relay2": 3}
         self.bank = None
         self.failsafe_active = False
+        self._rejected = []  # desired keys reported as rejected (cleared in reported once a valid value comes)
 
     def schema(self):
         s = Device.schema(self)
@@ -45,8 +50,35 @@ class RelaysController(Device):
             r[name] = {"pin": self.relay_pins[name], "power_on": "off", "failsafe": "keep"}
         return r
 
+    def board_relays(self, section):
+        """The config's relays section on this board's wiring: a relay without a pin takes it from relay_pins; with
+        relay_pins given, a pin that differs from it or a relay it does not name is an error naming the path."""
+        if not section:
+            return self.builtin_relays()
+        out = self.builtin_relays() if self.wired else {}
+        errs = []
+        for name in section:
+            r = section[name]
+            wired = self.relay_pins.get(name)
+            if isinstance(r, dict) and r.get("pin") is None:
+                if wired is None:
+                    errs.append("relays.%s.pin: required (relay_pins wires no relay of that name)" % name)
+                r = dict(r)
+                r["pin"] = wired
+            elif self.wired and isinstance(r, dict):
+                if wired is None:
+                    errs.append("relays.%s: not wired on this board (relay_pins: %s)"
+                                % (name, ", ".join(sorted(self.relay_pins))))
+                elif r["pin"] != wired:
+                    errs.append("relays.%s.pin: GPIO%s refused: this board wires %s to GPIO%d (relay_pins)"
+                                % (name, r["pin"], name, wired))
+            out[name] = r
+        if errs:
+            raise ValueError("; ".join(errs))
+        return out
+
     def _configure_relays(self, section):
-        self.bank.configure(section or self.builtin_relays())
+        self.bank.configure(self.board_relays(section))
 
     def setup_domain(self, config):
         from iotlib.relays import RelayBank
@@ -63,29 +95,44 @@ class RelaysController(Device):
         for name in self.bank.names():
             self._m_on.set(1 if self.bank.state(name) == "on" else 0, relay=name)
 
-    def _changed(self, name, state):
+    def _changed(self, name, state, cause):
+        # every switch: one log line and the cause reported beside the state; anything but the desired state itself
+        # overrides a desired value (docs/devices.md, "Who wins")
+        _log.info("relay switched", relay=name, state=state, cause=cause)
         self._m_on.set(1 if state == "on" else 0, relay=name)
         self._m_switches.inc(relay=name)
         sm = getattr(self, "sm", None)
         if sm is not None:
-            sm.report({name: state})
+            sm.report({name: state, "cause": {name: cause}})
+            if cause != "desired":
+                sm.override(name, state)
 
     def reported(self):
-        return self.bank.states()
+        r = self.bank.states()
+        r["cause"] = self.bank.causes()
+        return r
 
     def info_extra(self):
         return {"relays": self.bank.states(), "failsafe_active": self.failsafe_active}
 
     async def on_delta(self, delta):
         out = {}
+        rejected = {}
         for name in delta:
             v = delta[name]
-            if name in self.bank and v in ("on", "off", True, False):
-                try:
-                    out[name] = await self.bank.set(name, v)
-                    _log.info("relay switched by desired state", relay=name, state=out[name])
-                except ValueError as e:
-                    _log.warning("desired state refused", relay=name, reason=str(e))
+            if name in self.bank and (v is True or v is False or v in ("on", "off")):
+                out[name] = await self.bank.set(name, v, cause="desired")
+                if name in self._rejected:
+                    self._rejected.remove(name)
+                    rejected[name] = None
+            elif name not in ("cause", "rejected"):
+                why = "unknown relay" if name not in self.bank else "must be \"on\" or \"off\""
+                _log.warning("desired state refused", relay=name, reason=why)
+                rejected[name] = why
+                if name not in self._rejected:
+                    self._rejected.append(name)
+        if rejected:
+            out["rejected"] = rejected
         return out
 
     def routes(self, web):

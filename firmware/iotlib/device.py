@@ -3,7 +3,7 @@
 # (the local API keeps serving on the last-known-good config, alarms and state are buffered and resynced in full).
 # A controller subclass gives: device_type, capabilities, schema()/defaults(), setup_domain(), domain routes, the
 # state-delta handler and its own supervised tasks.
-from iotlib.compat import asyncio, ticks_ms, ticks_diff, mem_free, clock_synced
+from iotlib.compat import asyncio, ticks_ms, ticks_diff, mem_free, clock_synced, urandom
 from iotlib import log as _logmod
 from iotlib import __version__
 
@@ -41,6 +41,9 @@ class Device:
     #: Fewest seconds between two Wi-Fi reconnects ordered by the heartbeat ladder: while the control plane is away
     #: the ladder repeats, and every reconnect takes the local API off the network for a few seconds.
     wifi_reconnect_min_s = 600
+    #: Hold each heartbeat as a long-poll for up to one heartbeat interval (docs/protocol.md §5): a config or desired
+    #: state change reaches the device within a round trip instead of at its next heartbeat, on the same connection.
+    longpoll = True
     #: Ed25519 public key (64 hex) OTA manifests must be signed with; None disables OTA (docs/ota.md)
     ota_public_key = None
     #: DER bytes of the CA that signed the control plane's certificate (https discovery URL); None: the port's default
@@ -80,6 +83,8 @@ class Device:
         self.safe_mode = False
         self.healthy = False
         self._ota_wake = asyncio.Event()
+        self._known = [None, None]  # config and state versions the control plane has told of (the long-poll's base)
+        self._reg_wake = asyncio.Event()
 
     # --- subclass hooks --------------------------------------------------------------------------------------------
     def schema(self):
@@ -172,10 +177,14 @@ class Device:
         self.cfg.on_change("api", self._apply_api)
         self.cfg.on_change("log", lambda sec: _logmod.set_level(sec["level"]))
         self.cfg.on_change("time", self._apply_time)
-        self.cfg.on_change("heartbeat_interval_s", lambda v: self.wd.set_heartbeat_interval(v * 1000))
-        self.wd.heartbeat_interval_ms = self.cfg.config["heartbeat_interval_s"] * 1000
+        self.cfg.on_change("heartbeat_interval_s", self._heartbeat_every)
+        self._heartbeat_every(self.cfg.config["heartbeat_interval_s"])
         _log.info("boot", device_id=self.device_id, type=self.device_type, config_version=self.cfg.version,
                   last_known_good=loaded, reset_cause=self.boot_info.get("reset_cause"))
+
+    def _heartbeat_every(self, s):
+        self.wd.heartbeat_hold_ms = s * 1000 if self.longpoll else 0
+        self.wd.set_heartbeat_interval(s * 1000)
 
     def _reg_info(self):
         info = {"device_type": self.device_type, "firmware": __version__, "capabilities": list(self.capabilities),
@@ -293,7 +302,9 @@ class Device:
                 wait = self.config_poll_s
             except Exception as e:  # HTTPError, AuthError, OSError: degrade, retry with backoff
                 self._lost(_logmod.exc_summary(e), delay)
-                wait = delay
+                # jittered over half..all of it: a fleet that lost the control plane together must not come back
+                # together
+                wait = delay * (128 + urandom(1)[0] // 2) / 255
                 delay = min(delay * 2, self.retry_max_s)
             self.wd.checkin("cloud")
             self._config_wake.clear()
@@ -307,6 +318,7 @@ class Device:
         from iotlib.state import StateManager
         from iotlib.timesync import TimeSyncManager
         self.registered = True
+        self._reg_wake.set()
         iv = self.auth.intervals or {}
         if iv.get("config_poll"):
             self.config_poll_s = iv["config_poll"]
@@ -342,6 +354,13 @@ class Device:
             _log.info("time synced", server="registration", offset_ms=step)
 
     async def _send_heartbeat(self, body):
+        if (not self.auth.token or not self.auth.services.get("heartbeat")) and self.wd.heartbeat_hold_ms:
+            # not registered yet: wait for it as long as a poll would be held, not a failed heartbeat's retry delay
+            self._reg_wake.clear()
+            try:
+                await asyncio.wait_for(self._reg_wake.wait(), self.wd.heartbeat_hold_ms / 1000)
+            except asyncio.TimeoutError:
+                pass
         if not self.auth.token or not self.auth.services.get("heartbeat"):
             raise OSError("not registered")
         mf = body.get("mem_free")
@@ -351,9 +370,25 @@ class Device:
         body["config_version"] = self.cfg.version
         sm = getattr(self, "sm", None)
         body["state_version"] = sm.version if sm else None
+        url = self.auth.services["heartbeat"]
+        hold = self.wd.heartbeat_hold_ms // 1000
+        if hold:
+            # the long-poll answers when a version differs from the newest we know of: told by the last answer, or
+            # reached by our own fetches and updates (our own report must not answer our poll)
+            url += "?wait=%d" % hold
+            k = self._known
+            for i, name, mine in ((0, "config_version", self.cfg.version), (1, "state_version", body["state_version"])):
+                if mine is not None and (k[i] is None or mine > k[i]):
+                    k[i] = mine
+                if k[i] is not None:
+                    url += "&%s=%d" % (name, k[i])
+        from iotlib.http import Yielded
         try:
-            r = await self.http.request("POST", self.auth.services["heartbeat"], json=body,
-                                        headers=self.auth.auth_header())
+            r = await self.http.request("POST", url, json=body, headers=self.auth.auth_header(),
+                                        timeout_ms=self.wd.heartbeat_timeout_ms + hold * 1000, yieldable=hold > 0)
+        except Yielded:  # a report, an alarm or a fetch needed the connection: poll again once it is done
+            self.wd.again = True
+            return {"ack": body["seq"]}
         except BaseException as e:  # HTTPError, or the watchdog's timeout cancelling an exchange a hung server holds
             if not self.degraded:  # said once per episode, not at every heartbeat
                 self._lost("heartbeat: " + (_logmod.exc_summary(e) or "timeout"))
@@ -363,6 +398,9 @@ class Device:
             self._config_wake.set()
             raise OSError("heartbeat: token refused")
         if r.status != 200:
+            ra = r.headers.get("retry-after")
+            if ra and ra.isdigit():
+                self.wd.retry_after_ms = int(ra) * 1000
             raise OSError("heartbeat: HTTP %d" % r.status)
         self._contact()
         return r.json()
@@ -370,6 +408,11 @@ class Device:
     def _heartbeat_answer(self, answer):
         pending = answer.get("pending") or {}
         cv = pending.get("config_version")
+        k = self._known
+        for i, v in ((0, cv), (1, pending.get("state_version"))):
+            if isinstance(v, int) and v != k[i]:
+                k[i] = v
+                self.wd.again = True  # news: hold the next poll at once
         if isinstance(cv, int) and cv != self.cfg.version and (self.cfg.rejected is None or self.cfg.rejected[0] != cv):
             self._config_wake.set()
         if pending.get("ota"):
@@ -503,9 +546,10 @@ class Device:
         self.net.on_change(self._wifi_up)
         await self.net.connect()
         if not self.safe_mode:
+            from iotlib import hal
             self.build_web()
-            await self.web.start(self.host, self.port)
-            _log.info("listening", port=self.port)
+            await self.web.start(self.host, hal.listen_port(self.port))
+            _log.info("listening", port=self.web.port)
         wd = self.wd
         wd.supervise("net", self.net.run, critical=False)
         wd.supervise("cloud", self._cloud, window_ms=(self.retry_max_s + self.config_poll_s + 30) * 1000)

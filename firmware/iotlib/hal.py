@@ -85,6 +85,10 @@ if SIMULATED:
         b = _sim.board
         b.rtc_epoch_ms = ms
         b.rtc_set_at = b.now_ms()
+
+    def listen_port(port):
+        """The host port standing in for the board's `port` (port 80 needs privileges on the host)."""
+        return _sim.board.port_map.get(port, port)
 else:
     Pin = _machine.Pin
     ADC = _machine.ADC
@@ -123,6 +127,9 @@ else:
         import time
         t = time.gmtime(ms // 1000)
         _machine.RTC().datetime((t[0], t[1], t[2], t[6], t[3], t[4], t[5], 0))
+
+    def listen_port(port):
+        return port
 
     def _hw_cause():
         rc = _machine.reset_cause()

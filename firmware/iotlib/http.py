@@ -15,6 +15,10 @@ class HTTPError(Exception):
     """The request did not produce a complete, well-formed HTTP response. str(e) is the reason."""
 
 
+class Yielded(HTTPError):
+    """A yieldable request (a long-poll) gave the connection up to another request: ask again, nothing was lost."""
+
+
 class Response:
     __slots__ = ("status", "reason", "headers", "body")
 
@@ -112,8 +116,12 @@ class HTTPClient:
         self.link_check = None
         self._ctx = None
         self._lock = None
+        self._poll = None     # the task whose yieldable request holds the connection
+        self._yield = False   # another request asked it to give the connection up
+        self._waiting = 0     # requests waiting for the connection
         self.requests = 0
         self.failures = 0
+        self.yields = 0
 
     def _tls(self):
         if self._ctx is None:
@@ -123,7 +131,9 @@ class HTTPClient:
                 raise HTTPError("TLS setup failed: %s" % (e,))
         return self._ctx
 
-    async def request(self, method, url, json=None, headers=None, body=None, timeout_ms=None):
+    async def request(self, method, url, json=None, headers=None, body=None, timeout_ms=None, yieldable=False):
+        """yieldable: a long-poll; any other request arriving meanwhile takes the connection over at once (the
+        long-poll raises Yielded), so one connection serves both without a report waiting out a poll."""
         scheme, host, port, path = parse_url(url)
         if json is not None:
             body = _json.dumps(json)
@@ -141,14 +151,39 @@ class HTTPClient:
         head = ("\r\n".join(lines) + "\r\n\r\n").encode()
         if self._lock is None:
             self._lock = asyncio.Lock()
-        async with self._lock:
+        if self._poll is not None and not self._yield:
+            self._yield = True
+            self.yields += 1
+            self._poll.cancel()  # delivered at the long-poll's next await, which is inside _exchange
+        self._waiting += 1
+        try:
+            await self._lock.acquire()
+        finally:
+            self._waiting -= 1
+        try:
+            if yieldable:
+                if self._waiting:  # queued before the poll got the connection: it goes first
+                    raise Yielded("another request is waiting for the connection")
+                self._poll = asyncio.current_task()
             self.requests += 1
-            try:
-                return await self._exchange(scheme, host, port, head, body, method,
-                                            self.timeout_ms if timeout_ms is None else timeout_ms)
-            except HTTPError:
+            return await self._exchange(scheme, host, port, head, body, method,
+                                        self.timeout_ms if timeout_ms is None else timeout_ms)
+        except HTTPError as e:
+            if not isinstance(e, Yielded):
                 self.failures += 1
+            raise
+        except asyncio.CancelledError:
+            if not (yieldable and self._yield):
                 raise
+            t = asyncio.current_task()
+            if hasattr(t, "uncancel"):  # CPython counts cancellations; this one is handled
+                t.uncancel()
+            raise Yielded("long-poll gave the connection up")
+        finally:
+            if yieldable:
+                self._poll = None
+                self._yield = False
+            self._lock.release()
 
     async def _exchange(self, scheme, host, port, head, body, method, timeout_ms):
         ssl = self._tls() if scheme == "https" else None

@@ -10,6 +10,16 @@ _MAX_PIN = const(28)
 _RESERVED = (23, 24, 25, 29)
 POWER_ON = ("off", "on", "restore")
 FAILSAFE = ("keep", "off", "on")
+#: Keys of the reported state that are not relays (the cause of each relay's last switch, refused desired values).
+RESERVED = ("cause", "rejected")
+# Why a relay switched (on_change's third argument, the reported `cause`, the switch log line; docs/devices.md).
+LOCAL = "local"
+DESIRED = "desired"
+PULSE = "pulse"
+MAX_ON = "max_on"
+FAILSAFE_CAUSE = "failsafe"
+INTERLOCK = "interlock"
+POWER_ON_CAUSE = "power_on"
 
 
 class RelayError(ValueError):
@@ -36,6 +46,8 @@ def validate(relays):
         if not isinstance(name, str) or not name or len(name) > 32 or not all(c.isalpha() or c.isdigit() or c in "_-"
                                                                              for c in name):
             errs.append(p + ": name must be 1-32 chars of [A-Za-z0-9_-]")
+        elif name in RESERVED:
+            errs.append(p + ": name reserved (a key of the reported state)")
         if not isinstance(r, dict):
             errs.append(p + ": must be an object")
             continue
@@ -68,7 +80,7 @@ def validate(relays):
 
 class _Relay:
     __slots__ = ("name", "pin_no", "active_low", "power_on", "group", "max_on_ms", "pulse_ms", "failsafe", "pin",
-                 "on", "timer", "switches")
+                 "on", "timer", "switches", "cause")
 
     def __init__(self, name, cfg):
         self.name = name
@@ -83,6 +95,7 @@ class _Relay:
         self.on = False
         self.timer = None
         self.switches = 0
+        self.cause = None
 
     def level(self, on):
         return (0 if on else 1) if self.active_low else (1 if on else 0)
@@ -97,7 +110,8 @@ class RelayBank:
     def __init__(self, path=None, pin_factory=None, on_change=None):
         """path: JSON file for the states of relays whose power_on is "restore" (None: not persisted).
         pin_factory(pin_no, level) -> object with .value(v); defaults to iotlib.hal.Pin.
-        on_change(name, state_str): called after every effective switch (reporting, metrics)."""
+        on_change(name, state_str, cause): called after every effective switch (reporting, metrics, the switch log);
+        cause is one of LOCAL, DESIRED, PULSE, MAX_ON, FAILSAFE_CAUSE, INTERLOCK, POWER_ON_CAUSE."""
         self._path = path
         self._pins = pin_factory or _default_pin_factory
         self._on_change = on_change
@@ -126,6 +140,7 @@ class RelayBank:
             elif name in old:
                 r.on = old[name].on
                 r.switches = old[name].switches
+                r.cause = old[name].cause
         self._enforce_interlock(new)
         # Release relays that go away or move pins/polarity: their old pin is switched off first.
         for name, o in old.items():
@@ -145,9 +160,13 @@ class RelayBank:
         for r in new.values():
             if r.on:
                 r.pin.value(r.level(True))
-                self._arm(r, r.pulse_ms or r.max_on_ms)
+                self._arm(r, r.pulse_ms, r.max_on_ms)
         self._relays = new
         self._persist()
+        if boot:
+            for r in new.values():
+                if r.on:
+                    self._notify(r, POWER_ON_CAUSE)
 
     def _enforce_interlock(self, relays):
         groups = {}
@@ -173,16 +192,20 @@ class RelayBank:
     def states(self):
         return {n: ("on" if r.on else "off") for n, r in self._relays.items()}
 
+    def causes(self):
+        """{name: cause of its last switch} for the relays that switched since boot."""
+        return {n: r.cause for n, r in self._relays.items() if r.cause is not None}
+
     def describe(self, name):
         r = self._relays[name]
         return {"name": name, "state": "on" if r.on else "off", "pin": r.pin_no, "active_low": r.active_low,
                 "power_on": r.power_on, "interlock": r.group, "max_on_s": r.max_on_ms / 1000, "pulse_ms": r.pulse_ms,
-                "failsafe": r.failsafe, "switches": r.switches}
+                "failsafe": r.failsafe, "switches": r.switches, "cause": r.cause}
 
-    async def set(self, name, state, pulse_ms=None):
+    async def set(self, name, state, pulse_ms=None, cause=LOCAL):
         """Switch relay name to "on" | "off" | "toggle" (bool accepted). pulse_ms: switch back off after that long
-        (default: the relay's configured pulse_ms; max_on_s caps any on-time). Returns the new state string.
-        KeyError for an unknown relay, ValueError for a bad state or pulse."""
+        (default: the relay's configured pulse_ms; max_on_s caps any on-time). cause: LOCAL or DESIRED (passed to
+        on_change). Returns the new state string. KeyError for an unknown relay, ValueError for a bad state or pulse."""
         r = self._relays[name]
         if state is True or state is False:
             state = "on" if state else "off"
@@ -193,40 +216,45 @@ class RelayBank:
             raise ValueError("pulse_ms must be an integer 1-%d" % self.max_pulse_ms)
         async with self._lock:
             on = (not r.on) if state == "toggle" else state == "on"
-            self._switch(r, on, pulse_ms)
+            self._switch(r, on, pulse_ms, cause)
         return "on" if r.on else "off"
 
-    def _switch(self, r, on, pulse_ms=None):
+    def _switch(self, r, on, pulse_ms, cause):
         # Synchronous from here on: no other coroutine can run between the offs and the on.
         self._cancel_timer(r)
         if on and r.group is not None:
             for o in self._relays.values():
                 if o is not r and o.on and o.group == r.group:
-                    self._write(o, False)
-        self._write(r, on)
+                    self._write(o, False, INTERLOCK)
+        self._write(r, on, cause)
         if on:
-            limit = r.max_on_ms
-            p = pulse_ms or r.pulse_ms
-            if p and (not limit or p < limit):
-                limit = p
-            self._arm(r, limit)
+            self._arm(r, pulse_ms or r.pulse_ms, r.max_on_ms)
         self._persist()
 
-    def _write(self, r, on):
+    def _write(self, r, on, cause):
         changed = r.on != on
         r.pin.value(r.level(on))
         r.on = on
         if changed:
             r.switches += 1
-            if self._on_change:
-                try:
-                    self._on_change(r.name, "on" if on else "off")
-                except Exception:
-                    pass  # a reporting failure must never leave a relay half-switched
+            self._notify(r, cause)
 
-    def _arm(self, r, ms):
-        if ms:
-            r.timer = asyncio.create_task(self._off_after(r, ms))
+    def _notify(self, r, cause):
+        r.cause = cause
+        if self._on_change:
+            try:
+                self._on_change(r.name, "on" if r.on else "off", cause)
+            except Exception:
+                pass  # a reporting failure must never leave a relay half-switched
+
+    def _arm(self, r, pulse, limit):
+        # the shorter of the pulse and the on-time cap ends this "on"; the cause names which one it was
+        cause = MAX_ON
+        if pulse and (not limit or pulse < limit):
+            limit = pulse
+            cause = PULSE
+        if limit:
+            r.timer = asyncio.create_task(self._off_after(r, limit, cause))
 
     def _cancel_timer(self, r):
         t = r.timer
@@ -235,19 +263,19 @@ class RelayBank:
             if t is not _current_task():
                 t.cancel()
 
-    async def _off_after(self, r, ms):
+    async def _off_after(self, r, ms, cause):
         await sleep_ms(ms)
         async with self._lock:
             if self._relays.get(r.name) is r and r.on:
                 r.timer = None
-                self._write(r, False)
+                self._write(r, False, cause)
                 self._persist()
 
-    async def all_off(self):
+    async def all_off(self, cause=LOCAL):
         async with self._lock:
             for r in self._relays.values():
                 self._cancel_timer(r)
-                self._write(r, False)
+                self._write(r, False, cause)
             self._persist()
 
     async def apply_failsafe(self):
@@ -258,11 +286,11 @@ class RelayBank:
             for r in self._relays.values():
                 if r.failsafe == "off" and r.on:
                     self._cancel_timer(r)
-                    self._write(r, False)
+                    self._write(r, False, FAILSAFE_CAUSE)
                     changed.append(r.name)
             for r in self._relays.values():
                 if r.failsafe == "on" and not r.on:
-                    self._switch(r, True)
+                    self._switch(r, True, None, FAILSAFE_CAUSE)
                     changed.append(r.name)
             self._persist()
         return changed

@@ -32,7 +32,7 @@ def install(web, bank):
             await bank.set(relay, state, pulse)
         except ValueError as e:
             return error(400, str(e))
-        _log.info("relay switched", relay=relay, state=bank.state(relay), by=(req.g.claims or {}).get("sub"),
+        _log.info("relay command", relay=relay, state=bank.state(relay), by=(req.g.claims or {}).get("sub"),
                   pulse_ms=pulse)
         return bank.describe(relay)
 

@@ -2,6 +2,9 @@
 # (re)connect GET the full document first and act on its delta, so no desired change is missed while offline.
 # Reported updates are partial, carry the version they were based on, and are retried after a 409 with the fresh
 # document. While offline they wait in a small queue that coalesces them.
+# A device-side override (override(): a local command, a timer, a safety rule) of a desired value already applied clears
+# that desired key in the same versioned update, so the stale value is never applied again; a desired value written
+# after it (a new metadata timestamp) is applied as usual (docs/protocol.md §4, "Who wins").
 from iotlib.compat import asyncio
 
 _MISSING = object()
@@ -111,6 +114,8 @@ class StateManager:
         self._cbs = []
         self._last_delta = None
         self._event = None
+        self._meta = {}
+        self._clears = {}  # key -> (overridden desired value, its metadata timestamp)
 
     # --- the application's side ---------------------------------------------------------------------------------
 
@@ -137,6 +142,17 @@ class StateManager:
                 self._pending[0] = _force_merge(first, self._pending[0])
                 self.dropped += 1
         self._wake()
+
+    def override(self, key, value):
+        """The device set top-level `key` to `value` on its own. If the shadow desires something else for it, that
+        desired key is cleared with the next update (versioned): the cloud never re-applies the stale value."""
+        if key in self.desired and self.desired[key] != value:
+            self._clears[key] = (self.desired[key], self._ts(key))
+            self._wake()
+
+    def _ts(self, key):
+        m = self._meta.get(key)
+        return m.get("timestamp") if isinstance(m, dict) else None
 
     def pending(self):
         """The queued updates (copies), oldest first."""
@@ -203,15 +219,28 @@ class StateManager:
         self.desired = st.get("desired") or {}
         self.reported = st.get("reported") or {}
         self.delta = st.get("delta") or {}
-        await self._deliver(self.delta, force)
+        md = doc.get("metadata")
+        md = md.get("desired") if isinstance(md, dict) else None
+        self._meta = md if isinstance(md, dict) else {}
+        delta = self.delta
+        for k in list(self._clears):
+            if k in self.desired and (self.desired[k], self._ts(k)) == self._clears[k]:
+                if k in delta:  # still the value the device overrode: never applied again
+                    delta = copy(delta)
+                    del delta[k]
+            else:  # cleared, or written again since: applied as usual
+                del self._clears[k]
+        await self._deliver(delta, force)
 
     async def _deliver(self, delta, force):
         if not delta:
             self._last_delta = None
             return
-        if not force and delta == self._last_delta:
+        # what was delivered: the values and when each was desired (the same value desired again is a new command)
+        seen = (delta, [self._ts(k) for k in sorted(delta)])
+        if not force and seen == self._last_delta:
             return  # already acted on (e.g. a refused desired value stays in delta)
-        self._last_delta = copy(delta)
+        self._last_delta = (copy(delta), seen[1])
         for cb in self._cbs:
             try:
                 r = cb(copy(delta))
@@ -243,16 +272,23 @@ class StateManager:
         return self.document
 
     async def flush(self):
-        """Send queued reported updates, oldest first. 409 → refetch, re-apply, retry with the fresh version."""
+        """Send queued reported updates (and desired keys to clear), oldest first. 409 → refetch, re-apply, retry with
+        the fresh version."""
         conflicts = 0
-        while self._pending:
-            body = {"state": {"reported": self._pending[0]}}
+        while self._pending or self._clears:
+            st = {}
+            if self._pending:
+                st["reported"] = self._pending[0]
+            if self._clears:
+                st["desired"] = {k: None for k in self._clears}
+            body = {"state": st}
             if self.version is not None:
                 body["version"] = self.version
             r = await self._call("POST", body)
             if r.status == 200:
-                self._pending.pop(0)
-                self.updates_sent += 1
+                if self._pending:
+                    self._pending.pop(0)
+                    self.updates_sent += 1
                 await self._apply(self._doc(r), False)
             elif r.status == 409:
                 self.conflicts += 1
@@ -261,6 +297,9 @@ class StateManager:
                     raise StateError("version conflict persists after %d retries" % self.max_conflict_retries)
                 await self.fetch()
             elif r.status in (400, 413, 422):
+                if not self._pending:
+                    self._clears = {}  # a server that refuses the clear: the next full sync tells the truth
+                    continue
                 bad = self._pending.pop(0)
                 if len(bad) > 1:
                     # possibly several reports coalesced: send its fields one by one, so that one refused field

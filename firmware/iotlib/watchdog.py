@@ -39,6 +39,12 @@ class WatchdogManager:
     #: Heartbeat period, and how long one heartbeat may wait for its answer before it counts as missed.
     heartbeat_interval_ms = 10000
     heartbeat_timeout_ms = 10000
+    #: ms the control plane may hold a heartbeat as a long-poll (docs/protocol.md §5); 0: plain heartbeats. A held
+    #: heartbeat is the pause itself: the next one starts when it ends, or one interval after it started.
+    heartbeat_hold_ms = 0
+    #: Longest pause (ms, before jitter) after failed heartbeats, however long the interval: with long-polls the
+    #: heartbeat is how changes arrive, so a long interval must not keep a device deaf for as long.
+    retry_cap_ms = 60000
     #: Consecutive missed heartbeats at which each escalation step runs (once per episode). missed_reset = None never
     #: resets: the ladder then repeats reconnect/re-register every missed_reregister misses (degraded mode for ever).
     missed_reconnect = 3
@@ -69,6 +75,9 @@ class WatchdogManager:
         self.acks = 0
         self.missed = 0         # in a row
         self.missed_total = 0
+        self.again = False      # send the next heartbeat at once (the answer brought news, the poll gave way)
+        self._quick = 0         # long-polls in a row answered at once with nothing new
+        self.retry_after_ms = 0  # the server's Retry-After on its last refusal
 
     # ---- supervised tasks ----
     def supervise(self, name, coro_fn, critical=True, window_ms=None):
@@ -218,9 +227,38 @@ class WatchdogManager:
     async def _heartbeat_loop(self):
         while True:
             self.checkin("heartbeat")
-            await self.beat()
+            t0 = hal.ticks_ms()
+            ok = await self.beat()
             self.checkin("heartbeat")
-            await self._sleep_ms(self.heartbeat_interval_ms)
+            iv = self.heartbeat_interval_ms
+            r = urandom(1)[0]
+            if ok and self.heartbeat_hold_ms:
+                held = ticks_diff(hal.ticks_ms(), t0)
+                # next poll at once after news, a poll given up, or one the server held (it may cap the hold below
+                # ours); answers that come at once with nothing new (a server that does not hold, one draining for
+                # a shutdown) back off 2 s, 4 s, … up to the interval, jittered
+                if self.again or held >= min(self.heartbeat_hold_ms, 1000):
+                    self.again = False
+                    self._quick = 0
+                    continue
+                self._quick += 1
+                b = min(iv, 1000 << (self._quick if self._quick < 7 else 7))
+                delay = b // 2 + r * b // 255
+            elif ok:
+                delay = iv
+            else:
+                # a failed heartbeat: min(interval, retry_cap_ms), with long-polls a capped exponential backoff
+                # (2 s, 4 s, … up to that), each spread over half..1.5 of it, because a whole fleet fails together
+                # when the server goes away; never before the server's Retry-After
+                b = min(iv, self.retry_cap_ms)
+                if self.heartbeat_hold_ms:  # the poll is how changes arrive: come back soon after a short outage
+                    b = min(b, 1000 << (self.missed if self.missed < 7 else 7))
+                delay = b // 2 + r * b // 255
+                if delay < self.retry_after_ms:
+                    delay = self.retry_after_ms + r * iv // 510
+                self.retry_after_ms = 0
+            if delay > 0:
+                await self._sleep_ms(delay)
 
     def uptime_s(self):
         return ticks_diff(hal.ticks_ms(), self._t0) // 1000
@@ -236,7 +274,8 @@ class WatchdogManager:
             body.update(self._payload())
         answer = None
         try:
-            answer = await asyncio.wait_for(self._send(body), self.heartbeat_timeout_ms / 1000)
+            answer = await asyncio.wait_for(self._send(body),
+                                            (self.heartbeat_timeout_ms + self.heartbeat_hold_ms) / 1000)
             ok = isinstance(answer, dict) and answer.get("ack") == seq
             if not ok:
                 _log.warning("heartbeat answer without our ack", seq=seq, answer=answer)

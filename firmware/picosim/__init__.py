@@ -31,8 +31,9 @@ class Board:
     #: Pin transitions kept for tests (oldest dropped first): enough for relay interlock proofs, bounded for long sims.
     max_pin_events = 256
 
-    def __init__(self, flash_root=None, clock="real", devices=True):
+    def __init__(self, flash_root=None, clock="real", devices=True, port_map=None):
         self._flash_root = flash_root or os.getenv("PICOIOT_FLASH") or "flash"
+        self.port_map = port_map or {}  # board port -> host port (hal.listen_port): port 80 is privileged on a host
         self._flash_ready = False
         self.manual_clock = clock == "manual"
         self._now = 0           # manual clock
@@ -484,12 +485,14 @@ def _sub(name):
     return __import__("picosim." + name, None, None, [name])
 
 
-def configure(flash_root=None, clock="real", devices=True):
+def configure(flash_root=None, clock="real", devices=True, port_map=None):
     """Start a fresh simulated board (the tests' set-up): flash_root (default $PICOIOT_FLASH or ./flash), clock
     "real" (host ticks, advance() adds to them) or "manual" (only advance() moves it), and with `devices` the
-    default sensors: a BME280 at 0x76 and an SHT3x at 0x44 on I2C bus 0. Returns the board."""
+    default sensors: a BME280 at 0x76 and an SHT3x at 0x44 on I2C bus 0. port_map {board port: host port}: where
+    the board's listening ports are on the host (a controller's default port 80 is privileged there). Returns the
+    board."""
     global board
-    board = base.current[0] = Board(flash_root, clock, devices)
+    board = base.current[0] = Board(flash_root, clock, devices, port_map)
     return board
 
 

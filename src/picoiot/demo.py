@@ -138,7 +138,8 @@ class Demo:
             ("switch relay1 on over REST",
              f'curl -s -X POST -H "Authorization: Bearer $RELAYS_OPERATOR" -H "Content-Type: application/json" '
              f'-d \'{{"state": "on"}}\' {relays["url"]}/gpio/relay1'),
-            ("switch relay1 off through the control plane (desired state; the device applies and reports it)",
+            ("switch relay1 off through the control plane (desired state: pushed over the device's held long-poll, "
+             "at the pin in tens of ms; the device applies and reports it)",
              f'curl -s -X POST -H "Authorization: Bearer $CP_OPERATOR" -H "Content-Type: application/json" '
              f'-d \'{{"state": {{"desired": {{"relay1": "off"}}}}}}\' '
              f'{cp}/api/v1/namespaces/{NAMESPACE}/devices/{relays["id"]}/shadows/default'),
@@ -213,6 +214,12 @@ def _print(console, demo: Demo, info: dict) -> None:
     for what, cmd in demo.examples(info):
         console.print(f"  [dim]# {what}[/]")
         console.print(f"  {cmd}", soft_wrap=True, highlight=False, markup=False)
+    console.print("\n[bold]cloud vs device[/]  a desired state reaches the relay in tens of ms (the device holds a "
+                  "long-poll; docs/benchmarks.md). When they disagree the device wins: a local POST /gpio, a pulse's "
+                  "end, max_on_s, interlock and failsafe override a desired value already applied, and the device "
+                  "clears it from the shadow, so the cloud never switches the relay back; a desired value written "
+                  "later is applied. Each switch's cause is in the device log, GET /gpio/<relay> and the shadow's "
+                  "reported.cause.", soft_wrap=True, highlight=False)
     console.print(f"\nall of this is in {demo.dir / 'demo.json'};  logs in {demo.dir / 'logs'}")
 
 

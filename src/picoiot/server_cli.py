@@ -166,10 +166,13 @@ def _uvicorn_server(settings, host: str, port: int):
         loop = "uvloop"
     except ImportError:  # pragma: no cover
         loop = "asyncio"
-    config = uvicorn.Config(create_app(settings), host=host, port=port, log_level="warning", access_log=False, loop=loop,
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, loop=loop,
                             timeout_graceful_shutdown=5, server_header=False,
                             ssl_certfile=settings.tls_cert, ssl_keyfile=settings.tls_key)
-    return _QuietExitServer(config), loop
+    srv = _QuietExitServer(config)
+    srv.on_exit = app.state.cp.notifier.drain  # held long-polls answer at once: devices re-poll another replica
+    return srv, loop
 
 
 def _write_server_info(ddir: Path, url: str, ntp: Optional[str], workers: int = 1) -> None:
@@ -343,10 +346,14 @@ def _quiet_exit_server_class():
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     loop.remove_signal_handler(sig)
 
+        on_exit = None
+
         def _on_signal(self, sig) -> None:
             if self.should_exit and sig == signal.SIGINT:
                 self.force_exit = True
             self.should_exit = True
+            if self.on_exit is not None:
+                self.on_exit()
 
     return QuietExitServer
 

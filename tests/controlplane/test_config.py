@@ -47,7 +47,7 @@ def test_layering_group_then_device_overrides_and_null_removes(server):
     cfg = body["config"]
     assert cfg["log"]["level"] == "debug"          # from the group
     assert cfg["failsafe_after_s"] == 5            # the device beats the group
-    assert "relay2" not in cfg["relays"] and cfg["relays"]["relay1"]["pin"] == 16  # null removed, rest kept
+    assert "relay2" not in cfg["relays"] and cfg["relays"]["relay1"]["pin"] == 2  # null removed, rest kept
     # the group changes: members get a new version
     server.client.put("/api/v1/namespaces/default/groups/garage", headers=a, json={"overrides": {}})
     body = _cfg(server, d).json()

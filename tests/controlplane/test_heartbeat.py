@@ -62,6 +62,29 @@ def test_long_poll_heartbeat_answers_at_once_when_something_is_pending(server):
     assert r.json()["pending"]["config_version"] == 1
 
 
+def test_long_poll_compares_with_the_versions_the_device_knows_of(server):
+    # a device told of config 1 that it refused (it still runs 0): with config_version=1 in the query the long-poll
+    # waits for the next change instead of answering at once, again and again
+    d = server.register("relay-1")
+    out = {}
+
+    def poll():
+        out["r"] = _hb(server, d, params={"wait": 15, "config_version": 1, "state_version": 0},
+                       config_version=0, state_version=0)
+
+    t = threading.Thread(target=poll)
+    t.start()
+    wait_until(lambda: server.cp.metrics.longpolls.labels("heartbeat")._value.get() >= 1)
+    assert t.is_alive(), out
+    server.client.post("/api/v1/namespaces/default/devices/relay-1/shadows/default",
+                       headers=server.auth("operator"), json={"state": {"desired": {"relay1": "on"}}})
+    t.join(20)
+    assert out["r"].json()["pending"] == {"config_version": 1, "state_version": 1, "ota": None}
+    assert _device(server)["heartbeat"]["config_version"] == 0  # the body stays what the device runs
+    r = _hb(server, d, params={"wait": 1, "config_version": -1})
+    assert r.status_code == 422 and r.json()["detail"]["path"] == "config_version"
+
+
 def test_missed_ttl_goes_offline_with_an_alarm_and_the_next_heartbeat_resolves_it(server_factory):
     s = server_factory(ttl_missed=1, ttl_slack_s=0, sweep_interval_s=0.05)
     a = s.auth()

@@ -58,6 +58,10 @@ def test_demo_comes_up_writes_demo_json_answers_and_stops_on_ctrl_c(tmp_path, bu
         assert set(devs) == {"relays", "sensors"}, info
         # demo.json is written just before the table is printed: wait for the output rather than race it
         wait_until(lambda: all(d["url"] in log.read_text() for d in info["devices"]), 30, "device URLs printed")
+        # and it says how fast a cloud change gets to a relay, and who wins a disagreement
+        wait_until(lambda: "cloud vs device" in log.read_text(), 30, "the cloud-vs-device note")
+        note = " ".join(log.read_text().split())
+        assert "tens of ms" in note and "the device wins" in note and "clears it from the shadow" in note, note
         assert all(d["runtime"] == "micropython" for d in info["devices"]), info["devices"]
         tokens = info["tokens"]
         assert set(tokens["control_plane"]) == {"viewer", "operator", "admin"}

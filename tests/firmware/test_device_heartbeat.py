@@ -5,6 +5,7 @@ from iotlib.device import Device
 
 class _Resp:
     status = 200
+    headers = {}
 
     def json(self):
         return {"ack": 1, "pending": {}}
@@ -13,10 +14,20 @@ class _Resp:
 class _HTTP:
     def __init__(self):
         self.sent = []
+        self.urls = []
+        self.kw = []
 
-    async def request(self, method, url, json=None, headers=None):
+    async def request(self, method, url, json=None, headers=None, **kw):
         self.sent.append(json)
+        self.urls.append(url)
+        self.kw.append(kw)
         return _Resp()
+
+
+class _WD:
+    heartbeat_hold_ms = 0
+    heartbeat_timeout_ms = 10000
+    again = False
 
 
 class _Auth:
@@ -29,6 +40,14 @@ class _Auth:
 
 class _Cfg:
     version = 3
+    rejected = None
+
+
+class _Flag:
+    is_set = False
+
+    def set(self):
+        self.is_set = True
 
 
 class _Dev:
@@ -37,6 +56,10 @@ class _Dev:
         self.cfg = _Cfg()
         self.http = _HTTP()
         self.contacts = 0
+        self.wd = _WD()
+        self._known = [None, None]
+        self._config_wake = _Flag()
+        self._ota_wake = _Flag()
 
     def _contact(self):
         self.contacts += 1
@@ -55,3 +78,31 @@ def test_heartbeat_carries_a_real_heap_figure():
     d = _Dev()
     fwtest.run(Device._send_heartbeat(d, {"seq": 2, "uptime": 5, "mem_free": 1234}))
     assert d.http.sent[0]["mem_free"] == 1234
+
+
+def test_long_poll_heartbeat_names_the_versions_it_was_told_of():
+    d = _Dev()
+    d.wd.heartbeat_hold_ms = 10000
+    fwtest.run(Device._send_heartbeat(d, {"seq": 1, "uptime": 5}))
+    assert d.http.urls[-1] == "http://127.0.0.1:1/hb?wait=10&config_version=3" and d.http.kw[-1]["yieldable"] is True
+    assert d.http.kw[-1]["timeout_ms"] == 20000
+    Device._heartbeat_answer(d, {"ack": 1, "pending": {"config_version": 4, "state_version": 9}})
+    assert d._known == [4, 9] and d.wd.again is True and d._config_wake.is_set
+    d.wd.again = False
+    Device._heartbeat_answer(d, {"ack": 2, "pending": {"config_version": 4, "state_version": 9}})
+    assert d.wd.again is False, "nothing new: the next poll is paced by the interval"
+    fwtest.run(Device._send_heartbeat(d, {"seq": 2, "uptime": 5}))
+    assert d.http.urls[-1] == "http://127.0.0.1:1/hb?wait=10&config_version=4&state_version=9"
+
+
+def test_a_yielded_long_poll_is_asked_again_at_once():
+    from iotlib.http import Yielded
+
+    class _Yielding(_HTTP):
+        async def request(self, method, url, json=None, headers=None, **kw):
+            raise Yielded("long-poll gave the connection up")
+    d = _Dev()
+    d.wd.heartbeat_hold_ms = 10000
+    d.http = _Yielding()
+    assert fwtest.run(Device._send_heartbeat(d, {"seq": 7, "uptime": 5})) == {"ack": 7}
+    assert d.wd.again is True and d.contacts == 0

@@ -255,3 +255,4 @@ def test_connect_timeout_when_the_accept_queue_is_full():
             s.close()
         ls.close()
     assert msg == "connect to 127.0.0.1:%d timed out" % port, msg
+

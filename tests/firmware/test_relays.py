@@ -234,19 +234,41 @@ def test_invalid_reload_changes_nothing():
 def test_failsafe_and_on_change_reporting():
     seen = []
     b = Board()
-    bank = R.RelayBank(pin_factory=b.factory, on_change=lambda n, s: seen.append((n, s)))
+    bank = R.RelayBank(pin_factory=b.factory, on_change=lambda n, s, c: seen.append((n, s, c)))
     bank.configure({"heater": {"pin": 2, "failsafe": "off"}, "fan": {"pin": 3, "failsafe": "on"},
                     "lamp": {"pin": 4}})
     fwtest.run(bank.set("heater", "on"))
-    fwtest.run(bank.set("lamp", "on"))
+    fwtest.run(bank.set("lamp", "on", cause=R.DESIRED))
     changed = fwtest.run(bank.apply_failsafe())
     assert sorted(changed) == ["fan", "heater"]
     assert bank.states() == {"heater": "off", "fan": "on", "lamp": "on"}
-    assert seen == [("heater", "on"), ("lamp", "on"), ("heater", "off"), ("fan", "on")]
+    assert seen == [("heater", "on", "local"), ("lamp", "on", "desired"), ("heater", "off", "failsafe"),
+                    ("fan", "on", "failsafe")]
+    assert bank.causes() == {"heater": "failsafe", "fan": "failsafe", "lamp": "desired"}
+
+
+def test_every_switch_names_its_cause():
+    seen = []
+    bank = R.RelayBank(pin_factory=Board().factory, on_change=lambda n, s, c: seen.append((n, s, c)))
+
+    async def go():
+        bank.configure({"boiler": {"pin": 2, "power_on": "on", "max_on_s": 0.03}, "bell": {"pin": 3, "pulse_ms": 20},
+                        "up": {"pin": 4, "interlock": "blind"}, "down": {"pin": 5, "interlock": "blind"}})
+        assert seen == [("boiler", "on", "power_on")]
+        assert bank.describe("boiler")["cause"] == "power_on" and bank.describe("bell")["cause"] is None
+        await bank.set("bell", "on")
+        await bank.set("up", "on", cause=R.DESIRED)
+        await bank.set("down", "on")
+        await asyncio.sleep(0.1)
+    fwtest.run(go())
+    assert seen[1:5] == [("bell", "on", "local"), ("up", "on", "desired"), ("up", "off", "interlock"),
+                         ("down", "on", "local")], seen
+    assert sorted(seen[5:]) == [("bell", "off", "pulse"), ("boiler", "off", "max_on")], seen
+    assert R.validate({"cause": {"pin": 2}}) == ["relays.cause: name reserved (a key of the reported state)"]
 
 
 def test_on_change_failure_does_not_break_switching():
-    def boom(n, s):
+    def boom(n, s, c):
         raise RuntimeError("report failed")
     bank = R.RelayBank(pin_factory=Board().factory, on_change=boom)
     bank.configure(cfg())

@@ -45,14 +45,22 @@ class Shadow:
         self.fail = []  # statuses to answer next, instead of doing the work
         self.token = "t.o.k"
         self.race = False  # an operator writes just before every device update
+        self.meta = {k: {"timestamp": 1} for k in self.desired}
+        self.clock = 1
 
     def doc(self):
         return {"state": {"desired": self.desired, "reported": self.reported,
                           "delta": _delta(self.desired, self.reported)},
-                "metadata": {}, "version": self.version, "timestamp": 1795000000000}
+                "metadata": {"desired": self.meta}, "version": self.version, "timestamp": 1795000000000}
 
     def operator_sets(self, patch):
         _merge(self.desired, patch)
+        self.clock += 1
+        for k, v in patch.items():
+            if v is None:
+                self.meta.pop(k, None)
+            else:
+                self.meta[k] = {"timestamp": self.clock}
         self.version += 1
 
     def __call__(self, method, path, headers, body):
@@ -68,6 +76,11 @@ class Shadow:
             self.operator_sets({"n": self.version})
         if "version" in body and body["version"] != self.version:
             return 409, {"error": "version conflict", "version": self.version}
+        clear = body["state"].get("desired", {})
+        assert all(v is None for v in clear.values()), "a device may only clear desired keys"
+        _merge(self.desired, clear)
+        for k in clear:
+            self.meta.pop(k, None)
         _merge(self.reported, body["state"].get("reported", {}))
         self.version += 1
         return 200, self.doc()
@@ -421,3 +434,63 @@ def test_patch_helpers():
     assert st.coalesce({"a": 1}, {"a": {"b": 1}}) == {"a": {"b": 1}}
     assert st.coalesce({"a": {"b": 1}}, {"a": None}) == {"a": None}
     assert st.depth({}) == 1 and st.depth(3) == 0 and st.depth({"a": {"b": {}}}) == 3
+
+
+def test_override_clears_the_applied_desired_key_in_a_versioned_update():
+    async def go():
+        sh = Shadow(desired={"relay1": "on", "relay2": "off"}, reported={})
+        app, sm = await _start(sh)
+        deltas = []
+        sm.on_delta(lambda d: deltas.append(d) or d)
+        try:
+            await sm.sync_full()
+            assert deltas == [{"relay1": "on", "relay2": "off"}]
+            # a safety timer switches relay1 off: the desired "on" is stale from now on
+            sm.report({"relay1": "off"})
+            sm.override("relay1", "off")
+            sm.override("relay2", "off")  # what the shadow desires anyway: nothing to clear
+            await sm.flush()
+            assert sh.desired == {"relay2": "off"} and sh.reported["relay1"] == "off"
+            last = [b for m, p, h, b in app.log if m == "POST"][-1]
+            assert last == {"state": {"reported": {"relay1": "off"}, "desired": {"relay1": None}},
+                            "version": last["version"]}
+            await sm.fetch()
+            assert deltas == [{"relay1": "on", "relay2": "off"}], "the stale value must never be delivered again"
+            # a desired value written after the override is applied as usual
+            sh.operator_sets({"relay1": "on"})
+            await sm.fetch()
+            assert deltas[-1] == {"relay1": "on"}
+        finally:
+            await app.stop()
+    fwtest.run(go())
+
+
+def test_override_conflict_keeps_a_newer_desired_value_and_never_delivers_the_stale_one():
+    async def go():
+        sh = Shadow(desired={"relay1": "on"}, reported={})
+        app, sm = await _start(sh)
+        deltas = []
+        sm.on_delta(lambda d: deltas.append(d) or d)
+        try:
+            await sm.sync_full()
+            sm.override("relay1", "off")
+            sm.report({"relay1": "off"})
+            # before the clear reaches it, the server moves on for another reason: the refetch still holds the
+            # overridden value (same timestamp), which must not be delivered; the retried clear goes through
+            sh.reported["x"] = 1
+            sh.version += 1
+            await sm.flush()
+            assert sh.desired == {} and deltas == [{"relay1": "on"}] and sm.conflicts == 1
+            # now an operator writes relay1 again (same value, new timestamp) while a clear for it is pending
+            sh.operator_sets({"relay1": "on"})
+            await sm.fetch()
+            assert deltas[-1] == {"relay1": "on"}
+            sm.override("relay1", "off")
+            sh.operator_sets({"relay1": "on"})
+            sm.report({"relay1": "off"})
+            await sm.flush()
+            assert sh.desired == {"relay1": "on"}, "a desired value written after the override is kept"
+            assert deltas[-1] == {"relay1": "on"} and len(deltas) == 3, deltas
+        finally:
+            await app.stop()
+    fwtest.run(go())

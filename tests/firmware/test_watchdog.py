@@ -492,3 +492,61 @@ def test_heartbeat_over_real_http_through_link_death_and_a_lost_server():
     assert steps == ["reconnect", "reconnect", "reregister"]
     assert wdm.missed == 0 and wdm.acks == 3 and wdm.missed_total == 8
     _done()
+
+
+def test_long_poll_heartbeats_are_paced_by_the_answers():
+    """With heartbeat_hold_ms the heartbeat is a long-poll: the next one goes at once after news, a poll given up or
+    one the server held; an answer that came at once with nothing new backs off (2 s, 4 s, … up to the interval:
+    a server that does not hold, or one draining for a shutdown, so the poll moves on to another replica); a failure
+    backs off
+    (2 s, 4 s, … jittered to half..1.5 of it) and never retries before the server's Retry-After."""
+    b = sim.configure(flash_root=fwtest.tmpdir("flash"), clock="manual")
+    sleeps = []
+
+    class Stop(Exception):
+        pass
+
+    async def sleep(ms):
+        sleeps.append(ms)
+        if len(script) == 0:
+            raise Stop()
+
+    wd = WatchdogManager(sleep_ms=sleep)
+    wd.heartbeat_interval_ms = 10000
+    wd.heartbeat_hold_ms = 10000
+    # each step: (ms the server holds the request, answer or an exception, news)
+    script = [(10000, True, False), (5, True, True), (5, True, False), (0, OSError("down"), False),
+              (0, OSError("down"), False), (0, "503", False), (9000, True, False)]
+    script_copy = list(script)
+    order = []
+
+    async def send(body):
+        held, outcome, news = script.pop(0)
+        b.advance(held)
+        order.append(len(sleeps))
+        if isinstance(outcome, Exception):
+            raise outcome
+        if outcome == "503":
+            wd.retry_after_ms = 20000
+            raise OSError("heartbeat: HTTP 503")
+        wd.again = news
+        return {"ack": body["seq"]}
+
+    wd.supervise("heartbeat", wd._heartbeat_loop, critical=False)  # registered, not started: the loop runs below
+    wd._send = send
+    wd._payload = None
+    wd._on_answer = None
+    wd._steps = {}
+    wd.missed_reconnect = wd.missed_reregister = 99
+    wd.missed_reset = None
+    try:
+        fwtest.run(wd._heartbeat_loop())
+    except Stop:
+        pass
+    assert len(script_copy) == 7 and not script
+    # held 10 s: at once; news: at once; at once without news: a short backoff; held 9 s: at once
+    assert order == [0, 0, 0, 1, 2, 3, 4], (order, sleeps)
+    assert 1000 <= sleeps[0] <= 3000, sleeps   # answered at once, nothing new (a draining server): 2 s, jittered
+    assert 1000 <= sleeps[1] <= 3000, sleeps   # first failure: 2 s, jittered
+    assert 2000 <= sleeps[2] <= 6000, sleeps   # second: 4 s
+    assert sleeps[3] >= 20000, sleeps          # the server's Retry-After

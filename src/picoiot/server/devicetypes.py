@@ -68,10 +68,12 @@ RELAYS_SCHEMA: dict[str, Any] = {
 
 RELAYS_DEFAULTS: dict[str, Any] = {
     **copy.deepcopy(_COMMON_DEFAULTS),
-    # a board's wiring goes into a group or device override; to drop a default relay, override it with null
+    # the seed's example wiring (relay1 on GPIO2, relay2 on GPIO3), which is also the firmware's default: a device built
+    # with other relay_pins refuses a config that would move its relays (it reports why); a board's other wiring goes
+    # into a group or device override; to drop a default relay, override it with null
     "relays": {
-        "relay1": {"pin": 16, "active_low": False, "power_on": "off", "max_on_s": 0, "failsafe": "off"},
-        "relay2": {"pin": 17, "active_low": False, "power_on": "off", "max_on_s": 0, "failsafe": "off"},
+        "relay1": {"pin": 2, "active_low": False, "power_on": "off", "max_on_s": 0, "failsafe": "off"},
+        "relay2": {"pin": 3, "active_low": False, "power_on": "off", "max_on_s": 0, "failsafe": "off"},
     },
     "failsafe_after_s": 0,
 }

@@ -45,8 +45,12 @@ async def answer(cp: "ControlPlane", ns: str, device_id: str, seq: int, entry: l
 
 @router.post("/api/v1/devices/{device_id}/heartbeat", response_model=HeartbeatOut, responses=_ERR)
 async def heartbeat(device_id: str, body: HeartbeatIn, request: Request, p: Principal = Depends(principal),
-                    wait: float | None = Query(None, ge=0, le=86400)) -> Response:
-    """Record a sign of life; answer the current config/state versions. With `wait`, a long-poll for a change."""
+                    wait: float | None = Query(None, ge=0, le=86400),
+                    config_version: int | None = Query(None, ge=0, le=2**31 - 1),
+                    state_version: int | None = Query(None, ge=0, le=2**31 - 1)) -> Response:
+    """Record a sign of life; answer the current config/state versions. With `wait`, a long-poll for a change: it
+    answers when the config or state version differs from the one the device already knows of (`config_version` /
+    `state_version` in the query; default: the body's, the versions it runs)."""
     if not p.is_device:
         raise ApiError(403, "only devices send heartbeats")
     ns = device_ns(p, device_id, "admin")
@@ -56,9 +60,14 @@ async def heartbeat(device_id: str, body: HeartbeatIn, request: Request, p: Prin
         raise ApiError(404, "unknown device")
     hb = await record(cp, ns, device_id, body)
 
+    # the device may know of a version it does not run yet (a fetch under way, a config it refused): a long-poll
+    # compared with the body's versions would answer at once, again and again
+    known_cv = body.config_version if config_version is None else config_version
+    known_sv = body.state_version if state_version is None else state_version
+
     def changed(v: list[int]) -> bool:
-        return ((body.config_version is not None and v[0] != body.config_version)
-                or (body.state_version is not None and v[1] != body.state_version))
+        return ((known_cv is not None and v[0] != known_cv)
+                or (known_sv is not None and v[1] != known_sv))
 
     if wait and not changed(entry):
         # never wait past half the TTL: the device must not look silent while we hold its request

@@ -28,7 +28,7 @@ async def wait_for_change(cp: "ControlPlane", ns: str, dev: str, wait_s: float, 
                 sub.event.clear()
                 cur = await fetch()
                 remaining = deadline - loop.time()
-                if changed(cur) or remaining <= 0:
+                if changed(cur) or remaining <= 0 or cp.notifier.draining:
                     return cur
                 if not waiting:
                     gauge.inc()

@@ -56,6 +56,7 @@ class Notifier:
         self._subs: dict[str, set[Subscription]] = {}
         self._listeners: list[Callable[[dict], None]] = []
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.draining = False
 
     def add_listener(self, fn: Callable[[dict], None]) -> None:
         self._listeners.append(fn)
@@ -81,6 +82,14 @@ class Notifier:
                 log.exception("notifier listener failed")
         for sub in list(self._subs.get(topic(event["ns"], event["dev"]), ())):
             sub.event.set()
+
+    def drain(self) -> None:
+        """Shutting down: every long-poll answers now with what it has, and new ones do not wait (the device polls
+        again, on another replica behind the load balancer, instead of being cut off at the end of the grace time)."""
+        self.draining = True
+        for subs in list(self._subs.values()):
+            for sub in list(subs):
+                sub.event.set()
 
     def resync(self) -> None:
         """Events may have been missed (a lost LISTEN connection): listeners drop their caches, every waiter re-reads."""

@@ -57,8 +57,8 @@ async def main(ctl):
     v3 = ctl.ask("patch_config", overrides={"relays": {"relay2": {"pin": 23}}})["version"]
     changed, reason = await cm.fetch(dev.http, url, dev.token, wait=30)
     assert not changed and "relays.relay2.pin" in reason, reason
-    assert cm.version == good and cm.config["relays"]["relay2"]["pin"] == 17
-    assert bank.describe("relay2")["pin"] == 17  # rolled back
+    assert cm.version == good and cm.config["relays"]["relay2"]["pin"] == 3
+    assert bank.describe("relay2")["pin"] == 3  # rolled back
     assert read_json(path)["version"] == good
     srv = ctl.ask("config_show")
     assert srv["report"]["version"] == v3 and srv["report"]["status"] == "rejected", srv["report"]
@@ -67,7 +67,7 @@ async def main(ctl):
     assert (await cm.fetch(dev.http, url, dev.token))[0] is False
 
     # 4. a key the server's schema allows but the device's does not know (a typo) is refused too
-    v4 = ctl.ask("patch_config", overrides={"relays": {"relay2": {"pin": 17, "pulse_sm": 5}}})["version"]
+    v4 = ctl.ask("patch_config", overrides={"relays": {"relay2": {"pin": 3, "pulse_sm": 5}}})["version"]
     changed, reason = await cm.fetch(dev.http, url, dev.token, wait=30)
     assert not changed and "relays.relay2.pulse_sm" in reason, reason
     srv = ctl.ask("config_show")

@@ -8,7 +8,7 @@ from iotlib.http import HTTPClient
 from iotlib.auth import AuthManager
 
 # The relays board the scenarios boot with (the control plane's `relays` type has the same two relays).
-BOARD_RELAYS = {"relay1": {"pin": 16}, "relay2": {"pin": 17}}
+BOARD_RELAYS = {"relay1": {"pin": 2}, "relay2": {"pin": 3}}
 
 
 def relays_config():
@@ -47,8 +47,8 @@ RELAYS_DEFAULTS = {
     "api": {"token_hashes": [], "rate_per_s": 5, "burst": 10},
     "log": {"level": "info"},
     "relays": {
-        "relay1": {"pin": 16, "active_low": False, "power_on": "off", "max_on_s": 0, "failsafe": "off"},
-        "relay2": {"pin": 17, "active_low": False, "power_on": "off", "max_on_s": 0, "failsafe": "off"},
+        "relay1": {"pin": 2, "active_low": False, "power_on": "off", "max_on_s": 0, "failsafe": "off"},
+        "relay2": {"pin": 3, "active_low": False, "power_on": "off", "max_on_s": 0, "failsafe": "off"},
     },
     "failsafe_after_s": 0,
 }
