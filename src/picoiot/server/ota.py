@@ -277,6 +277,10 @@ async def manifest(device_id: str, version: str, request: Request, p: Principal 
         sa.select(R.c.manifest, R.c.signature).where(R.c.ns == ns, R.c.version == version)).first())
     if row is None:
         raise ApiError(404, "unknown release")
+    if not p.is_device:
+        return {"version": version, "manifest": row[0], "signature": row[1]}
+    from .rollouts import note_download  # a rollout follows its devices' progress (rollouts.py)
+    await _cp(request).write(note_download, ns, device_id, version)
     return {"version": version, "manifest": row[0], "signature": row[1]}
 
 
