@@ -218,3 +218,30 @@ def test_two_servers_share_one_rollout(pg_server_factory, tmp_path):
     assert rr.status_code == 409
     done = _drive(b, devices, r["id"], lambda x: x["state"] == "completed")
     assert {d["status"] for d in done["devices"]} == {"committed"} and all(d.seen == ["7.0"] for d in devices)
+
+
+def test_cli_rollout_commands(server_factory, tmp_path):
+    from typer.testing import CliRunner
+
+    from picoiot.cli import app
+    server = server_factory(**FAST)
+    _publish(server, tmp_path, "8.0")
+    devices = _fleet(server, 4)
+    env = {"PICOIOT_URL": server.url, "PICOIOT_TOKEN": server.token("admin")}
+    run = CliRunner().invoke
+
+    def cli(*args, code=0):
+        res = run(app, ["ota", "rollout", *args], env=env)
+        assert res.exit_code == code, res.output
+        return res.output
+    out = cli("create", "8.0", "--all", "--stages", "1,50%,100%", "--soak", "0", "--threshold", "0.5")
+    assert "rollout 1: 8.0" in out and "running, stage 1/3" in out
+    assert "device already in an active rollout" in cli("create", "8.0", "--device", "fd-00", code=1)
+    assert "bad stage" in cli("create", "8.0", "--all", "--stages", "1,half", code=1)
+    assert "paused" in cli("pause", "1", "--reason", "checking")
+    assert "running" in cli("resume", "1")
+    _drive(server, devices, 1, lambda x: x["state"] == "completed")
+    status = cli("status", "1")
+    assert "completed" in status and status.count(" committed\n") == 4 and "stage 3 [100%, soak 0s]" in status
+    assert "rollout 1" in cli("status")
+    assert "rollout is completed" in cli("abort", "1", code=1)
