@@ -7,18 +7,20 @@ from cptest import LiveServer
 
 
 class SimDevice:
-    def __init__(self, server: LiveServer, device_id: str, crash: set[str] | None = None):
+    def __init__(self, server: LiveServer, device_id: str, crash: set[str] | None = None,
+                 device_type: str | None = "relays"):
         self.id = device_id
         self.crash = crash if crash is not None else set()
         self.server = server
         self.running = "0.1.0"
-        self.dev = server.register(device_id, firmware=self.running)
+        self.device_type = device_type
+        self.dev = server.register(device_id, device_type, firmware=self.running)
         self.seen: list[str] = []  # every version offered to it, in order
 
     def use(self, server: LiveServer) -> None:
         """Talk to another server process (same database) from now on."""
         self.server = server
-        self.dev = server.register(self.id, firmware=self.running)
+        self.dev = server.register(self.id, self.device_type, firmware=self.running)
 
     def step(self) -> str | None:
         """One heartbeat and, if a release is offered, its install; returns the outcome."""
@@ -33,7 +35,7 @@ class SimDevice:
         version = offer["version"]
         self.seen.append(version)
         assert c.get(offer["manifest_url"], headers=dev.headers).status_code == 200
-        self.dev = self.server.register(self.id, firmware=self.running)  # the reset into the new set (trial)
+        self.dev = self.server.register(self.id, self.device_type, firmware=self.running)  # the reset into the new set (trial)
         if version in self.crash:
             body = {"version": version, "status": "rolled_back", "reason": "reset before healthy",
                     "running": self.running}

@@ -245,3 +245,19 @@ def test_cli_rollout_commands(server_factory, tmp_path):
     assert "completed" in status and status.count(" committed\n") == 4 and "stage 3 [100%, soak 0s]" in status
     assert "rollout 1" in cli("status")
     assert "rollout is completed" in cli("abort", "1", code=1)
+
+
+def test_a_device_offline_during_its_trial_is_a_failure(server_factory, tmp_path):
+    # no device type: the server's 1 s heartbeat interval, and a TTL of 1 s
+    server = server_factory(**FAST, default_heartbeat_s=1, ttl_missed=1, ttl_slack_s=0)
+    _publish(server, tmp_path, "9.0")
+    devices = [SimDevice(server, f"off-{i}", device_type=None) for i in range(4)]
+    r = _create(server, "9.0", [{"devices": 1, "soak_s": 600}, {"percent": 100, "soak_s": 0}])
+    first = next(d for d in devices if d.id == r["devices"][0]["device_id"])
+    assert first.step() == "installed"
+    wait_until(lambda: _get(server, r["id"])["devices"][0]["status"] == "trial")
+    # it falls silent during its soak: the sweep calls it offline, the rollout counts a failure and pauses
+    paused = _drive(server, [d for d in devices if d is not first], r["id"], lambda x: x["state"] == "paused")
+    row = next(d for d in paused["devices"] if d["device_id"] == first.id)
+    assert row["status"] == "failed" and row["reason"] == "offline during trial (trial)"
+    assert all(not d.seen for d in devices if d is not first)

@@ -148,8 +148,8 @@ def evaluate(conn: sa.Connection, events: list, group_wait_s: float, resend_s: f
              now: int | None = None) -> int:
     """One round over every rule; returns the number of alert changes queued. Skipped (0) while another process
     evaluates (PostgreSQL)."""
-    if conn.dialect.name == "postgresql" and not conn.execute(
-            sa.text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": _LOCK_KEY}).scalar():
+    if conn.dialect.name == "postgresql" and not conn.execute(  # per schema: one database may hold several planes
+            sa.text("SELECT pg_try_advisory_xact_lock(:k, hashtext(current_schema()))"), {"k": _LOCK_KEY}).scalar():
         return 0
     now = now or now_ms()
     rules = [dict(r) for r in conn.execute(sa.select(RU)).mappings()]
