@@ -183,14 +183,20 @@ async def main_async(args, srv: ServerProcess, workdir: Path) -> None:
               {"percent": 100, "soak_s": args.soak}]
     sent: dict[str, float] = {}
 
+    # the alarms come from a device outside the rollout (a device's token changes when it re-registers)
+    dev = "bro-alarms"
+    fleet.running[dev] = "0.1.0"
+    await fleet.register(dev)
+
     async def alarms():
-        dev = fleet.ids[0]
         for i in range(args.alarms):
             tok, svc = fleet.tokens[dev]
             key = f"bench_{i}"
             sent[key] = time.monotonic()
-            await fleet.client.post(svc["alarms"], headers={"Authorization": f"Bearer {tok}"},
-                                    json={"alarms": [{"key": key, "severity": "warning", "state": "firing"}]})
+            r = await fleet.client.post(svc["alarms"], headers={"Authorization": f"Bearer {tok}"},
+                                        json={"alarms": [{"key": key, "severity": "warning", "state": "firing"}]})
+            if r.status_code != 200:
+                raise SystemExit(f"alarm POST: HTTP {r.status_code} {r.text[:200]}")
             await asyncio.sleep(args.alarm_gap)
     with CpuWatch(srv.pid, args.db == "postgres") as roll:
         r = await api.post(f"/api/v1/namespaces/{NS}/ota/rollouts", json={
