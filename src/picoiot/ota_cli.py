@@ -153,3 +153,111 @@ def status_cmd(device: Optional[str] = typer.Option(None, "--device"), server: s
 
 def register(app: typer.Typer) -> None:
     app.add_typer(ota_app, name="ota")
+
+
+# ---------------------------------------------------------------- rollouts (docs/ota.md, Rollouts)
+rollout_app = typer.Typer(help="Staged rollouts: create, status, pause, resume, abort.", no_args_is_help=True)
+ota_app.add_typer(rollout_app, name="rollout")
+
+
+def parse_stages(text: str) -> list[dict]:
+    """"1,25%,100%" (cumulative: a device count or a percentage of the target) → stages; soak applies to each."""
+    stages = []
+    for part in (p.strip() for p in text.split(",")):
+        try:
+            stages.append({"percent": float(part[:-1])} if part.endswith("%") else {"devices": int(part)})
+        except ValueError:
+            raise OTACliError(f"bad stage {part!r}: give a device count (1) or a percentage (25%)")
+    return stages
+
+
+def rollout_call(server: str, token: str, method: str, path: str, body: Optional[dict] = None) -> dict:
+    with httpx.Client(headers={"Authorization": f"Bearer {token}"}, timeout=30) as c:
+        return _check(c.request(method, f"{server.rstrip('/')}{path}", json=body), f"{method} {path}")
+
+
+def rollout_create(server: str, token: str, ns: str, version: str, target: dict, stages: list[dict], soak_s: float,
+                   threshold: float, allow_downgrade: bool) -> dict:
+    body = {"version": version, "target": target, "stages": [{**s, "soak_s": soak_s} for s in stages],
+            "failure_threshold": threshold, "allow_downgrade": allow_downgrade}
+    return rollout_call(server, token, "POST", f"/api/v1/namespaces/{ns}/ota/rollouts", body)
+
+
+def format_rollout(r: dict, devices: bool = True) -> list[str]:
+    lines = [f"rollout {r['id']}: {r['version']} → {json.dumps(r['target'])}: {r['state']}, stage "
+             f"{r['stage'] + 1}/{len(r['stages'])}" + (f" ({r['reason']})" if r.get("reason") else "")]
+    for s in r.get("stage_detail", []):
+        size = f"{s['percent']:g}%" if s.get("percent") is not None else f"{s['devices']} device(s)"
+        counts = " ".join(f"{k}={v}" for k, v in sorted(s["counts"].items()))
+        lines.append(f"  stage {s['stage'] + 1} [{size}, soak {s.get('soak_s', 0):g}s]: {counts}")
+    if devices:
+        for d in r.get("devices", []):
+            lines.append(f"    {d['device_id']}: stage {d['stage'] + 1} {d['status']}"
+                         + (f" ({d['reason']})" if d["reason"] else ""))
+    return lines
+
+
+@rollout_app.command("create")
+def rollout_create_cmd(version: str = typer.Argument(..., help="the release"),
+                       group: Optional[str] = typer.Option(None, "--group"),
+                       device: Optional[list[str]] = typer.Option(None, "--device", help="repeatable"),
+                       all_: bool = typer.Option(False, "--all", help="every device of the namespace"),
+                       stages: str = typer.Option("1,5%,25%,100%", "--stages",
+                                                  help="cumulative stages: a device count or a percentage"),
+                       soak: float = typer.Option(600, "--soak", help="seconds each device must stay healthy"),
+                       threshold: float = typer.Option(0.2, "--threshold", help="failed share (0-1) that pauses"),
+                       allow_downgrade: bool = typer.Option(False, "--allow-downgrade"),
+                       server: str = _SERVER, token: str = _TOKEN, namespace: str = _NS):
+    """Start a staged rollout of VERSION to --all, a --group or --device ids."""
+    targets = [t for t in ({"namespace": True} if all_ else None, {"group": group} if group else None,
+                           {"devices": device} if device else None) if t]
+    if len(targets) != 1:
+        typer.echo("error: give exactly one of --all, --group, --device", err=True)
+        raise typer.Exit(2)
+    st = _run(parse_stages, stages)
+    r = _run(rollout_create, server, token, namespace, version, targets[0], st, soak, threshold, allow_downgrade)
+    typer.echo("\n".join(format_rollout(r, devices=False)))
+
+
+@rollout_app.command("status")
+def rollout_status_cmd(rollout_id: Optional[int] = typer.Argument(None, help="omit to list rollouts"),
+                       as_json: bool = typer.Option(False, "--json"),
+                       server: str = _SERVER, token: str = _TOKEN, namespace: str = _NS):
+    """One rollout per stage and per device (status, reason), or the list of rollouts."""
+    path = f"/api/v1/namespaces/{namespace}/ota/rollouts" + (f"/{rollout_id}" if rollout_id else "")
+    r = _run(rollout_call, server, token, "GET", path)
+    if as_json:
+        typer.echo(json.dumps(r, indent=1))
+    elif rollout_id:
+        typer.echo("\n".join(format_rollout(r)))
+    else:
+        for x in r["rollouts"]:
+            typer.echo(format_rollout(x, devices=False)[0])
+
+
+def _action(action: str, rollout_id: int, body: dict, server: str, token: str, namespace: str) -> None:
+    r = _run(rollout_call, server, token, "POST", f"/api/v1/namespaces/{namespace}/ota/rollouts/{rollout_id}/{action}",
+             body)
+    typer.echo("\n".join(format_rollout(r, devices=False)))
+
+
+@rollout_app.command("pause")
+def rollout_pause_cmd(rollout_id: int, reason: str = typer.Option("", "--reason"), server: str = _SERVER,
+                      token: str = _TOKEN, namespace: str = _NS):
+    """Stop offering the release; devices already installing finish."""
+    _action("pause", rollout_id, {"reason": reason}, server, token, namespace)
+
+
+@rollout_app.command("resume")
+def rollout_resume_cmd(rollout_id: int, version: Optional[str] = typer.Option(None, "--version",
+                                                                              help="continue with a fixed release"),
+                       server: str = _SERVER, token: str = _TOKEN, namespace: str = _NS):
+    """Run again (failures before the resume no longer count); with --version, take every device to that release."""
+    _action("resume", rollout_id, {"version": version}, server, token, namespace)
+
+
+@rollout_app.command("abort")
+def rollout_abort_cmd(rollout_id: int, reason: str = typer.Option("", "--reason"), server: str = _SERVER,
+                      token: str = _TOKEN, namespace: str = _NS):
+    """End it for good: devices that have not started keep their version."""
+    _action("abort", rollout_id, {"reason": reason}, server, token, namespace)

@@ -94,6 +94,10 @@ def server(db: Optional[str] = DbUrl, host: str = typer.Option("127.0.0.1", help
                                                 help="registration challenges per second per client address after "
                                                      f"a burst of {Settings.challenges_per_address_burst}; beyond: "
                                                      "429 (0 = no limit)"),
+           fleet_tick: float = typer.Option(Settings.fleet_tick_s,
+                                            help="seconds between rollout evaluations / alert rule checks"),
+           alert_group_wait: float = typer.Option(Settings.alert_group_wait_s,
+                                                  help="seconds a notification waits for more alerts to group"),
            log_level: str = typer.Option("info", help="debug | info | warning | error (to stderr)")) -> None:
     """Run the control plane (discovery, config, state, heartbeat, alarms[, SNTP]) until SIGTERM/SIGINT."""
     import logging
@@ -101,6 +105,8 @@ def server(db: Optional[str] = DbUrl, host: str = typer.Option("127.0.0.1", help
     level = getattr(logging, log_level.upper(), None)
     if not isinstance(level, int):
         _fail("--log-level: debug, info, warning or error")
+    if fleet_tick <= 0 or alert_group_wait < 0:
+        _fail("--fleet-tick must be above 0, --alert-group-wait at least 0")
     if workers < 1 or max_requests < 1 or max_longpolls < 0 or ttl_slack < 0 or challenge_rate < 0:
         _fail("--workers and --max-requests must be at least 1, --max-longpolls, --ttl-slack and --challenge-rate "
               "at least 0")
@@ -112,7 +118,8 @@ def server(db: Optional[str] = DbUrl, host: str = typer.Option("127.0.0.1", help
                          tls_cert=str(tls_cert) if tls_cert else None, tls_key=str(tls_key) if tls_key else None, sweep_interval_s=sweep_interval,
                          heartbeat_flush_s=heartbeat_flush, token_ttl_s=token_ttl, ttl_slack_s=ttl_slack,
                          max_requests_in_flight=max_requests, max_longpolls=max_longpolls,
-                         challenges_per_address_per_s=challenge_rate)
+                         challenges_per_address_per_s=challenge_rate,
+                         fleet_tick_s=fleet_tick, alert_group_wait_s=alert_group_wait)
     _check_database(settings)
     sntp = None
     if sntp_port is not None:

@@ -10,10 +10,11 @@ from typing import Iterable
 import sqlalchemy as sa
 from fastapi import APIRouter, FastAPI
 
-from . import alarms, config, discovery, heartbeat, operators, ops, ota, state
+from . import alarms, alerting_api, config, discovery, heartbeat, operators, ops, ota, rollouts_api, state
 from . import db as tables
 from . import errors, openapi
 from .admission import Admission
+from .fleet import Fleet
 from .hotpath import HotPath
 from .core import ControlPlane
 from .db import migrate, now_ms
@@ -31,6 +32,8 @@ SERVICES: dict[str, APIRouter] = {
     "heartbeat": heartbeat.router,
     "alarms": alarms.router,
     "ota": ota.router,  # before operators: its OTA stub must not shadow the real endpoint
+    "rollouts": rollouts_api.router,
+    "alerting": alerting_api.router,
     "operators": operators.router,
     "ops": ops.router,
 }
@@ -93,9 +96,13 @@ def create_app(settings: Settings | None = None, services: Iterable[str] | None 
         gc.freeze()
         cp.frozen_entries = len(cp.tokens) + len(cp.versions)
         task = asyncio.create_task(_housekeeping(cp))
+        fleet = Fleet(cp)
+        if "rollouts" in mounted or "alerting" in mounted:
+            fleet.start()
         try:
             yield
         finally:
+            await fleet.stop()
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task

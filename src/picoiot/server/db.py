@@ -175,8 +175,112 @@ def _migration_2(conn: sa.Connection) -> None:
         table.create(conn, checkfirst=True)
 
 
+rollouts = sa.Table(  # staged OTA rollouts (docs/ota.md, Rollouts; server/rollouts.py)
+    "rollouts", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("ns", sa.String(64), nullable=False),
+    sa.Column("version", sa.String(32), nullable=False),
+    sa.Column("target", JSONType, nullable=False),  # {"namespace": true} | {"group": name} | {"devices": [ids]}
+    sa.Column("stages", JSONType, nullable=False),  # [{"percent"|"devices", "soak_s"}], cumulative
+    sa.Column("failure_threshold", sa.Float, nullable=False),
+    sa.Column("allow_downgrade", sa.Boolean, nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),  # running | paused | aborted | completed
+    sa.Column("stage", sa.Integer, nullable=False),  # index of the current stage
+    sa.Column("reason", sa.String(512)),  # why it paused / was aborted
+    sa.Column("created_by", sa.String(128)),
+    sa.Column("created_ts", sa.BigInteger, nullable=False),
+    sa.Column("updated_ts", sa.BigInteger, nullable=False),
+    sa.Column("stage_started_ts", sa.BigInteger, nullable=False),
+    sa.Index("rollouts_ns_state", "ns", "state"),
+)
+
+rollout_devices = sa.Table(
+    "rollout_devices", metadata,
+    sa.Column("rollout_id", sa.Integer, primary_key=True),
+    sa.Column("ns", sa.String(64), nullable=False),
+    sa.Column("device_id", sa.String(64), primary_key=True),
+    sa.Column("stage", sa.Integer, nullable=False),
+    sa.Column("version", sa.String(32), nullable=False),  # the release this device is taken to
+    sa.Column("from_version", sa.String(32)),
+    # pending | downloading | installed | trial | committed | rolled_back | failed | skipped
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("reason", sa.String(256)),
+    sa.Column("offered_ts", sa.BigInteger),  # assignment written (the device is offered the release)
+    sa.Column("status_ts", sa.BigInteger, nullable=False),
+)
+
+rollout_locks = sa.Table(  # one active rollout per device: the primary key refuses a second one, across processes
+    "rollout_locks", metadata,
+    sa.Column("ns", sa.String(64), primary_key=True),
+    sa.Column("device_id", sa.String(64), primary_key=True),
+    sa.Column("rollout_id", sa.Integer, nullable=False),
+)
+
+alert_receivers = sa.Table(  # where notifications go (server/alerting.py)
+    "alert_receivers", metadata,
+    sa.Column("ns", sa.String(64), primary_key=True),
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("kind", sa.String(16), nullable=False),  # webhook | alertmanager
+    sa.Column("url", sa.String(512), nullable=False),
+    sa.Column("secret", sa.String(128)),  # webhook HMAC key; never returned nor logged
+    sa.Column("last_status", sa.String(16)),  # delivered | retrying | gave_up
+    sa.Column("last_error", sa.String(256)),
+    sa.Column("last_ts", sa.BigInteger),
+    sa.Column("updated_ts", sa.BigInteger, nullable=False),
+)
+
+alert_rules = sa.Table(
+    "alert_rules", metadata,
+    sa.Column("ns", sa.String(64), primary_key=True),
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("event", sa.String(16), nullable=False),  # alarm | offline | rollout_paused | safe_mode
+    sa.Column("min_severity", sa.String(16)),
+    sa.Column("key_pattern", sa.String(128)),
+    sa.Column("offline_for_s", sa.Integer),
+    sa.Column("receivers", JSONType, nullable=False),
+    sa.Column("updated_ts", sa.BigInteger, nullable=False),
+)
+
+alerts = sa.Table(  # every alert instance the rules produced: firing until its condition ends, then resolved
+    "alerts", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("ns", sa.String(64), nullable=False),
+    sa.Column("rule", sa.String(64), nullable=False),
+    sa.Column("fingerprint", sa.String(256), nullable=False),  # rule + subject: one open alert per condition
+    sa.Column("labels", JSONType, nullable=False),
+    sa.Column("annotations", JSONType, nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),  # firing | resolved
+    sa.Column("starts_ts", sa.BigInteger, nullable=False),
+    sa.Column("ends_ts", sa.BigInteger),
+    sa.Column("sent_ts", sa.BigInteger),  # last time it went into a notification (Alertmanager re-sends)
+    sa.Index("alerts_open", "ns", "fingerprint", "state"),
+)
+
+alert_outbox = sa.Table(  # notifications waiting for delivery: in the database, so a restart loses none
+    "alert_outbox", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("ns", sa.String(64), nullable=False),
+    sa.Column("receiver", sa.String(64), nullable=False),
+    sa.Column("idempotency_key", sa.String(64), nullable=False, unique=True),
+    sa.Column("alerts", JSONType, nullable=False),  # [{labels, annotations, status, startsAt, endsAt}]
+    sa.Column("state", sa.String(16), nullable=False),  # open (still grouping) | pending | delivered | gave_up
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("created_ts", sa.BigInteger, nullable=False),
+    sa.Column("due_ts", sa.BigInteger, nullable=False),  # next attempt (or the end of the grouping wait)
+    sa.Column("last_error", sa.String(256)),
+    sa.Column("delivered_ts", sa.BigInteger),
+    sa.Index("alert_outbox_due", "state", "due_ts"),
+)
+
+
+def _migration_3(conn: sa.Connection) -> None:
+    for table in (rollouts, rollout_devices, rollout_locks, alert_receivers, alert_rules, alerts, alert_outbox):
+        table.create(conn, checkfirst=True)
+
+
 #: Versioned migrations, applied in order inside one transaction each; append, never edit a released one.
-MIGRATIONS: list[tuple[int, Callable[[sa.Connection], None]]] = [(1, _migration_1), (2, _migration_2)]
+MIGRATIONS: list[tuple[int, Callable[[sa.Connection], None]]] = [(1, _migration_1), (2, _migration_2),
+                                                                  (3, _migration_3)]
 LATEST = MIGRATIONS[-1][0]
 
 

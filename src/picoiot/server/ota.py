@@ -280,6 +280,9 @@ async def manifest(device_id: str, version: str, request: Request, p: Principal 
         sa.select(R.c.manifest, R.c.signature).where(R.c.ns == ns, R.c.version == version)).first())
     if row is None:
         raise ApiError(404, "unknown release")
+    if p.is_device:
+        from .rollouts import note_download  # a rollout follows its devices' progress (rollouts.py)
+        await _cp(request).write(note_download, ns, device_id, version)
     if raw:
         return Response(row[0].encode(), media_type="application/json", headers={"X-Manifest-Signature": row[1]})
     return {"version": version, "manifest": row[0], "signature": row[1]}

@@ -165,6 +165,18 @@ class Settings:
     max_db_queue: int = 256
     #: "auto" = PostgreSQL LISTEN/NOTIFY on PostgreSQL, in-process otherwise
     notifier: str = "auto"
+    #: fleet operations (server/fleet.py): how often rollouts are evaluated and alert rules checked
+    fleet_tick_s: float = 1.0
+    #: alert notifications: a new notification waits this long for more alerts to join it (one per receiver)
+    alert_group_wait_s: float = 2.0
+    #: firing alerts are re-sent to Alertmanager this often (it resolves an alert not re-sent within its timeout)
+    alert_resend_s: float = 60.0
+    #: a notification's delivery is retried with exponential backoff (first wait, cap) for at most this long
+    alert_retry_first_s: float = 1.0
+    alert_retry_max_s: float = 60.0
+    alert_give_up_s: float = 3600.0
+    #: one delivery attempt's timeout: a slow receiver delays only the delivery task
+    alert_timeout_s: float = 5.0
 
     def __post_init__(self) -> None:
         self.db_url = normalise_db_url(self.db_url)

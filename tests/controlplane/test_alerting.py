@@ -1,0 +1,200 @@
+"""Alert notifications against the real control plane (SQLite and PostgreSQL) and real HTTP receivers."""
+import threading
+
+import httpx
+import pytest
+import sqlalchemy as sa
+
+from cptest import wait_until
+from picoiot.procs import free_port
+from picoiot.server import db as tables
+from picoiot.server.db import now_ms
+from receivers import Receiver
+
+AL = "/api/v1/namespaces/default/alerting"
+SECRET = "s3cret-for-the-webhook-hmac"
+#: fast rounds; devices heartbeating at 1 s are offline after 1 s of silence (TTL = 1 × 1 + 0)
+FAST = {"fleet_tick_s": 0.1, "alert_group_wait_s": 0.3, "alert_retry_first_s": 0.2, "alert_retry_max_s": 0.5}
+SHORT_TTL = {"default_heartbeat_s": 1, "ttl_missed": 1, "ttl_slack_s": 0}
+
+
+@pytest.fixture
+def receivers():
+    started = []
+
+    def make(kind, **kw):
+        r = Receiver(kind, **kw)
+        started.append(r)
+        return r
+    yield make
+    for r in started:
+        r.stop()
+    assert not [e for r in started for e in r.errors], [r.errors for r in started]
+
+
+def _put(server, path, body, code=200):
+    r = server.client.put(f"{AL}/{path}", headers=server.auth("admin"), json=body)
+    assert r.status_code == code, r.text
+    return r.json()
+
+
+def _alarm(server, dev, key, severity, state="firing"):
+    r = server.client.post(dev.services["alarms"], headers=dev.headers,
+                           json={"alarms": [{"key": key, "severity": severity, "message": f"{key} {state}",
+                                             "state": state}]})
+    assert r.status_code == 200, r.text
+
+
+def test_webhook_signed_firing_and_resolved_by_rule(server_factory, receivers):
+    server = server_factory(**FAST)
+    hook = receivers("webhook", secret=SECRET)
+    _put(server, "receivers/ops", {"kind": "webhook", "url": hook.url, "secret": SECRET})
+    _put(server, "rules/relays", {"event": "alarm", "min_severity": "error", "key_pattern": "relay_*",
+                                  "receivers": ["ops"]})
+    _put(server, "rules/paused", {"event": "rollout_paused", "receivers": ["ops"]})
+    dev = server.register("hook-1")
+    _alarm(server, dev, "relay_stuck", "critical")
+    _alarm(server, dev, "relay_slow", "warning")  # below the rule's severity
+    _alarm(server, dev, "sensor_gone", "critical")  # another key
+    wait_until(lambda: hook.alerts())
+    [a] = hook.alerts()
+    assert a["status"] == "firing" and a["labels"] == {"alertname": "relay_stuck", "namespace": "default",
+                                                      "device": "hook-1", "alarm": "relay_stuck",
+                                                      "severity": "critical"}
+    assert "endsAt" not in a and a["annotations"]["summary"] == "relay_stuck firing"
+    _alarm(server, dev, "relay_stuck", "critical", "resolved")
+    wait_until(lambda: len(hook.alerts()) == 2)
+    assert hook.alerts()[1]["status"] == "resolved" and hook.alerts()[1]["endsAt"] >= a["startsAt"]
+    # the receiver shows its last delivery; the secret is never shown
+    rc = server.client.get(f"{AL}/receivers", headers=server.auth("viewer")).json()["receivers"][0]
+    assert rc["last_delivery"]["status"] == "delivered" and "secret" not in rc and rc["has_secret"]
+    # a paused rollout notifies too
+    server.sql(lambda c: c.execute(tables.rollouts.insert().values(
+        ns="default", version="9", target={"namespace": True}, stages=[{"percent": 100}], failure_threshold=0,
+        allow_downgrade=False, state="paused", stage=0, reason="stage 1: 1 of 1 devices failed", created_ts=now_ms(),
+        updated_ts=now_ms(), stage_started_ts=now_ms())))
+    wait_until(lambda: any(x["labels"]["alertname"] == "rollout_paused" for x in hook.alerts()))
+    p = next(x for x in hook.alerts() if x["labels"]["alertname"] == "rollout_paused")
+    assert p["annotations"]["summary"] == "stage 1: 1 of 1 devices failed"
+
+
+def test_alertmanager_gets_firing_and_resolved_offline_alerts(server_factory, receivers):
+    server = server_factory(**FAST, **SHORT_TTL)
+    am = receivers("alertmanager")
+    _put(server, "receivers/am", {"kind": "alertmanager", "url": am.url})
+    _put(server, "rules/offline", {"event": "offline", "offline_for_s": 0, "receivers": ["am"]})
+    dev = server.register("am-1", device_type=None)  # no type: the server's 1 s heartbeat, a 1 s TTL
+    # silent: the sweep calls it offline after its TTL, the rule fires
+    wait_until(lambda: am.alerts(), timeout=20)
+    [a] = am.alerts()
+    assert a["labels"] == {"alertname": "device_offline", "namespace": "default", "device": "am-1",
+                           "alarm": "device_offline", "severity": "error"} and "endsAt" not in a
+    r = server.client.post(dev.services["heartbeat"], headers=dev.headers, json={"seq": 1})
+    assert r.status_code == 200
+    wait_until(lambda: len(am.alerts()) == 2)
+    assert "endsAt" in am.alerts()[1] and am.alerts()[1]["startsAt"] == a["startsAt"]
+    assert am.alerts()[1]["endsAt"] > a["startsAt"]
+
+
+def test_mass_offline_is_one_grouped_notification_per_receiver(server_factory, receivers):
+    server = server_factory(**{**FAST, "alert_group_wait_s": 1.0})
+    hook, am = receivers("webhook", secret=SECRET), receivers("alertmanager")
+    _put(server, "receivers/ops", {"kind": "webhook", "url": hook.url, "secret": SECRET})
+    _put(server, "receivers/am", {"kind": "alertmanager", "url": am.url})
+    _put(server, "rules/offline", {"event": "offline", "offline_for_s": 0, "receivers": ["ops", "am"]})
+    n, old = 1000, now_ms() - 60_000
+    # a fleet of 1,000 that was online and fell silent a minute ago (rows written directly: registering 1,000 devices
+    # over HTTP would take most of a minute here); the server's own sweep takes them offline
+    server.sql(lambda c: c.execute(tables.devices.insert(), [
+        {"ns": "default", "device_id": f"m-{i:04d}", "capabilities": [], "created_ts": old, "last_seen": old,
+         "online": True, "ttl_s": 1, "config_overrides": {}, "config_version": 0} for i in range(n)]))
+    wait_until(lambda: hook.received and am.received, timeout=30)
+    wait_until(lambda: server.client.get(f"{AL}/alerts", params={"state": "firing", "limit": 1000},
+                                         headers=server.auth("viewer")).json()["alerts"].__len__() == n)
+    # every alert went into one notification per receiver
+    assert len(hook.received) == 1 and len(am.received) == 1
+    assert len(hook.received[0]["body"]["alerts"]) == n and len(am.received[0]["body"]) == n
+    assert hook.received[0]["body"]["firing"] == n
+    # they come back: one resolved notification each
+    server.sql(lambda c: c.execute(tables.devices.update().values(online=True, last_seen=now_ms() + 3_600_000,
+                                                                  ttl_s=7200)))
+    wait_until(lambda: len(hook.received) == 2 and len(am.received) == 2, timeout=30)
+    assert hook.received[1]["body"]["resolved"] == n and all("endsAt" in a for a in am.received[1]["body"])
+
+
+def test_retries_while_the_receiver_is_down_and_across_a_restart(server_factory, receivers):
+    server = server_factory(**FAST)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/hook"
+    _put(server, "receivers/ops", {"kind": "webhook", "url": url, "secret": SECRET})
+    _put(server, "rules/all", {"event": "alarm", "receivers": ["ops"]})
+    dev = server.register("retry-1")
+    _alarm(server, dev, "pump", "warning")
+
+    def notes():
+        return server.client.get(f"{AL}/notifications", headers=server.auth("viewer")).json()["notifications"]
+    wait_until(lambda: notes() and notes()[0]["attempts"] >= 2, timeout=20)
+    n = notes()[0]
+    assert n["state"] == "pending" and n["last_error"] and n["delivered_ts"] is None
+    rc = server.client.get(f"{AL}/receivers", headers=server.auth("viewer")).json()["receivers"][0]
+    assert rc["last_delivery"]["status"] == "retrying"
+    # the control plane restarts with the notification still pending; the receiver comes up meanwhile
+    server.stop()
+    hook = receivers("webhook", secret=SECRET, port=port)
+    server = server_factory(**FAST)
+    wait_until(lambda: hook.received, timeout=20)
+    [got] = hook.received
+    assert got["body"]["idempotency_key"] == n["idempotency_key"] == got["headers"]["Idempotency-Key"]
+    assert [a["labels"]["alarm"] for a in got["body"]["alerts"]] == ["pump"]
+    wait_until(lambda: notes()[0]["state"] == "delivered")
+
+
+def test_a_slow_or_failing_receiver_never_blocks_heartbeats_or_the_api(server_factory, receivers):
+    server = server_factory(**{**FAST, "alert_timeout_s": 20})
+    hook = receivers("webhook", secret=SECRET)
+    hook.hold = threading.Event()
+    _put(server, "receivers/ops", {"kind": "webhook", "url": hook.url, "secret": SECRET})
+    _put(server, "rules/all", {"event": "alarm", "receivers": ["ops"]})
+    dev = server.register("slow-1")
+    _alarm(server, dev, "valve", "error")
+    assert hook.in_handler.wait(20)  # a delivery is now held open by the receiver
+    # heartbeats and operators' calls go on, each within a short client timeout, while it hangs
+    with httpx.Client(base_url=server.url, timeout=2) as c:
+        for i in range(30):
+            assert c.post(dev.services["heartbeat"], headers=dev.headers, json={"seq": i}).status_code == 200
+            assert c.get(f"{AL}/rules", headers=server.auth("viewer")).status_code == 200
+    hook.status = 503
+    hook.hold.set()
+    wait_until(lambda: (server.client.get(f"{AL}/receivers", headers=server.auth("viewer")).json()
+               ["receivers"][0]["last_delivery"] or {}).get("error") == "HTTP 503")
+
+
+def test_bad_receivers_and_rules_are_refused(server):
+    c, a = server.client, server.auth("admin")
+    for url in ("ftp://example.com/x", "file:///etc/passwd", "javascript:alert(1)", "http://", "not a url",
+                server.url + "/hook", server.url.replace("127.0.0.1", "localhost") + "/x"):
+        r = c.put(f"{AL}/receivers/x", headers=a, json={"kind": "webhook", "url": url})
+        assert r.status_code == 422 and r.json()["detail"]["path"] == "url", (url, r.text)
+    r = c.put(f"{AL}/receivers/x", headers=a, json={"kind": "webhook", "url": "http://127.0.0.1:1/h", "secret": "short"})
+    assert r.status_code == 422 and r.json()["detail"]["path"] == "secret"
+    r = c.put(f"{AL}/receivers/x", headers=a, json={"kind": "smoke-signal", "url": "http://127.0.0.1:1/h"})
+    assert r.status_code == 422 and r.json()["detail"]["path"] == "kind"
+    gen = c.put(f"{AL}/receivers/gen", headers=a, json={"kind": "webhook", "url": "http://127.0.0.1:1/h"})
+    assert gen.status_code == 200 and len(gen.json()["secret"]) == 64  # generated, shown once
+    assert "secret" not in c.get(f"{AL}/receivers", headers=a).json()["receivers"][0]
+    r = c.put(f"{AL}/rules/r", headers=a, json={"event": "alarm", "receivers": ["gen", "ghost"]})
+    assert r.status_code == 422 and r.json()["detail"]["path"] == "receivers.1"
+    r = c.put(f"{AL}/rules/r", headers=a, json={"event": "offline", "receivers": ["gen"]})
+    assert r.status_code == 422 and r.json()["detail"]["path"] == "offline_for_s"
+    r = c.put(f"{AL}/rules/r", headers=a, json={"event": "alarm", "min_severity": "loud", "receivers": ["gen"]})
+    assert r.status_code == 422 and r.json()["detail"]["path"] == "min_severity"
+    assert c.put(f"{AL}/rules/r", headers=a, json={"event": "alarm", "receivers": ["gen"]}).status_code == 200
+    assert c.delete(f"{AL}/receivers/gen", headers=a).status_code == 409  # still used
+    assert c.put(f"{AL}/rules/r", headers=server.auth("operator"),
+                 json={"event": "alarm", "receivers": ["gen"]}).status_code == 403
+    assert c.delete(f"{AL}/rules/r", headers=a).status_code == 200
+    assert c.delete(f"{AL}/receivers/gen", headers=a).status_code == 200
+    assert c.delete(f"{AL}/receivers/gen", headers=a).status_code == 404
+    # nothing half-written by the refused calls
+    assert server.sql(lambda conn: conn.execute(sa.select(sa.func.count()).select_from(tables.alert_receivers))
+                      .scalar()) == 0
