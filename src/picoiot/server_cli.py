@@ -395,7 +395,9 @@ class _Api:
         if not tok:
             settings = Settings.from_data_dir(data_dir or default_data_dir())
             tok = issue_token(settings.secrets.signing_key, "cli", namespace, role, 300)
-        self.client = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {tok}"}, timeout=30)
+        # the User-Agent marks the audit log entries of writes made with the CLI (via "cli")
+        self.client = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {tok}",
+                                                          "User-Agent": "picoiot-cli"}, timeout=30)
 
     def call(self, method: str, path: str, **kw) -> Any:
         import httpx

@@ -10,7 +10,8 @@ from typing import Iterable
 import sqlalchemy as sa
 from fastapi import APIRouter, FastAPI
 
-from . import alarms, config, discovery, heartbeat, operators, ops, ota, state
+from . import alarms, audit_api, config, discovery, events, heartbeat, operators, ops, ota, state, telemetry_api
+from . import ui
 from . import db as tables
 from . import errors
 from .admission import Admission
@@ -33,6 +34,10 @@ SERVICES: dict[str, APIRouter] = {
     "ota": ota.router,  # before operators: its OTA stub must not shadow the real endpoint
     "operators": operators.router,
     "ops": ops.router,
+    "telemetry": telemetry_api.router,
+    "audit": audit_api.router,
+    "events": events.router,
+    "ui": ui.router,
 }
 
 
@@ -60,6 +65,25 @@ def refreeze_if_grown(cp: ControlPlane) -> bool:
     gc.freeze()
     cp.frozen_entries = n
     return True
+
+
+async def _telemetry_loop(cp: ControlPlane) -> None:
+    """Write buffered readings every telemetry_flush_s; expire old ones once a minute. A task of its own: a slow
+    telemetry write never delays the liveness flush and sweep (heartbeats)."""
+    last_expiry = 0.0
+    while True:
+        await asyncio.sleep(cp.settings.telemetry_flush_s)
+        try:
+            await cp.telemetry.flush()
+            now = asyncio.get_running_loop().time()
+            if now - last_expiry >= 60:
+                last_expiry = now
+                await cp.telemetry.expire()
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # kept in memory and retried (telemetry.flush)
+            cp.metrics.housekeeping_errors.inc()
+            log.warning("telemetry flush failed: %s", type(e).__name__)
 
 
 async def _housekeeping(cp: ControlPlane) -> None:
@@ -93,14 +117,19 @@ def create_app(settings: Settings | None = None, services: Iterable[str] | None 
         gc.freeze()
         cp.frozen_entries = len(cp.tokens) + len(cp.versions)
         task = asyncio.create_task(_housekeeping(cp))
+        tm_task = asyncio.create_task(_telemetry_loop(cp))
         try:
             yield
         finally:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            tm_task.cancel()
+            for t in (task, tm_task):
+                with contextlib.suppress(asyncio.CancelledError):
+                    await t
             with contextlib.suppress(Exception):
                 await cp.liveness.flush()  # a clean stop keeps every heartbeat
+            with contextlib.suppress(Exception):
+                await cp.telemetry.flush()  # and every reading
             await cp.notifier.stop()
             cp.db.dispose()
 
@@ -114,6 +143,8 @@ def create_app(settings: Settings | None = None, services: Iterable[str] | None 
     errors.install(app)
     for name in services or SERVICES:
         app.include_router(SERVICES[name])
+    # innermost: records operator writes (audit_api.py) inside the body-size limit
+    app.add_middleware(audit_api.AuditTrail, cp=cp)
     app.add_middleware(MetricsAndLimits, metrics=cp.metrics, max_body=settings.max_body_bytes)
     mounted = set(services or SERVICES)
     # outside FastAPI's own layers, inside admission control; see hotpath.py

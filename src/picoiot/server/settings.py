@@ -159,6 +159,28 @@ class Settings:
     max_db_queue: int = 256
     #: "auto" = PostgreSQL LISTEN/NOTIFY on PostgreSQL, in-process otherwise
     notifier: str = "auto"
+    # --- telemetry history (server/telemetry.py, docs/control-plane.md § Telemetry)
+    #: raw readings are kept this long, 1-minute aggregates (min/max/mean) this long
+    telemetry_raw_retention_s: int = 24 * 3600
+    telemetry_agg_retention_s: int = 30 * 24 * 3600
+    #: buffered readings are written this often (one INSERT per flush, not per request)
+    telemetry_flush_s: float = 1.0
+    #: per device: readings/s sustained and burst (token bucket); beyond it 429 (heartbeat readings: dropped, counted)
+    telemetry_rate: float = 200.0
+    telemetry_burst: int = 2000
+    #: readings held in memory waiting for the flush, beyond which 503 (the database is behind)
+    telemetry_max_buffer: int = 500_000
+    #: a reading stamped later than now + this is "from the future" and refused
+    telemetry_max_skew_s: int = 120
+    #: Prometheus series of the latest values (one per namespace/device/field) at most; more are counted, not shown
+    telemetry_gauge_series: int = 1000
+    # --- dashboard (server/ui/)
+    #: a dashboard session lasts this long at most (never beyond the token it was opened with)
+    ui_session_s: int = 8 * 3600
+    #: Server-Sent Events: a `tick` this often (the fleet page re-reads heartbeat figures on it)
+    ui_tick_s: float = 5.0
+    #: one event stream lasts this long, then the browser reconnects (lets a server stop without waiting on it)
+    ui_stream_s: float = 60.0
 
     def __post_init__(self) -> None:
         self.db_url = normalise_db_url(self.db_url)
