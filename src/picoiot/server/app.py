@@ -70,13 +70,13 @@ def refreeze_if_grown(cp: ControlPlane) -> bool:
 async def _telemetry_loop(cp: ControlPlane) -> None:
     """Write buffered readings every telemetry_flush_s; expire old ones once a minute. A task of its own: a slow
     telemetry write never delays the liveness flush and sweep (heartbeats)."""
-    last_expiry = 0.0
+    last_expiry = float("-inf")
     while True:
         await asyncio.sleep(cp.settings.telemetry_flush_s)
         try:
             await cp.telemetry.flush()
             now = asyncio.get_running_loop().time()
-            if now - last_expiry >= 60:
+            if now - last_expiry >= cp.settings.telemetry_expire_s:
                 last_expiry = now
                 await cp.telemetry.expire()
         except asyncio.CancelledError:

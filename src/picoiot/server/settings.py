@@ -165,6 +165,8 @@ class Settings:
     telemetry_agg_retention_s: int = 30 * 24 * 3600
     #: buffered readings are written this often (one INSERT per flush, not per request)
     telemetry_flush_s: float = 1.0
+    #: readings and aggregates past their retention are deleted this often
+    telemetry_expire_s: float = 60.0
     #: per device: readings/s sustained and burst (token bucket); beyond it 429 (heartbeat readings: dropped, counted)
     telemetry_rate: float = 200.0
     telemetry_burst: int = 2000

@@ -15,7 +15,6 @@ import json
 import math
 import re
 import time
-from collections import defaultdict
 from typing import TYPE_CHECKING, Any, Callable
 
 import sqlalchemy as sa
@@ -264,13 +263,12 @@ def query(conn: sa.Connection, ns: str, dev: str, field: str, since: int, until:
     source, step = plan(since, until, step, now, raw_retention_ms)
     st = sa.literal(step, sa.BigInteger)
     if source == "raw":
-        b = (R.c.ts / st) * st if conn.dialect.name == "postgresql" else sa.func.cast(R.c.ts / st, sa.BigInteger) * st
+        b = R.c.ts.op("/")(st) * st  # integer division on both databases (SQLAlchemy's `/` is true division)
         q = (sa.select(b.label("b"), sa.func.avg(R.c.value), sa.func.min(R.c.value), sa.func.max(R.c.value),
                        sa.func.count())
              .where(R.c.ns == ns, R.c.device_id == dev, R.c.field == field, R.c.ts >= since, R.c.ts < until))
     else:
-        b = (M.c.bucket / st) * st if conn.dialect.name == "postgresql" else \
-            sa.func.cast(M.c.bucket / st, sa.BigInteger) * st
+        b = M.c.bucket.op("/")(st) * st
         q = (sa.select(b.label("b"), sa.func.sum(M.c.vsum) / sa.func.sum(M.c.n), sa.func.min(M.c.vmin),
                        sa.func.max(M.c.vmax), sa.func.sum(M.c.n))
              .where(M.c.ns == ns, M.c.device_id == dev, M.c.field == field,
@@ -339,11 +337,4 @@ def readings_from_heartbeat(t: Any, now: int) -> list[tuple[Any, Any, Any]]:
                     out.append((f, now, None))
         else:
             out.append((f, now, v))
-    return out
-
-
-def by_device(batch) -> dict[tuple[str, str], int]:
-    out: dict[tuple[str, str], int] = defaultdict(int)
-    for ns, dev, *_ in batch:
-        out[(ns, dev)] += 1
     return out
