@@ -133,6 +133,11 @@
     (views[parts[0]] || fleetView)(...parts.slice(1)).catch(handle);
   }
   window.addEventListener("hashchange", route);
+  let resizeTimer = null;
+  window.addEventListener("resize", () => {
+    clearTimeout(resizeTimer);
+    resizeTimer = setTimeout(() => S.view && S.view.resize && S.view.resize(), 150);
+  });
 
   // ------------------------------------------------------------------ fleet
   function deviceState(d, open) {
@@ -294,7 +299,7 @@
 
     function drawChart() {
       if (typeof uPlot === "undefined") { chartBox.textContent = "chart library not installed (./dev setup)"; return; }
-      const width = Math.max(280, chartBox.clientWidth || 600);
+      const width = Math.max(200, chartBox.clientWidth || 600);
       if (S.chart) S.chart.destroy();
       chartBox.replaceChildren();
       S.chart = new uPlot({ width, height: 220, series: [{}, { label: S.chartField, stroke: "#0969da", width: 2 }], axes: [{}, {}] }, S.chartData, chartBox);
@@ -313,7 +318,7 @@
       }
     }
 
-    S.view = { name: "device", id, refresh, onTelemetry };
+    S.view = { name: "device", id, refresh, onTelemetry, resize: () => S.chartData && drawChart() };
     S.chart = null; S.chartField = null; S.chartData = null;
     await refresh();
   }
