@@ -368,6 +368,22 @@ def token(role: str = typer.Option(..., "--role", help="viewer | operator | admi
     typer.echo(device_local_token(key, device, role, ttl, sub=sub))
 
 
+def ui_link(role: str = typer.Option("operator", "--role", help="viewer | operator | admin"),
+            namespace: str = typer.Option("default", "--namespace", "-n", help="namespace, or * for all"),
+            sub: str = typer.Option("cli", help="subject (who signs in)"),
+            ttl: int = typer.Option(900, help="how long the link can be used, seconds"),
+            url: Optional[str] = typer.Option(None, "--url", envvar="PICOIOT_URL", help="server URL"),
+            data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="server data dir (secrets)")) -> None:
+    """Print a one-time sign-in link to the dashboard (/ui/); it works once, within --ttl."""
+    from .server.auth import ROLES
+    from .server.ui.session import issue_ticket
+    if role not in ROLES:
+        _fail(f"--role must be one of {', '.join(ROLES)}")
+    settings = Settings.from_data_dir(data_dir or default_data_dir())
+    base = (url or _server_url(data_dir)).rstrip("/")
+    typer.echo(f"{base}/ui/login?ticket={issue_ticket(settings.secrets.signing_key, sub, namespace, role, ttl)}")
+
+
 def _individual_key(settings: Settings, ns: str, dev: str) -> str | None:
     import sqlalchemy as sa
 
@@ -601,6 +617,7 @@ def register(app: typer.Typer) -> None:
     app.command("server")(server)
     app.command("provision")(provision)
     app.command("token")(token)
+    app.command("ui-link")(ui_link)
     app.add_typer(devices_app, name="devices")
     app.add_typer(config_app, name="config")
     app.add_typer(state_app, name="state")

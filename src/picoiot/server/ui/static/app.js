@@ -239,7 +239,7 @@
       const diffRows = cfg.diff.map((x) => h("tr", {}, h("td", { text: x.path }), h("td", { text: JSON.stringify(x.before) }), h("td", { text: JSON.stringify(x.after) })));
       c.config.replaceChildren(h("p", { text: `version ${cfg.version}` + (cfg.previous_version ? `, changes from version ${cfg.previous_version}:` : "") }),
         diffRows.length ? h("div", { class: "table-wrap" }, h("table", {}, h("tr", {}, h("th", { text: "path" }), h("th", { text: "before" }), h("th", { text: "after" })), diffRows)) : h("p", { class: "muted", text: "no earlier version" }),
-        can("admin") ? configEditor() : null);
+        ...(can("admin") ? [configEditor()] : []));
       c.alarms.replaceChildren(alarmTable(alarms.alarms));
       c.ota.replaceChildren(h("pre", { text: JSON.stringify(ota ? ota.devices[0] : null, null, 1) }));
       latest = {};
