@@ -170,8 +170,9 @@ class Settings:
     #: per device: readings/s sustained and burst (token bucket); beyond it 429 (heartbeat readings: dropped, counted)
     telemetry_rate: float = 200.0
     telemetry_burst: int = 2000
-    #: readings held in memory waiting for the flush, beyond which 503 (the database is behind)
-    telemetry_max_buffer: int = 500_000
+    #: readings held in memory waiting for the flush, beyond which 503 (the database is behind): a few seconds at the
+    #: 20,000 readings/s target, so a database that falls behind pushes back instead of filling the heap
+    telemetry_max_buffer: int = 100_000
     #: a reading stamped later than now + this is "from the future" and refused
     telemetry_max_skew_s: int = 120
     #: Prometheus series of the latest values (one per namespace/device/field) at most; more are counted, not shown

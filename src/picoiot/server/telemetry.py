@@ -74,6 +74,7 @@ class Telemetry:
         self.cp = cp
         st = cp.settings
         self._buf: list[tuple[str, str, str, int, float]] = []
+        self._inflight = 0
         self._buckets: dict[tuple[str, str], TokenBucket] = {}
         #: (ns, dev, field) → (ts, value): the newest reading seen by this process (gauges, live values)
         self.latest: dict[tuple[str, str, str], tuple[int, float]] = {}
@@ -129,7 +130,7 @@ class Telemetry:
                                                             "message": e.message}) from None
         if not good:
             return 0
-        if len(self._buf) + len(good) > st.telemetry_max_buffer:
+        if len(self._buf) + self._inflight + len(good) > st.telemetry_max_buffer:
             self.refuse("overload", len(good))
             if strict:
                 raise ApiError(503, "telemetry buffer full, retry later", headers={"Retry-After": "1"})
@@ -167,11 +168,14 @@ class Telemetry:
         if not self._buf:
             return 0
         batch, self._buf = self._buf, []
+        self._inflight = len(batch)  # still counts against telemetry_max_buffer while it is being written
         try:
             await self.cp.write(lambda conn, _events: write_batch(conn, batch))
         except Exception:
             self._buf[:0] = batch  # retried on the next flush (bounded by telemetry_max_buffer)
             raise
+        finally:
+            self._inflight = 0
         self.flushes.inc(len(batch))
         return len(batch)
 
