@@ -201,6 +201,8 @@
     }
     S.view = { name: "fleet", refresh };
     await refresh();
+    // for bench/dashboard.py: navigation start → the first full table painted
+    requestAnimationFrame(() => performance.mark("fleet-rendered"));
   }
 
   // ------------------------------------------------------------------ one device
