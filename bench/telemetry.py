@@ -34,6 +34,8 @@ import httpx
 import sqlalchemy as sa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from controlplane_load import HttpError, _call, _request  # noqa: E402  (the raw-socket client of that benchmark)
 from picoiot.procs import ServerChild  # noqa: E402
 from picoiot.server.auth import derive_device_key, issue_token  # noqa: E402
 from picoiot.server.settings import Settings  # noqa: E402
@@ -64,33 +66,35 @@ async def _register(url: str, enrollment: str, ids: list[str]) -> dict[str, str]
 
 
 def heartbeat_client(url: str, tokens: dict[str, str], rate: float, seconds: float, out) -> None:
-    """Each device beats at rate/len(tokens) Hz on its own keep-alive connection; latencies in ms."""
+    """Each device beats at rate/len(tokens) Hz, one connection per heartbeat (what a device does), on the raw
+    asyncio client of bench/controlplane_load.py (httpx's own CPU cost would be measured instead); latency in ms."""
+    host, port = url.removeprefix("http://").split(":")
+
     async def main():
         lat: list[float] = []
         errors = 0
         per = len(tokens) / rate
         end = time.monotonic() + seconds
-        limits = httpx.Limits(max_connections=len(tokens), max_keepalive_connections=len(tokens))
-        async with httpx.AsyncClient(base_url=url, timeout=10, limits=limits) as c:
-            async def device(i: int, dev: str, tok: str) -> None:
-                nonlocal errors
-                await asyncio.sleep(per * i / len(tokens))
-                seq = 0
-                nxt = time.monotonic()
-                while nxt < end:
-                    seq += 1
-                    t0 = time.perf_counter()
-                    try:
-                        r = await c.post(f"/api/v1/devices/{dev}/heartbeat", json={"seq": seq, "uptime": seq},
-                                         headers={"Authorization": f"Bearer {tok}"})
-                        if r.status_code != 200:
-                            errors += 1
-                    except httpx.HTTPError:
-                        errors += 1
-                    lat.append((time.perf_counter() - t0) * 1000)
-                    nxt += per
-                    await asyncio.sleep(max(0.0, nxt - time.monotonic()))
-            await asyncio.gather(*(device(i, d, t) for i, (d, t) in enumerate(tokens.items())))
+
+        async def device(i: int, dev: str, tok: str) -> None:
+            nonlocal errors
+            await asyncio.sleep(per * i / len(tokens))
+            seq = 0
+            nxt = time.monotonic()
+            while nxt < end:
+                seq += 1
+                req = _request("POST", host, f"/api/v1/devices/{dev}/heartbeat",
+                               json.dumps({"seq": seq, "uptime": seq}).encode(), tok)
+                t0 = time.perf_counter()
+                try:
+                    status, _ = await _call(host, int(port), req, 10)
+                    errors += status != 200
+                except HttpError:
+                    errors += 1
+                lat.append((time.perf_counter() - t0) * 1000)
+                nxt += per
+                await asyncio.sleep(max(0.0, nxt - time.monotonic()))
+        await asyncio.gather(*(device(i, d, t) for i, (d, t) in enumerate(tokens.items())))
         out.put({"lat": lat, "errors": errors})
     asyncio.run(main())
 
@@ -103,31 +107,31 @@ def telemetry_client(url: str, tokens: dict[str, str], batch: int, rate: float, 
         codes: dict[int, int] = {}
         devs = list(tokens.items())
         every = batch / rate
-        async with httpx.AsyncClient(base_url=url, timeout=30, limits=httpx.Limits(max_connections=64)) as c:
-            async def send(dev: str, tok: str, body: str) -> None:
-                nonlocal accepted, refused
-                try:
-                    r = await c.post(f"/api/v1/devices/{dev}/telemetry", content=body,
-                                     headers={"Authorization": f"Bearer {tok}", "Content-Type": "application/json"})
-                    code = r.status_code
-                except httpx.HTTPError:
-                    code = 0
-                codes[code] = codes.get(code, 0) + 1
-                if code == 202:
-                    accepted += batch
-                else:
-                    refused += batch
-            tasks = []
-            start = time.monotonic()
-            i = 0
-            while (t := start + i * every) < start + seconds:
-                await asyncio.sleep(max(0.0, t - time.monotonic()))
-                dev, tok = devs[i % len(devs)]
-                now = int(time.time() * 1000)
-                body = json.dumps({"readings": [["temp", now - k, 20.0 + (k % 50) / 10] for k in range(batch)]})
-                tasks.append(asyncio.create_task(send(dev, tok, body)))
-                i += 1
-            await asyncio.gather(*tasks)
+        host, port = url.removeprefix("http://").split(":")
+
+        async def send(dev: str, tok: str, body: bytes) -> None:
+            nonlocal accepted, refused
+            try:
+                code, _ = await _call(host, int(port), _request("POST", host, f"/api/v1/devices/{dev}/telemetry",
+                                                                body, tok), 30)
+            except HttpError:
+                code = 0
+            codes[code] = codes.get(code, 0) + 1
+            if code == 202:
+                accepted += batch
+            else:
+                refused += batch
+        tasks = []
+        start = time.monotonic()
+        i = 0
+        while (t := start + i * every) < start + seconds:
+            await asyncio.sleep(max(0.0, t - time.monotonic()))
+            dev, tok = devs[i % len(devs)]
+            now = int(time.time() * 1000)
+            body = json.dumps({"readings": [["temp", now - k, 20.0 + (k % 50) / 10] for k in range(batch)]}).encode()
+            tasks.append(asyncio.create_task(send(dev, tok, body)))
+            i += 1
+        await asyncio.gather(*tasks)
         out.put({"accepted": accepted, "refused": refused, "codes": codes, "offered": i * batch})
     asyncio.run(main())
 

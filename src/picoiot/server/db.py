@@ -184,7 +184,9 @@ telemetry_raw = sa.Table(  # every reading, kept `telemetry_raw_retention_s` (se
     sa.Column("ts", sa.BigInteger, nullable=False),
     sa.Column("value", sa.Float, nullable=False),
     sa.Index("telemetry_raw_series", "ns", "device_id", "field", "ts"),
-    sa.Index("telemetry_raw_ts", "ts"),  # the retention delete
+    # the retention delete; on PostgreSQL a BRIN index (readings arrive in time order: tiny, next to free to keep up
+    # at 20,000 inserts/s, where a second B-tree cost as much as the table)
+    sa.Index("telemetry_raw_ts", "ts", postgresql_using="brin"),
 )
 
 telemetry_1m = sa.Table(  # 1-minute aggregates, kept `telemetry_agg_retention_s`; mean = vsum / n

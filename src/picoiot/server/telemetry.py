@@ -230,6 +230,9 @@ def write_batch(conn: sa.Connection, batch: list[tuple[str, str, str, int, float
     parallel JSON arrays (the liveness flush's technique: next to no Python per row, see liveness._flush_rows)."""
     agg = aggregate(batch)
     if conn.dialect.name == "postgresql":
+        # no wait for the WAL flush: a crash may lose this batch, as it may lose the readings still in memory
+        # (module docstring); everything else keeps synchronous commits
+        conn.exec_driver_sql("SET LOCAL synchronous_commit = off")
         cols = list(zip(*batch))
         conn.exec_driver_sql(_RAW_PG, {k: json.dumps(c) for k, c in zip(("ns", "dev", "f", "ts", "v"), cols)})
         keys, vals = list(agg), list(agg.values())
