@@ -111,3 +111,14 @@ def test_nothing_can_change_or_delete_the_log(server):
     # a deleted device's history stays
     assert server.client.delete("/api/v1/namespaces/default/devices/r1", headers=adm).status_code == 200
     assert [(x["method"], x["status"]) for x in _entries(server, device="r1")] == [("DELETE", 200), ("POST", 200)]
+
+
+def test_a_refused_write_with_nul_or_nan_is_still_on_record(server):
+    adm = _h(server, "admin", "bob")
+    server.register("r1", device_type="relays")
+    r = server.client.put("/api/v1/namespaces/default/devices/r1/config", headers={**adm, "Content-Type":
+                          "application/json"}, content=b'{"overrides": {"a\\u0000b": NaN}}')
+    assert r.status_code in (400, 422)
+    [e] = _entries(server)
+    assert e["status"] == r.status_code and e["summary"]["request"] == {"overrides": {"a\\u0000b": "nan"}}
+    assert server.client.get("/metrics").text.count("picoiot_audit_failures_total 0.0") == 1

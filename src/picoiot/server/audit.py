@@ -9,6 +9,7 @@ by "***" before anything is stored.
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Any
 
@@ -53,12 +54,23 @@ def resource_of(path: str) -> tuple[str, str, str | None] | None:
     return ns, rest.strip("/").split("/")[0][:32] or "namespace", None
 
 
+def _storable(value: Any) -> Any:
+    # a refused request may hold what no database column can (a NUL: PostgreSQL's JSONB refuses it) or JSON cannot
+    # (NaN): the summary keeps a visible stand-in, so the attempt is still on record
+    if isinstance(value, str):
+        return value.replace("\x00", "\\u0000")
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
 def redact(value: Any) -> Any:
     if isinstance(value, dict):
-        return {k: ("***" if _SECRET.search(str(k)) and v is not None else redact(v)) for k, v in value.items()}
+        return {_storable(str(k)): ("***" if _SECRET.search(str(k)) and v is not None else redact(v))
+                for k, v in value.items()}
     if isinstance(value, list):
         return [redact(v) for v in value]
-    return value
+    return _storable(value)
 
 
 def summarise(raw: bytes | None) -> Any:
