@@ -323,8 +323,12 @@ def provision(device_id: str = typer.Argument(..., help="device id: 1–64 of [A
         cp.db.run_sync(seed_device_types)
         body = ProvisionIn(device_id=device_id, device_type=type_, group=group,
                            key_mode="individual" if individual else "derived")
-        key = cp.db.run_sync(lambda conn: _provision(conn, [], cp, namespace, body,
-                                                     settings.secrets.enrollment_key(namespace)))
+        def enrol(conn):
+            k = _provision(conn, [], cp, namespace, body, settings.secrets.enrollment_key(namespace))
+            _audit_cli(conn, namespace, "POST", f"/api/v1/namespaces/{namespace}/devices", "enrolment", device_id,
+                       201, body.model_dump(mode="json"), {"device_id": device_id, "key_mode": body.key_mode})
+            return k
+        key = cp.db.run_sync(enrol)  # the enrolment and its audit entry in one transaction
     except ApiError as e:
         _fail(f"{e.error}")
     finally:
@@ -340,6 +344,32 @@ def provision(device_id: str = typer.Argument(..., help="device id: 1–64 of [A
             f.write(text + "\n")
         os.chmod(out, 0o600)
         typer.echo(f"wrote {out}")
+
+
+def _audit_cli(conn, ns: str, method: str, path: str, resource: str, device_id: Optional[str], status: int,
+               request: Any, after: Any) -> None:
+    """An audit entry for a CLI command that works on the data directory itself (no server, no token): the
+    subject is the local user, with the data directory's full (admin) power."""
+    import getpass
+
+    from .server import audit
+    from .server.db import now_ms
+    audit.append(conn, ns=ns, ts=now_ms(), sub=f"cli:{getpass.getuser()}", role="admin", via="cli", method=method,
+                 path=path, resource=resource, device_id=device_id, status=status,
+                 summary={"request": audit.redact(request), "before": None, "after": audit.redact(after)})
+
+
+def _audit_offline(settings: Settings, ns: str, resource: str, request: Any) -> None:
+    """Record a token minted from the data directory (the token itself never enters the log)."""
+    from .server.db import Database, migrate
+    db = Database(settings)
+    try:
+        migrate(db.engine, settings)
+        db.run_sync(lambda conn: _audit_cli(conn, ns, "POST", f"cli:{resource}", resource, None, 200, request, None))
+    except Exception as e:  # the command still works; say that its record is missing
+        typer.secho(f"warning: audit entry not written ({type(e).__name__})", fg="yellow", err=True)
+    finally:
+        db.dispose()
 
 
 def token(role: str = typer.Option(..., "--role", help="viewer | operator | admin"),
@@ -359,6 +389,7 @@ def token(role: str = typer.Option(..., "--role", help="viewer | operator | admi
     if device is None:
         if namespace != "*" and settings.secrets.enrollment_key(namespace) is None:
             _fail(f"unknown namespace {namespace!r}")
+        _audit_offline(settings, namespace, "token", {"role": role, "namespace": namespace, "sub": sub, "ttl": ttl})
         typer.echo(issue_token(settings.secrets.signing_key, sub, namespace, role, ttl))
         return
     enrollment = settings.secrets.enrollment_key(namespace)

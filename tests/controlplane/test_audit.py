@@ -122,3 +122,27 @@ def test_a_refused_write_with_nul_or_nan_is_still_on_record(server):
     [e] = _entries(server)
     assert e["status"] == r.status_code and e["summary"]["request"] == {"overrides": {"a\\u0000b": "nan"}}
     assert server.client.get("/metrics").text.count("picoiot_audit_failures_total 0.0") == 1
+
+
+def test_cli_commands_on_the_data_directory_are_recorded(server, tmp_path):
+    """`picoiot provision` and `picoiot token` work on the database and secrets directly (no server, no token): the
+    audit entry names the local user and the CLI; the key and the token never enter the log."""
+    import subprocess
+    import sys
+    st = server.settings
+    db = ["--data-dir", str(st.data_dir), "--db", st.db_url.replace("postgresql+psycopg://", "postgresql://")]
+    if st.db_schema:
+        db += ["--db-schema", st.db_schema]
+    cli = [sys.executable, "-m", "picoiot.cli"]
+    out = subprocess.run([*cli, "provision", "cli-dev", *db], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    tok = subprocess.run([*cli, "token", "--role", "operator", *db], capture_output=True, text=True, timeout=60)
+    assert tok.returncode == 0 and "warning" not in tok.stderr, tok.stderr
+    entries = _entries(server)
+    assert [(e["resource"], e["via"], e["method"], e["status"]) for e in entries] == [
+        ("token", "cli", "POST", 200), ("enrolment", "cli", "POST", 201)]
+    assert all(e["sub"].startswith("cli:") and e["role"] == "admin" for e in entries)
+    assert entries[1]["device_id"] == "cli-dev" and entries[0]["summary"]["request"]["role"] == "operator"
+    text = str(entries)
+    assert tok.stdout.strip() not in text and '"device_key"' in out.stdout and "***" not in out.stdout
+    assert out.stdout.split('"device_key": "')[1].split('"')[0] not in text
