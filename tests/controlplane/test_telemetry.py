@@ -180,3 +180,20 @@ def test_latest_values_are_gauges_with_a_bounded_number_of_series(server_factory
     assert server.client.delete("/api/v1/namespaces/default/devices/s1", headers=server.auth("admin")).status_code \
         == 200
     assert "picoiot_telemetry_value{" not in server.client.get("/metrics").text
+
+
+def test_a_device_cannot_invent_field_names_without_bound(server_factory):
+    server = server_factory(telemetry_max_fields=3, **FAST)
+    d = server.register("s1", device_type="sensors")
+    now = int(time.time() * 1000)
+    assert _post(server, d, [["a", now, 1.0], ["b", now, 1.0], ["a", now - 1, 2.0]]).status_code == 202
+    r = _post(server, d, [["c", now, 1.0], ["d", now, 1.0]])
+    assert r.status_code == 422 and r.json()["detail"] == {"index": 1, "reason": "too_many_fields",
+                                                           "message": "at most 3 fields per device"}
+    assert _post(server, d, [["c", now, 1.0], ["a", now, 3.0]]).status_code == 202  # the third is still free
+    # on the heartbeat: the extra field is dropped, the rest kept, the heartbeat answered
+    r = server.client.post(d.services["heartbeat"], headers=d.headers, json={"seq": 1, "t": {"e": 1, "b": 5}})
+    assert r.status_code == 200
+    assert metric(server.client, "picoiot_telemetry_readings_total", 'outcome="too_many_fields"') == 2
+    latest = server.client.get(TM.format(ns="default", dev="s1") + "/latest", headers=server.auth("viewer")).json()
+    assert set(latest["values"]) == {"a", "b", "c"} and latest["values"]["b"][1] == 5.0

@@ -173,6 +173,8 @@ class Settings:
     #: readings held in memory waiting for the flush, beyond which 503 (the database is behind): a few seconds at the
     #: 20,000 readings/s target, so a database that falls behind pushes back instead of filling the heap
     telemetry_max_buffer: int = 100_000
+    #: distinct field names per device (per server process), beyond which a new name is refused ("too_many_fields")
+    telemetry_max_fields: int = 64
     #: a reading stamped later than now + this is "from the future" and refused
     telemetry_max_skew_s: int = 120
     #: Prometheus series of the latest values (one per namespace/device/field) at most; more are counted, not shown

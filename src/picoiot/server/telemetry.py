@@ -78,6 +78,9 @@ class Telemetry:
         self._buckets: dict[tuple[str, str], TokenBucket] = {}
         #: (ns, dev, field) → (ts, value): the newest reading seen by this process (gauges, live values)
         self.latest: dict[tuple[str, str, str], tuple[int, float]] = {}
+        #: (ns, dev) → its field names (bounded by telemetry_max_fields: a device cannot grow memory, series or rows
+        #: by inventing names)
+        self.fields: dict[tuple[str, str], set[str]] = {}
         self._gauge_keys: set[tuple[str, str, str]] = set()
         self.series_dropped = 0
         self.listeners: list[Callable[[str, str, dict[str, tuple[int, float]]], None]] = []
@@ -118,9 +121,16 @@ class Telemetry:
         now = now_ms()
         oldest, skew = now - st.telemetry_raw_retention_s * 1000, st.telemetry_max_skew_s * 1000
         good: list[Reading] = []
+        known = self.fields.get((ns, dev))
+        new_fields: set[str] = set()
         for i, (f, ts, v) in enumerate(items):
             try:
-                good.append(check_reading(i, f, ts, v, now, oldest, skew))
+                r = check_reading(i, f, ts, v, now, oldest, skew)
+                if (known is None or f not in known) and f not in new_fields:
+                    if (len(known) if known else 0) + len(new_fields) >= st.telemetry_max_fields:
+                        raise Rejected("too_many_fields", i, f"at most {st.telemetry_max_fields} fields per device")
+                    new_fields.add(f)
+                good.append(r)
             except Rejected as e:
                 self.refuse(e.reason)
                 if strict:
@@ -142,6 +152,8 @@ class Telemetry:
                                {"rate_per_s": st.telemetry_rate, "burst": st.telemetry_burst},
                                headers={"Retry-After": "1"})
             return 0
+        if new_fields:
+            self.fields.setdefault((ns, dev), set()).update(new_fields)
         buf, latest = self._buf, self.latest
         changed: dict[str, tuple[int, float]] = {}
         for f, ts, v in good:
@@ -159,9 +171,17 @@ class Telemetry:
     def forget(self, ns: str, dev: str) -> None:
         """A deleted device: its gauges and buckets go."""
         self._buckets.pop((ns, dev), None)
-        for key in [k for k in self.latest if k[0] == ns and k[1] == dev]:
-            self.latest.pop(key, None)
-            self._gauge_keys.discard(key)
+        for f in self.fields.pop((ns, dev), ()):
+            self.latest.pop((ns, dev, f), None)
+            self._gauge_keys.discard((ns, dev, f))
+
+    def latest_of(self, ns: str, dev: str) -> dict[str, tuple[int, float]]:
+        out = {}
+        for f in self.fields.get((ns, dev), ()):
+            v = self.latest.get((ns, dev, f))
+            if v is not None:
+                out[f] = v
+        return out
 
     # ------------------------------------------------------------------ storage
     async def flush(self) -> int:

@@ -79,7 +79,7 @@ async def get_latest(ns: str, device_id: str, request: Request, p: Principal = D
     require_role(p, "viewer")
     cp = _cp(request)
     values = await cp.read(latest_from_db, ns, device_id, now_ms() - cp.settings.telemetry_raw_retention_s * 1000)
-    for (n, d, f), (ts, v) in list(cp.telemetry.latest.items()):
-        if n == ns and d == device_id and (f not in values or values[f][0] <= ts):
+    for f, (ts, v) in cp.telemetry.latest_of(ns, device_id).items():
+        if f not in values or values[f][0] <= ts:
             values[f] = (ts, v)
     return TelemetryLatest(values={f: [ts, v] for f, (ts, v) in values.items()})
