@@ -56,6 +56,10 @@ def server(db: Optional[str] = DbUrl, host: str = typer.Option("127.0.0.1", help
            max_requests: int = typer.Option(Settings.max_requests_in_flight,
                                             help="requests worked on at once per process; beyond: 503"),
            max_longpolls: int = typer.Option(10_000, help="long-polls waiting at once per process; beyond: 503"),
+           telemetry_raw_retention: int = typer.Option(Settings.telemetry_raw_retention_s,
+                                                       help="seconds raw telemetry readings are kept"),
+           telemetry_agg_retention: int = typer.Option(Settings.telemetry_agg_retention_s,
+                                                       help="seconds 1-minute telemetry aggregates are kept"),
            log_level: str = typer.Option("info", help="debug | info | warning | error (to stderr)")) -> None:
     """Run the control plane (discovery, config, state, heartbeat, alarms[, SNTP]) until SIGTERM/SIGINT."""
     import logging
@@ -63,6 +67,8 @@ def server(db: Optional[str] = DbUrl, host: str = typer.Option("127.0.0.1", help
     level = getattr(logging, log_level.upper(), None)
     if not isinstance(level, int):
         _fail("--log-level: debug, info, warning or error")
+    if telemetry_raw_retention < 60 or telemetry_agg_retention < telemetry_raw_retention:
+        _fail("--telemetry-raw-retention: at least 60 s; --telemetry-agg-retention: at least the raw retention")
     if workers < 1 or max_requests < 1 or max_longpolls < 0 or ttl_slack < 0:
         _fail("--workers and --max-requests must be at least 1, --max-longpolls and --ttl-slack at least 0")
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -70,7 +76,9 @@ def server(db: Optional[str] = DbUrl, host: str = typer.Option("127.0.0.1", help
     ddir = data_dir or default_data_dir()
     settings = _settings(ddir, db, db_schema, public_url=public_url, sweep_interval_s=sweep_interval,
                          heartbeat_flush_s=heartbeat_flush, token_ttl_s=token_ttl, ttl_slack_s=ttl_slack,
-                         max_requests_in_flight=max_requests, max_longpolls=max_longpolls)
+                         max_requests_in_flight=max_requests, max_longpolls=max_longpolls,
+                         telemetry_raw_retention_s=telemetry_raw_retention,
+                         telemetry_agg_retention_s=telemetry_agg_retention)
     sntp = None
     if sntp_port is not None:
         try:
