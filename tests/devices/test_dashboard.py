@@ -128,7 +128,7 @@ def test_one_time_link_forged_and_expired_sessions_and_other_origins(browser, cp
     ctx.close()
     # forged and expired sessions are refused like forged and expired tokens, and the page asks to sign in
     for value, error in ((_token(cp, "admin")[:-4] + "AAAA", "invalid token"),
-                         (issue_token("not-the-key", "x", NS, "admin", 600), "invalid token"),
+                         (issue_token("not-the-server-key-" + "0" * 32, "x", NS, "admin", 600), "invalid token"),
                          (issue_token(cp.secrets.signing_key, "x", NS, "admin", -10), "token expired")):
         r = httpx.get(f"{cp.url}/ui/me", cookies={"picoiot_session": value})
         assert r.status_code == 401 and r.json()["error"] == error
