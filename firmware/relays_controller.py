@@ -29,6 +29,7 @@ class RelaysController(Device):
         self.bank = None
         self.failsafe_active = False
         self._rejected = []  # desired keys reported as rejected (cleared in reported once a valid value comes)
+        self._events = []  # relay switches not yet sent on a heartbeat (_changed)
 
     def schema(self):
         s = Device.schema(self)
@@ -99,6 +100,12 @@ class RelaysController(Device):
         # every switch: one log line and the cause reported beside the state; anything but the desired state itself
         # overrides a desired value (docs/devices.md, "Who wins")
         _log.info("relay switched", relay=name, state=state, cause=cause)
+        # switch events for the telemetry history, sent on the next heartbeat as [value, age_ms] (no device clock);
+        # at most 16 kept between heartbeats (oldest dropped): a few hundred bytes of heap at most
+        ev = self._events
+        if len(ev) >= 16:
+            ev.pop(0)
+        ev.append((name, 1 if state == "on" else 0, ticks_ms()))
         self._m_on.set(1 if state == "on" else 0, relay=name)
         self._m_switches.inc(relay=name)
         sm = getattr(self, "sm", None)
@@ -111,6 +118,18 @@ class RelaysController(Device):
         r = self.bank.states()
         r["cause"] = self.bank.causes()
         return r
+
+    def _heartbeat_payload(self):
+        p = Device._heartbeat_payload(self)
+        ev = self._events
+        if ev:
+            now = ticks_ms()
+            t = {}
+            for name, v, at in ev:
+                t.setdefault(name, []).append([v, ticks_diff(now, at)])
+            p["t"] = t
+            self._events = []  # sent (a lost heartbeat loses them: the shadow still has the state)
+        return p
 
     def info_extra(self):
         return {"relays": self.bank.states(), "failsafe_active": self.failsafe_active}

@@ -85,6 +85,20 @@ class SensorsController(Device):
     def reported(self):
         return {"sampling_interval_ms": self.hub.interval_ms, "fields": self.hub.field_names()}
 
+    def _heartbeat_payload(self):
+        # telemetry history rides on the heartbeat (docs/protocol.md, `t`): the latest value of each field, no
+        # device clock, no extra request or client; costs one small dict per heartbeat
+        p = Device._heartbeat_payload(self)
+        t = {}
+        values = self.hub.values
+        for k in values:
+            v = values[k]
+            if v is not None and v == v:  # a failing sensor (None) or NaN is left out
+                t[k] = v
+        if t:
+            p["t"] = t
+        return p
+
     def info_extra(self):
         return {"fields": self.hub.field_names(), "interval_ms": self.hub.interval_ms, "samples": self.hub.samples,
                 "faults": self.hub.faults, "ws_clients": len(self.stream.clients) if self.stream else 0}

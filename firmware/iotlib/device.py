@@ -366,6 +366,10 @@ class Device:
         mf = body.get("mem_free")
         if mf is None or mf < 0:
             body.pop("mem_free", None)  # CPython has no GC heap figure; the server wants >= 0 or nothing
+        else:  # lowest free heap seen at a heartbeat since boot (the dashboard's "lowest-ever"): one int
+            lo = getattr(self, "_mem_min", None)
+            self._mem_min = mf if lo is None or mf < lo else lo
+            body["mem_min"] = self._mem_min
         body["firmware"] = __version__
         body["config_version"] = self.cfg.version
         sm = getattr(self, "sm", None)

@@ -121,8 +121,15 @@ class Demo:
                 for d in self.devices}
         return {"control_plane": cp, "devices": devs, "expires_in_s": ttl}
 
+    def dashboard(self) -> dict:
+        """The dashboard's URL and a one-time sign-in link (admin; valid 1 h; the CP_* tokens can be pasted too)."""
+        from .server.ui.session import issue_ticket
+        ticket = issue_ticket(self.secrets.signing_key, "demo-admin", NAMESPACE, "admin", 3600)
+        return {"url": f"{self.server.url}/ui/", "login_link": f"{self.server.url}/ui/login?ticket={ticket}"}
+
     def describe(self) -> dict:
-        return {"control_plane_url": self.server.url, "namespace": NAMESPACE, "sntp_port": self.server.sntp_port,
+        return {"control_plane_url": self.server.url, "dashboard": self.dashboard(), "namespace": NAMESPACE,
+                "sntp_port": self.server.sntp_port,
                 "devices": [{"id": d.device_id, "kind": d.kind, "url": d.url, "runtime": d.runtime,
                              "heap": d.heap if d.runtime == "micropython" else None, "pid": d.pid,
                              "log": str(d.log)} for d in self.devices],
@@ -214,6 +221,10 @@ def _print(console, demo: Demo, info: dict) -> None:
     for what, cmd in demo.examples(info):
         console.print(f"  [dim]# {what}[/]")
         console.print(f"  {cmd}", soft_wrap=True, highlight=False, markup=False)
+    console.print(f"\n[bold]dashboard[/]  {info['dashboard']['url']}")
+    console.print(f"  one-time sign-in link (admin, 1 h): {info['dashboard']['login_link']}", soft_wrap=True,
+                  highlight=False, markup=False)
+    console.print("  or paste one of the CP_* tokens above into its sign-in form")
     console.print("\n[bold]cloud vs device[/]  a desired state reaches the relay in tens of ms (the device holds a "
                   "long-poll; docs/benchmarks.md). When they disagree the device wins: a local POST /gpio, a pulse's "
                   "end, max_on_s, interlock and failsafe override a desired value already applied, and the device "

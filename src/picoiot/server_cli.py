@@ -98,6 +98,10 @@ def server(db: Optional[str] = DbUrl, host: str = typer.Option("127.0.0.1", help
                                             help="seconds between rollout evaluations / alert rule checks"),
            alert_group_wait: float = typer.Option(Settings.alert_group_wait_s,
                                                   help="seconds a notification waits for more alerts to group"),
+           telemetry_raw_retention: int = typer.Option(Settings.telemetry_raw_retention_s,
+                                                       help="seconds raw telemetry readings are kept"),
+           telemetry_agg_retention: int = typer.Option(Settings.telemetry_agg_retention_s,
+                                                       help="seconds 1-minute telemetry aggregates are kept"),
            log_level: str = typer.Option("info", help="debug | info | warning | error (to stderr)")) -> None:
     """Run the control plane (discovery, config, state, heartbeat, alarms[, SNTP]) until SIGTERM/SIGINT."""
     import logging
@@ -105,6 +109,8 @@ def server(db: Optional[str] = DbUrl, host: str = typer.Option("127.0.0.1", help
     level = getattr(logging, log_level.upper(), None)
     if not isinstance(level, int):
         _fail("--log-level: debug, info, warning or error")
+    if telemetry_raw_retention < 60 or telemetry_agg_retention < telemetry_raw_retention:
+        _fail("--telemetry-raw-retention: at least 60 s; --telemetry-agg-retention: at least the raw retention")
     if fleet_tick <= 0 or alert_group_wait < 0:
         _fail("--fleet-tick must be above 0, --alert-group-wait at least 0")
     if workers < 1 or max_requests < 1 or max_longpolls < 0 or ttl_slack < 0 or challenge_rate < 0:
@@ -119,7 +125,9 @@ def server(db: Optional[str] = DbUrl, host: str = typer.Option("127.0.0.1", help
                          heartbeat_flush_s=heartbeat_flush, token_ttl_s=token_ttl, ttl_slack_s=ttl_slack,
                          max_requests_in_flight=max_requests, max_longpolls=max_longpolls,
                          challenges_per_address_per_s=challenge_rate,
-                         fleet_tick_s=fleet_tick, alert_group_wait_s=alert_group_wait)
+                         fleet_tick_s=fleet_tick, alert_group_wait_s=alert_group_wait,
+                         telemetry_raw_retention_s=telemetry_raw_retention,
+                         telemetry_agg_retention_s=telemetry_agg_retention)
     _check_database(settings)
     sntp = None
     if sntp_port is not None:
@@ -434,8 +442,12 @@ def provision(device_id: str = typer.Argument(..., help="device id: 1–64 of [A
         cp.db.run_sync(seed_device_types)
         body = ProvisionIn(device_id=device_id, device_type=type_, group=group,
                            key_mode="individual" if individual else "derived")
-        key = cp.db.run_sync(lambda conn: _provision(conn, [], cp, namespace, body,
-                                                     settings.secrets.enrollment_key(namespace)))
+        def enrol(conn):
+            k = _provision(conn, [], cp, namespace, body, settings.secrets.enrollment_key(namespace))
+            _audit_cli(conn, namespace, "POST", f"/api/v1/namespaces/{namespace}/devices", "enrolment", device_id,
+                       201, body.model_dump(mode="json"), {"device_id": device_id, "key_mode": body.key_mode})
+            return k
+        key = cp.db.run_sync(enrol)  # the enrolment and its audit entry in one transaction
     except ApiError as e:
         _fail(f"{e.error}")
     finally:
@@ -481,6 +493,30 @@ def _write_board_settings(path: Path, key: dict, kind: str, wifi: list, ca: Opti
     except DeployError as e:
         _fail(str(e))
     typer.echo(f"wrote {path} (board settings; picoiot deploy --settings {path})", err=True)
+def _audit_cli(conn, ns: str, method: str, path: str, resource: str, device_id: Optional[str], status: int,
+               request: Any, after: Any) -> None:
+    """An audit entry for a CLI command that works on the data directory itself (no server, no token): the
+    subject is the local user, with the data directory's full (admin) power."""
+    import getpass
+
+    from .server import audit
+    from .server.db import now_ms
+    audit.append(conn, ns=ns, ts=now_ms(), sub=f"cli:{getpass.getuser()}", role="admin", via="cli", method=method,
+                 path=path, resource=resource, device_id=device_id, status=status,
+                 summary={"request": audit.redact(request), "before": None, "after": audit.redact(after)})
+
+
+def _audit_offline(settings: Settings, ns: str, resource: str, request: Any) -> None:
+    """Record a token minted from the data directory (the token itself never enters the log)."""
+    from .server.db import Database, migrate
+    db = Database(settings)
+    try:
+        migrate(db.engine, settings)
+        db.run_sync(lambda conn: _audit_cli(conn, ns, "POST", f"cli:{resource}", resource, None, 200, request, None))
+    except Exception as e:  # the command still works; say that its record is missing
+        typer.secho(f"warning: audit entry not written ({type(e).__name__})", fg="yellow", err=True)
+    finally:
+        db.dispose()
 
 
 def token(role: str = typer.Option(..., "--role", help="viewer | operator | admin"),
@@ -500,6 +536,7 @@ def token(role: str = typer.Option(..., "--role", help="viewer | operator | admi
     if device is None:
         if namespace != "*" and settings.secrets.enrollment_key(namespace) is None:
             _fail(f"unknown namespace {namespace!r}")
+        _audit_offline(settings, namespace, "token", {"role": role, "namespace": namespace, "sub": sub, "ttl": ttl})
         typer.echo(issue_token(settings.secrets.signing_key, sub, namespace, role, ttl))
         return
     enrollment = settings.secrets.enrollment_key(namespace)
@@ -507,6 +544,22 @@ def token(role: str = typer.Option(..., "--role", help="viewer | operator | admi
         _fail(f"unknown namespace {namespace!r}")
     key = _individual_key(settings, namespace, device) or derive_device_key(enrollment, device)
     typer.echo(device_local_token(key, device, role, ttl, sub=sub))
+
+
+def ui_link(role: str = typer.Option("operator", "--role", help="viewer | operator | admin"),
+            namespace: str = typer.Option("default", "--namespace", "-n", help="namespace, or * for all"),
+            sub: str = typer.Option("cli", help="subject (who signs in)"),
+            ttl: int = typer.Option(900, help="how long the link can be used, seconds"),
+            url: Optional[str] = typer.Option(None, "--url", envvar="PICOIOT_URL", help="server URL"),
+            data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="server data dir (secrets)")) -> None:
+    """Print a one-time sign-in link to the dashboard (/ui/); it works once, within --ttl."""
+    from .server.auth import ROLES
+    from .server.ui.session import issue_ticket
+    if role not in ROLES:
+        _fail(f"--role must be one of {', '.join(ROLES)}")
+    settings = Settings.from_data_dir(data_dir or default_data_dir())
+    base = (url or _server_url(data_dir)).rstrip("/")
+    typer.echo(f"{base}/ui/login?ticket={issue_ticket(settings.secrets.signing_key, sub, namespace, role, ttl)}")
 
 
 def _individual_key(settings: Settings, ns: str, dev: str) -> str | None:
@@ -540,7 +593,9 @@ class _Api:
                       "demo), or --data-dir of the server to mint one")
             settings = Settings.from_data_dir(data_dir or default_data_dir())
             tok = issue_token(settings.secrets.signing_key, "cli", namespace, role, 300)
-        self.client = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {tok}"}, timeout=30)
+        # the User-Agent marks the audit log entries of writes made with the CLI (via "cli")
+        self.client = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {tok}",
+                                                          "User-Agent": "picoiot-cli"}, timeout=30)
 
     def call(self, method: str, path: str, **kw) -> Any:
         import httpx
@@ -746,6 +801,7 @@ def register(app: typer.Typer) -> None:
     app.command("server")(server)
     app.command("provision")(provision)
     app.command("token")(token)
+    app.command("ui-link")(ui_link)
     app.add_typer(devices_app, name="devices")
     app.add_typer(config_app, name="config")
     app.add_typer(state_app, name="state")

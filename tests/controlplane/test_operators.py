@@ -3,6 +3,7 @@ import jwt
 from prometheus_client.parser import text_string_to_metric_families
 
 from picoiot.server.auth import derive_device_key, issue_token
+from picoiot.server.db import LATEST
 
 DEV = "/api/v1/namespaces/default/devices"
 
@@ -162,7 +163,7 @@ def test_health_ready_metrics(server):
     c = server.client
     assert c.get("/health").json() == {"status": "ok"}
     r = c.get("/ready")
-    assert r.status_code == 200 and r.json()["ready"] is True and r.json()["migrations"] == 2
+    assert r.status_code == 200 and r.json()["ready"] is True and r.json()["migrations"] == LATEST
     server.register("relay-1")
     from cptest import wait_until
     wait_until(lambda: server.cp.metrics.devices_online._value.get() == 1)

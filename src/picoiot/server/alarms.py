@@ -95,6 +95,7 @@ def ingest(conn: sa.Connection, events: list, ns: str, dev: str, items: list[Ala
     # one batch may name a key twice (fire then resolve): apply in order, merging into the same row
     for a in items:
         apply_one(conn, ns, dev, a, now)
+    events.append({"ns": ns, "dev": dev, "kind": "alarm"})  # this process's live views (events.py)
     return len(items)
 
 
@@ -132,6 +133,7 @@ def ack(conn: sa.Connection, events: list, ns: str, alarm_id: int, by: str) -> A
         conn.execute(A.update().where(A.c.id == alarm_id).values(acked=True, acked_by=by, acked_ts=now,
                                                                   updated_ts=now))
         row = conn.execute(sa.select(A).where(A.c.id == alarm_id)).mappings().first()
+        events.append({"ns": ns, "dev": row["device_id"], "kind": "alarm"})  # live views (events.py)
     return to_out(row)
 
 

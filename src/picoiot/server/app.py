@@ -10,7 +10,8 @@ from typing import Iterable
 import sqlalchemy as sa
 from fastapi import APIRouter, FastAPI
 
-from . import alarms, alerting_api, config, discovery, heartbeat, operators, ops, ota, rollouts_api, state
+from . import alarms, alerting_api, audit_api, config, discovery, events, heartbeat, operators, ops, ota
+from . import rollouts_api, state, telemetry_api, ui
 from . import db as tables
 from . import errors, openapi
 from .admission import Admission
@@ -36,6 +37,10 @@ SERVICES: dict[str, APIRouter] = {
     "alerting": alerting_api.router,
     "operators": operators.router,
     "ops": ops.router,
+    "telemetry": telemetry_api.router,
+    "audit": audit_api.router,
+    "events": events.router,
+    "ui": ui.router,
 }
 
 
@@ -63,6 +68,25 @@ def refreeze_if_grown(cp: ControlPlane) -> bool:
     gc.freeze()
     cp.frozen_entries = n
     return True
+
+
+async def _telemetry_loop(cp: ControlPlane) -> None:
+    """Write buffered readings every telemetry_flush_s; expire old ones once a minute. A task of its own: a slow
+    telemetry write never delays the liveness flush and sweep (heartbeats)."""
+    last_expiry = float("-inf")
+    while True:
+        await asyncio.sleep(cp.settings.telemetry_flush_s)
+        try:
+            await cp.telemetry.flush()
+            now = asyncio.get_running_loop().time()
+            if now - last_expiry >= cp.settings.telemetry_expire_s:
+                last_expiry = now
+                await cp.telemetry.expire()
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # kept in memory and retried (telemetry.flush)
+            cp.metrics.housekeeping_errors.inc()
+            log.warning("telemetry flush failed: %s", type(e).__name__)
 
 
 async def _housekeeping(cp: ControlPlane) -> None:
@@ -99,15 +123,20 @@ def create_app(settings: Settings | None = None, services: Iterable[str] | None 
         fleet = Fleet(cp)
         if "rollouts" in mounted or "alerting" in mounted:
             fleet.start()
+        tm_task = asyncio.create_task(_telemetry_loop(cp))
         try:
             yield
         finally:
             await fleet.stop()
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            tm_task.cancel()
+            for t in (task, tm_task):
+                with contextlib.suppress(asyncio.CancelledError):
+                    await t
             with contextlib.suppress(Exception):
                 await cp.liveness.flush()  # a clean stop keeps every heartbeat
+            with contextlib.suppress(Exception):
+                await cp.telemetry.flush()  # and every reading
             await cp.notifier.stop()
             cp.db.dispose()
 
@@ -122,6 +151,8 @@ def create_app(settings: Settings | None = None, services: Iterable[str] | None 
     openapi.install(app)
     for name in services or SERVICES:
         app.include_router(SERVICES[name])
+    # innermost: records operator writes (audit_api.py) inside the body-size limit
+    app.add_middleware(audit_api.AuditTrail, cp=cp)
     app.add_middleware(MetricsAndLimits, metrics=cp.metrics, max_body=settings.max_body_bytes)
     mounted = set(services or SERVICES)
     # outside FastAPI's own layers, inside admission control; see hotpath.py

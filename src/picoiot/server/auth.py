@@ -121,9 +121,50 @@ class TokenCache:
         return p
 
 
-async def principal(request: Request) -> Principal:
-    """FastAPI dependency (async: a sync one would cost a thread hop per request): the caller, from its token."""
+SESSION_COOKIE = "picoiot_session"
+_SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+
+
+def same_origin(request: Request) -> bool:
+    """A cookie-authenticated write must come from the dashboard's own origin (CSRF). SameSite=Strict already keeps
+    the cookie off other sites' requests; this is the second lock: `Origin` (or, failing it, `Referer`) must name
+    this server, and a browser's `Sec-Fetch-Site: cross-site` is refused outright."""
+    if request.headers.get("sec-fetch-site") == "cross-site":
+        return False
+    origin = request.headers.get("origin")
+    if origin is None:
+        referer = request.headers.get("referer")
+        if not referer:
+            return False
+        scheme, _, rest = referer.partition("://")
+        origin = f"{scheme}://{rest.split('/', 1)[0]}"
+    own = {f"{request.url.scheme}://{request.headers.get('host', '')}"}
+    public = request.app.state.cp.settings.public_url
+    if public:
+        scheme, _, rest = public.partition("://")
+        own.add(f"{scheme}://{rest.split('/', 1)[0]}")
+    return origin in own
+
+
+def session_principal(request: Request, token: str) -> Principal:
+    """The dashboard's session cookie (server/ui): a token like an operator's, minted at sign-in."""
     cp = request.app.state.cp
+    if request.method not in _SAFE_METHODS and not same_origin(request):
+        raise ApiError(403, "cross-origin request refused", {"origin": request.headers.get("origin")})
+    p = cp.tokens.principal(cp.settings.secrets.signing_key, token)
+    if p.is_device:
+        raise ApiError(401, "invalid session")
+    return p
+
+
+async def principal(request: Request) -> Principal:
+    """FastAPI dependency (async: a sync one would cost a thread hop per request): the caller, from its token —
+    the `Authorization: Bearer` header, or else the dashboard's session cookie."""
+    cp = request.app.state.cp
+    if "authorization" not in request.headers:
+        session = request.cookies.get(SESSION_COOKIE)
+        if session:
+            return session_principal(request, session)
     return cp.tokens.principal(cp.settings.secrets.signing_key, bearer(request))
 
 

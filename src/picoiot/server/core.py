@@ -100,6 +100,13 @@ class ControlPlane:
         from .addrlimit import AddressLimiter
         #: registration challenges per client address (unauthenticated, and each one writes a nonce row)
         self.challenges = AddressLimiter(settings.challenges_per_address_per_s, settings.challenges_per_address_burst)
+        from .telemetry import Telemetry
+        self.telemetry = Telemetry(self)
+        from .events import EventHub
+        self.events = EventHub()  # the dashboard's live updates (events.py)
+        self.notifier.add_listener(self.events.on_event)
+        self.telemetry.listeners.append(self.events.on_telemetry)
+        self.notifier.add_listener(lambda e: e["kind"] == "deleted" and self.telemetry.forget(e["ns"], e["dev"]))
         self.started_ms = 0
         #: cache entries (tokens + versions) when the heap was last frozen (app.refreeze_if_grown)
         self.frozen_entries = 0

@@ -13,6 +13,7 @@ from .errors import ApiError
 from .longpoll import wait_for_change
 from .models import ErrorBody, HeartbeatIn, HeartbeatOut
 from .ota import heartbeat_pending
+from .telemetry import readings_from_heartbeat
 
 if TYPE_CHECKING:
     from .core import ControlPlane
@@ -26,11 +27,16 @@ async def record(cp: "ControlPlane", ns: str, device_id: str, body: HeartbeatIn)
     (JSON text), for a second sign of life from the same request.
 
     Shared by the FastAPI route and the fast path (`hotpath.py`), so both record and count the same way."""
-    hb = body.model_dump_json(exclude_none=True)
+    hb = body.model_dump_json(exclude_none=True, exclude=_NOT_STORED)
     if not await cp.liveness.beat(ns, device_id, hb):
         raise ApiError(404, "unknown device")
     cp.metrics.heartbeats.inc()
+    if body.t:  # in memory only (telemetry.py): never delays the answer, never refuses the heartbeat
+        cp.telemetry.ingest(ns, device_id, readings_from_heartbeat(body.t, now_ms()), strict=False)
     return hb
+
+
+_NOT_STORED = {"t"}  # the readings go to the telemetry tables, not into devices.heartbeat
 
 
 #: HeartbeatOut as bytes: the hottest answer, formatted rather than built as a dict and serialised (~5 µs)

@@ -214,11 +214,16 @@ class HeartbeatIn(BaseModel):
     seq: int = Field(default=0, ge=0, le=TS_MAX)
     uptime: float | None = Field(default=None, ge=0, le=TS_MAX)
     mem_free: int | None = Field(default=None, ge=0, le=TS_MAX)
+    mem_min: int | None = Field(default=None, ge=0, le=TS_MAX)  # lowest mem_free at a heartbeat since boot
     rssi: int | None = Field(default=None, ge=-200, le=200)
     reconnects: int | None = Field(default=None, ge=0, le=TS_MAX)
     firmware: str | None = Field(default=None, max_length=64, pattern=r"^[^\x00]*$")
     config_version: int | None = Field(default=None, ge=0, le=INT32)
     state_version: int | None = Field(default=None, ge=0, le=INT32)
+    #: telemetry riding on the heartbeat (server/telemetry.readings_from_heartbeat): {"field": value} or
+    #: {"field": [[value, age_ms], …]}. Checked reading by reading there: a bad one is dropped and counted, never
+    #: the heartbeat refused for it.
+    t: dict[str, Any] | None = Field(default=None, max_length=32)
 
     @model_validator(mode="after")
     def _storable(self):  # replaces BaseModel's walk: the field constraints above already refuse NUL and NaN
@@ -382,3 +387,51 @@ class Ready(BaseModel):
     migrations: int | None = None
     expected_migrations: int
     error: str | None = None
+
+
+# --- telemetry (server/telemetry.py) ---
+class TelemetryIn(_PydanticModel):
+    # pydantic's own BaseModel, not ours: a NaN, a wrong type or a NUL must reach telemetry.check_reading, which
+    # refuses it with the reading's index and counts it by reason (picoiot_telemetry_readings{outcome})
+    readings: list[list[Any]] = Field(max_length=1000, description=(
+        "[[field, ts, value], …]: field 1-32 of [A-Za-z0-9_.-], ts integer ms since the epoch (not later than now "
+        "+ telemetry_max_skew_s, not older than the raw retention), value a finite number. One bad reading refuses "
+        "the batch (422, nothing stored); over the device's rate 429."))
+
+
+class TelemetryAccepted(BaseModel):
+    accepted: int
+
+
+class TelemetrySeries(BaseModel):
+    field: str
+    since: int
+    until: int
+    step: int = Field(description="bucket width, ms")
+    source: Literal["raw", "1m"] = Field(description="raw readings, or the 1-minute aggregates")
+    points: list[list[float]] = Field(description="[[bucket start ms, mean, min, max, count], …] oldest first; "
+                                                  "empty buckets are left out")
+
+
+class TelemetryLatest(BaseModel):
+    values: dict[str, list[float]] = Field(description="field → [ts ms, value]: the newest reading of each field")
+
+
+# --- audit log (server/audit.py) ---
+class AuditEntry(BaseModel):
+    id: int
+    namespace: str
+    ts: int
+    sub: str
+    role: str
+    via: str
+    method: str
+    path: str
+    resource: str
+    device_id: str | None = None
+    status: int
+    summary: dict[str, Any]
+
+
+class AuditList(BaseModel):
+    entries: list[AuditEntry]

@@ -177,6 +177,33 @@ class Settings:
     alert_give_up_s: float = 3600.0
     #: one delivery attempt's timeout: a slow receiver delays only the delivery task
     alert_timeout_s: float = 5.0
+    # --- telemetry history (server/telemetry.py, docs/control-plane.md § Telemetry)
+    #: raw readings are kept this long, 1-minute aggregates (min/max/mean) this long
+    telemetry_raw_retention_s: int = 24 * 3600
+    telemetry_agg_retention_s: int = 30 * 24 * 3600
+    #: buffered readings are written this often (one INSERT per flush, not per request)
+    telemetry_flush_s: float = 1.0
+    #: readings and aggregates past their retention are deleted this often
+    telemetry_expire_s: float = 60.0
+    #: per device: readings/s sustained and burst (token bucket); beyond it 429 (heartbeat readings: dropped, counted)
+    telemetry_rate: float = 200.0
+    telemetry_burst: int = 2000
+    #: readings held in memory waiting for the flush, beyond which 503 (the database is behind): a few seconds at the
+    #: 20,000 readings/s target, so a database that falls behind pushes back instead of filling the heap
+    telemetry_max_buffer: int = 100_000
+    #: distinct field names per device (per server process), beyond which a new name is refused ("too_many_fields")
+    telemetry_max_fields: int = 64
+    #: a reading stamped later than now + this is "from the future" and refused
+    telemetry_max_skew_s: int = 120
+    #: Prometheus series of the latest values (one per namespace/device/field) at most; more are counted, not shown
+    telemetry_gauge_series: int = 1000
+    # --- dashboard (server/ui/)
+    #: a dashboard session lasts this long at most (never beyond the token it was opened with)
+    ui_session_s: int = 8 * 3600
+    #: Server-Sent Events: a `tick` this often (the fleet page re-reads heartbeat figures on it)
+    ui_tick_s: float = 5.0
+    #: one event stream lasts this long, then the browser reconnects (lets a server stop without waiting on it)
+    ui_stream_s: float = 60.0
 
     def __post_init__(self) -> None:
         self.db_url = normalise_db_url(self.db_url)
