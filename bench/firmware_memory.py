@@ -38,10 +38,15 @@ SIM_K = 0
 NO_SIM = {"PICOIOT_SIM_IMG": ""}
 
 
+def sim_env() -> dict:
+    """A .mpy run: it mounts the simulator's own image (not counted: SIM_K is added to its heap)."""
+    return heaplib.mp_env({"PICOIOT_SIM_IMG": str(heaplib.BUILD / "sim.img")})
+
+
 def iotlib_ok(heap_k: int, stalls: dict, last: dict, romfs: Path | None = None) -> bool:
     args = [str(romfs), "mp_iotlib_all"] if romfs else []
     proc = heaplib.run_module("mp_romfs" if romfs else "mp_iotlib_all", heap_k + (0 if romfs else SIM_K), args,
-                              timeout=120, env=heaplib.mp_env(NO_SIM) if romfs else None)
+                              timeout=120, env=heaplib.mp_env(NO_SIM) if romfs else sim_env())
     m = re.search(r"^OK max_stall_ms=(\d+)", proc.stdout, re.M)
     if m and proc.returncode == 0 and "MemoryError" not in proc.stdout + proc.stderr:
         stalls.setdefault(heap_k, []).append(int(m.group(1)))
@@ -51,7 +56,7 @@ def iotlib_ok(heap_k: int, stalls: dict, last: dict, romfs: Path | None = None) 
 
 
 def imports_ok(heap_k: int) -> bool:
-    proc = heaplib.run_module("mp_import_cost", heap_k + SIM_K, timeout=60)
+    proc = heaplib.run_module("mp_import_cost", heap_k + SIM_K, timeout=60, env=sim_env())
     return proc.returncode == 0 and "MOD bench_script" in proc.stdout
 
 
@@ -59,7 +64,7 @@ def import_costs(romfs: Path | None = None, heap_k: int = 512) -> list[tuple[str
     """(module, heap bytes, of which interned-name pool bytes, new qstrs) per module, in import order."""
     args = [str(romfs), "mp_import_cost"] if romfs else []
     proc = heaplib.run_module("mp_romfs" if romfs else "mp_import_cost", heap_k, args, timeout=60,
-                              env=heaplib.mp_env(NO_SIM) if romfs else None)
+                              env=heaplib.mp_env(NO_SIM) if romfs else sim_env())
     if proc.returncode != 0:
         raise RuntimeError("mp_import_cost failed:\n" + proc.stdout[-400:] + proc.stderr[-400:])
     snaps = []

@@ -57,7 +57,7 @@ def romfs_image(modules: list[str], name: str = "romfs", lib: bool = True) -> Pa
 
 
 def sim_image() -> Path:
-    """The simulator alone as a ROMFS image; mp_env() has runs mount it (PICOIOT_SIM_IMG)."""
+    """The simulator alone as a ROMFS image; a run given PICOIOT_SIM_IMG mounts it (mp_iotlib_all, mp_import_cost)."""
     return romfs_image([], "sim", lib=False)
 
 
@@ -72,11 +72,9 @@ def free_port() -> int:
 
 
 def mp_env(extra: dict | None = None) -> dict:
-    """MicroPython's environment for a bench run: the bundle on its path and, once sim_image() was built, the
-    simulator's image to mount (a run that loads iotlib from .mpy keeps the simulator out of the heap)."""
+    """MicroPython's environment for a bench run: the bundle on its path (extra: e.g. PICOIOT_SIM_IMG, the
+    simulator's image for the run to mount, see sim_image())."""
     env = dict(os.environ, MICROPYPATH=f"{BUILD}:.frozen")
-    if (BUILD / "sim.img").exists():
-        env["PICOIOT_SIM_IMG"] = str(BUILD / "sim.img")
     env.update(extra or {})
     return env
 

@@ -81,12 +81,14 @@ def sha512(data):
 
 
 def _block(h, blk):
-    w = [int.from_bytes(blk[i:i + 8], "big") for i in range(0, 128, 8)]
+    w = [0] * 80  # one allocation of the final size: appending grew it by reallocations into ever larger blocks
+    for i in range(16):
+        w[i] = int.from_bytes(blk[8 * i:8 * i + 8], "big")
     for i in range(16, 80):
         a, b = w[i - 15], w[i - 2]
         s0 = _rotr(a, 1) ^ _rotr(a, 8) ^ (a >> 7)
         s1 = _rotr(b, 19) ^ _rotr(b, 61) ^ (b >> 6)
-        w.append((w[i - 16] + s0 + w[i - 7] + s1) & _M64)
+        w[i] = (w[i - 16] + s0 + w[i - 7] + s1) & _M64
     a, b, c, d, e, f, g, hh = h
     for i in range(80):
         t1 = (hh + (_rotr(e, 14) ^ _rotr(e, 18) ^ _rotr(e, 41)) + ((e & f) ^ (~e & g))

@@ -2,7 +2,7 @@
 # Counters and gauges with labels, callback gauges, and the device's built-in gauges (heap, largest free block,
 # event-loop lag). Updating a metric never raises for a runtime reason: a label set past the series limit is dropped
 # and counted.
-from .compat import ticks_ms, ticks_diff, sleep_ms
+from .compat import const, ticks_ms, ticks_diff, sleep_ms
 
 _NAME_FIRST = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_:"
 _NAME_REST = _NAME_FIRST + "0123456789"
@@ -309,12 +309,12 @@ LOOP_LAG = LoopLag()
 
 #: Event-loop ticks between two probes of the largest free block by the monitor (each costs up to PROBE_TRIES
 #: collections, so not every tick; /metrics probes too): 600 ticks of 100 ms = a minute.
-PROBE_EVERY = 600
+_PROBE_EVERY = const(600)
 
 
 async def loop_lag_monitor(period_ms=100, lag=None, iterations=-1):
     """Sleep period_ms again and again and record how much later than asked each sleep returns; also probe the heap's
-    low-water marks every PROBE_EVERY ticks (largest_free_block).
+    low-water marks every _PROBE_EVERY ticks (largest_free_block).
     Runs until cancelled (or for `iterations` rounds, for tests)."""
     lag = LOOP_LAG if lag is None else lag
     n = 0
@@ -323,7 +323,7 @@ async def loop_lag_monitor(period_ms=100, lag=None, iterations=-1):
         await sleep_ms(period_ms)
         lag.record(ticks_diff(ticks_ms(), t0) - period_ms)
         n += 1
-        if n >= PROBE_EVERY:
+        if n >= _PROBE_EVERY:
             n = 0
             largest_free_block()
         if iterations > 0:

@@ -13,15 +13,6 @@ from iotlib.compat import asyncio, ticks_ms, ticks_diff, ticks_add, format_exc
 from iotlib import log as _logmod
 
 
-def _memory_error(where):
-    # /metrics counts it (iotlib_memory_errors_total); counting must not be what fails next
-    try:
-        from iotlib import metrics
-        metrics.memory_error(where)
-    except MemoryError:
-        pass
-
-
 _log = _logmod.get("web")
 
 ROLES = ("viewer", "operator", "admin")
@@ -595,7 +586,11 @@ class DeviceWeb:
                 # now; collect it so the answer itself fits, and ask for a retry (as the connection cap does).
                 gc.collect()
                 self.oom += 1
-                _memory_error("request")
+                try:  # /metrics counts it (iotlib_memory_errors_total); counting must not be what fails next
+                    from iotlib import metrics
+                    metrics.memory_error("request")
+                except MemoryError:
+                    pass
                 await self._drain(reader, 2048, 0.05)
                 await self._raw_answer(writer, 503, "out of memory", "Retry-After: 1\r\n")
                 return

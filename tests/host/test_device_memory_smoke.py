@@ -24,11 +24,13 @@ pytestmark = pytest.mark.skipif(not micropython_available(), reason="needs the u
 
 #: Heap (KiB, beyond the simulator's image) each controller must complete the scenario in, code as .mpy: just above
 #: the 64-bit board-equivalent minimum measured on 2026-12-03 (docs/benchmarks.md).
-GUARD_K = {"relays": 264, "sensors": 304}
-#: The same with the code in ROMFS (beyond the image).
-ROMFS_GUARD_K = {"relays": 192, "sensors": 224}
+GUARD_K = {"relays": 264, "sensors": 300}  # minimum 256K / 292K
+#: The same with the code in ROMFS (beyond the images).
+ROMFS_GUARD_K = {"relays": 188, "sensors": 220}  # minimum 180K / 212K
 #: Heap in which an OTA update of the whole board bundle must install and commit (relays, .mpy, right after boot).
-OTA_GUARD_K = 320
+#: Bisection gave 320K (8K steps), but at 320–352K some runs fail (MemoryError allocating 1280 bytes) and others pass;
+#: 384K passed every run (2026-12-03).
+OTA_GUARD_K = 384
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +59,7 @@ def test_ota_update_of_the_whole_bundle_commits_at_the_guard_heap(images):
 
 def test_a_refused_update_is_reported_with_its_reason(images):
     report: dict = {}
-    assert not device_memory.scenario("relays", "mpy", OTA_GUARD_K, 3, ota=True, standard=False, ota_wrong_key=True,
+    assert not device_memory.scenario("relays", "mpy", 512, 3, ota=True, standard=False, ota_wrong_key=True,
                                       report=report)
     # _ota_update read it from the control plane's OTA status (what `picoiot ota status` prints)
     assert report["failure"] == "ota failed: OTAError: bad manifest signature", report
