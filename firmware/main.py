@@ -140,8 +140,8 @@ def main(argv=None):
         import picosim as sim
         root = _flash_root(path, raw)
         sim.configure(flash_root=root)
-    from iotlib import compat
-    compat.clock_unsynced(hal.rtc_ms)  # an RTC starts at 2021 on every power-on: unsynced until registration/SNTP
+    from iotlib import compat, timesync
+    timesync.clock_unsynced(hal.rtc_ms)  # an RTC starts at 2021 on every power-on: unsynced until registration/SNTP
     _log_sink(s if isinstance(s, dict) else None, root)
     if not isinstance(s, dict):
         idle(s or "unreadable", raw)

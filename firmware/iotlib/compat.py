@@ -32,39 +32,20 @@ def sleep_ms(ms):
 
 
 # The device's wall clock: [source of raw epoch ms (None: the port's time, i.e. a board's RTC), offset ms, synced].
-# A host's clock is NTP-disciplined, so it counts as synced; a board's entry point calls clock_unsynced() because an
-# rp2 RTC starts at 2021-01-01 on every power-on, and set_time() steps it from the registration answer and SNTP.
+# A host's clock is NTP-disciplined, so it counts as synced; a board's entry point marks it unsynced
+# (timesync.clock_unsynced: an rp2 RTC starts at 2021-01-01 on every power-on) and timesync.set_clock steps it from
+# the registration answer and SNTP. Kept to this list and epoch_ms: every module loads compat, names cost heap.
 _clk = [None, 0, True]
 
 
 def epoch_ms():
-    """Wall-clock milliseconds since 1970: the local clock plus the last step set_time() made."""
+    """Wall-clock milliseconds since 1970: the local clock plus the last step timesync.set_clock() made."""
     if _clk[0] is not None:
         return _clk[0]() + _clk[1]
     try:
         return time.time_ns() // 1000000 + _clk[1]
     except AttributeError:  # pragma: no cover - ports without time_ns
         return int(time.time()) * 1000 + _clk[1]
-
-
-def clock_synced():
-    """False from clock_unsynced() until the first set_time(): timestamps then are not to be trusted."""
-    return _clk[2]
-
-
-def clock_unsynced(fn=None):
-    """The board's boot: the wall clock reads `fn()` (default: the port's time) and is not synced yet."""
-    _clk[0] = fn
-    _clk[1] = 0
-    _clk[2] = False
-
-
-def set_time(ms):
-    """Step the wall clock to `ms` (epoch milliseconds from a trusted source). Returns the step in ms."""
-    step = ms - epoch_ms()
-    _clk[1] += step
-    _clk[2] = True
-    return step
 
 
 def urandom(n):

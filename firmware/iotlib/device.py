@@ -3,7 +3,7 @@
 # (the local API keeps serving on the last-known-good config, alarms and state are buffered and resynced in full).
 # A controller subclass gives: device_type, capabilities, schema()/defaults(), setup_domain(), domain routes, the
 # state-delta handler and its own supervised tasks.
-from iotlib.compat import asyncio, ticks_ms, ticks_diff, mem_free, clock_synced, urandom
+from iotlib.compat import asyncio, ticks_ms, ticks_diff, mem_free, _clk, urandom
 from iotlib import log as _logmod
 from iotlib import __version__
 
@@ -157,7 +157,7 @@ class Device:
         loaded = self.cfg.load()
         _logmod.set_level(self.cfg.config["log"]["level"])
         # a board's clock starts unsynced (main.py): then this device steps it from registration and SNTP
-        self._own_clock = not clock_synced()
+        self._own_clock = not _clk[2]
         self.alarms = AlarmManager(path=self.flash("alarms"))
         self.wd = WatchdogManager(on_crash=self.alarms.report_exception)
         self.wd.missed_reset = None  # degraded mode: never reset just because the control plane is away
@@ -277,7 +277,7 @@ class Device:
         seen = 0
         while True:
             try:
-                if self._own_clock and not clock_synced() and self.sd_url.startswith("https") and self._ntp_servers():
+                if self._own_clock and not _clk[2] and self.sd_url.startswith("https") and self._ntp_servers():
                     # rp2's TLS checks the certificate's dates against the RTC, which reads 2021 until synced: one
                     # SNTP round (plain UDP, the config's time.servers) before the first HTTPS registration
                     from iotlib.timesync import TimeSyncManager
@@ -323,7 +323,7 @@ class Device:
         if iv.get("config_poll"):
             self.config_poll_s = iv["config_poll"]
         st = self.auth.server_time
-        if self._own_clock and not clock_synced() and isinstance(st, int) and st > 0:
+        if self._own_clock and not _clk[2] and isinstance(st, int) and st > 0:
             self._step_clock(st)  # coarse (one round trip), but no longer 2021; SNTP refines it
         _log.info("registered", namespace=self.auth.namespace, registrations=self.auth.registrations)
         self._ota_wake.set()
@@ -347,7 +347,7 @@ class Device:
 
     def _step_clock(self, ms):
         from iotlib.timesync import set_clock
-        first = not clock_synced()
+        first = not _clk[2]
         step = set_clock(ms)
         if first:
             self.alarms.clock_stepped(step)

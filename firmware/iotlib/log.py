@@ -3,7 +3,7 @@
 # into the caller: a full flash drops the line and counts it in `dropped`.
 import sys
 import json
-from .compat import const, epoch_ms, format_exc, clock_synced, ticks_ms
+from .compat import const, epoch_ms, format_exc, ticks_ms, _clk
 from . import fsutil
 
 DEBUG = const(10)
@@ -299,7 +299,7 @@ def _line(level, module, msg, fields):
     name = _NAMES[level // 10 - 1] if level % 10 == 0 and DEBUG <= level <= CRITICAL else "info"
     # before the first time sync a board's clock reads 2021: such a line says so (ts null, ms since boot) instead
     head = '{"ts":%s,"level":"%s","module":%s,"msg":%s' % (
-        str(epoch_ms()) if clock_synced() else 'null,"up_ms":%d' % ticks_ms(), name, json.dumps(module), json.dumps(mask(msg if isinstance(msg, str) else str(msg))))
+        str(epoch_ms()) if _clk[2] else 'null,"up_ms":%d' % ticks_ms(), name, json.dumps(module), json.dumps(mask(msg if isinstance(msg, str) else str(msg))))
     if not fields:
         return head + "}"
     body = json.dumps(mask(fields))

@@ -4,7 +4,7 @@
 # RTC and every timestamp (logs, alarms, JWT checks) follow each sync.
 import struct
 
-from iotlib.compat import asyncio, const, epoch_ms, ticks_ms, ticks_diff, urandom
+from iotlib.compat import asyncio, const, epoch_ms, ticks_ms, ticks_diff, urandom, _clk
 
 _NTP_DELTA_S = 2208988800  # 1900-01-01 → 1970-01-01
 _PKT_LEN = const(48)
@@ -36,16 +36,25 @@ async def udp_recvfrom(sock, n):
     return await loop.sock_recvfrom(sock, n)
 
 
+def clock_unsynced(fn=None):
+    """The board's boot: the wall clock (compat.epoch_ms) reads `fn()` (default: the port's time, a board's RTC) and
+    is not synced yet: log lines say so, alarms are re-dated at the first set_clock()."""
+    _clk[0] = fn
+    _clk[1] = 0
+    _clk[2] = False
+
+
 def set_clock(ms):
-    """Step the device's wall clock (compat.epoch_ms) and the board's RTC to ms. Returns the step in ms."""
+    """Step the device's wall clock (compat.epoch_ms) and the board's RTC to ms; the clock counts as synced from now
+    on. Returns the step in ms."""
     from iotlib import hal
-    from iotlib.compat import set_time
     step = ms - epoch_ms()
     try:
         hal.set_rtc(ms)
     except (AttributeError, OSError, ValueError, TypeError):  # a port without a settable RTC: the offset suffices
         pass
-    set_time(ms)
+    _clk[1] += ms - epoch_ms()  # after the RTC moved (or not): what is left to step
+    _clk[2] = True
     return step
 
 

@@ -2,7 +2,7 @@
 # until then log lines are marked unsynced instead of dated 2021, and alarm timestamps taken meanwhile move with the
 # first step, so the control plane gets today's date.
 import json
-from iotlib import compat, log
+from iotlib import compat, log, timesync
 from iotlib.alarms import AlarmManager
 
 RTC_2021 = 1609459200000  # what rp2's RTC reads at power-on
@@ -34,12 +34,12 @@ def _restore():
     log.configure()
 
 
-def test_unsynced_until_set_time_then_stepped():
+def test_unsynced_until_set_clock_then_stepped():
     try:
-        compat.clock_unsynced(_rtc())
-        assert not compat.clock_synced() and compat.epoch_ms() < RTC_2021 + 1000
-        step = compat.set_time(TODAY)
-        assert compat.clock_synced() and TODAY - RTC_2021 - 10 < step <= TODAY - RTC_2021
+        timesync.clock_unsynced(_rtc())
+        assert not compat._clk[2] and compat.epoch_ms() < RTC_2021 + 1000
+        step = timesync.set_clock(TODAY)
+        assert compat._clk[2] and TODAY - RTC_2021 - 10 < step <= TODAY - RTC_2021
         assert TODAY <= compat.epoch_ms() < TODAY + 1000
     finally:
         _restore()
@@ -48,10 +48,10 @@ def test_unsynced_until_set_time_then_stepped():
 def test_log_lines_before_the_first_sync_are_marked_not_dated():
     lines = _Lines()
     try:
-        compat.clock_unsynced(_rtc())
+        timesync.clock_unsynced(_rtc())
         log.configure(console=lines)
         log.get("t").info("booting")
-        compat.set_time(TODAY)
+        timesync.set_clock(TODAY)
         log.get("t").info("synced")
         first, second = [json.loads(x) for x in lines.buf]
         assert first["ts"] is None and isinstance(first["up_ms"], int) and first["msg"] == "booting"
@@ -62,13 +62,13 @@ def test_log_lines_before_the_first_sync_are_marked_not_dated():
 
 def test_alarm_timestamps_taken_before_the_sync_move_with_the_step():
     try:
-        compat.clock_unsynced(_rtc())
+        timesync.clock_unsynced(_rtc())
         am = AlarmManager()
         am.fire("sensor.bme280", "warning", "I2C read failed")
         am.fire("sensor.bme280", "warning", "I2C read failed")
         am.fire("wifi.weak", "info", "rssi low")
         am.clear("wifi.weak")
-        step = compat.set_time(TODAY)
+        step = timesync.set_clock(TODAY)
         am.clock_stepped(step)
         am.fire("after.sync", "info", "later")
         batch = {k: am._alarms[k].wire() for k in am._alarms}
