@@ -98,7 +98,10 @@ def main(argv=None):
     makedirs(s["flash_dir"])
     sim.configure(flash_root=s["flash_dir"])
     from iotlib.compat import asyncio
-    asyncio.run(run(s))
+    try:
+        asyncio.run(run(s))
+    except KeyboardInterrupt:  # Ctrl-C on a device started by hand: a clean stop, not a traceback
+        print("picoiot device %s stopped" % s["device_id"])
 
 
 if __name__ == "__main__":

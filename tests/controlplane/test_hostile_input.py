@@ -93,3 +93,19 @@ def test_a_flood_of_challenges_is_throttled_with_the_defaults(server):
              for i in range(300)]
     assert set(codes) == {200, 429} and codes[0] == 200
     assert _nonces(server) == codes.count(200)
+
+
+def test_the_openapi_document_describes_the_answers_the_server_gives(server):
+    doc = server.client.get("/openapi.json").json()
+    assert "HTTPValidationError" not in doc["components"]["schemas"]
+    op = doc["paths"]["/api/v1/namespaces/{ns}/devices/{device_id}/shadows/{name}"]["post"]
+    assert op["responses"]["422"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorBody")
+    assert "403" in doc["paths"]["/api/devices/refresh"]["post"]["responses"]
+    desired = doc["components"]["schemas"]["ShadowStateIn"]["properties"]["desired"]
+    assert {"$ref": "#/components/schemas/JsonObject"} in desired["anyOf"]
+    # a 405 names every method of the path, not only the first route's
+    r = server.client.request("OPTIONS", "/api/v1/namespaces/default/devices/x/config", headers=server.auth())
+    assert r.status_code == 405 and set(r.headers["allow"].split(", ")) == {"GET", "PUT", "PATCH"}
+    # a namespace-wide token on a device endpoint: 403 (documented), not 400
+    r = server.client.get("/api/v1/devices/x/config", headers=server.auth("admin", "*"))
+    assert r.status_code == 403

@@ -87,3 +87,12 @@ def test_anonymous_calls_do_not_use_up_an_operators_rate_limit(relays):
     assert 429 in codes  # the address's bucket (burst 30) ran out
     r = relays.post("/gpio/relay1", role="operator", json={"state": "off"})
     assert r.status_code == 200, r.text
+
+
+def test_ctrl_c_stops_a_device_without_a_traceback(device_factory):
+    import signal
+    d = device_factory("relays", name="ctrl-c")
+    status = d.child.stop(signal.SIGINT)
+    out = d.child.tail(3000)
+    assert status == 0 and "Traceback" not in out and "KeyboardInterrupt" not in out, (status, out[-1500:])
+    assert "stopped" in out

@@ -94,7 +94,13 @@ def allowed_methods(req: Request) -> list[str]:
     """Every method some route serves at this request's path."""
     path = req.scope["path"]
     methods: set[str] = set()
-    for route in req.app.router.routes:
+    todo = list(req.app.router.routes)
+    while todo:
+        route = todo.pop()
+        inner = getattr(route, "original_router", None)  # an included router (FastAPI keeps it whole)
+        if inner is not None:
+            todo.extend(inner.routes)
+            continue
         regex = getattr(route, "path_regex", None)
         if regex is not None and getattr(route, "methods", None) and regex.match(path):
             methods |= set(route.methods)
