@@ -205,13 +205,19 @@ async def main_async(args, srv: ServerProcess, workdir: Path) -> None:
         rid = r.json()["id"]
         alarm_task = asyncio.create_task(alarms())
 
-        async def done():
-            x = (await api.get(f"/api/v1/namespaces/{NS}/ota/rollouts/{rid}")).json()
+        async def done():  # the summary, twice a second: the bench must not load the server it measures
+            await asyncio.sleep(0.4)
+            x = next(y for y in (await api.get(f"/api/v1/namespaces/{NS}/ota/rollouts")).json()["rollouts"]
+                     if y["id"] == rid)
             if x["state"] not in ("running", "completed"):
                 raise SystemExit(f"rollout {x['state']}: {x['reason']}")
             return x["state"] == "completed"
         await wait_for(done, 900, "rollout")
-        await alarm_task
+    await alarm_task  # may outlast the rollout: not part of its time
+    detail = (await api.get(f"/api/v1/namespaces/{NS}/ota/rollouts/{rid}")).json()
+    # where the time went: each stage's last commit, from the rollout's start (server clock)
+    ends = [max(d["status_ts"] for d in detail["devices"] if d["stage"] == i) - detail["created_ts"]
+            for i in range(len(stages))]
     await wait_for(lambda: asyncio.sleep(0, result=len(rcv.arrived) >= args.alarms), 60, "notifications")
     stop.set()
     await asyncio.gather(*tasks)
@@ -229,6 +235,8 @@ async def main_async(args, srv: ServerProcess, workdir: Path) -> None:
           f"{args.interval:g} s, {args.db}:")
     print(f"  rollout:        {roll.wall:6.1f} s, server CPU {roll.server:.2f} of a core"
           + (f", PostgreSQL {roll.pg:.2f}" if args.db == "postgres" else "") + f", machine {roll.machine:.2f}")
+    print("  stage ends:     " + ", ".join(f"{e / 1000:.1f} s" for e in ends) + " after the start; "
+          "stage sizes " + ", ".join(str(x["devices"]) for x in detail["stage_detail"]))
     print(f"  baseline:       {base.wall:6.1f} s, server CPU {base.server:.2f} of a core (one group assignment, "
           f"no stages)" + (f", PostgreSQL {base.pg:.2f}" if args.db == "postgres" else ""))
     print(f"  soak floor:     {soak_floor:6.1f} s (3 stages × soak)")

@@ -236,8 +236,8 @@ def rollout_status_cmd(rollout_id: Optional[int] = typer.Argument(None, help="om
 
 
 def _action(action: str, rollout_id: int, body: dict, server: str, token: str, namespace: str) -> None:
-    r = _run(rollout_call, server, token, "POST", f"/api/v1/namespaces/{namespace}/ota/rollouts/{rollout_id}/{action}",
-             body)
+    path = f"/api/v1/namespaces/{namespace}/ota/rollouts/{rollout_id}/{action}"
+    r = _run(rollout_call, server, token, "POST", path, body)
     typer.echo("\n".join(format_rollout(r, devices=False)))
 
 

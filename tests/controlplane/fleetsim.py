@@ -35,7 +35,8 @@ class SimDevice:
         version = offer["version"]
         self.seen.append(version)
         assert c.get(offer["manifest_url"], headers=dev.headers).status_code == 200
-        self.dev = self.server.register(self.id, self.device_type, firmware=self.running)  # the reset into the new set (trial)
+        # the reset into the new set (its trial boot)
+        self.dev = self.server.register(self.id, self.device_type, firmware=self.running)
         if version in self.crash:
             body = {"version": version, "status": "rolled_back", "reason": "reset before healthy",
                     "running": self.running}

@@ -6,6 +6,7 @@ import pytest
 import sqlalchemy as sa
 
 from cptest import wait_until
+from picoiot import ota_cli
 from picoiot.procs import free_port
 from picoiot.server import db as tables
 from picoiot.server.db import now_ms
@@ -45,7 +46,7 @@ def _alarm(server, dev, key, severity, state="firing"):
     assert r.status_code == 200, r.text
 
 
-def test_webhook_signed_firing_and_resolved_by_rule(server_factory, receivers):
+def test_webhook_signed_firing_and_resolved_by_rule(server_factory, receivers, tmp_path):
     server = server_factory(**FAST)
     hook = receivers("webhook", secret=SECRET)
     _put(server, "receivers/ops", {"kind": "webhook", "url": hook.url, "secret": SECRET})
@@ -68,14 +69,24 @@ def test_webhook_signed_firing_and_resolved_by_rule(server_factory, receivers):
     # the receiver shows its last delivery; the secret is never shown
     rc = server.client.get(f"{AL}/receivers", headers=server.auth("viewer")).json()["receivers"][0]
     assert rc["last_delivery"]["status"] == "delivered" and "secret" not in rc and rc["has_secret"]
-    # a paused rollout notifies too
-    server.sql(lambda c: c.execute(tables.rollouts.insert().values(
-        ns="default", version="9", target={"namespace": True}, stages=[{"percent": 100}], failure_threshold=0,
-        allow_downgrade=False, state="paused", stage=0, reason="stage 1: 1 of 1 devices failed", created_ts=now_ms(),
-        updated_ts=now_ms(), stage_started_ts=now_ms())))
+    # a paused rollout notifies too, and its resume resolves the alert
+    key = tmp_path / "ota.key"
+    tok = server.token("admin")
+    ota_cli.set_key(server.url, tok, "default", ota_cli.keygen(key))
+    (tmp_path / "rel").mkdir()
+    (tmp_path / "rel" / "main.py").write_text("print(9)\n")
+    ota_cli.publish(server.url, tok, "default", tmp_path / "rel", "9.0", key)
+    rid = ota_cli.rollout_create(server.url, tok, "default", "9.0", {"devices": ["hook-1"]}, [{"percent": 100}],
+                                 600, 0.0, False)["id"]
+    base = f"/api/v1/namespaces/default/ota/rollouts/{rid}"
+    assert server.client.post(f"{base}/pause", headers=server.auth("admin"), json={"reason": "checking"}).is_success
     wait_until(lambda: any(x["labels"]["alertname"] == "rollout_paused" for x in hook.alerts()))
     p = next(x for x in hook.alerts() if x["labels"]["alertname"] == "rollout_paused")
-    assert p["annotations"]["summary"] == "stage 1: 1 of 1 devices failed"
+    assert p["status"] == "firing" and p["annotations"]["summary"] == "checking"
+    assert p["labels"]["rollout"] == str(rid) and p["labels"]["release"] == "9.0"
+    assert server.client.post(f"{base}/resume", headers=server.auth("admin")).is_success
+    wait_until(lambda: any(x["labels"]["alertname"] == "rollout_paused" and x["status"] == "resolved"
+                           for x in hook.alerts()))
 
 
 def test_alertmanager_gets_firing_and_resolved_offline_alerts(server_factory, receivers):
@@ -175,7 +186,8 @@ def test_bad_receivers_and_rules_are_refused(server):
                 server.url + "/hook", server.url.replace("127.0.0.1", "localhost") + "/x"):
         r = c.put(f"{AL}/receivers/x", headers=a, json={"kind": "webhook", "url": url})
         assert r.status_code == 422 and r.json()["detail"]["path"] == "url", (url, r.text)
-    r = c.put(f"{AL}/receivers/x", headers=a, json={"kind": "webhook", "url": "http://127.0.0.1:1/h", "secret": "short"})
+    r = c.put(f"{AL}/receivers/x", headers=a,
+              json={"kind": "webhook", "url": "http://127.0.0.1:1/h", "secret": "short"})
     assert r.status_code == 422 and r.json()["detail"]["path"] == "secret"
     r = c.put(f"{AL}/receivers/x", headers=a, json={"kind": "smoke-signal", "url": "http://127.0.0.1:1/h"})
     assert r.status_code == 422 and r.json()["detail"]["path"] == "kind"
@@ -198,3 +210,16 @@ def test_bad_receivers_and_rules_are_refused(server):
     # nothing half-written by the refused calls
     assert server.sql(lambda conn: conn.execute(sa.select(sa.func.count()).select_from(tables.alert_receivers))
                       .scalar()) == 0
+
+
+def test_alertmanager_gets_firing_alerts_again_until_they_resolve(server_factory, receivers):
+    # Alertmanager resolves an alert its client stops sending: firing alerts are re-sent every alert_resend_s
+    server = server_factory(**{**FAST, **SHORT_TTL, "alert_resend_s": 0.3})
+    am = receivers("alertmanager")
+    _put(server, "receivers/am", {"kind": "alertmanager", "url": am.url})
+    _put(server, "rules/offline", {"event": "offline", "offline_for_s": 0, "receivers": ["am"]})
+    server.register("am-2", device_type=None)
+    wait_until(lambda: len(am.alerts()) >= 3, timeout=20)
+    first = am.alerts()[0]
+    assert all(a["labels"] == first["labels"] and a["startsAt"] == first["startsAt"] and "endsAt" not in a
+               for a in am.alerts()[:3])
