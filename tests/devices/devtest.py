@@ -21,7 +21,10 @@ from picoiot.server.auth import device_local_token, issue_token
 RUNTIME = os.environ.get("PICOIOT_TEST_RUNTIME", "micropython")
 # Headroom over the measured minimum (docs/benchmarks.md, Device memory): these tests check behaviour; the heap figure
 # is the benchmark's job (bench/device_memory.py, tests/host/test_device_memory_smoke.py).
-HEAP = {"relays": os.environ.get("PICOIOT_TEST_HEAP_RELAYS", "320K"),  # minimum 264K-272K (.mpy, 2026-12-01)
+# relays: 320K → 384K on 2026-12-03 (branch push): with the long-poll and the shadow override the relays device ran out
+# of heap at 320K and 352K in test_schemathesis_device (generated requests, then ~100 relay switches), not at 384K;
+# not yet re-measured with bench/device_memory.py
+HEAP = {"relays": os.environ.get("PICOIOT_TEST_HEAP_RELAYS", "384K"),  # minimum 264K-272K (.mpy, 2026-12-01)
         "sensors": os.environ.get("PICOIOT_TEST_HEAP_SENSORS", "384K")}  # minimum 312K-320K
 BUNDLE = paths.REPO / "build" / "devices-test"
 MP_DIR = Path(__file__).resolve().parent / "mp"    # test-only device entry points (pinlog_sim: pin transition log)
