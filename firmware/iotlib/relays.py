@@ -10,16 +10,9 @@ _MAX_PIN = const(28)
 _RESERVED = (23, 24, 25, 29)
 POWER_ON = ("off", "on", "restore")
 FAILSAFE = ("keep", "off", "on")
-#: Keys of the reported state that are not relays (the cause of each relay's last switch, refused desired values).
-RESERVED = ("cause", "rejected")
-# Why a relay switched (on_change's third argument, the reported `cause`, the switch log line; docs/devices.md).
-LOCAL = "local"
-DESIRED = "desired"
-PULSE = "pulse"
-MAX_ON = "max_on"
-FAILSAFE_CAUSE = "failsafe"
-INTERLOCK = "interlock"
-POWER_ON_CAUSE = "power_on"
+# Why a relay switched (on_change's third argument, the reported `cause`, the switch log line; docs/devices.md):
+# "local", "desired", "pulse", "max_on", "failsafe", "interlock", "power_on" — plain strings, not named constants:
+# every module-level name is one more interned name on the device.
 
 
 class RelayError(ValueError):
@@ -46,7 +39,7 @@ def validate(relays):
         if not isinstance(name, str) or not name or len(name) > 32 or not all(c.isalpha() or c.isdigit() or c in "_-"
                                                                              for c in name):
             errs.append(p + ": name must be 1-32 chars of [A-Za-z0-9_-]")
-        elif name in RESERVED:
+        elif name in ("cause", "rejected"):  # keys of the reported state that are not relays
             errs.append(p + ": name reserved (a key of the reported state)")
         if not isinstance(r, dict):
             errs.append(p + ": must be an object")
@@ -111,7 +104,7 @@ class RelayBank:
         """path: JSON file for the states of relays whose power_on is "restore" (None: not persisted).
         pin_factory(pin_no, level) -> object with .value(v); defaults to iotlib.hal.Pin.
         on_change(name, state_str, cause): called after every effective switch (reporting, metrics, the switch log);
-        cause is one of LOCAL, DESIRED, PULSE, MAX_ON, FAILSAFE_CAUSE, INTERLOCK, POWER_ON_CAUSE."""
+        cause is one of the causes listed at the top of this module."""
         self._path = path
         self._pins = pin_factory or _default_pin_factory
         self._on_change = on_change
@@ -166,7 +159,7 @@ class RelayBank:
         if boot:
             for r in new.values():
                 if r.on:
-                    self._notify(r, POWER_ON_CAUSE)
+                    self._notify(r, "power_on")
 
     def _enforce_interlock(self, relays):
         groups = {}
@@ -202,9 +195,9 @@ class RelayBank:
                 "power_on": r.power_on, "interlock": r.group, "max_on_s": r.max_on_ms / 1000, "pulse_ms": r.pulse_ms,
                 "failsafe": r.failsafe, "switches": r.switches, "cause": r.cause}
 
-    async def set(self, name, state, pulse_ms=None, cause=LOCAL):
+    async def set(self, name, state, pulse_ms=None, cause="local"):
         """Switch relay name to "on" | "off" | "toggle" (bool accepted). pulse_ms: switch back off after that long
-        (default: the relay's configured pulse_ms; max_on_s caps any on-time). cause: LOCAL or DESIRED (passed to
+        (default: the relay's configured pulse_ms; max_on_s caps any on-time). cause: "local" or "desired" (passed to
         on_change). Returns the new state string. KeyError for an unknown relay, ValueError for a bad state or pulse."""
         r = self._relays[name]
         if state is True or state is False:
@@ -225,7 +218,7 @@ class RelayBank:
         if on and r.group is not None:
             for o in self._relays.values():
                 if o is not r and o.on and o.group == r.group:
-                    self._write(o, False, INTERLOCK)
+                    self._write(o, False, "interlock")
         self._write(r, on, cause)
         if on:
             self._arm(r, pulse_ms or r.pulse_ms, r.max_on_ms)
@@ -249,10 +242,10 @@ class RelayBank:
 
     def _arm(self, r, pulse, limit):
         # the shorter of the pulse and the on-time cap ends this "on"; the cause names which one it was
-        cause = MAX_ON
+        cause = "max_on"
         if pulse and (not limit or pulse < limit):
             limit = pulse
-            cause = PULSE
+            cause = "pulse"
         if limit:
             r.timer = asyncio.create_task(self._off_after(r, limit, cause))
 
@@ -271,7 +264,7 @@ class RelayBank:
                 self._write(r, False, cause)
                 self._persist()
 
-    async def all_off(self, cause=LOCAL):
+    async def all_off(self, cause="local"):
         async with self._lock:
             for r in self._relays.values():
                 self._cancel_timer(r)
@@ -286,11 +279,11 @@ class RelayBank:
             for r in self._relays.values():
                 if r.failsafe == "off" and r.on:
                     self._cancel_timer(r)
-                    self._write(r, False, FAILSAFE_CAUSE)
+                    self._write(r, False, "failsafe")
                     changed.append(r.name)
             for r in self._relays.values():
                 if r.failsafe == "on" and not r.on:
-                    self._switch(r, True, None, FAILSAFE_CAUSE)
+                    self._switch(r, True, None, "failsafe")
                     changed.append(r.name)
             self._persist()
         return changed

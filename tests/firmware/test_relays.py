@@ -238,7 +238,7 @@ def test_failsafe_and_on_change_reporting():
     bank.configure({"heater": {"pin": 2, "failsafe": "off"}, "fan": {"pin": 3, "failsafe": "on"},
                     "lamp": {"pin": 4}})
     fwtest.run(bank.set("heater", "on"))
-    fwtest.run(bank.set("lamp", "on", cause=R.DESIRED))
+    fwtest.run(bank.set("lamp", "on", cause="desired"))
     changed = fwtest.run(bank.apply_failsafe())
     assert sorted(changed) == ["fan", "heater"]
     assert bank.states() == {"heater": "off", "fan": "on", "lamp": "on"}
@@ -257,7 +257,7 @@ def test_every_switch_names_its_cause():
         assert seen == [("boiler", "on", "power_on")]
         assert bank.describe("boiler")["cause"] == "power_on" and bank.describe("bell")["cause"] is None
         await bank.set("bell", "on")
-        await bank.set("up", "on", cause=R.DESIRED)
+        await bank.set("up", "on", cause="desired")
         await bank.set("down", "on")
         await asyncio.sleep(0.1)
     fwtest.run(go())

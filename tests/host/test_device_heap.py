@@ -19,7 +19,8 @@ pytestmark = pytest.mark.skipif(not micropython_available(), reason="needs the m
 #: interned names after the RelaysController's code is loaded (main_sim.preload("relays")): 1,174 on 2026-12-02; on
 #: 2026-12-03 +21 for the board's needs (the synced wall clock, the CA, several Wi-Fi networks, the HTTP client feeding
 #: link-death detection) and +17 for the simulator's own package, hal's boot id, the heap's low-water marks and
-#: MemoryError counting. The sixth pool ends at 1,260 and a running device interns ≈ 15-30 more (asyncio's
+#: MemoryError counting, +39 for the long-poll and the shadow rules (the yieldable
+#: request, the override/clear of desired keys, the switch causes). The sixth pool ends at 1,260 and a running device interns ≈ 15-30 more (asyncio's
 #: submodules, names built at run time; otaboot only with OTA on).
 RELAYS_QSTR_BUDGET = 1220
 #: the same through the board's entry point, main.py, after it read the settings file (iotlib.settings' names stay
