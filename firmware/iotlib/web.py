@@ -118,24 +118,49 @@ class _BufferedReader:
 
     async def readhead(self, limit):
         """The request line and headers with the blank line that ends them: b"" for a connection closed before
-        anything came, ValueError above limit bytes, EOFError when the connection closed mid-head. A head that ends
-        with a bare LF (some hand-written clients) is taken too."""
+        anything came, ValueError(414/431) above the limits, EOFError when the connection closed mid-head. A head that
+        ends with a bare LF (some hand-written clients) is taken too. A head that spans several reads is kept as its
+        blocks and joined once, when its end is found within the limit: the buffer is not regrown block by block (a
+        4K block asked for at each step can fail on a fragmented heap, and a head over the limit is refused without
+        ever being held in one piece)."""
+        parts = None    # the head's blocks so far, when it spans several reads
+        size = 0        # bytes in parts
+        tail = b""      # the head's last 3 bytes so far: its end may straddle two reads
+        nl = -1         # where the request line ends in the head, -1 while unseen
         while True:
             buf = self._buf
-            i = buf.find(b"\r\n\r\n", self._pos)
-            n = 4
-            if i < 0:
-                i = buf.find(b"\n\n", self._pos)
-                n = 2
-            if i - self._pos > limit or (i < 0 and len(buf) - self._pos > limit):
-                j = buf.find(b"\n", self._pos)
-                raise ValueError(414 if j < 0 or j - self._pos > Request.max_readline + 1 else 431)
-            if i < 0 and len(buf) - self._pos > Request.max_readline + 1 and buf.find(b"\n", self._pos) < 0:
-                raise ValueError(414)  # refused as soon as the request line is too long, not at the head's limit
-            if i >= 0:
-                return self._take(i + n)
+            pos = self._pos
+            if pos < len(buf):
+                seg = tail + buf[pos:] if tail else (buf if pos == 0 else buf[pos:])
+                off = size - len(tail)  # where seg starts in the head
+                i = seg.find(b"\r\n\r\n")
+                n = 4
+                j = seg.find(b"\n\n")
+                if i < 0 or 0 <= j < i:
+                    i, n = j, 2
+                if nl < 0:
+                    k = seg.find(b"\n")
+                    if k >= 0:
+                        nl = off + k
+                end = off + i + n if i >= 0 else -1  # the head's length with its blank line, -1 while unseen
+                if (end - n if end >= 0 else off + len(seg)) > limit:
+                    raise ValueError(414 if nl < 0 or nl > Request.max_readline + 1 else 431)
+                if nl < 0 and off + len(seg) > Request.max_readline + 1:
+                    raise ValueError(414)  # refused as soon as the request line is too long, not at the head's limit
+                if end >= 0:
+                    last = self._take(pos + end - size)
+                    if parts is None:
+                        return last
+                    parts.append(last)
+                    return b"".join(parts)
+                piece = self._take(len(buf))
+                if parts is None:
+                    parts = []
+                parts.append(piece)
+                size += len(piece)
+                tail = (tail + piece)[-3:]
             if not await self._fill():
-                if len(buf) - self._pos:
+                if size:
                     raise EOFError("connection closed mid-request")
                 return b""
 
