@@ -187,7 +187,10 @@ class Device:
         self.wd.set_heartbeat_interval(s * 1000)
 
     def _reg_info(self):
-        info = {"device_type": self.device_type, "firmware": __version__, "capabilities": list(self.capabilities),
+        caps = list(self.capabilities)
+        if self.safe_mode:  # the control plane shows it and its safe_mode alert rules fire on it (docs/ota.md)
+            caps.append("safe_mode")
+        info = {"device_type": self.device_type, "firmware": __version__, "capabilities": caps,
                 "reset_cause": self.boot_info.get("reset_cause")}
         if self.address:
             info["address"] = self.address

@@ -21,10 +21,13 @@ def test_device_boot_enters_safe_mode_without_its_domain():
     d = _D("ssid", "pw", "dev-1", "k" * 64, "http://127.0.0.1:1/api/devices", flash_dir=flash)
     d.boot()
     assert d.safe_mode and _D.domains == OTAUpdateManager.safe_mode_after
+    # registration says so: the control plane shows it and its safe_mode alert rules fire on it
+    assert "safe_mode" in d._reg_info()["capabilities"]
     d._became_healthy()
     d = _D("ssid", "pw", "dev-1", "k" * 64, "http://127.0.0.1:1/api/devices", flash_dir=flash)
     d.boot()
     assert not d.safe_mode and _D.domains == OTAUpdateManager.safe_mode_after + 1
+    assert "safe_mode" not in d._reg_info()["capabilities"]
 
 
 def test_unload_of_a_module_that_is_not_loaded_is_a_no_op():
