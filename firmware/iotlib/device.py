@@ -80,6 +80,7 @@ class Device:
         self._config_wake = asyncio.Event()
         self._state_started = False
         self._last_reconnect = None
+        self._refused = False  # the last registration was refused by the control plane (it answered: 401/403)
         self.safe_mode = False
         self.healthy = False
         self._ota_wake = asyncio.Event()
@@ -289,6 +290,7 @@ class Device:
                     await t.sync()
                     t = None
                 tok = await self.auth.ensure_token(self.http)
+                self._refused = False
                 if self.auth.registrations != seen:
                     seen = self.auth.registrations
                     self._registered()
@@ -304,7 +306,16 @@ class Device:
                 delay = self.retry_min_s
                 wait = self.config_poll_s
             except Exception as e:  # HTTPError, AuthError, OSError: degrade, retry with backoff
-                self._lost(_logmod.exc_summary(e), delay)
+                why = _logmod.exc_summary(e)
+                if " refused: HTTP 40" in why and ("HTTP 401" in why or "HTTP 403" in why):
+                    # the control plane answered and refused the device's signature: the link and the server are
+                    # fine, the device id or key is not (no Wi-Fi reconnect will fix that: _reconnect skips it)
+                    self._refused = True
+                    _log.error("registration refused by the control plane: check the device id and key",
+                               reason=why, retry_s=delay)
+                    self.degraded = True
+                else:
+                    self._lost(why, delay)
                 # jittered over half..all of it: a fleet that lost the control plane together must not come back
                 # together
                 wait = delay * (128 + urandom(1)[0] // 2) / 255
@@ -434,6 +445,9 @@ class Device:
         return {"rssi": n.rssi if n else None, "reconnects": n.reconnects if n else 0}
 
     def _reconnect(self):
+        if self._refused:
+            _log.info("wifi reconnect skipped: the control plane answers, it refuses the registration")
+            return
         now = ticks_ms()
         if self._last_reconnect is not None and ticks_diff(now, self._last_reconnect) < self.wifi_reconnect_min_s * 1000:
             _log.info("wifi reconnect skipped: one was done recently", min_interval_s=self.wifi_reconnect_min_s)
