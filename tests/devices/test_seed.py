@@ -62,7 +62,7 @@ class SeedDevice:
                                    ("https://<service_discovery_host>/api/devices", key["service_discovery_url"])):
             assert placeholder in text
             text = text.replace(placeholder, value)
-        board = f"from iotlib import sim\nsim.configure(flash_root={str(flash)!r}, port_map={{80: {port}}})\n"
+        board = f"import picosim as sim\nsim.configure(flash_root={str(flash)!r}, port_map={{80: {port}}})\n"
         scripts = tmp / f"{self.id}-script"
         scripts.mkdir()
         (scripts / f"seed_{kind}.py").write_text(board + text + "\n")

@@ -5,7 +5,8 @@
 # boot guard rolls the release back and reports it. Runs under the unix micropython (.mpy) and CPython.
 import sys
 import main_sim
-from iotlib import fsutil, sim
+from iotlib import fsutil
+import picosim as sim
 from iotlib.device import Device
 
 _boot = Device.boot
