@@ -314,7 +314,9 @@ class AuthManager:
                 reason = resp.json().get("error", "")
             except Exception:
                 pass
-            raise AuthError("%s refused: HTTP %d %s" % (what, resp.status, reason))
+            e = AuthError("%s refused: HTTP %d %s" % (what, resp.status, reason))
+            e.status = resp.status  # the control plane answered: 401/403 refuse this device's id or key
+            raise e
         try:
             d = resp.json()
         except Exception:

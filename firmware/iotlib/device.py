@@ -307,9 +307,9 @@ class Device:
                 wait = self.config_poll_s
             except Exception as e:  # HTTPError, AuthError, OSError: degrade, retry with backoff
                 why = _logmod.exc_summary(e)
-                if " refused: HTTP 40" in why and ("HTTP 401" in why or "HTTP 403" in why):
-                    # the control plane answered and refused the device's signature: the link and the server are
-                    # fine, the device id or key is not (no Wi-Fi reconnect will fix that: _reconnect skips it)
+                if getattr(e, "status", 0) in (401, 403):  # AuthError: the control plane answered and refused
+                    # the link and the server are fine, the device id or key is not (no Wi-Fi reconnect will fix
+                    # that: _reconnect skips it)
                     self._refused = True
                     _log.error("registration refused by the control plane: check the device id and key",
                                reason=why, retry_s=delay)
@@ -380,10 +380,10 @@ class Device:
         mf = body.get("mem_free")
         if mf is None or mf < 0:
             body.pop("mem_free", None)  # CPython has no GC heap figure; the server wants >= 0 or nothing
-        else:  # lowest free heap seen at a heartbeat since boot (the dashboard's "lowest-ever"): one int
-            lo = getattr(self, "_mem_min", None)
-            self._mem_min = mf if lo is None or mf < lo else lo
-            body["mem_min"] = self._mem_min
+        else:
+            from iotlib.metrics import HEAP_LOW  # the low-water mark /info and /metrics report (None: not sampled yet)
+            if HEAP_LOW[0] is not None:
+                body["mem_min"] = HEAP_LOW[0]
         body["firmware"] = __version__
         body["config_version"] = self.cfg.version
         sm = getattr(self, "sm", None)
@@ -546,7 +546,9 @@ class Device:
                         # reported at the next contact (ota status shows it); the control plane then stops offering
                         # this release until it is assigned again, instead of the device failing on it for ever
                         try:
-                            self._otaboot().failed(offer["version"], failed, self._otaboot().current(__version__))
+                            ob = self._otaboot()
+                            ob.failed(offer["version"], failed, ob.current(__version__))
+                            ob = None
                         except (OSError, MemoryError) as e:
                             _log.warning("ota result not recorded", reason=_logmod.exc_summary(e))
                         self._ota_wake.set()  # report it now, not at the next periodic check

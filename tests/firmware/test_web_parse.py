@@ -14,14 +14,6 @@ def test_header_names_in_any_case_bare_lf_heads_head_and_405_on_a_fixed_path():
     # string and a wrong method there still get microdot's answers.
     tok = token("viewer").encode()
 
-    async def raw(port, data):
-        r, w = await asyncio.open_connection("127.0.0.1", port)
-        w.write(data)
-        await w.drain()
-        out = await wc.read_all(r)
-        await wc.close(w)
-        return out
-
     async def t(web, port, state):
         seen = {}
 
@@ -30,29 +22,29 @@ def test_header_names_in_any_case_bare_lf_heads_head_and_405_on_a_fixed_path():
             seen.update(dict(h.items()), has=("X-Thing" in h, "x-thing" in h, "nope" in h), get=h.get("X-THING"))
             return {"n": h["x-thing"]}
         web.route("/echo", None, echo)
-        out = await raw(port, b"GET /echo HTTP/1.0\r\nX-Thing: a b  \r\nHost: d\r\n\r\n")
+        out = await wc.raw(port, b"GET /echo HTTP/1.0\r\nX-Thing: a b  \r\nHost: d\r\n\r\n")
         assert out.endswith(b'{"n": "a b"}'), out
         assert seen == {"x-thing": "a b", "host": "d", "has": (True, True, False), "get": "a b"}, seen
         for req in (b"GET /thing HTTP/1.0\r\nauthorization: Bearer " + tok + b"\r\n\r\n",
                     b"GET /thing HTTP/1.0\nAUTHORIZATION:Bearer " + tok + b"  \nX-Empty:\n\n",
                     b"GET /thing?verbose=1 HTTP/1.0\r\nAuthorization:   Bearer " + tok + b"\r\n\r\n"):
-            out = await raw(port, req)
+            out = await wc.raw(port, req)
             assert out.startswith(b"HTTP/1.0 200 OK\r\n") and out.endswith(b'{"n": 0}'), (req, out)
-        out = await raw(port, b"HEAD /thing HTTP/1.0\r\nAuthorization: Bearer " + tok + b"\r\n\r\n")
+        out = await wc.raw(port, b"HEAD /thing HTTP/1.0\r\nAuthorization: Bearer " + tok + b"\r\n\r\n")
         assert out.startswith(b"HTTP/1.0 200 OK\r\n") and out.endswith(b"\r\n\r\n"), out
-        out = await raw(port, b"DELETE /thing HTTP/1.0\r\n\r\n")
+        out = await wc.raw(port, b"DELETE /thing HTTP/1.0\r\n\r\n")
         assert out.startswith(b"HTTP/1.0 405 Method Not Allowed\r\n"), out
         assert json.loads(out.split(b"\r\n\r\n", 1)[1]) == {"error": "method not allowed"}
-        out = await raw(port, b"GET /thing HTTP/1.0\r\nNoColonHere\r\n\r\n")
+        out = await wc.raw(port, b"GET /thing HTTP/1.0\r\nNoColonHere\r\n\r\n")
         assert out.startswith(b"HTTP/1.0 400 "), out
         for n in (b"-5", b"five"):  # a Content-Length that is no length: 400, not a read of what was never sent
-            out = await raw(port, b"POST /thing HTTP/1.0\r\nAuthorization: Bearer " + token("operator").encode() +
+            out = await wc.raw(port, b"POST /thing HTTP/1.0\r\nAuthorization: Bearer " + token("operator").encode() +
                             b"\r\nContent-Length: " + n + b"\r\n\r\n{}")
             assert out.startswith(b"HTTP/1.0 400 ") and b"malformed request" in out, (n, out)
         pad = b"X-Pad: " + b"a" * 1500 + b"\r\n"
-        out = await raw(port, b"GET /thing HTTP/1.0\r\n" + pad * 3 + b"\r\n")  # a head over max_head (4096)
+        out = await wc.raw(port, b"GET /thing HTTP/1.0\r\n" + pad * 3 + b"\r\n")  # a head over max_head (4096)
         assert out.startswith(b"HTTP/1.0 431 ") and b"request headers too large" in out, out
-        out = await raw(port, b"GET /thing HTTP/1.0\r\nAuthorization: Bearer " + tok + b"\r\n" + pad * 2 + b"\r\n")
+        out = await wc.raw(port, b"GET /thing HTTP/1.0\r\nAuthorization: Bearer " + tok + b"\r\n" + pad * 2 + b"\r\n")
         assert out.startswith(b"HTTP/1.0 200 OK\r\n"), out  # long headers within it are fine
     serve(t)
 

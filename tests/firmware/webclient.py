@@ -31,6 +31,16 @@ async def close(w):
         pass
 
 
+async def raw(port, data):
+    """Send raw bytes on a new connection; everything the device answered until it closed."""
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    w.write(data)
+    await w.drain()
+    out = await read_all(r)
+    await close(w)
+    return out
+
+
 async def read_all(r):
     # chunks joined once at the end: an answer regrown 512 bytes at a time asks a fragmented 192K heap for ever
     # larger blocks, and the test client, not the device, ran out of memory

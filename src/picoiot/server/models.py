@@ -214,7 +214,7 @@ class HeartbeatIn(BaseModel):
     seq: int = Field(default=0, ge=0, le=TS_MAX)
     uptime: float | None = Field(default=None, ge=0, le=TS_MAX)
     mem_free: int | None = Field(default=None, ge=0, le=TS_MAX)
-    mem_min: int | None = Field(default=None, ge=0, le=TS_MAX)  # lowest mem_free at a heartbeat since boot
+    mem_min: int | None = Field(default=None, ge=0, le=TS_MAX)  # lowest free heap since boot (the device's /info mem_free_min)
     rssi: int | None = Field(default=None, ge=-200, le=200)
     reconnects: int | None = Field(default=None, ge=0, le=TS_MAX)
     firmware: str | None = Field(default=None, max_length=64, pattern=r"^[^\x00]*$")
