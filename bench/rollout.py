@@ -176,7 +176,7 @@ async def main_async(args, srv: ServerProcess, workdir: Path) -> None:
     # the rollout takes the devices' own assignments; the group's stays (a device's own wins)
     rcv = Receiver()
     (await api.put(f"/api/v1/namespaces/{NS}/alerting/receivers/bench",
-                   json={"kind": "webhook", "url": rcv.url})).raise_for_status()
+                   json={"kind": "webhook", "url": rcv.url, "secret": os.urandom(16).hex()})).raise_for_status()
     (await api.put(f"/api/v1/namespaces/{NS}/alerting/rules/bench",
                    json={"event": "alarm", "key_pattern": "bench_*", "receivers": ["bench"]})).raise_for_status()
     stages = [{"percent": 1, "soak_s": args.soak}, {"percent": 25, "soak_s": args.soak},

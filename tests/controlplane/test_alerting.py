@@ -1,4 +1,5 @@
 """Alert notifications against the real control plane (SQLite and PostgreSQL) and real HTTP receivers."""
+import logging
 import threading
 
 import httpx
@@ -10,6 +11,7 @@ from picoiot import ota_cli
 from picoiot.procs import free_port
 from picoiot.server import db as tables
 from picoiot.server.db import now_ms
+from picoiot.server.sealing import PREFIX
 from receivers import Receiver
 
 AL = "/api/v1/namespaces/default/alerting"
@@ -183,7 +185,8 @@ def test_a_slow_or_failing_receiver_never_blocks_heartbeats_or_the_api(server_fa
 def test_bad_receivers_and_rules_are_refused(server):
     c, a = server.client, server.auth("admin")
     for url in ("ftp://example.com/x", "file:///etc/passwd", "javascript:alert(1)", "http://", "not a url",
-                server.url + "/hook", server.url.replace("127.0.0.1", "localhost") + "/x"):
+                server.url + "/hook", server.url.replace("127.0.0.1", "localhost") + "/x",
+                server.url.replace("127.0.0.1", "[::1]"), server.url.replace("127.0.0.1", "0.0.0.0")):
         r = c.put(f"{AL}/receivers/x", headers=a, json={"kind": "webhook", "url": url})
         assert r.status_code == 422 and r.json()["detail"]["path"] == "url", (url, r.text)
     r = c.put(f"{AL}/receivers/x", headers=a,
@@ -191,9 +194,15 @@ def test_bad_receivers_and_rules_are_refused(server):
     assert r.status_code == 422 and r.json()["detail"]["path"] == "secret"
     r = c.put(f"{AL}/receivers/x", headers=a, json={"kind": "smoke-signal", "url": "http://127.0.0.1:1/h"})
     assert r.status_code == 422 and r.json()["detail"]["path"] == "kind"
-    gen = c.put(f"{AL}/receivers/gen", headers=a, json={"kind": "webhook", "url": "http://127.0.0.1:1/h"})
-    assert gen.status_code == 200 and len(gen.json()["secret"]) == 64  # generated, shown once
-    assert "secret" not in c.get(f"{AL}/receivers", headers=a).json()["receivers"][0]
+    # the operator chooses a webhook's key (no answer could carry a generated one back); Alertmanager takes none
+    r = c.put(f"{AL}/receivers/x", headers=a, json={"kind": "webhook", "url": "http://127.0.0.1:1/h"})
+    assert r.status_code == 422 and r.json()["detail"]["path"] == "secret"
+    r = c.put(f"{AL}/receivers/x", headers=a,
+              json={"kind": "alertmanager", "url": "http://127.0.0.1:1", "secret": SECRET})
+    assert r.status_code == 422 and r.json()["detail"]["path"] == "secret"
+    gen = c.put(f"{AL}/receivers/gen", headers=a, json={"kind": "webhook", "url": "http://127.0.0.1:1/h",
+                                                         "secret": SECRET})
+    assert gen.status_code == 200 and gen.json()["has_secret"] and "secret" not in gen.json()
     r = c.put(f"{AL}/rules/r", headers=a, json={"event": "alarm", "receivers": ["gen", "ghost"]})
     assert r.status_code == 422 and r.json()["detail"]["path"] == "receivers.1"
     r = c.put(f"{AL}/rules/r", headers=a, json={"event": "offline", "receivers": ["gen"]})
@@ -223,3 +232,95 @@ def test_alertmanager_gets_firing_alerts_again_until_they_resolve(server_factory
     first = am.alerts()[0]
     assert all(a["labels"] == first["labels"] and a["startsAt"] == first["startsAt"] and "endsAt" not in a
                for a in am.alerts()[:3])
+
+
+def test_a_webhook_secret_is_write_only_sealed_at_rest_and_never_logged(server_factory, receivers, caplog):
+    caplog.set_level(logging.DEBUG)
+    server = server_factory(**FAST)
+    down = f"http://127.0.0.1:{free_port()}/hook"  # nobody listens: failed attempts, logged
+    c, a = server.client, server.auth("admin")
+    answers = [_put(server, "receivers/ops", {"kind": "webhook", "url": down, "secret": SECRET}),
+               _put(server, "rules/all", {"event": "alarm", "receivers": ["ops"]})]
+    dev = server.register("seal-1")
+    _alarm(server, dev, "pump", "warning")
+    wait_until(lambda: [n for n in c.get(f"{AL}/notifications", headers=a).json()["notifications"]
+                        if n["attempts"] >= 2])
+    hook = receivers("webhook", secret=SECRET)
+    answers.append(_put(server, "receivers/ops", {"kind": "webhook", "url": hook.url, "secret": SECRET}))
+    _alarm(server, dev, "valve", "warning")
+    wait_until(lambda: any(x["labels"]["alarm"] == "valve" for x in hook.alerts()))  # signed with the key: verified
+    for path in (f"{AL}/receivers", f"{AL}/rules", f"{AL}/notifications", f"{AL}/alerts",
+                 "/api/v1/namespaces/default/audit", "/openapi.json"):
+        answers.append(c.get(path, headers=a).text)
+    assert not [x for x in answers if SECRET in str(x)]
+    assert "notification" in caplog.text and SECRET not in caplog.text  # the failed attempts were logged, not the key
+    # at rest: sealed, not the key itself
+    [stored] = server.sql(lambda conn: conn.execute(sa.select(tables.alert_receivers.c.secret)).scalars().all())
+    assert stored.startswith(PREFIX) and SECRET not in stored
+
+
+def test_plaintext_secrets_from_before_sealing_are_sealed_and_an_unreadable_one_says_so(server_factory, receivers):
+    server = server_factory(**FAST)
+    hook = receivers("webhook", secret=SECRET)
+    _put(server, "receivers/ops", {"kind": "webhook", "url": hook.url, "secret": SECRET})
+    _put(server, "rules/all", {"event": "alarm", "receivers": ["ops"]})
+    RC = tables.alert_receivers
+    server.sql(lambda conn: conn.execute(RC.update().values(secret=SECRET)))  # what an older server stored
+    server.stop()
+    server = server_factory(**FAST)  # same database
+    dev = server.register("seal-2")
+    _alarm(server, dev, "pump", "warning")
+    wait_until(lambda: hook.alerts())  # the plaintext key still signs
+    stored = server.sql(lambda conn: conn.execute(sa.select(RC.c.secret)).scalar())
+    assert stored.startswith(PREFIX) and SECRET not in stored
+    # a sealed value this server cannot open (another signing key sealed it): the delivery fails and says why
+    server.sql(lambda conn: conn.execute(RC.update().values(secret=PREFIX + "AAAA" + stored[len(PREFIX) + 4:])))
+    _alarm(server, dev, "valve", "warning")
+
+    def last_error():
+        rc = server.client.get(f"{AL}/receivers", headers=server.auth("viewer")).json()["receivers"][0]
+        return (rc["last_delivery"] or {}).get("error") or ""
+    wait_until(lambda: "signing key" in last_error())
+    assert len(hook.alerts()) == 1
+
+
+def test_a_device_starting_in_safe_mode_notifies_and_its_normal_boot_resolves(server_factory, receivers):
+    server = server_factory(**FAST)
+    hook = receivers("webhook", secret=SECRET)
+    _put(server, "receivers/ops", {"kind": "webhook", "url": hook.url, "secret": SECRET})
+    _put(server, "rules/safe", {"event": "safe_mode", "receivers": ["ops"]})
+    server.register("sm-1")
+    server.register("sm-1", capabilities=["rest", "safe_mode"])  # what the firmware registers with in safe mode
+    wait_until(lambda: hook.alerts())
+    [a] = hook.alerts()
+    assert a["status"] == "firing" and a["labels"] == {"alertname": "safe_mode", "namespace": "default",
+                                                      "device": "sm-1", "alarm": "safe_mode", "severity": "critical"}
+    server.register("sm-1")  # the next boot is a normal one
+    wait_until(lambda: len(hook.alerts()) == 2)
+    assert hook.alerts()[1]["status"] == "resolved" and hook.alerts()[1]["labels"] == a["labels"]
+
+
+def test_retries_end_after_the_bounded_time(server_factory):
+    server = server_factory(**{**FAST, "alert_give_up_s": 1.0})
+    _put(server, "receivers/ops", {"kind": "webhook", "url": f"http://127.0.0.1:{free_port()}/hook",
+                                   "secret": SECRET})
+    _put(server, "rules/all", {"event": "alarm", "receivers": ["ops"]})
+    _alarm(server, server.register("give-1"), "pump", "warning")
+
+    def notes():
+        return server.client.get(f"{AL}/notifications", headers=server.auth("viewer")).json()["notifications"]
+    wait_until(lambda: notes() and notes()[0]["state"] == "gave_up", timeout=20)
+    assert notes()[0]["attempts"] >= 2 and notes()[0]["delivered_ts"] is None and notes()[0]["last_error"]
+    rc = server.client.get(f"{AL}/receivers", headers=server.auth("viewer")).json()["receivers"][0]
+    assert rc["last_delivery"]["status"] == "gave_up"
+
+
+def test_a_webhook_at_the_control_planes_public_url_is_refused(server_factory):
+    server = server_factory(public_url="https://cp.example.net:8443")
+    c, a = server.client, server.auth("admin")
+    for url, code in (("https://cp.example.net:8443/hook", 422), ("https://CP.example.net:8443", 422),
+                      ("https://cp.example.net/hook", 200), ("https://hooks.example.net:8443/hook", 200)):
+        r = c.put(f"{AL}/receivers/x", headers=a, json={"kind": "webhook", "url": url, "secret": SECRET})
+        assert r.status_code == code, (url, r.text)
+        if code == 422:
+            assert r.json()["detail"]["path"] == "url"

@@ -262,3 +262,15 @@ def test_a_device_offline_during_its_trial_is_a_failure(server_factory, tmp_path
     row = next(d for d in paused["devices"] if d["device_id"] == first.id)
     assert row["status"] == "failed" and row["reason"] == "offline during trial (trial)"
     assert all(not d.seen for d in devices if d is not first)
+
+
+def test_a_failed_install_counts_towards_the_threshold(server_factory, tmp_path):
+    server = server_factory(**FAST)
+    _publish(server, tmp_path, "10.0")
+    devices = [SimDevice(server, f"fi-{i}", fail={"10.0"}) for i in range(5)]
+    r = _create(server, "10.0", [{"devices": 1, "soak_s": 0}, {"percent": 100, "soak_s": 0}], failure_threshold=0.5)
+    paused = _drive(server, devices, r["id"], lambda x: x["state"] == "paused")
+    [row] = [d for d in paused["devices"] if d["stage"] == 0]
+    assert row["status"] == "failed" and row["reason"] == "OTAError: sha256 mismatch"
+    assert "1 of 1 devices failed (> 0.5)" in paused["reason"] and "sha256 mismatch" in paused["reason"]
+    assert sum(len(d.seen) for d in devices) == 1  # the others were never offered it

@@ -20,6 +20,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from . import db as tables
+from . import sealing
 from .db import now_ms
 from .errors import ApiError
 
@@ -43,6 +44,17 @@ def put_receiver(conn: sa.Connection, events: list, ns: str, name: str, kind: st
     now = now_ms()
     conn.execute(RC.delete().where(RC.c.ns == ns, RC.c.name == name))
     conn.execute(RC.insert().values(ns=ns, name=name, kind=kind, url=url, secret=secret, updated_ts=now))
+
+
+def reseal_secrets(conn: sa.Connection, events: list, sealer: sealing.Sealer) -> int:
+    """Seal the secrets a server from before sealing stored in plaintext; returns how many."""
+    rows = conn.execute(sa.select(RC.c.ns, RC.c.name, RC.c.secret).where(RC.c.secret.is_not(None))).all()
+    n = 0
+    for ns, name, secret in rows:
+        if not sealing.is_sealed(secret):
+            conn.execute(RC.update().where(RC.c.ns == ns, RC.c.name == name).values(secret=sealer.seal(secret)))
+            n += 1
+    return n
 
 
 def receiver_out(r) -> dict:

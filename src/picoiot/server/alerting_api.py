@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import ipaddress
-import secrets
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Depends, Path, Query, Request
 from pydantic import Field
 
-from . import alerting
+from . import alerting, sealing
 from .auth import Principal, principal, require_ns, require_role
 from .errors import ApiError
 from .models import BaseModel, ErrorBody, Severity
@@ -26,8 +25,9 @@ BASE = "/api/v1/namespaces/{ns}/alerting"
 class ReceiverIn(BaseModel):
     kind: Literal["webhook", "alertmanager"]
     url: str = Field(max_length=512, description="webhook: the URL POSTed to; alertmanager: its base URL")
-    secret: str | None = Field(None, min_length=16, max_length=128,
-                               description="webhook HMAC key; generated (and shown once) when omitted")
+    secret: str | None = Field(None, min_length=16, max_length=128, json_schema_extra={"writeOnly": True},
+                               description="webhook HMAC key (required for a webhook, refused for Alertmanager); "
+                                           "stored sealed, never returned: answers say only `has_secret`")
 
 
 class RuleIn(BaseModel):
@@ -81,18 +81,19 @@ def _guard(p: Principal, ns: str, request: Request, role: str) -> None:
 @router.put(BASE + "/receivers/{name}", responses=_ERR)
 async def put_receiver(ns: str, body: ReceiverIn, request: Request, name: str = Name,
                        p: Principal = Depends(principal)) -> dict:
-    """Create or replace a receiver. Admin. A webhook without a secret gets a generated one, returned only here."""
+    """Create or replace a receiver. Admin. A webhook's secret is write-only: kept sealed, never returned."""
     _guard(p, ns, request, "admin")
     check_url(body.url, request)
-    secret = body.secret
-    generated = body.kind == "webhook" and secret is None
-    if generated:
-        secret = secrets.token_hex(32)
-    await _cp(request).write(alerting.put_receiver, ns, name, body.kind, body.url, secret)
-    out = {"name": name, "kind": body.kind, "url": body.url, "has_secret": bool(secret)}
-    if generated:
-        out["secret"] = secret
-    return out
+    # the operator chooses the key and keeps it on the receiver's side; no answer ever carries one back
+    if body.kind == "webhook" and body.secret is None:
+        raise ApiError(422, "a webhook needs a secret (16-128 characters, e.g. `openssl rand -hex 32`)",
+                       {"path": "secret"})
+    if body.kind == "alertmanager" and body.secret is not None:
+        raise ApiError(422, "Alertmanager receivers are not signed: no secret", {"path": "secret"})
+    cp = _cp(request)
+    sealed = sealing.for_key(cp.settings.secrets.signing_key).seal(body.secret) if body.secret else None
+    await cp.write(alerting.put_receiver, ns, name, body.kind, body.url, sealed)
+    return {"name": name, "kind": body.kind, "url": body.url, "has_secret": sealed is not None}
 
 
 @router.get(BASE + "/receivers", responses=_ERR)

@@ -222,7 +222,7 @@ alert_receivers = sa.Table(  # where notifications go (server/alerting.py)
     sa.Column("name", sa.String(64), primary_key=True),
     sa.Column("kind", sa.String(16), nullable=False),  # webhook | alertmanager
     sa.Column("url", sa.String(512), nullable=False),
-    sa.Column("secret", sa.String(128)),  # webhook HMAC key; never returned nor logged
+    sa.Column("secret", sa.String(512)),  # webhook HMAC key, sealed (server/sealing.py); never returned nor logged
     sa.Column("last_status", sa.String(16)),  # delivered | retrying | gave_up
     sa.Column("last_error", sa.String(256)),
     sa.Column("last_ts", sa.BigInteger),
@@ -353,9 +353,17 @@ def _migration_4(conn: sa.Connection) -> None:
         conn.exec_driver_sql(stmt)
 
 
+def _migration_5(conn: sa.Connection) -> None:
+    # a sealed webhook secret (server/sealing.py) is longer than the 128 characters of its plaintext; SQLite does not
+    # enforce lengths
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql("ALTER TABLE alert_receivers ALTER COLUMN secret TYPE VARCHAR(512)")
+
+
 #: Versioned migrations, applied in order inside one transaction each; append, never edit a released one.
 MIGRATIONS: list[tuple[int, Callable[[sa.Connection], None]]] = [(1, _migration_1), (2, _migration_2),
-                                                                  (3, _migration_3), (4, _migration_4)]
+                                                                  (3, _migration_3), (4, _migration_4),
+                                                                  (5, _migration_5)]
 LATEST = MIGRATIONS[-1][0]
 
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import httpx
 import sqlalchemy as sa
 
-from . import alerting
+from . import alerting, sealing
 from . import db as tables
 from .db import now_ms
 
@@ -67,8 +67,8 @@ def _done(conn: sa.Connection, events: list, row: dict, error: str | None, setti
     return state
 
 
-def request_for(row: dict) -> tuple[str, bytes, dict[str, str]]:
-    """(url, body, headers) of one notification."""
+def request_for(row: dict, secret: str | None) -> tuple[str, bytes, dict[str, str]]:
+    """(url, body, headers) of one notification; `secret`: the webhook's key, opened."""
     headers = {"Content-Type": "application/json", "Idempotency-Key": row["idempotency_key"],
                "User-Agent": "picoiot-alerts/1"}
     if row["kind"] == "alertmanager":
@@ -77,10 +77,10 @@ def request_for(row: dict) -> tuple[str, bytes, dict[str, str]]:
                            for a in row["alerts"]]).encode()
         return row["url"].rstrip("/") + "/api/v2/alerts", body, headers
     body = json.dumps(alerting.payload(row["ns"], row["receiver"], row["idempotency_key"], row["alerts"])).encode()
-    if row["secret"]:
+    if secret:
         ts = str(int(time.time()))
         headers["X-Picoiot-Timestamp"] = ts
-        headers["X-Picoiot-Signature"] = sign(row["secret"], ts, body)
+        headers["X-Picoiot-Signature"] = sign(secret, ts, body)
     return row["url"], body, headers
 
 
@@ -91,6 +91,11 @@ class Delivery:
         self.cp = cp
         self.client = httpx.AsyncClient(timeout=cp.settings.alert_timeout_s, follow_redirects=False)
         self.wake = asyncio.Event()
+        self.resealed = False
+
+    @property
+    def sealer(self) -> sealing.Sealer:
+        return sealing.for_key(self.cp.settings.secrets.signing_key)
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -98,7 +103,11 @@ class Delivery:
     async def _send(self, row: dict) -> str | None:
         if row["kind"] is None:
             return "receiver deleted"
-        url, body, headers = request_for(row)
+        try:
+            secret = self.sealer.open(row["secret"]) if row["secret"] else None
+        except sealing.Unreadable as e:
+            return str(e)  # names no part of the secret: it goes into the log and the receiver's last error
+        url, body, headers = request_for(row, secret)
         try:
             r = await self.client.post(url, content=body, headers=headers)
         except httpx.HTTPError as e:
@@ -110,6 +119,11 @@ class Delivery:
     async def round(self) -> int:
         """Send every due notification once; returns how many were attempted."""
         s = self.cp.settings
+        if not self.resealed:
+            n = await self.cp.write(alerting.reseal_secrets, self.sealer)
+            if n:
+                log.info("sealed %d receiver secrets stored in plaintext", n)
+            self.resealed = True
         rows = await self.cp.write(_claim, now_ms(), int((s.alert_timeout_s + 5) * 1000))
         if not rows:
             return 0
