@@ -176,10 +176,15 @@ def test_a_slow_or_failing_receiver_never_blocks_heartbeats_or_the_api(server_fa
         for i in range(30):
             assert c.post(dev.services["heartbeat"], headers=dev.headers, json={"seq": i}).status_code == 200
             assert c.get(f"{AL}/rules", headers=server.auth("viewer")).status_code == 200
+    # now it answers 503 and is retried with backoff: heartbeats still answer, each within the short timeout
     hook.status = 503
     hook.hold.set()
-    wait_until(lambda: (server.client.get(f"{AL}/receivers", headers=server.auth("viewer")).json()
-               ["receivers"][0]["last_delivery"] or {}).get("error") == "HTTP 503")
+    with httpx.Client(base_url=server.url, timeout=2) as c:
+        def answering_while_failing():
+            assert c.post(dev.services["heartbeat"], headers=dev.headers, json={"seq": 99}).status_code == 200
+            return (c.get(f"{AL}/receivers", headers=server.auth("viewer")).json()
+                    ["receivers"][0]["last_delivery"] or {}).get("error") == "HTTP 503"
+        wait_until(answering_while_failing)
 
 
 def test_bad_receivers_and_rules_are_refused(server):

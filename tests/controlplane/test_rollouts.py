@@ -217,6 +217,13 @@ def test_two_servers_share_one_rollout(pg_server_factory, tmp_path):
     rr = b.client.post(RO, headers=b.auth("admin"), json={"version": "7.0", "target": {"namespace": True},
                                                            "stages": [{"percent": 100}]})
     assert rr.status_code == 409
+    # an operator's pause on one process holds on the other, and a resume there lets both go on
+    assert b.client.post(f"{RO}/{r['id']}/pause", headers=b.auth("admin"), json={}).json()["state"] == "paused"
+    assert _get(a, r["id"])["state"] == "paused"
+    for d in devices:
+        d.step()
+    assert not any(d.seen for d in devices)  # neither process offers the release while it is paused
+    assert a.client.post(f"{RO}/{r['id']}/resume", headers=a.auth("admin"), json={}).json()["state"] == "running"
     done = _drive(b, devices, r["id"], lambda x: x["state"] == "completed")
     assert {d["status"] for d in done["devices"]} == {"committed"} and all(d.seen == ["7.0"] for d in devices)
 
@@ -274,3 +281,39 @@ def test_a_failed_install_counts_towards_the_threshold(server_factory, tmp_path)
     assert row["status"] == "failed" and row["reason"] == "OTAError: sha256 mismatch"
     assert "1 of 1 devices failed (> 0.5)" in paused["reason"] and "sha256 mismatch" in paused["reason"]
     assert sum(len(d.seen) for d in devices) == 1  # the others were never offered it
+
+
+def test_each_step_of_a_device_shows_in_its_status(server_factory, tmp_path):
+    server = server_factory(**FAST)
+    _publish(server, tmp_path, "11.0")
+    dev = server.register("steps-1", firmware="0.1.0")
+    r = _create(server, "11.0", [{"percent": 100, "soak_s": 0.3}], target={"devices": ["steps-1"]})
+    c = server.client
+
+    def status():
+        return _get(server, r["id"])["devices"][0]["status"]
+    assert status() == "pending"
+    offer = c.get(dev.services["ota"], headers=dev.headers).json()
+    assert offer["version"] == "11.0" and status() == "pending"  # offered, not fetched yet
+    assert c.get(offer["manifest_url"], headers=dev.headers).status_code == 200
+    wait_until(lambda: status() == "downloading")
+    dev = server.register("steps-1", firmware="0.1.0")  # the install reset: the new set boots on trial
+    wait_until(lambda: status() == "installed")
+    assert c.post(dev.services["ota"] + "/report", headers=dev.headers,
+                  json={"version": "11.0", "status": "installed"}).status_code == 200
+    wait_until(lambda: status() in ("trial", "committed"))
+    wait_until(lambda: status() == "committed")
+    assert _get(server, r["id"])["state"] == "completed"
+
+
+def test_a_downgrade_only_when_the_rollout_says_so(server_factory, tmp_path):
+    server = server_factory(**FAST)
+    _publish(server, tmp_path, "0.0.9")
+    devices = _fleet(server, 3)  # running 0.1.0
+    refused = _create(server, "0.0.9", [{"percent": 100}])
+    assert refused["state"] == "completed" and {d["status"] for d in refused["devices"]} == {"skipped"}
+    assert not any(d.step() for d in devices)
+    allowed = _create(server, "0.0.9", [{"percent": 100, "soak_s": 0}], allow_downgrade=True)
+    assert {d["status"] for d in allowed["devices"]} == {"pending"}
+    done = _drive(server, devices, allowed["id"], lambda x: x["state"] == "completed")
+    assert {d["status"] for d in done["devices"]} == {"committed"} and all(d.running == "0.0.9" for d in devices)
