@@ -5,7 +5,7 @@ The 20 devices are started together once for the module and serve both tests. Th
 (tests/devices/mp/rollout_sim.py): the canary stage rolls it back and the rollout pauses at its threshold before any
 other device is offered it; a fixed release resumes it through every stage, the control plane restarting in the
 middle of one. The second test aborts a rollout of a good release after its first stage started: the devices that had
-not started keep their version. Kept lean for CI (about 75 s on a loaded 2-core machine, half of it the 20 boots):
+not started keep their version. Kept lean for CI (75–105 s on a loaded 2-core machine, a quarter of it the 20 boots):
 1 s heartbeats, 1 s soaks (6 s for the stage the restart falls in, so that it falls in it).
 """
 import json
