@@ -329,3 +329,24 @@ def test_a_webhook_at_the_control_planes_public_url_is_refused(server_factory):
         assert r.status_code == code, (url, r.text)
         if code == 422:
             assert r.json()["detail"]["path"] == "url"
+
+
+def test_an_offline_rule_fires_only_after_its_duration(server_factory):
+    server = server_factory(**FAST)
+    _put(server, "receivers/ops", {"kind": "webhook", "url": f"http://127.0.0.1:{free_port()}/hook",
+                                   "secret": SECRET})
+    _put(server, "rules/at-once", {"event": "offline", "offline_for_s": 0, "receivers": ["ops"]})
+    _put(server, "rules/ten-min", {"event": "offline", "offline_for_s": 600, "receivers": ["ops"]})
+    now = now_ms()
+    # silent for two hours and for one minute; the sweep takes both offline
+    server.sql(lambda c: c.execute(tables.devices.insert(), [
+        {"ns": "default", "device_id": dev, "capabilities": [], "created_ts": ts, "last_seen": ts, "online": True,
+         "ttl_s": 1, "config_overrides": {}, "config_version": 0}
+        for dev, ts in (("off-old", now - 7_200_000), ("off-new", now - 60_000))]))
+
+    def firing():
+        alerts = server.client.get(f"{AL}/alerts", params={"state": "firing"}, headers=server.auth("viewer"))
+        return {(a["rule"], a["labels"]["device"]) for a in alerts.json()["alerts"]}
+    # both rules are evaluated in the same round: once the 0 s rule has both devices, the 600 s one was asked too
+    wait_until(lambda: {("at-once", "off-old"), ("at-once", "off-new")} <= firing())
+    assert {d for r, d in firing() if r == "ten-min"} == {"off-old"}
