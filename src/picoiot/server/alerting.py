@@ -40,10 +40,11 @@ def rfc3339(ms: int) -> str:
 
 # ---------------------------------------------------------------- configuration
 def put_receiver(conn: sa.Connection, events: list, ns: str, name: str, kind: str, url: str,
-                 secret: str | None) -> None:
+                 sealed_secret: str | None) -> None:
+    """sealed_secret: the webhook's key as sealing.Sealer.seal made it (never the key itself)."""
     now = now_ms()
     conn.execute(RC.delete().where(RC.c.ns == ns, RC.c.name == name))
-    conn.execute(RC.insert().values(ns=ns, name=name, kind=kind, url=url, secret=secret, updated_ts=now))
+    conn.execute(RC.insert().values(ns=ns, name=name, kind=kind, url=url, secret=sealed_secret, updated_ts=now))
 
 
 def reseal_secrets(conn: sa.Connection, events: list, sealer: sealing.Sealer) -> int:
