@@ -436,8 +436,10 @@ class DeviceWeb:
                 if f is None:
                     return 404, "", None
                 m = req.method
-                f = f.get("GET" if m == "HEAD" else m)  # (no OPTIONS: no browser calls the device cross-origin)
+                by = f
+                f = by.get("GET" if m == "HEAD" else m)  # (no OPTIONS: no browser calls the device cross-origin)
                 if f is None:
+                    req.g.allow = by  # the 405 names the path's methods (RFC 9110 requires Allow)
                     return 405, "", None
                 req.url_args = args
                 return f, "", None
@@ -546,10 +548,15 @@ class DeviceWeb:
 
     def _install_errors(self):
         app = self.app
-        for status, msg in ((400, "bad request"), (404, "not found"), (405, "method not allowed"),
+        for status, msg in ((400, "bad request"), (404, "not found"),
                             (413, "request body too large (max %d bytes)" % self.max_body),
                             (500, "internal server error")):
             self._error_handler(status, msg)
+
+        async def not_allowed(req):
+            by = req.g.allow
+            return error(405, "method not allowed", {"Allow": ", ".join(("HEAD",) + tuple(by) if "GET" in by else by)})
+        app.errorhandler(405)(not_allowed)
 
         async def crashed(req, exc):
             _log.error("handler failed", path=req.path if req else None, error=repr(exc))
