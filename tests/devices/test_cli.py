@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import httpx
+import ntplib
 import pytest
 from websockets.sync.client import connect
 
@@ -130,6 +131,7 @@ def test_demo_at_the_top_of_the_port_range_comes_up_and_serves(tmp_path):
         assert info["control_plane_url"] == f"http://127.0.0.1:{port}", info
         sntp = int(re.search(r"SNTP on UDP (\d+)", log.read_text()).group(1))
         assert 0 < sntp <= 65535 and sntp != port + 123, sntp
+        assert ntplib.NTPClient().request("127.0.0.1", port=sntp, version=4, timeout=5).stratum >= 1
         viewer = {"Authorization": f"Bearer {info['tokens']['control_plane']['viewer']}"}
         listed = httpx.get(f"http://127.0.0.1:{port}/api/v1/namespaces/default/devices", headers=viewer,
                            timeout=10).json()["devices"]
