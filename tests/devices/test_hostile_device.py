@@ -96,3 +96,10 @@ def test_ctrl_c_stops_a_device_without_a_traceback(device_factory):
     out = d.child.tail(3000)
     assert status == 0 and "Traceback" not in out and "KeyboardInterrupt" not in out, (status, out[-1500:])
     assert "stopped" in out
+
+
+def test_a_device_boots_without_a_heartbeat_warning(sensors):
+    # every boot logged `heartbeat failed … not registered`: the heartbeat task ran before the registration ended
+    log = sensors.child.log.read_text()
+    assert '"msg":"registered"' in log.replace(" ", ""), log[-2000:]
+    assert "heartbeat failed" not in log and "not registered" not in log, log[-3000:]
