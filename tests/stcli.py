@@ -3,6 +3,7 @@
 run is the same cases every time and its length is set by the example count."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,4 +18,6 @@ def run_st(location: str, config: Path, token: str, *args: str, examples: int, c
                           "-n", str(examples), "--generation-deterministic", "--request-timeout", "20", "--no-color",
                           *args], capture_output=True, text=True, timeout=900, cwd=cwd)
     assert out.returncode == 0, out.stdout[-8000:] + out.stderr[-2000:]
+    cases = re.search(r"\d+ generated[^\n]*", out.stdout)
+    print(f"schemathesis on {location}: {cases.group(0) if cases else '?'}")  # (pytest -s shows the case count)
     return out.stdout
