@@ -56,12 +56,14 @@ def json_body(req, required=True):
 
 
 def client_ip(addr):
-    """A hashable client key from a peer address: (ip, port) on lwIP/CPython, a raw sockaddr on the unix port."""
+    """The client's address as text, a rate-limit key: (ip, port) on lwIP/CPython, a raw sockaddr on the unix port.
+    Always a str: the limiter's table also holds callers' `sub`s, and a bytes key beside str keys makes the unix port
+    warn "Comparison between bytes and str" on every colliding lookup."""
     if isinstance(addr, (tuple, list)) and addr:
         return addr[0]
     if isinstance(addr, (bytes, bytearray)) and len(addr) >= 8:
-        return bytes(addr[4:8])  # sockaddr_in: family(2) port(2) address(4)
-    return addr if isinstance(addr, (str, bytes, int)) else "?"
+        return "%d.%d.%d.%d" % (addr[4], addr[5], addr[6], addr[7])  # sockaddr_in: family(2) port(2) address(4)
+    return addr if isinstance(addr, str) else "?"
 
 
 def bearer_from(req):
@@ -436,8 +438,11 @@ class DeviceWeb:
                 if f is None:
                     return 404, "", None
                 m = req.method
-                f = f.get("GET" if m == "HEAD" else m)  # (no OPTIONS: no browser calls the device cross-origin)
+                by = f
+                f = by.get("GET" if m == "HEAD" else m)  # (no OPTIONS: no browser calls the device cross-origin)
                 if f is None:
+                    # the 405 names the path's methods (RFC 9110 requires Allow)
+                    req.g.allow = {"Allow": ", ".join(("HEAD",) + tuple(by) if "GET" in by else by)}
                     return 405, "", None
                 req.url_args = args
                 return f, "", None
@@ -558,7 +563,7 @@ class DeviceWeb:
 
     def _error_handler(self, status, msg):
         async def h(req):
-            return error(status, msg)
+            return error(status, msg, req.g.allow if status == 405 else None)
         self.app.errorhandler(status)(h)
 
     # --- connection handling -----------------------------------------------------------------------------------------

@@ -51,9 +51,8 @@ class Demo:
         if self.port and port != self.port:
             self.say(f"[yellow]port {self.port} is taken: the control plane uses {port}[/]")
         self.server = ServerChild(self.dir / "control-plane", port=port,
-                                  # SNTP next to it when the port range allows (65500 + 123 does not exist)
-                                  sntp_port=free_port(socket.SOCK_DGRAM,
-                                                      preferred=port + 123 if port + 123 <= 65535 else 0),
+                                  # SNTP next to it when the port range allows (free_port: 65500 + 123 is any)
+                                  sntp_port=free_port(socket.SOCK_DGRAM, preferred=port + 123),
                                   log=self.dir / "logs" / "control-plane.log")
         self.server.start()
         from .server.settings import Settings

@@ -29,8 +29,9 @@ class ProcError(RuntimeError):
 
 
 def free_port(kind: int = socket.SOCK_STREAM, preferred: int = 0) -> int:
-    """`preferred` if it can be bound on 127.0.0.1 now, else any free port."""
-    for port in ((preferred, 0) if preferred else (0,)):
+    """`preferred` if it can be bound on 127.0.0.1 now, else any free port (also when `preferred` is past 65535: a
+    port next to one at the top of the range, such as the demo's SNTP port + 123 or its devices' + 1)."""
+    for port in ((preferred, 0) if 0 < preferred <= 65535 else (0,)):
         with socket.socket(socket.AF_INET, kind) as s:
             try:
                 s.bind(("127.0.0.1", port))

@@ -5,6 +5,7 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/stcli.py
 from cptest import LiveServer, drop_schema, make_settings, new_schema, require_pg  # noqa: E402
 
 

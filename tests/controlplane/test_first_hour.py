@@ -1,6 +1,8 @@
-"""The first hour of a new user (issue 17): CLI mistakes end in one line that says what to do, and nothing is made
-up on the way (no secret minted into a fresh ./.picoiot)."""
+"""The first hour of a new user (issue 17): CLI mistakes end in one line that says what to do, nothing is made
+up on the way (no secret minted into a fresh ./.picoiot), the README lists every command and every remote command
+takes --url and --token."""
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -52,3 +54,36 @@ def test_ota_takes_url_like_the_other_remote_commands(tmp_path):
 def test_demo_port_out_of_range_is_a_usage_error(tmp_path):
     out = _run(["demo", "--port", "65536", "--data-dir", str(tmp_path / "demo")], tmp_path)
     assert out.returncode == 2 and "65535" in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+def _cli_commands():
+    import typer.main
+
+    from picoiot.cli import app
+    return typer.main.get_command(app).commands
+
+
+def _readme_table(readme: str) -> str:
+    return readme.split("## The `picoiot` command", 1)[1].split("\n## ", 1)[0]
+
+
+def test_the_readme_lists_every_command_and_every_remote_one_takes_url():
+    from picoiot import paths
+    commands = _cli_commands()
+    listed = set(re.findall(r"`picoiot ([a-z-]+)", _readme_table((paths.REPO / "README.md").read_text())))
+    assert set(commands) <= listed, sorted(set(commands) - listed)
+    for group in ("devices", "config", "state", "alarms", "ota"):
+        subs = commands[group].commands
+        assert subs, group
+
+        def leaves(cmds, path):
+            for name, c in cmds.items():
+                if hasattr(c, "commands"):
+                    yield from leaves(c.commands, path + [name])
+                else:
+                    yield path + [name], c
+        for path, c in leaves(subs, [group]):
+            if path == ["ota", "keygen"]:  # writes a signing key pair here; talks to no server
+                continue
+            opts = {o for p in c.params for o in getattr(p, "opts", [])}
+            assert "--url" in opts and "--token" in opts, (path, sorted(opts))

@@ -3,6 +3,7 @@ unauthenticated registration challenges are limited per client address (issue 17
 import sqlalchemy as sa
 
 from picoiot.server import db as tables
+from picoiot.server.db import now_ms
 from picoiot.server.app import create_app
 from cptest import LiveServer
 
@@ -42,9 +43,12 @@ def test_lone_surrogates_are_refused_with_the_field_and_nothing_is_stored(server
     ]
     for method, path, headers, body, field in cases:
         _refused(_post_raw(server, method, path, headers, body), field)
-    # telemetry (the heartbeat's own fast path)
-    r = _post_raw(server, "POST", d.services["heartbeat"], d.headers, '{"seq":1,"firmware":%s}' % SURROGATE)
-    assert 400 <= r.status_code < 500 and isinstance(r.json().get("error"), str), r.text
+    # the heartbeat's own fast path, and telemetry on it and on its own route
+    for path, body in ((d.services["heartbeat"], '{"seq":1,"firmware":%s}' % SURROGATE),
+                       (d.services["heartbeat"], '{"seq":1,"t":[[%s,%d,1.5]]}' % (SURROGATE, now_ms())),
+                       ("/api/v1/devices/relay-1/telemetry", '{"readings":[[%s,%d,1.5]]}' % (SURROGATE, now_ms()))):
+        r = _post_raw(server, "POST", path, d.headers, body)
+        assert 400 <= r.status_code < 500 and isinstance(r.json().get("error"), str), (path, body, r.text)
     # nothing was written, and every read still works — the device's own state fetch first
     r = server.client.get(SH, headers=d.headers)
     assert r.status_code == 200 and r.json() == before
@@ -55,6 +59,9 @@ def test_lone_surrogates_are_refused_with_the_field_and_nothing_is_stored(server
     assert r.json()["devices"][0]["device_id"] == "relay-1" and len(r.json()["devices"]) == 1
     assert server.client.get("/api/v1/namespaces/default/groups", headers=admin).json() == {"groups": []}
     assert server.client.get(CFG, headers=admin).json()["overrides"] == {}
+    assert server.client.get("/api/v1/namespaces/default/alarms", headers=admin).json()["alarms"] == []
+    r = server.client.get("/api/v1/namespaces/default/devices/relay-1/telemetry/latest", headers=admin)
+    assert r.status_code == 200 and r.json() == {"values": {}}, r.text
 
 
 def test_a_bug_answers_a_json_500(server_factory):

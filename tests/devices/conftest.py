@@ -6,6 +6,7 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/stcli.py
 from devtest import BUNDLE, MP_DIR, RUNTIME, SCRIPTS, ControlPlane, Device  # noqa: E402
 
 

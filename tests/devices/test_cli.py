@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import httpx
+import ntplib
 import pytest
 from websockets.sync.client import connect
 
@@ -104,6 +105,41 @@ def test_demo_comes_up_writes_demo_json_answers_and_stops_on_ctrl_c(tmp_path, bu
         assert "stopped" in log.read_text()
         for url in [cp] + [d["url"] for d in info["devices"]]:
             assert _closed(url), f"{url} still answers after the demo stopped"
+    finally:
+        _reap(proc)
+
+
+def _top_free_port() -> int:
+    """The highest free TCP port from 65535 down: the SNTP port beside it (port + 123) and the devices' (port + 1,
+    + 2) are then past the end of the range."""
+    for port in range(65535, 65412, -1):
+        if free_port(preferred=port) == port:
+            return port
+    pytest.skip("no free port in 65413..65535")
+
+
+def test_demo_at_the_top_of_the_port_range_comes_up_and_serves(tmp_path):
+    # `picoiot demo --port 65500` crashed with OverflowError: the SNTP port was port + 123
+    port = _top_free_port()
+    data = tmp_path / "demo"
+    log = tmp_path / "demo.out"
+    proc = _spawn(["demo", "--data-dir", data, "--port", port, "--runtime", "cpython", "--duration", 300], log)
+    try:
+        wait_until(lambda: (data / "demo.json").exists() or proc.poll() is not None, 150, "demo.json")
+        assert proc.poll() is None, log.read_text()
+        info = json.loads((data / "demo.json").read_text())
+        assert info["control_plane_url"] == f"http://127.0.0.1:{port}", info
+        sntp = int(re.search(r"SNTP on UDP (\d+)", log.read_text()).group(1))
+        assert 0 < sntp <= 65535 and sntp != port + 123, sntp
+        assert ntplib.NTPClient().request("127.0.0.1", port=sntp, version=4, timeout=5).stratum >= 1
+        viewer = {"Authorization": f"Bearer {info['tokens']['control_plane']['viewer']}"}
+        listed = httpx.get(f"http://127.0.0.1:{port}/api/v1/namespaces/default/devices", headers=viewer,
+                           timeout=10).json()["devices"]
+        assert {d["device_id"] for d in listed} == {d["id"] for d in info["devices"]}, listed
+        for d in info["devices"]:
+            assert httpx.get(d["url"] + "/health", timeout=10).status_code == 200, d
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0, log.read_text()
     finally:
         _reap(proc)
 

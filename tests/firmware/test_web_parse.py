@@ -34,6 +34,8 @@ def test_header_names_in_any_case_bare_lf_heads_head_and_405_on_a_fixed_path():
         assert out.startswith(b"HTTP/1.0 200 OK\r\n") and out.endswith(b"\r\n\r\n"), out
         out = await wc.raw(port, b"DELETE /thing HTTP/1.0\r\n\r\n")
         assert out.startswith(b"HTTP/1.0 405 Method Not Allowed\r\n"), out
+        allow = out.split(b"\r\nAllow: ", 1)[1].split(b"\r\n", 1)[0]  # RFC 9110: a 405 names what is allowed
+        assert sorted(allow.split(b", ")) == [b"GET", b"HEAD", b"POST"], out
         assert json.loads(out.split(b"\r\n\r\n", 1)[1]) == {"error": "method not allowed"}
         out = await wc.raw(port, b"GET /thing HTTP/1.0\r\nNoColonHere\r\n\r\n")
         assert out.startswith(b"HTTP/1.0 400 "), out
