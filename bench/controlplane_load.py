@@ -756,6 +756,19 @@ def _frame_name(frame: str) -> str:
     return f"{func} ({loc.rsplit(':', 1)[0].rsplit('/', 1)[-1]})" if loc else func
 
 
+def _register_phase(clients: Clients, server: ServerProcess, pg: bool, args, label: str) -> tuple[dict, dict]:
+    """Every device registers once (--register-concurrency in flight); prints and returns (merged results, figures)."""
+    with CpuWatch(server.pid, pg) as cpu:
+        reg = _merge(clients.run("register", args.register_timeout + 30,
+                                 concurrency=max(1, args.register_concurrency // args.client_procs),
+                                 time_limit=args.register_timeout))
+    out = {"ok": reg["ok"], "rate": reg["ok"] / cpu.wall, "p50_ms": _pct(reg["lat"], 50),
+           "p99_ms": _pct(reg["lat"], 99), "errors": dict(reg["errors"]), "server_cpu": cpu.server,
+           "client_cpu": reg["cpu"] / cpu.wall, "pg_cpu": cpu.pg, "machine_busy": cpu.machine}
+    _print_phase(label, out, "registrations/s")
+    return reg, out
+
+
 def run_backend(backend: str, args, workdir: Path) -> dict:
     print(f"\n== {backend}: starting picoiot server ...", flush=True)
     # A real device heartbeats from the moment it registers; the bench's devices wait until every device has
@@ -774,15 +787,7 @@ def run_backend(backend: str, args, workdir: Path) -> dict:
         pg = backend == "postgres"
 
         c0 = _counters(server.url)
-        with CpuWatch(server.pid, pg) as cpu:
-            reg = _merge(clients.run("register", args.register_timeout + 30,
-                                     concurrency=max(1, args.register_concurrency // args.client_procs),
-                                     time_limit=args.register_timeout))
-        res["register"] = {"ok": reg["ok"], "rate": reg["ok"] / cpu.wall, "p50_ms": _pct(reg["lat"], 50),
-                           "p99_ms": _pct(reg["lat"], 99), "errors": dict(reg["errors"]),
-                           "server_cpu": cpu.server, "client_cpu": reg["cpu"] / cpu.wall, "pg_cpu": cpu.pg,
-                           "machine_busy": cpu.machine}
-        _print_phase("register", res["register"], "registrations/s")
+        reg, res["register"] = _register_phase(clients, server, pg, args, "register")
         res["register"]["counters"] = _print_counters(c0, _counters(server.url))
         if reg["ok"] == 0:
             raise RuntimeError(f"no device registered: {dict(reg['errors'])}")
@@ -965,15 +970,8 @@ def run_fleet(args, workdir: Path) -> dict:
         print(f"   devices → {a.url} (pid {a.pid}), operator → {b.url} (pid {b.pid}), schema {a.schema}")
         device_ids = [f"fleet-{i:06d}" for i in range(n)]
         clients = Clients(args.client_procs, a, device_ids, args.timeout)
-        with CpuWatch(a.pid, True) as cpu:
-            reg = _merge(clients.run("register", args.register_timeout + 30,
-                                     concurrency=max(1, args.register_concurrency // args.client_procs),
-                                     time_limit=args.register_timeout))
-        res["register"] = {"ok": reg["ok"], "rate": reg["ok"] / cpu.wall, "p50_ms": _pct(reg["lat"], 50),
-                           "p99_ms": _pct(reg["lat"], 99), "errors": dict(reg["errors"]),
-                           "server_cpu": cpu.server, "client_cpu": reg["cpu"] / cpu.wall, "pg_cpu": cpu.pg,
-                           "machine_busy": cpu.machine}
-        _print_phase(f"register ({args.register_concurrency} in flight)", res["register"], "registrations/s")
+        reg, res["register"] = _register_phase(clients, a, True, args,
+                                               f"register ({args.register_concurrency} in flight)")
         if reg["ok"] < n:
             raise RuntimeError(f"only {reg['ok']} of {n} devices registered: {dict(reg['errors'])}")
 

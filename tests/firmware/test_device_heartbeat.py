@@ -84,7 +84,8 @@ def test_long_poll_heartbeat_names_the_versions_it_was_told_of():
     d = _Dev()
     d.wd.heartbeat_hold_ms = 10000
     fwtest.run(Device._send_heartbeat(d, {"seq": 1, "uptime": 5}))
-    assert d.http.urls[-1] == "http://127.0.0.1:1/hb?wait=10&config_version=3&ota=" and d.http.kw[-1]["yieldable"] is True
+    assert d.http.urls[-1] == "http://127.0.0.1:1/hb?wait=10&config_version=3&ota="
+    assert d.http.kw[-1]["yieldable"] is True
     assert d.http.kw[-1]["timeout_ms"] == 20000
     Device._heartbeat_answer(d, {"ack": 1, "pending": {"config_version": 4, "state_version": 9}})
     assert d._known == [4, 9, None] and d.wd.again is True and d._config_wake.is_set

@@ -78,7 +78,8 @@ async def heartbeat(device_id: str, body: HeartbeatIn, request: Request, p: Prin
     known_sv = body.state_version if state_version is None else state_version
 
     if not wait:
-        # not through response_model validation (the OpenAPI schema is still HeartbeatOut; tests check bodies against it)
+        # not through response_model validation (the OpenAPI schema is still HeartbeatOut; tests check bodies
+        # against it)
         return Response(await answer(cp, ns, device_id, body.seq, entry), media_type="application/json")
     offer = await heartbeat_pending(cp, ns, device_id)
     known_ota = (ota or None) if ota is not None else offer
