@@ -448,8 +448,8 @@ class Client:
 
     async def storm(self, spread: float, time_limit: float) -> dict:
         """Every device registers again (challenge + register) at a random moment within `spread` seconds, as after a
-        control-plane restart; a 503/429 is retried after its Retry-After (jittered ½…1½), anything else after 1–2 s.
-        Returned: how many registered, when (wall clock), every status seen."""
+        control-plane restart, and retries as the firmware does (`backoff`). Returned: how many registered, when
+        (wall clock), every status seen."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + time_limit
         statuses: Counter = Counter()
@@ -467,23 +467,27 @@ class Client:
             statuses[f"{path.rsplit('/', 1)[1]} {st}"] += 1
             return st, out
 
-        async def backoff(st, out) -> None:
-            wait = 1.0
+        async def backoff(st, out, delay: float) -> float:
+            """The firmware's registration retry (iotlib.device): wait ½…1 of a delay that doubles from 2 s to 60 s,
+            and not less than a 503's Retry-After; returns the next delay."""
+            wait = delay * rnd.uniform(0.5, 1.0)
             if st in (429, 503):  # deliberate load shedding carries Retry-After; a 503 without one is a failure
                 ra = getattr(out, "retry_after", None)
                 if ra and ra.isdigit():
-                    wait = float(ra)
+                    wait = max(wait, float(ra))
                 else:
                     bad_retry_after[st] += 1
-            await asyncio.sleep(wait * rnd.uniform(0.5, 1.5))
+            await asyncio.sleep(wait)
+            return min(delay * 2, 60.0)
 
         async def one(dev: str) -> None:
             await asyncio.sleep(rnd.uniform(0, spread))
             t0 = time.perf_counter()
+            delay = 2.0
             while loop.time() < deadline:
                 st, out = await post("/api/devices/challenge", {"device_id": dev, "namespace": NAMESPACE})
                 if st != 200:
-                    await backoff(st, out)
+                    delay = await backoff(st, out, delay)
                     continue
                 nonce = json.loads(out)["nonce"]
                 sig = hmac.new(self._key(dev).encode(), f"{nonce}|{dev}".encode(), hashlib.sha256).hexdigest()
@@ -495,7 +499,7 @@ class Client:
                     done.append(time.time())
                     lat.append((time.perf_counter() - t0) * 1000)
                     return
-                await backoff(st, out)
+                delay = await backoff(st, out, delay)
 
         cpu0 = time.process_time()
         await asyncio.gather(*(one(d) for d in self.ids))
