@@ -39,6 +39,17 @@ PIN = 2  # relay1 on the control plane's default config
 TARGET_P50_MS, TARGET_P99_MS = 100, 250
 
 
+def proc_cpu(pid) -> float:
+    """CPU seconds (user + system) a process has used; 0 when it is gone."""
+    import os
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError, TypeError):
+        return 0.0
+
+
 def pct(values: list[float], p: float) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, max(0, round(p / 100 * (len(s) - 1))))] if s else float("nan")
@@ -107,16 +118,30 @@ class Bench:
         self.lost += 1
         return None
 
+    def cpu(self, devs: list[dict]) -> tuple[float, float]:
+        """CPU seconds used so far by these devices' interpreters and by the server."""
+        return sum(proc_cpu(d["child"].pid) for d in devs), proc_cpu(self.server.pid)
+
     async def trials(self, devs: list[dict], rounds: int, timeout_s: float, pause=(0.2, 0.5)) -> list[float]:
+        """Latencies of every write; self.spent[...] also gets, per round, the CPU seconds the devices and the
+        server used from the writes until the last pin moved, the writes' own latency (ms) and the round's wall."""
         out = []
+        self.spent = {"devices": [], "server": [], "write_ms": [], "wall": []}
         async with httpx.AsyncClient(base_url=self.server.url, timeout=30, limits=httpx.Limits(max_connections=64),
                                      headers={"Authorization": f"Bearer {self.operator}"}) as c:
             for _ in range(rounds):
                 async def one(d):
                     d["state"] = "on" if d["state"] == "off" else "off"
                     t0 = await self.write(c, d, d["state"])
+                    self.spent["write_ms"].append(time.time() * 1000 - t0)
                     return await self.wait_pin(d, 1 if d["state"] == "on" else 0, t0, timeout_s)
+                dev0, srv0 = self.cpu(devs)
+                w0 = time.monotonic()
                 out += [x for x in await asyncio.gather(*(one(d) for d in devs)) if x is not None]
+                dev1, srv1 = self.cpu(devs)
+                self.spent["devices"].append(dev1 - dev0)
+                self.spent["server"].append(srv1 - srv0)
+                self.spent["wall"].append(time.monotonic() - w0)
                 await asyncio.sleep(random.uniform(*pause))
         return out
 
@@ -149,6 +174,7 @@ def main() -> int:
         ensure_bundle(BUNDLE)
         build.compile_tree(REPO / "bench" / "mp", SCRIPTS)
     b = Bench(a)
+    many_cpu = None
     try:
         b.start_server()
         fleet = [b.add_device(f"c2r-{i:03d}") for i in range(max(1, a.devices))]
@@ -169,6 +195,7 @@ def main() -> int:
         time.sleep(2 * a.interval / 10 + 1)  # let every device settle into its poll
         one = asyncio.run(b.trials(fleet[:1], a.trials, 3 * a.interval + 10))
         many = asyncio.run(b.trials(fleet, a.rounds, 3 * a.interval + 10, pause=(0.5, 1.0))) if a.devices > 1 else []
+        many_cpu = b.spent if a.devices > 1 else None
         paced = asyncio.run(b.trials([base], a.baseline_trials, 3 * a.interval + 10)) if base else []
     finally:
         b.stop()
@@ -178,6 +205,17 @@ def main() -> int:
         print(row(f"{len(fleet)} devices at once, long-poll", many))
     if paced:
         print(row("baseline: heartbeat-paced device", paced, f"heartbeat every {a.interval} s"))
+    if many_cpu and many_cpu["wall"]:
+        import os
+        n, rounds = len(fleet), len(many_cpu["wall"])
+        dev_ms = sum(many_cpu["devices"]) / (n * rounds) * 1000
+        srv_ms = sum(many_cpu["server"]) / (n * rounds) * 1000
+        floor = (sum(many_cpu["devices"]) + sum(many_cpu["server"])) / rounds / (os.cpu_count() or 1)
+        print(f"where the {n}-device rounds went: per write, the devices' interpreters used {dev_ms:.1f} ms CPU and "
+              f"the server {srv_ms:.1f} ms; the operator's POST took p50 {pct(many_cpu['write_ms'], 50):.0f} ms, "
+              f"p99 {pct(many_cpu['write_ms'], 99):.0f} ms. A round ({n} writes at once) needs at least "
+              f"{floor:.2f} s of the machine's {os.cpu_count()} cores for that CPU alone; it lasted "
+              f"{sum(many_cpu['wall']) / rounds:.2f} s (mean of {rounds})")
     ok = pct(one, 50) < TARGET_P50_MS and pct(one, 99) < TARGET_P99_MS and (
         not many or (pct(many, 50) < TARGET_P50_MS and pct(many, 99) < TARGET_P99_MS))
     if b.lost:

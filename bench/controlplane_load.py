@@ -130,6 +130,22 @@ class _KeepAlive(asyncio.Protocol):
             self.future.set_exception(HttpError(f"connection lost ({exc or 'EOF'})"))
 
 
+class _Body(bytes):
+    """A refused answer's body, with its Retry-After header (None if it had none)."""
+    retry_after: str | None = None
+
+
+def _refused(status: int, head: bytes, body: bytes) -> bytes:
+    if status < 400:
+        return body
+    out = _Body(body)
+    i = head.find(b"\r\nretry-after:")
+    if i >= 0:
+        j = head.find(b"\r\n", i + 2)
+        out.retry_after = head[i + 14:j if j > 0 else len(head)].strip().decode()
+    return out
+
+
 def _parse(buf: bytes, eof: bool = False):
     end = buf.find(b"\r\n\r\n")
     if end < 0:
@@ -141,13 +157,13 @@ def _parse(buf: bytes, eof: bool = False):
         raise HttpError(f"bad status line {buf[:40]!r}") from None
     i = head.find(b"\r\ncontent-length:")
     if i < 0:
-        return (status, buf[end + 4:]) if eof else None
+        return (status, _refused(status, head, buf[end + 4:])) if eof else None
     j = head.find(b"\r\n", i + 2)
     length = int(head[i + 17:j if j > 0 else len(head)])
     body = buf[end + 4:]
     if len(body) < length:
         return None
-    return status, body[:length]
+    return status, _refused(status, head, body[:length])
 
 
 def _request(method: str, host: str, path: str, body: bytes = b"", token: str | None = None,
@@ -355,6 +371,142 @@ class Client:
         return {"lat": lat, "errors": dict(errors), "cpu": time.process_time() - cpu0, "wall": duration}
 
 
+    async def retarget(self, url: str) -> dict:
+        """Talk to another server from now on (the fleet scenario's restarted control plane)."""
+        hostport = url.split("://", 1)[1].rstrip("/")
+        self.host, port = hostport.rsplit(":", 1)
+        self.port = int(port)
+        self.hosthdr = hostport
+        return {}
+
+    async def longpoll(self, start_wall: float, hold: float, spread: float, warmup: float, duration: float) -> dict:
+        """Every device holds its heartbeat as a long-poll (`?wait=hold`, the firmware's push) and polls again at once
+        when it comes back: one heartbeat per device per `hold` seconds. Recorded in the window: polls completed
+        (= heartbeats/s), how late a poll that timed out came back beyond its hold (the heartbeat's own latency),
+        and for every poll that brought a new state version, (device, version, wall time received) — the parent
+        matches them with its writes."""
+        loop = asyncio.get_running_loop()
+        start = loop.time() + (start_wall - time.time())
+        w0, w1 = start + warmup, start + warmup + duration
+        over: list[float] = []
+        quick: list[float] = []
+        wakes: list[tuple[str, int, float]] = []
+        errors: Counter = Counter()
+        counts = {"polls_in_window": 0}
+        rnd = random.Random(os.getpid() + 2)
+
+        async def device(dev: str) -> None:
+            versions = [0, 0]
+            synced = False  # the first answer tells the versions; only later ones can be wake-ups
+            seq = 0
+            await asyncio.sleep(max(0.0, start - loop.time()) + rnd.uniform(0, spread))
+            while loop.time() < w1:
+                seq += 1
+                body = (b'{"seq":%d,"uptime":%d,"firmware":"0.1.0","config_version":%d,"state_version":%d}'
+                        % (seq, seq * 10, versions[0], versions[1]))
+                path = (f"/api/v1/devices/{dev}/heartbeat?wait={hold:g}&config_version={versions[0]}"
+                        f"&state_version={versions[1]}&ota=")
+                t0 = loop.time()
+                try:
+                    st, out = await _call(self.host, self.port,
+                                          _request("POST", self.hosthdr, path, body, self.tokens[dev]),
+                                          hold + self.timeout)
+                except HttpError as e:
+                    st, out = None, str(e).encode()
+                t1 = loop.time()
+                inside = w0 <= t1 < w1
+                if st != 200:
+                    if inside:
+                        errors[f"{st} {out[:60]!r}"] += 1
+                    await asyncio.sleep(rnd.uniform(0.5, 1.5))  # the firmware's jittered retry, shortened
+                    continue
+                pending = json.loads(out)["pending"]
+                news = pending["state_version"] != versions[1] or pending["config_version"] != versions[0]
+                if inside:
+                    counts["polls_in_window"] += 1
+                    if pending["state_version"] != versions[1] and synced:
+                        wakes.append((dev, pending["state_version"], time.time()))
+                    elif not news and t1 - t0 >= hold:
+                        over.append((t1 - t0 - hold) * 1000)
+                    elif news:
+                        quick.append((t1 - t0) * 1000)
+                versions = [pending["config_version"], pending["state_version"]]
+                synced = True
+
+        cpu0 = time.process_time()
+        tasks = [asyncio.create_task(device(d)) for d in self.tokens]
+        gc.collect()
+        gc.freeze()
+        try:
+            await asyncio.wait(tasks, timeout=max(0.0, w1 - loop.time()) + hold + self.timeout + 10)
+        finally:
+            gc.unfreeze()
+        for t in tasks:
+            t.cancel()
+        return {"lat": over, "quick": quick, "wakes": wakes, "errors": dict(errors), **counts,
+                "cpu": time.process_time() - cpu0, "wall": loop.time() - start}
+
+    async def storm(self, spread: float, time_limit: float) -> dict:
+        """Every device registers again (challenge + register) at a random moment within `spread` seconds, as after a
+        control-plane restart, and retries as the firmware does (`backoff`). Returned: how many registered, when
+        (wall clock), every status seen."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + time_limit
+        statuses: Counter = Counter()
+        done: list[float] = []
+        lat: list[float] = []
+        rnd = random.Random(os.getpid() + 3)
+        bad_retry_after = Counter()
+
+        async def post(path: str, body: dict) -> tuple[int | None, bytes]:
+            try:
+                st, out = await _call(self.host, self.port,
+                                      _request("POST", self.hosthdr, path, json.dumps(body).encode()), self.timeout)
+            except HttpError as e:
+                st, out = None, str(e).encode()
+            statuses[f"{path.rsplit('/', 1)[1]} {st}"] += 1
+            return st, out
+
+        async def backoff(st, out, delay: float) -> float:
+            """The firmware's registration retry (iotlib.device): wait ½…1 of a delay that doubles from 2 s to 60 s,
+            and not less than a 503's Retry-After; returns the next delay."""
+            wait = delay * rnd.uniform(0.5, 1.0)
+            if st in (429, 503):  # deliberate load shedding carries Retry-After; a 503 without one is a failure
+                ra = getattr(out, "retry_after", None)
+                if ra and ra.isdigit():
+                    wait = max(wait, float(ra))
+                else:
+                    bad_retry_after[st] += 1
+            await asyncio.sleep(wait)
+            return min(delay * 2, 60.0)
+
+        async def one(dev: str) -> None:
+            await asyncio.sleep(rnd.uniform(0, spread))
+            t0 = time.perf_counter()
+            delay = 2.0
+            while loop.time() < deadline:
+                st, out = await post("/api/devices/challenge", {"device_id": dev, "namespace": NAMESPACE})
+                if st != 200:
+                    delay = await backoff(st, out, delay)
+                    continue
+                nonce = json.loads(out)["nonce"]
+                sig = hmac.new(self._key(dev).encode(), f"{nonce}|{dev}".encode(), hashlib.sha256).hexdigest()
+                st, out = await post("/api/devices/register", {
+                    "device_id": dev, "nonce": nonce, "signature": sig, "device_type": "relays", "firmware": "0.1.0",
+                    "capabilities": ["relays", "rest"], "address": "http://10.0.0.1:80", "reset_cause": "power_on"})
+                if st == 200:
+                    self.tokens[dev] = json.loads(out)["token"]
+                    done.append(time.time())
+                    lat.append((time.perf_counter() - t0) * 1000)
+                    return
+                delay = await backoff(st, out, delay)
+
+        cpu0 = time.process_time()
+        await asyncio.gather(*(one(d) for d in self.ids))
+        return {"done": done, "lat": lat, "statuses": dict(statuses), "bad_retry_after": dict(bad_retry_after),
+                "cpu": time.process_time() - cpu0, "ok": len(done), "errors": {}}
+
+
 def client_main(conn, url: str, enrollment_key: str, device_ids: list[str], timeout: float) -> None:
     """Client process entry: executes (command, kwargs) messages from the parent until ("quit",)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
@@ -381,12 +533,19 @@ def client_main(conn, url: str, enrollment_key: str, device_ids: list[str], time
 
 # ============================================================================================ CPU accounting
 def _proc_cpu(pid: int) -> float:
+    """CPU seconds of a process and its live children (the workers of `picoiot server --workers N`)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+        own = (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
     except (OSError, IndexError, ValueError):
         return 0.0
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            children = [int(c) for c in f.read().split()]
+    except (OSError, ValueError):
+        children = []
+    return own + sum(_proc_cpu(c) for c in children)
 
 
 def _postgres_cpu() -> float:
@@ -435,10 +594,16 @@ class CpuWatch:
 # ============================================================================================ server process
 class ServerProcess:
     def __init__(self, backend: str, workdir: Path, log_path: Path, launcher: str | None = None,
-                 extra: tuple[str, ...] = ()):
+                 extra: tuple[str, ...] = (), schema: str | None = None, secrets_from: Path | None = None):
+        """`schema`: join that PostgreSQL schema (another server's, left to it to drop); `secrets_from`: a data dir
+        whose secrets (signing and enrollment keys) this server shares, so tokens and keys work on both."""
         self.backend = backend
         self.data_dir = workdir / "data"
-        self.schema = f"bench_{os.getpid()}_{uuid.uuid4().hex[:8]}" if backend == "postgres" else None
+        self.owns_schema = schema is None
+        if secrets_from is not None:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(secrets_from / "secrets.json", self.data_dir / "secrets.json")
+        self.schema = schema or (f"bench_{os.getpid()}_{uuid.uuid4().hex[:8]}" if backend == "postgres" else None)
         entry = [launcher] if launcher else ["-m", "picoiot.cli"]
         cmd = [sys.executable, *entry, "server", "--host", "127.0.0.1", "--port", "0",
                "--data-dir", str(self.data_dir), "--challenge-rate", "0", *extra]  # the whole fleet is one address
@@ -477,7 +642,7 @@ class ServerProcess:
                 self.proc.kill()
                 self.proc.wait(5)
         self.log.close()
-        if self.schema:
+        if self.schema and self.owns_schema:
             _drop_schema(self.schema)
 
 
@@ -595,6 +760,19 @@ def _frame_name(frame: str) -> str:
     return f"{func} ({loc.rsplit(':', 1)[0].rsplit('/', 1)[-1]})" if loc else func
 
 
+def _register_phase(clients: Clients, server: ServerProcess, pg: bool, args, label: str) -> tuple[dict, dict]:
+    """Every device registers once (--register-concurrency in flight); prints and returns (merged results, figures)."""
+    with CpuWatch(server.pid, pg) as cpu:
+        reg = _merge(clients.run("register", args.register_timeout + 30,
+                                 concurrency=max(1, args.register_concurrency // args.client_procs),
+                                 time_limit=args.register_timeout))
+    out = {"ok": reg["ok"], "rate": reg["ok"] / cpu.wall, "p50_ms": _pct(reg["lat"], 50),
+           "p99_ms": _pct(reg["lat"], 99), "errors": dict(reg["errors"]), "server_cpu": cpu.server,
+           "client_cpu": reg["cpu"] / cpu.wall, "pg_cpu": cpu.pg, "machine_busy": cpu.machine}
+    _print_phase(label, out, "registrations/s")
+    return reg, out
+
+
 def run_backend(backend: str, args, workdir: Path) -> dict:
     print(f"\n== {backend}: starting picoiot server ...", flush=True)
     # A real device heartbeats from the moment it registers; the bench's devices wait until every device has
@@ -613,15 +791,7 @@ def run_backend(backend: str, args, workdir: Path) -> dict:
         pg = backend == "postgres"
 
         c0 = _counters(server.url)
-        with CpuWatch(server.pid, pg) as cpu:
-            reg = _merge(clients.run("register", args.register_timeout + 30,
-                                     concurrency=max(1, args.register_concurrency // args.client_procs),
-                                     time_limit=args.register_timeout))
-        res["register"] = {"ok": reg["ok"], "rate": reg["ok"] / cpu.wall, "p50_ms": _pct(reg["lat"], 50),
-                           "p99_ms": _pct(reg["lat"], 99), "errors": dict(reg["errors"]),
-                           "server_cpu": cpu.server, "client_cpu": reg["cpu"] / cpu.wall, "pg_cpu": cpu.pg,
-                           "machine_busy": cpu.machine}
-        _print_phase("register", res["register"], "registrations/s")
+        reg, res["register"] = _register_phase(clients, server, pg, args, "register")
         res["register"]["counters"] = _print_counters(c0, _counters(server.url))
         if reg["ok"] == 0:
             raise RuntimeError(f"no device registered: {dict(reg['errors'])}")
@@ -738,6 +908,166 @@ def run_backend(backend: str, args, workdir: Path) -> dict:
         server.stop()
 
 
+# ============================================================================================ fleet scenario
+def _operator_writes(url: str, token: str, devices: list[str], rate: float, start_wall: float, duration: float,
+                     out: list) -> None:
+    """An operator writes a desired relay state for random devices, `rate` per second from start_wall for duration
+    seconds; out gets (device, new state version, wall time the write was sent)."""
+    import httpx
+    rnd = random.Random(7)
+    state: dict[str, str] = {}
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=10) as c:
+        time.sleep(max(0.0, start_wall - time.time()))
+        t_next = time.time()
+        while time.time() < start_wall + duration:
+            dev = devices[rnd.randrange(len(devices))]
+            state[dev] = "off" if state.get(dev) == "on" else "on"
+            t0 = time.time()
+            try:
+                r = c.post(f"/api/v1/namespaces/{NAMESPACE}/devices/{dev}/shadows/default",
+                           json={"state": {"desired": {"relay1": state[dev]}}})
+                if r.status_code == 200:
+                    out.append((dev, r.json()["version"], t0))
+                else:
+                    out.append((dev, None, r.status_code))
+            except httpx.HTTPError as e:
+                out.append((dev, None, type(e).__name__))
+            t_next += 1.0 / rate
+            time.sleep(max(0.0, t_next - time.time()))
+
+
+def _wake_latencies(writes: list, wakes: list) -> tuple[list[float], int]:
+    """Per write: ms from the write being sent to the device's poll bringing that version (or a later one)."""
+    seen: dict[str, list[tuple[int, float]]] = {}
+    for dev, version, t in wakes:
+        seen.setdefault(dev, []).append((version, t))
+    lat, missed = [], 0
+    for dev, version, t0 in writes:
+        if version is None:
+            continue
+        got = [t for v, t in seen.get(dev, ()) if v >= version and t >= t0]
+        if got:
+            lat.append((min(got) - t0) * 1000)
+        else:
+            missed += 1
+    return sorted(lat), missed
+
+
+def run_fleet(args, workdir: Path) -> dict:
+    """The fleet scenario on PostgreSQL (issue 13): every device holds its heartbeat as a long-poll, an operator's
+    writes through a *second* server process wake them (LISTEN/NOTIFY), then the control plane restarts and the
+    whole fleet registers again at once."""
+    from picoiot.server.auth import issue_token
+    n, hold = args.devices, args.interval
+    res: dict = {"backend": "postgres", "scenario": "fleet", "devices": n, "hold_s": hold,
+                 "workers": args.fleet_workers}
+    # held polls are connections: one process cannot hold more than its file limit (ulimit -n), so the polls are
+    # spread over --fleet-workers processes sharing the port, each allowed all of them (no 503 from the bench's size)
+    a_extra = ("--workers", str(args.fleet_workers), "--max-longpolls", str(n + 100), "--ttl-slack", "900")
+    print(f"\n== fleet: {n} devices holding heartbeat long-polls (hold {hold:g} s), PostgreSQL, "
+          f"{args.fleet_workers} worker processes + 1 operator process", flush=True)
+    a = ServerProcess("postgres", workdir / "a", workdir / "server-a.log", args.server_launcher, extra=a_extra)
+    b = a2 = clients = None
+    try:
+        b = ServerProcess("postgres", workdir / "b", workdir / "server-b.log", args.server_launcher,
+                          extra=("--ttl-slack", "900"), schema=a.schema, secrets_from=a.data_dir)
+        print(f"   devices → {a.url} (pid {a.pid}), operator → {b.url} (pid {b.pid}), schema {a.schema}")
+        device_ids = [f"fleet-{i:06d}" for i in range(n)]
+        clients = Clients(args.client_procs, a, device_ids, args.timeout)
+        reg, res["register"] = _register_phase(clients, a, True, args,
+                                               f"register ({args.register_concurrency} in flight)")
+        if reg["ok"] < n:
+            raise RuntimeError(f"only {reg['ok']} of {n} devices registered: {dict(reg['errors'])}")
+
+        # --- held long-polls, woken by an operator on the other process
+        secrets = json.loads((a.data_dir / "secrets.json").read_text())
+        token = issue_token(secrets["signing_key"], "bench-operator", NAMESPACE, "operator", 3600)
+        warmup = hold + 2.0  # every device has begun polling (random phase over one hold) before the window
+        start = time.time() + 2.0
+        writes: list = []
+        import threading
+        writer = threading.Thread(target=_operator_writes, daemon=True,
+                                  args=(b.url, token, device_ids, args.fleet_writes, start + warmup, args.duration,
+                                        writes))
+        writer.start()
+        with CpuWatch(a.pid, True) as cpu:
+            lp = clients.run("longpoll", warmup + args.duration + hold + args.timeout + 120, start_wall=start,
+                             hold=hold, spread=hold, warmup=warmup, duration=args.duration)
+        writer.join(30)
+        over = sorted(x for r in lp for x in r["lat"])
+        wakes = [w for r in lp for w in r["wakes"]]
+        errors: Counter = Counter()
+        for r in lp:
+            errors.update(r["errors"])
+        wake_ms, missed = _wake_latencies(writes, wakes)
+        refused = [w for w in writes if w[1] is None]
+        polls = sum(r["polls_in_window"] for r in lp)
+        res["longpoll"] = {"rate": polls / args.duration, "offered": n / hold, "hold_over_p50_ms": _pct(over, 50),
+                           "hold_over_p99_ms": _pct(over, 99), "errors": dict(errors),
+                           "writes": len(writes), "writes_refused": len(refused), "woken": len(wake_ms),
+                           "not_woken": missed, "wake_p50_ms": _pct(wake_ms, 50), "wake_p99_ms": _pct(wake_ms, 99),
+                           "wake_max_ms": wake_ms[-1] if wake_ms else float("nan"),
+                           "server_cpu": cpu.server, "pg_cpu": cpu.pg, "machine_busy": cpu.machine,
+                           "client_cpu": sum(r["cpu"] for r in lp) / cpu.wall}
+        L = res["longpoll"]
+        print(f"   held polls: {L['rate']:.0f} heartbeats/s (offered {L['offered']:.0f}/s); a poll that timed out "
+              f"came back {L['hold_over_p50_ms']:.1f} ms (p50) / {L['hold_over_p99_ms']:.1f} ms (p99) after its "
+              f"hold; errors {sum(errors.values())}{' ' + str(dict(list(errors.items())[:3])) if errors else ''}")
+        print(f"   operator writes on the other process: {L['writes']} ({L['writes_refused']} refused), woken "
+              f"{L['woken']}, not woken in the window {L['not_woken']}: p50 {L['wake_p50_ms']:.1f} ms, "
+              f"p99 {L['wake_p99_ms']:.1f} ms, max {L['wake_max_ms']:.1f} ms", flush=True)
+        print(f"      CPU (cores): servers {cpu.server:.2f}, clients {L['client_cpu']:.2f}, postgres {cpu.pg:.2f}, "
+              f"whole machine {cpu.machine:.2f} of {os.cpu_count()}", flush=True)
+
+        # --- restart, then the whole fleet registers again at once
+        schema = a.schema
+        a.owns_schema = False
+        a.stop()
+        a2 = ServerProcess("postgres", workdir / "a", workdir / "server-a2.log", args.server_launcher,
+                           extra=a_extra, schema=schema)
+        a2.owns_schema = True
+        clients.run("retarget", 30, url=a2.url)
+        t0 = time.time()
+        with CpuWatch(a2.pid, True) as cpu:
+            st = clients.run("storm", args.storm_limit + 60, spread=args.storm_spread, time_limit=args.storm_limit)
+        done = sorted(t for r in st for t in r["done"])
+        statuses: Counter = Counter()
+        bad_ra: Counter = Counter()
+        for r in st:
+            statuses.update(r["statuses"])
+            bad_ra.update(r["bad_retry_after"])
+        all_s = done[-1] - t0 if len(done) == n else float("nan")
+        five = {k: v for k, v in statuses.items() if k.split()[-1].startswith("5")}
+        res["storm"] = {"registered": len(done), "all_registered_s": all_s, "spread_s": args.storm_spread,
+                        "rate": len(done) / max(1e-9, (done[-1] - done[0])) if len(done) > 1 else 0.0,
+                        "statuses": dict(statuses), "5xx": five, "503_without_retry_after": dict(bad_ra),
+                        "server_cpu": cpu.server, "pg_cpu": cpu.pg, "machine_busy": cpu.machine}
+        S = res["storm"]
+        print(f"   re-registration storm after a restart (devices start within {args.storm_spread:g} s): "
+              f"{S['registered']}/{n} registered, all within {S['all_registered_s']:.1f} s, "
+              f"{S['rate']:.0f} registrations/s (first to last)")
+        print(f"      answers: {dict(sorted(statuses.items()))}; 503 without Retry-After: {dict(bad_ra) or 0}")
+        print(f"      CPU (cores): server {cpu.server:.2f}, postgres {cpu.pg:.2f}, whole machine "
+              f"{cpu.machine:.2f} of {os.cpu_count()}", flush=True)
+        res["meets_target"] = bool(L["wake_p99_ms"] < 250 and not L["not_woken"] and L["rate"] >= 0.98 * L["offered"]
+                                   and L["hold_over_p99_ms"] < TARGET_P99_MS and S["registered"] == n
+                                   and S["all_registered_s"] <= 60
+                                   and all(k.endswith(" 503") for k in five) and not bad_ra)
+        print(f"   fleet targets (wake p99 < 250 ms, every write woken, heartbeats at the offered rate with p99 < "
+              f"{TARGET_P99_MS:.0f} ms beyond the hold, all re-registered within 60 s, no 5xx but 503 + "
+              f"Retry-After): {'met' if res['meets_target'] else 'MISSED'}", flush=True)
+        return res
+    finally:
+        if clients is not None:
+            clients.close()
+        for srv in (b, a2, a):
+            if srv is not None:
+                try:
+                    srv.stop()
+                except Exception as e:  # pragma: no cover - stopping the others matters more
+                    print(f"   ! stopping a server: {e}", file=sys.stderr)
+
+
 #: server counters printed per phase (deltas): they say which path the requests took
 _COUNTERS = ("picoiot_version_cache_misses_total", "picoiot_token_verifications",
              "picoiot_device_offline_transitions_total", "picoiot_overload_rejections_total",
@@ -834,6 +1164,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=10.0, help="per-request timeout, seconds")
     ap.add_argument("--profile", metavar="DIR", help="py-spy the server during the heartbeat capacity phase")
     ap.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    ap.add_argument("--scenario", choices=["load", "fleet"], default="load",
+                    help="load: register, capacity, sustained heartbeats (above); fleet: held long-polls woken by an "
+                         "operator on a second process, then a restart and the re-registration storm (PostgreSQL)")
+    ap.add_argument("--fleet-workers", type=int, default=2, help="fleet: server worker processes holding the polls")
+    ap.add_argument("--fleet-writes", type=float, default=20.0, help="fleet: operator writes per second")
+    ap.add_argument("--storm-spread", type=float, default=10.0,
+                    help="fleet: the devices start re-registering within this many seconds of the restart")
+    ap.add_argument("--storm-limit", type=float, default=300.0, help="fleet: cap on the storm, seconds")
     ap.add_argument("--server-launcher", metavar="SCRIPT",
                     help="run this Python script instead of `-m picoiot.cli` (same arguments): A/B-test a patch")
     args = ap.parse_args(argv)
@@ -845,6 +1183,20 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.client_procs} client process(es), {os.cpu_count()} CPUs, load avg {os.getloadavg()[0]:.2f}")
     results = []
     workdir = Path(tempfile.mkdtemp(prefix="picoiot-bench-"))
+    if args.scenario == "fleet":
+        try:
+            results.append(run_fleet(args, workdir))
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
+        except RuntimeError as e:
+            print(f"   ! fleet: {e}", file=sys.stderr)
+            return 1
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=1, default=str))
+        return 0 if results else 1
     try:
         for backend in backends:
             try:

@@ -5,7 +5,7 @@ import os
 import sys
 import json
 import main_sim
-from iotlib import sim
+import picosim as sim
 from iotlib.compat import asyncio, epoch_ms
 
 

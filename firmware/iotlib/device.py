@@ -84,7 +84,8 @@ class Device:
         self.safe_mode = False
         self.healthy = False
         self._ota_wake = asyncio.Event()
-        self._known = [None, None]  # config and state versions the control plane has told of (the long-poll's base)
+        # config and state versions and the OTA offer the control plane has told of (the long-poll's baseline)
+        self._known = [None, None, None]
         self._reg_wake = asyncio.Event()
 
     # --- subclass hooks --------------------------------------------------------------------------------------------
@@ -400,6 +401,8 @@ class Device:
                     k[i] = mine
                 if k[i] is not None:
                     url += "&%s=%d" % (name, k[i])
+            # an assignment (or its withdrawal) answers the poll at once; the offer told of does not again
+            url += "&ota=" + (k[2] or "").replace("+", "%2B")
         from iotlib.http import Yielded
         try:
             r = await self.http.request("POST", url, json=body, headers=self.auth.auth_header(),
@@ -433,7 +436,11 @@ class Device:
                 self.wd.again = True  # news: hold the next poll at once
         if isinstance(cv, int) and cv != self.cfg.version and (self.cfg.rejected is None or self.cfg.rejected[0] != cv):
             self._config_wake.set()
-        if pending.get("ota"):
+        ota = pending.get("ota")
+        if ota != k[2] and (ota is None or isinstance(ota, str)):
+            k[2] = ota
+            self.wd.again = True
+        if ota:
             self._ota_wake.set()
         sv = pending.get("state_version")
         sm = getattr(self, "sm", None)

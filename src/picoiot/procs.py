@@ -294,7 +294,7 @@ def micropython_available() -> bool:
         return False
 
 
-def provision_over_api(url: str, admin_token: str, device_id: str, kind: str, namespace: str = "default",
+def provision_over_api(url: str, admin_token: str, device_id: str, kind: Optional[str], namespace: str = "default",
                        overrides: Optional[dict] = None) -> Optional[dict]:
     """Enroll a device through the operators' API → its key file, or None if the device already exists (409).
     `overrides` (config) are set before the device first asks for its config."""

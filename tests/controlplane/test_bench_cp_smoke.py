@@ -43,3 +43,27 @@ def test_load_bench_runs_with_alternating_capacity_rounds():
     assert re.search(r"heartbeat / no-op capacity ratio: \d\.\d\d \(median of rounds: [\d., ]+\); by server CPU", out), \
         out[-3000:]
     assert re.search(r"sqlite +40 +\d+", out), out[-3000:]
+
+
+def test_fleet_scenario_runs_long_polls_wakes_and_the_storm():
+    require_pg()
+    rc, out = _run("controlplane_load.py", "--scenario", "fleet", "--devices", "40", "--interval", "2",
+                   "--duration", "3", "--client-procs", "2", "--fleet-writes", "5", "--storm-spread", "1",
+                   "--storm-limit", "60", "--register-concurrency", "8")
+    assert rc == 0, out[-3000:]
+    assert re.search(r"held polls: \d+ heartbeats/s \(offered 20/s\)", out), out[-3000:]
+    m = re.search(r"operator writes on the other process: (\d+) \(0 refused\), woken (\d+), not woken in the window "
+                  r"(\d+): p50 [\d.]+ ms", out)
+    assert m and int(m.group(1)) > 0 and int(m.group(2)) > 0, out[-3000:]
+    assert re.search(r"re-registration storm .*: 40/40 registered, all within [\d.]+ s", out), out[-3000:]
+    assert "503 without Retry-After: 0" in out, out[-3000:]
+
+
+def test_cloud_to_relay_bench_runs():
+    # real micropython devices: the bench rotted once already (a simulator module moved) with nothing to notice it
+    rc, out = _run("cloud_to_relay.py", "--devices", "2", "--rounds", "1", "--trials", "2", "--baseline-trials", "0")
+    assert rc == 0, out[-3000:]
+    assert re.search(r"one device, long-poll +2 ", out) and re.search(r"2 devices at once, long-poll +2 ", out), \
+        out[-3000:]
+    assert re.search(r"per write, the devices' interpreters used [\d.]+ ms CPU and the server [\d.]+ ms", out), \
+        out[-3000:]

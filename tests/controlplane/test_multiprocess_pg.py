@@ -222,3 +222,30 @@ def test_a_device_deleted_through_b_is_gone_on_a(pair):
         time.sleep(0.05)
     assert r.status_code == 404, r.text
     assert r.json()["error"] == "unknown device"
+
+
+def test_an_ota_assignment_through_b_wakes_heartbeat_wait_on_a_with_the_offer(pair, tmp_path):
+    from picoiot import ota_cli
+    a, b = pair
+    dev = register(a, "mp-ota-1")
+    hb = {"seq": 1, "uptime": 5}
+    # A answers this one from its "no assignment in this namespace" cache, which B's assignment must then clear
+    first = a.client.post("/api/v1/devices/mp-ota-1/heartbeat", json=hb, headers=dev)
+    assert first.status_code == 200 and first.json()["pending"]["ota"] is None, first.text
+    pending = first.json()["pending"]
+    tok = operator_token(b)["Authorization"].removeprefix("Bearer ")
+    pub = ota_cli.keygen(tmp_path / "ota.key")
+    ota_cli.set_key(b.url, tok, "default", pub)
+    rel = tmp_path / "rel"
+    rel.mkdir()
+    (rel / "main.py").write_text("print('2.0')\n")
+    ota_cli.publish(b.url, tok, "default", rel, "2.0", tmp_path / "ota.key")
+    body = {**hb, "seq": 2, "config_version": pending["config_version"], "state_version": pending["state_version"]}
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        poll = pool.submit(a.client.post, "/api/v1/devices/mp-ota-1/heartbeat", params={"wait": 60, "ota": ""},
+                           json=body, headers=dev)
+        wait_for_waiter(a, "heartbeat", poll)
+        ota_cli.assign(b.url, tok, "default", "2.0", "mp-ota-1", None)
+        answer = poll.result(CLIENT_TIMEOUT + 5)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["pending"]["ota"] == "2.0"

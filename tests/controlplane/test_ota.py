@@ -3,6 +3,7 @@ import hashlib
 import json
 import os
 import stat
+import threading
 import sys
 from pathlib import Path
 
@@ -274,3 +275,54 @@ def test_firmware_ota_manager_installs_and_reports_against_the_real_server(serve
     st = ota_cli.status(server.url, tok, "default", "e2e-1")["devices"][0]
     assert st["report"]["status"] == "rolled_back" and st["running"] == "2.0" and st["pending"] is None
     assert server.client.get(url, headers=dev.headers).status_code == 204
+
+
+def _held_heartbeat(server, dev, params):
+    """A heartbeat long-poll in a thread, returned once the server holds it."""
+    out = {}
+    gauge = server.cp.metrics.longpolls.labels("heartbeat")
+    before = gauge._value.get()
+
+    def poll():
+        out["r"] = server.client.post(dev.services["heartbeat"], headers=dev.headers,
+                                      params={"wait": 30, "config_version": 1, "state_version": 0, **params},
+                                      json={"seq": 1, "config_version": 1, "state_version": 0})
+    t = threading.Thread(target=poll)
+    t.start()
+    from cptest import wait_until
+    wait_until(lambda: gauge._value.get() > before)
+    return t, out
+
+
+def test_an_ota_assignment_wakes_a_held_heartbeat(server, tmp_path):
+    key, pub, tok = _setup(server, tmp_path)
+    for v in ("2.0", "3.0"):
+        ota_cli.publish(server.url, tok, "default", _release_dir(tmp_path, v), v, key)
+    a = server.auth()
+    assert server.client.put("/api/v1/namespaces/default/groups/g", headers=a, json={"overrides": {}}).status_code < 300
+    assert server.client.post("/api/v1/namespaces/default/devices", headers=a,
+                              json={"device_id": "relay-2", "device_type": "relays", "group": "g"}).status_code == 201
+    one, two = server.register("relay-1"), server.register("relay-2")
+
+    # a device's own assignment; the poll (held for up to 30 s) answers well before, with the offer
+    t, out = _held_heartbeat(server, one, {})
+    ota_cli.assign(server.url, tok, "default", "2.0", "relay-1", None)
+    t.join(15)
+    assert not t.is_alive(), "the assignment did not wake the held heartbeat"
+    assert out["r"].json()["pending"]["ota"] == "2.0"
+    # told of 2.0 (`ota`), the next poll holds until the offer changes: here, withdrawn
+    t, out = _held_heartbeat(server, one, {"ota": "2.0"})
+    assert t.is_alive()
+    ota_cli.assign(server.url, tok, "default", None, "relay-1", None)
+    t.join(15)
+    assert not t.is_alive() and out["r"].json()["pending"]["ota"] is None
+
+    # a group's assignment wakes its members (`ota` empty: none known)
+    t, out = _held_heartbeat(server, two, {"ota": ""})
+    ota_cli.assign(server.url, tok, "default", "3.0", None, "g")
+    t.join(15)
+    assert not t.is_alive(), "the group assignment did not wake its member's held heartbeat"
+    assert out["r"].json()["pending"]["ota"] == "3.0"
+    r = server.client.post(two.services["heartbeat"], headers=two.headers, params={"wait": 1, "ota": "a b"},
+                           json={"seq": 2})
+    assert r.status_code == 422 and r.json()["detail"]["path"] == "ota", r.text

@@ -180,6 +180,22 @@ def test_beyond_the_request_limit_answers_503_and_long_polls_do_not_count(server
         pool.shutdown(wait=False, cancel_futures=True)
 
 
+def test_beyond_the_registration_limit_answers_503_and_other_requests_go_on(server_factory):
+    # a restarted control plane meets its whole fleet registering at once: the surplus is told to come back (503 +
+    # Retry-After) instead of waiting in a queue until the devices' own timeouts cut it off
+    srv = server_factory(max_registrations_in_flight=2)
+    dev = srv.register("adm-2")
+    held = [_hold_request(srv.url, "/api/devices/challenge", "-") for _ in range(2)]
+    wait_until(lambda: metric(srv.client, "picoiot_requests_in_flight") == 2)
+    _busy(srv.client.post("/api/devices/challenge", json={"device_id": "adm-3"}), "registrations")
+    _busy(srv.client.post("/api/devices/register", json={"device_id": "adm-3", "nonce": "0" * 32,
+                                                           "signature": "0" * 64}), "registrations")
+    assert beat(srv.client, "adm-2", dev.headers).status_code == 200  # a heartbeat is not a registration
+    assert [_finish(s) for s in held] == [422, 422]  # admitted work completes (the held bodies are no challenge)
+    srv.register("adm-3")
+    assert metric(srv.client, "picoiot_overload_rejections_total", 'kind="registration"') == 2
+
+
 async def test_database_queue_is_bounded(tmp_path):
     settings = make_settings("sqlite", tmp_path, max_db_queue=1)
     db = Database(settings)

@@ -19,7 +19,8 @@ def test_new_shadow_reads_empty_at_version_0(server):
 
 
 def test_desired_reported_delta_metadata_and_null_deletes(server):
-    d = server.register("relay-1")
+    # the document semantics, on a device of no type (a relays device's desired keys are checked: see below)
+    d = server.register("relay-1", device_type=None)
     op = server.auth("operator")
     r = server.client.post(_url(), headers=op, json={"state": {"desired": {"relay1": "on", "relay2": "off",
                                                                            "cfg": {"a": 1, "b": 2}}}})
@@ -153,8 +154,8 @@ def test_roles_on_shadows(server):
 
 
 def test_namespaces_isolate_completely(server):
-    d = server.register("relay-1", ns="default")
-    other_dev = server.register("relay-1", ns="other")  # same id, other tenant: a different device
+    d = server.register("relay-1", ns="default", device_type=None)
+    other_dev = server.register("relay-1", ns="other", device_type=None)  # same id, other tenant: another device
     c = server.client
     # an operator of "other" sees its own relay-1, never default's
     r = c.post(_url(ns="other"), headers=server.auth("operator", "other"), json={"state": {"desired": {"a": 1}}})
@@ -183,6 +184,40 @@ def test_unknown_namespace_and_device_are_404(server):
     assert r.status_code == 404 and r.json()["error"] == "unknown device"
     r = c.post(_url(dev="ghost"), headers=server.auth("admin"), json={"state": {"desired": {"a": 1}}})
     assert r.status_code == 404
+
+
+def test_a_desired_value_a_relay_cannot_take_is_refused_naming_the_key(server):
+    server.register("relay-1")  # the relays type's default config: relay1, relay2
+    op = server.auth("operator")
+    c = server.client
+    for desired, path, says in (({"pump9": "on"}, "state.desired.pump9", "unknown relay"),
+                                ({"relay1": "on", "relay2": 1}, "state.desired.relay2", '"on", "off"'),
+                                ({"relay1": {"state": "on"}}, "state.desired.relay1", '"on", "off"'),
+                                ({"relay1": "ON"}, "state.desired.relay1", '"on", "off"'),
+                                ({"cause": {"relay1": "local"}}, "state.desired.cause", "unknown relay")):
+        r = c.post(_url(), headers=op, json={"state": {"desired": desired}})
+        assert r.status_code == 422, (desired, r.text)
+        body = r.json()
+        assert body["detail"]["path"] == path and says in body["error"] and path in body["error"], body
+    # every bad key is named, and a refused write changes nothing
+    r = c.post(_url(), headers=op, json={"state": {"desired": {"relay1": 2, "x": "on", "relay2": "off"}}})
+    assert r.status_code == 422
+    assert [e["path"] for e in r.json()["detail"]["errors"]] == ["state.desired.relay1", "state.desired.x"]
+    assert c.get(_url(), headers=op).json()["version"] == 0
+    # what a relay takes is accepted; clearing any key is too (a relay removed since, a rejected value)
+    for desired in ({"relay1": "on", "relay2": "off"}, {"relay1": True, "relay2": False}, {"pump9": None}):
+        r = c.post(_url(), headers=op, json={"state": {"desired": desired}})
+        assert r.status_code == 200, (desired, r.text)
+    # the relays are the device's own config's: a relay added by a config override is accepted from then on
+    admin = server.auth("admin")
+    r = c.patch("/api/v1/namespaces/default/devices/relay-1/config", headers=admin,
+                json={"overrides": {"relays": {"pump9": {"pin": 9}}}})
+    assert r.status_code == 200, r.text
+    assert c.post(_url(), headers=op, json={"state": {"desired": {"pump9": "on"}}}).status_code == 200
+    # other named shadows and devices of no type are not the relays' and are not checked
+    assert c.post(_url(name="schedule"), headers=op, json={"state": {"desired": {"at": "07:00"}}}).status_code == 200
+    server.register("thing-1", device_type=None)
+    assert c.post(_url(dev="thing-1"), headers=op, json={"state": {"desired": {"x": 1}}}).status_code == 200
 
 
 def test_named_shadows_are_separate(server):

@@ -38,8 +38,8 @@ def device_factory(cp, bundle, tmp_path_factory, request):
     tmp = tmp_path_factory.mktemp("dev")
     mod = re.sub(r"[^A-Za-z0-9]+", "-", request.module.__name__.split(".")[-1].removeprefix("test_"))
 
-    def make(kind, config=None, name=None, start=True, pinlog=False):
-        d = Device(cp, tmp, f"{mod}-{name or kind}", kind, config, pinlog=pinlog)
+    def make(kind, config=None, name=None, start=True, pinlog=False, typed=True):
+        d = Device(cp, tmp, f"{mod}-{name or kind}", kind, config, pinlog=pinlog, typed=typed)
         started.append(d)
         return d.start() if start else d
     try:

@@ -98,11 +98,13 @@ class Device:
     """One simulated device process and the clients to talk to it."""
 
     def __init__(self, cp: ControlPlane, tmp: Path, dev_id: str, kind: str, config: dict | None = None,
-                 pinlog: bool = False):
+                 pinlog: bool = False, typed: bool = True):
         self.cp = cp
         self.id = dev_id
         self.kind = kind
-        key = provision_over_api(cp.url, cp.token(), dev_id, kind, NS, overrides=_merge(BASE_CONFIG, config or {}))
+        # typed=False: enrolled without a device type, which the device's registration then tells the server
+        key = provision_over_api(cp.url, cp.token(), dev_id, kind if typed else None, NS,
+                                 overrides=_merge(BASE_CONFIG, config or {}))
         assert key is not None, f"{dev_id} already enrolled"
         self.key = key["device_key"]
         from picoiot.procs import free_port

@@ -57,7 +57,7 @@ class _Dev:
         self.http = _HTTP()
         self.contacts = 0
         self.wd = _WD()
-        self._known = [None, None]
+        self._known = [None, None, None]
         self._config_wake = _Flag()
         self._ota_wake = _Flag()
 
@@ -84,15 +84,34 @@ def test_long_poll_heartbeat_names_the_versions_it_was_told_of():
     d = _Dev()
     d.wd.heartbeat_hold_ms = 10000
     fwtest.run(Device._send_heartbeat(d, {"seq": 1, "uptime": 5}))
-    assert d.http.urls[-1] == "http://127.0.0.1:1/hb?wait=10&config_version=3" and d.http.kw[-1]["yieldable"] is True
+    assert d.http.urls[-1] == "http://127.0.0.1:1/hb?wait=10&config_version=3&ota="
+    assert d.http.kw[-1]["yieldable"] is True
     assert d.http.kw[-1]["timeout_ms"] == 20000
     Device._heartbeat_answer(d, {"ack": 1, "pending": {"config_version": 4, "state_version": 9}})
-    assert d._known == [4, 9] and d.wd.again is True and d._config_wake.is_set
+    assert d._known == [4, 9, None] and d.wd.again is True and d._config_wake.is_set
     d.wd.again = False
     Device._heartbeat_answer(d, {"ack": 2, "pending": {"config_version": 4, "state_version": 9}})
     assert d.wd.again is False, "nothing new: the next poll is paced by the interval"
     fwtest.run(Device._send_heartbeat(d, {"seq": 2, "uptime": 5}))
-    assert d.http.urls[-1] == "http://127.0.0.1:1/hb?wait=10&config_version=4&state_version=9"
+    assert d.http.urls[-1] == "http://127.0.0.1:1/hb?wait=10&config_version=4&state_version=9&ota="
+
+
+def test_long_poll_heartbeat_names_the_ota_offer_it_was_told_of():
+    # else an assignment would not answer a held poll (the server could not tell it is news), and an offer already
+    # told of would answer every poll at once
+    d = _Dev()
+    d.wd.heartbeat_hold_ms = 10000
+    Device._heartbeat_answer(d, {"ack": 1, "pending": {"config_version": 3, "state_version": 9, "ota": "2.0+b1"}})
+    assert d._known[2] == "2.0+b1" and d.wd.again is True and d._ota_wake.is_set
+    fwtest.run(Device._send_heartbeat(d, {"seq": 2, "uptime": 5}))
+    assert d.http.urls[-1] == "http://127.0.0.1:1/hb?wait=10&config_version=3&state_version=9&ota=2.0%2Bb1"
+    d.wd.again = False
+    Device._heartbeat_answer(d, {"ack": 2, "pending": {"config_version": 3, "state_version": 9, "ota": "2.0+b1"}})
+    assert d.wd.again is False
+    Device._heartbeat_answer(d, {"ack": 3, "pending": {"config_version": 3, "state_version": 9, "ota": None}})
+    assert d._known[2] is None and d.wd.again is True
+    fwtest.run(Device._send_heartbeat(d, {"seq": 3, "uptime": 5}))
+    assert d.http.urls[-1].endswith("&ota=")
 
 
 def test_a_yielded_long_poll_is_asked_again_at_once():

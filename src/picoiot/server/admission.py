@@ -9,6 +9,10 @@ Two classes, counted apart:
 - *long-polls* (a `wait=` > 0 in the query): they cost a coroutine and a subscription while they wait, not CPU or a
   thread, so they have their own, much larger bound (`max_longpolls`). Counting them as requests would let a few
   hundred devices holding a blocking query starve every heartbeat of a slot.
+- *registrations* (`/api/devices/challenge` and `/register`), also requests: the dearest thing a device asks for
+  (a transaction of about ten statements), and after a control-plane restart every device asks at once. Beyond
+  `max_registrations_in_flight` they are refused with 503 + Retry-After at once — a device retries, jittered — rather
+  than queued behind each other until the devices' own timeouts (10 s) cut them off and they start over.
 `/health`, `/ready` and `/metrics` are never refused: probes must see an overloaded server as alive.
 
 The database's thread-pool queue has its own bound (`Database.max_queue`, `DatabaseBusy` → the same 503).
@@ -18,6 +22,7 @@ from __future__ import annotations
 import json
 
 EXEMPT = frozenset({"/health", "/ready", "/metrics"})
+REGISTRATION = frozenset({"/api/devices/challenge", "/api/devices/register"})
 RETRY_AFTER_S = 1
 
 
@@ -55,13 +60,15 @@ async def send_busy(send, kind: str, limit: int) -> None:
 class Admission:
     """Pure ASGI middleware; single event loop, so plain counters are enough."""
 
-    def __init__(self, app, metrics, max_requests: int, max_longpolls: int):
+    def __init__(self, app, metrics, max_requests: int, max_longpolls: int, max_registrations: int = 64):
         self.app = app
         self.metrics = metrics
         self.max_requests = max_requests
         self.max_longpolls = max_longpolls
+        self.max_registrations = max_registrations
         self.requests = 0
         self.longpolls = 0
+        self.registrations = 0
         metrics.requests_in_flight.set_function(lambda: self.requests)
 
     async def __call__(self, scope, receive, send):
@@ -83,6 +90,17 @@ class Admission:
         if self.requests >= self.max_requests:
             self.metrics.overload_rejections.labels("request").inc()
             return await send_busy(send, "requests", self.max_requests)
+        if scope["path"] in REGISTRATION:
+            if self.registrations >= self.max_registrations:
+                self.metrics.overload_rejections.labels("registration").inc()
+                return await send_busy(send, "registrations", self.max_registrations)
+            self.registrations += 1
+            self.requests += 1
+            try:
+                return await self.app(scope, receive, send)
+            finally:
+                self.requests -= 1
+                self.registrations -= 1
         self.requests += 1
         try:
             return await self.app(scope, receive, send)

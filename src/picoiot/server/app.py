@@ -159,5 +159,5 @@ def create_app(settings: Settings | None = None, services: Iterable[str] | None 
     app.add_middleware(HotPath, cp=cp, health="ops" in mounted, heartbeats="heartbeat" in mounted)
     # outermost: a refused request costs as little as possible
     app.add_middleware(Admission, metrics=cp.metrics, max_requests=settings.max_requests_in_flight,
-                       max_longpolls=settings.max_longpolls)
+                       max_longpolls=settings.max_longpolls, max_registrations=settings.max_registrations_in_flight)
     return app

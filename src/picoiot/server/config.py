@@ -58,13 +58,19 @@ def latest(conn: sa.Connection, ns: str, dev: str) -> tuple[int, dict] | None:
 
 
 def store_if_changed(conn: sa.Connection, events: list, cp: "ControlPlane", ns: str, dev_row,
-                     cfg: dict, schema: dict) -> int:
-    """Validate and store cfg as a new version if it differs from the latest; returns the current version."""
-    validate_config(schema, cfg, dev_row["device_id"])
+                     cfg: dict, schema: dict, check_unchanged: bool = True) -> int:
+    """Validate and store cfg as a new version if it differs from the latest; returns the current version.
+
+    check_unchanged=False skips the schema check of a config equal to the stored one (registration: it was checked
+    when stored, and a change of the type or a group rechecks every device it touches)."""
     dev = dev_row["device_id"]
+    if check_unchanged:
+        validate_config(schema, cfg, dev)
     cur = latest(conn, ns, dev)
     if cur is not None and cur[1] == cfg:
         return cur[0]
+    if not check_unchanged:
+        validate_config(schema, cfg, dev)
     version = max(cur[0] if cur else 0, dev_row["config_version"]) + 1
     conn.execute(C.insert().values(ns=ns, device_id=dev, version=version, config=cfg, created_ts=now_ms()))
     conn.execute(D.update().where(D.c.ns == ns, D.c.device_id == dev).values(config_version=version))

@@ -107,6 +107,10 @@ class ControlPlane:
         self.notifier.add_listener(self.events.on_event)
         self.telemetry.listeners.append(self.events.on_telemetry)
         self.notifier.add_listener(lambda e: e["kind"] == "deleted" and self.telemetry.forget(e["ns"], e["dev"]))
+        from .ota import assignments_changed
+        # before the woken long-polls read (listeners run first): an assignment made by another process must not be
+        # hidden by this one's "no assignments in this namespace" cache
+        self.notifier.add_listener(lambda e: e["kind"] == "ota" and assignments_changed(self, e["ns"]))
         self.started_ms = 0
         #: cache entries (tokens + versions) when the heap was last frozen (app.refreeze_if_grown)
         self.frozen_entries = 0

@@ -12,7 +12,6 @@ from . import db as tables
 from .alarms import resolve_server_alarm
 from .auth import DEVICE_ROLE, Principal, derive_device_key, issue_token, principal, signature_ok
 from .config import device_row, effective, store_if_changed, type_row
-from .core import versions_query
 from .db import now_ms
 from .errors import ApiError
 from .liveness import OFFLINE_KEY
@@ -21,7 +20,7 @@ from .models import ChallengeIn, ChallengeOut, ErrorBody, RegisterIn, RegisterOu
 if TYPE_CHECKING:
     from .core import ControlPlane
 
-D, N = tables.devices, tables.nonces
+D, N, S = tables.devices, tables.nonces, tables.shadows
 
 
 def advertised_ntp(ntp_address: str | None, base_url: str) -> str | None:
@@ -51,8 +50,23 @@ def _take_nonce(conn: sa.Connection, nonce: str):
     return conn.execute(N.delete().where(N.c.nonce == nonce).returning(N.c.ns, N.c.device_id, N.c.expires_ts)).first()
 
 
-def _register(conn: sa.Connection, events: list, cp: "ControlPlane", ns: str, body: RegisterIn,
-              enrollment_key: str | None) -> tuple[dict, int]:
+class BadNonce(ApiError):
+    def __init__(self) -> None:
+        super().__init__(401, "unknown or expired nonce")
+
+
+def _register(conn: sa.Connection, events: list, cp: "ControlPlane", body: RegisterIn) -> tuple[str, dict, int]:
+    """Take the nonce and register, in one transaction: a registration storm after a restart is 20,000 of these, and
+    each round trip to the database counts (docs/control-plane.md, *How far it scales*). Returns (ns, config, ttl).
+
+    A refusal rolls the nonce's deletion back with everything else; the caller then deletes it on its own
+    (`_take_nonce`), so a nonce is still used up by the first answer that names it, right or wrong."""
+    taken = _take_nonce(conn, body.nonce)
+    if (taken is None or taken[1] != body.device_id or taken[2] < now_ms()
+            or ("namespace" in body.model_fields_set and body.namespace != taken[0])):
+        raise BadNonce()
+    ns = taken[0]
+    enrollment_key = cp.settings.secrets.enrollment_key(ns)
     dev = body.device_id
     row = device_row(conn, ns, dev, lock=True)
     if row is not None and row["device_key"]:
@@ -64,35 +78,39 @@ def _register(conn: sa.Connection, events: list, cp: "ControlPlane", ns: str, bo
     if not signature_ok(key, body.nonce, dev, body.signature):
         raise ApiError(401, "bad signature")
     dtype = body.device_type or (row["device_type"] if row else None)
-    if dtype is not None and type_row(conn, dtype) is None:
+    t = type_row(conn, dtype) if dtype is not None else None
+    if dtype is not None and t is None:
         raise ApiError(422, f"unknown device type {dtype!r}", {"path": "device_type"})
     now = now_ms()
     values: dict[str, Any] = {"device_type": dtype, "firmware": body.firmware, "capabilities": body.capabilities,
                               "address": body.address, "reset_cause": body.reset_cause, "registered_ts": now,
                               "last_seen": now, "online": True}
+    # the device as it will be once written: its config (and so its TTL) is known before the one write of its row
+    fresh = dict(row) if row is not None else {"ns": ns, "device_id": dev, "group_name": None, "config_overrides": {},
+                                                "config_version": 0}
+    fresh.update(values)
+    cfg: dict = {}
+    if t is not None:
+        cfg, schema = effective(conn, ns, fresh, type_override=t)
+    hb = int(cfg.get("heartbeat_interval_s") or cp.settings.default_heartbeat_s)
+    ttl = ttl_for(cp.settings, hb)
     if row is None:
-        conn.execute(D.insert().values(ns=ns, device_id=dev, created_ts=now, first_seen=now,
-                                       ttl_s=ttl_for(cp.settings, cp.settings.default_heartbeat_s), config_overrides={},
-                                       config_version=0, **values))
+        conn.execute(D.insert().values(ns=ns, device_id=dev, created_ts=now, first_seen=now, ttl_s=ttl,
+                                       config_overrides={}, config_version=0, **values))
     else:
         if row["first_seen"] is None:
             values["first_seen"] = now
-        conn.execute(D.update().where(D.c.ns == ns, D.c.device_id == dev).values(**values))
+        conn.execute(D.update().where(D.c.ns == ns, D.c.device_id == dev).values(ttl_s=ttl, **values))
         if not row["online"]:
             resolve_server_alarm(conn, ns, dev, OFFLINE_KEY, now)
-    cfg: dict = {}
-    if dtype is not None:
-        fresh = device_row(conn, ns, dev)
-        cfg, schema = effective(conn, ns, fresh)
-        store_if_changed(conn, events, cp, ns, fresh, cfg, schema)
-    hb = int(cfg.get("heartbeat_interval_s") or cp.settings.default_heartbeat_s)
-    ttl = ttl_for(cp.settings, hb)
-    conn.execute(D.update().where(D.c.ns == ns, D.c.device_id == dev).values(ttl_s=ttl))
+    cv = (store_if_changed(conn, events, cp, ns, fresh, cfg, schema, check_unchanged=False) if t is not None
+          else fresh["config_version"])
+    sv = conn.execute(sa.select(S.c.version).where(S.c.ns == ns, S.c.device_id == dev,
+                                                   S.c.name == "default")).scalar()
     # the versions ride on the event, so every process's version cache holds the device before its first heartbeat
-    _, _, cv, sv, _ = conn.execute(versions_query().where(D.c.ns == ns, D.c.device_id == dev)).one()
     cp.emit(conn, events, {"ns": ns, "dev": dev, "kind": "device", "ttl": ttl, "config_version": int(cv),
                            "state_version": int(sv or 0)})
-    return cfg, ttl
+    return ns, cfg, ttl
 
 
 _ERR: dict[int | str, dict[str, Any]] = {s: {"model": ErrorBody} for s in (400, 401, 404)}
@@ -120,16 +138,11 @@ async def challenge(body: ChallengeIn, request: Request) -> ChallengeOut:
 async def register(body: RegisterIn, request: Request) -> RegisterOut:
     """Answer the challenge: HMAC-SHA256(device_key, nonce|device_id) → token, service URLs, intervals."""
     cp: ControlPlane = request.app.state.cp
-    taken = await cp.write(lambda conn, _ev: _take_nonce(conn, body.nonce))
-    if (taken is None or taken[1] != body.device_id or taken[2] < now_ms()
-            or ("namespace" in body.model_fields_set and body.namespace != taken[0])):
-        cp.metrics.registrations.labels("bad_nonce").inc()
-        raise ApiError(401, "unknown or expired nonce")
-    ns = taken[0]
     try:
-        cfg, ttl = await cp.write(_register, cp, ns, body, cp.settings.secrets.enrollment_key(ns))
+        ns, cfg, ttl = await cp.write(_register, cp, body)
     except ApiError as e:
-        cp.metrics.registrations.labels("refused").inc()
+        await cp.write(lambda conn, _ev: _take_nonce(conn, body.nonce))  # used up all the same (single use)
+        cp.metrics.registrations.labels("bad_nonce" if isinstance(e, BadNonce) else "refused").inc()
         raise e
     cp.metrics.registrations.labels("ok").inc()
     cp.liveness.known_online(ns, body.device_id)

@@ -43,9 +43,13 @@ _NOT_STORED = {"t"}  # the readings go to the telemetry tables, not into devices
 _ANSWER = b'{"ack":%d,"server_time":%d,"ttl":%d,"pending":{"config_version":%d,"state_version":%d,"ota":%s}}'
 
 
-async def answer(cp: "ControlPlane", ns: str, device_id: str, seq: int, entry: list[int]) -> bytes:
+_ASK = object()
+
+
+async def answer(cp: "ControlPlane", ns: str, device_id: str, seq: int, entry: list[int], ota: Any = _ASK) -> bytes:
     """The heartbeat answer (HeartbeatOut) as JSON bytes; shared by the FastAPI route and the fast path."""
-    ota = await heartbeat_pending(cp, ns, device_id)
+    if ota is _ASK:
+        ota = await heartbeat_pending(cp, ns, device_id)
     return _ANSWER % (seq, now_ms(), entry[2], entry[0], entry[1], b"null" if ota is None else json.dumps(ota).encode())
 
 
@@ -53,10 +57,12 @@ async def answer(cp: "ControlPlane", ns: str, device_id: str, seq: int, entry: l
 async def heartbeat(device_id: str, body: HeartbeatIn, request: Request, p: Principal = Depends(principal),
                     wait: float | None = Query(None, ge=0, le=86400),
                     config_version: int | None = Query(None, ge=0, le=2**31 - 1),
-                    state_version: int | None = Query(None, ge=0, le=2**31 - 1)) -> Response:
-    """Record a sign of life; answer the current config/state versions. With `wait`, a long-poll for a change: it
-    answers when the config or state version differs from the one the device already knows of (`config_version` /
-    `state_version` in the query; default: the body's, the versions it runs)."""
+                    state_version: int | None = Query(None, ge=0, le=2**31 - 1),
+                    ota: str | None = Query(None, pattern=r"^[A-Za-z0-9_.+-]{0,32}$")) -> Response:
+    """Record a sign of life; answer the current config/state versions and OTA offer. With `wait`, a long-poll for a
+    change: it answers when the config or state version differs from the one the device already knows of
+    (`config_version` / `state_version` in the query; default: the body's, the versions it runs), or the OTA offer
+    from the one it knows of (`ota`, empty for none; default: the offer when the poll began)."""
     if not p.is_device:
         raise ApiError(403, "only devices send heartbeats")
     ns = device_ns(p, device_id, "admin")
@@ -71,18 +77,25 @@ async def heartbeat(device_id: str, body: HeartbeatIn, request: Request, p: Prin
     known_cv = body.config_version if config_version is None else config_version
     known_sv = body.state_version if state_version is None else state_version
 
-    def changed(v: list[int]) -> bool:
-        return ((known_cv is not None and v[0] != known_cv)
-                or (known_sv is not None and v[1] != known_sv))
+    if not wait:
+        # not through response_model validation (the OpenAPI schema is still HeartbeatOut; tests check bodies
+        # against it)
+        return Response(await answer(cp, ns, device_id, body.seq, entry), media_type="application/json")
+    offer = await heartbeat_pending(cp, ns, device_id)
+    known_ota = (ota or None) if ota is not None else offer
 
-    if wait and not changed(entry):
+    def changed(v: tuple[list[int], str | None]) -> bool:
+        return ((known_cv is not None and v[0][0] != known_cv)
+                or (known_sv is not None and v[0][1] != known_sv)
+                or v[1] != known_ota)
+
+    if not changed((entry, offer)):
         # never wait past half the TTL: the device must not look silent while we hold its request
         limit = min(wait, cp.settings.max_heartbeat_wait_s, entry[2] / 2)
 
         async def fetch():
-            return await cp.versions_of(ns, device_id) or entry
+            return (await cp.versions_of(ns, device_id) or entry, await heartbeat_pending(cp, ns, device_id))
 
-        entry = await wait_for_change(cp, ns, device_id, limit, "heartbeat", fetch, changed)
+        entry, offer = await wait_for_change(cp, ns, device_id, limit, "heartbeat", fetch, changed)
         await cp.liveness.beat(ns, device_id, hb)
-    # not through response_model validation (the OpenAPI schema is still HeartbeatOut; tests check bodies against it)
-    return Response(await answer(cp, ns, device_id, body.seq, entry), media_type="application/json")
+    return Response(await answer(cp, ns, device_id, body.seq, entry, offer), media_type="application/json")

@@ -1,6 +1,6 @@
 """Change notifications that wake long-polls: in-process, or across processes through PostgreSQL LISTEN/NOTIFY.
 
-An event is a small dict `{"ns", "dev", "kind": "config"|"state"|"device"|"offline"|"deleted", "version"?, "name"?}`.
+An event is a small dict `{"ns", "dev", "kind": "config"|"state"|"device"|"offline"|"deleted"|"ota", "version"?, "name"?}`.
 Writers call `sql_notify(conn, event)` inside their transaction (PostgreSQL delivers it to every listening process on
 commit) and `deliver(event)` once committed (wakes this process at once). Waiters subscribe to a device's topic
 *before* reading the current version, so no change can slip between the read and the wait.

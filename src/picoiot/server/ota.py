@@ -173,7 +173,20 @@ async def list_releases(ns: str, request: Request, p: Principal = Depends(princi
     return {"releases": await _cp(request).read(q)}
 
 
-def _assign(conn, events, ns: str, body: AssignIn):
+def assignment_changed(cp: "ControlPlane", conn: sa.Connection, events: list, ns: str, kind: str, target: str) -> None:
+    """Wake the held heartbeats of the devices an assignment concerns, in every process: the offer reaches a device
+    at once, not at its next heartbeat. Other processes also learn that the namespace now has assignments (core.py
+    listens for these events). One event per device of a group: assignments are rare, and a woken poll that finds
+    nothing new for itself goes back to waiting."""
+    if kind == "device":
+        devs = [target]
+    else:
+        devs = [r[0] for r in conn.execute(sa.select(D.c.device_id).where(D.c.ns == ns, D.c.group_name == target))]
+    for dev in devs:
+        cp.emit(conn, events, {"ns": ns, "dev": dev, "kind": "ota"})
+
+
+def _assign(conn, events, cp: "ControlPlane", ns: str, body: AssignIn):
     kind, target = ("device", body.device) if body.device else ("group", body.group)
     if kind == "device":
         if conn.execute(sa.select(D.c.device_id).where(D.c.ns == ns, D.c.device_id == target)).first() is None:
@@ -187,6 +200,7 @@ def _assign(conn, events, ns: str, body: AssignIn):
     conn.execute(AS.delete().where(AS.c.ns == ns, AS.c.kind == kind, AS.c.target == target))
     if body.version is not None:
         conn.execute(AS.insert().values(ns=ns, kind=kind, target=target, version=body.version, assigned_ts=now_ms()))
+    assignment_changed(cp, conn, events, ns, kind, target)
 
 
 @router.put("/api/v1/namespaces/{ns}/ota/assignments", responses=_ERR)
@@ -196,7 +210,7 @@ async def assign(ns: str, body: AssignIn, request: Request, p: Principal = Depen
     require_role(p, "admin")
     if (body.device is None) == (body.group is None):
         raise ApiError(422, "give exactly one of device, group", {"path": "device"})
-    await _cp(request).write(_assign, ns, body)
+    await _cp(request).write(_assign, _cp(request), ns, body)
     assignments_changed(_cp(request), ns)
     return {"ok": True}
 

@@ -156,8 +156,12 @@ class Settings:
     #: hiccup on a shared 2-core box into 503s; 512 is ~0.2 s of heartbeat work, far below a device's timeout, while
     #: the database queue (max_db_queue) still bounds the expensive requests.
     max_requests_in_flight: int = 512
-    #: long-polls (`wait=` > 0) waiting at once, counted apart from requests (they hold no thread and little CPU)
+    #: long-polls (`wait=` > 0) waiting at once, counted apart from requests (they hold no thread and little CPU);
+    #: each holds a connection, so a process also needs that many file descriptors (`ulimit -n`)
     max_longpolls: int = 10_000
+    #: registration calls (challenge, register) at once, beyond which 503 + Retry-After (admission.py): 64 keeps the
+    #: 24 database threads busy, and a queue of ~1 s of registrations at worst on a loaded 2-core box
+    max_registrations_in_flight: int = 64
     #: the per-device caches (tokens, versions) grown by this many entries (or 10 %) since start-up: move them out of
     #: the collector's sight again (app.refreeze_if_grown); 0 = only at start-up
     gc_refreeze_entries: int = 1000

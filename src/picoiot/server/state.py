@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, Path, Query, Request
 
 from . import db as tables
 from .auth import Principal, principal, require_ns, require_role
+from .config import latest
 from .db import now_ms
 from .documents import check_limits, delta, depth, merge, stamp
 from .errors import ApiError
@@ -44,6 +45,35 @@ def read_shadow(conn: sa.Connection, ns: str, dev: str, name: str) -> dict[str, 
     return render(row)
 
 
+#: what a relay accepts as its desired value (firmware/relays_controller.py, on_delta, accepts the same)
+RELAY_VALUES = ("on", "off", True, False)
+
+
+def check_desired(conn: sa.Connection, ns: str, dev: str, desired: dict[str, Any]) -> None:
+    """A desired value the device could not apply is refused here, before it is stored and pushed: for a device whose
+    config has `relays`, every key set (not cleared) must be one of those relays and its value "on"/"off"/true/false.
+
+    A device with no type or config yet is not checked (nothing to check against); its firmware refuses what it cannot
+    apply and reports it under `reported.rejected`."""
+    cur = latest(conn, ns, dev)
+    relays = cur[1].get("relays") if cur else None
+    if not isinstance(relays, dict):
+        return
+    errors = []
+    for key, v in desired.items():
+        if v is None:
+            continue  # clearing is always allowed (a relay removed since, a value the device reported rejected)
+        if key not in relays:
+            errors.append({"path": f"state.desired.{key}",
+                           "message": "unknown relay (this device has: %s)" % (", ".join(sorted(relays)) or "none")})
+        elif not any(v is ok if isinstance(ok, bool) else v == ok for ok in RELAY_VALUES):
+            errors.append({"path": f"state.desired.{key}", "message": 'must be "on", "off", true or false'})
+    if errors:
+        first = errors[0]
+        raise ApiError(422, f"{first['path']}: {first['message']}",
+                       {"path": first["path"], "message": first["message"], "errors": errors[:16]})
+
+
 def update_shadow(conn: sa.Connection, events: list, cp: "ControlPlane", ns: str, dev: str, name: str,
                   body: ShadowUpdateIn) -> dict[str, Any]:
     st = cp.settings
@@ -54,6 +84,8 @@ def update_shadow(conn: sa.Connection, events: list, cp: "ControlPlane", ns: str
     current = row["version"] if row else 0
     if body.version is not None and body.version != current:
         raise ApiError(409, "version conflict", version=current)
+    if body.state.desired and name == "default":  # the shadow the firmware acts on (protocol §4)
+        check_desired(conn, ns, dev, body.state.desired)
     desired = dict(row["desired"]) if row else {}
     reported = dict(row["reported"]) if row else {}
     meta = dict(row["meta"]) if row else {}
