@@ -76,7 +76,7 @@ def idle(reason, raw=None):
 
 
 _MODULES = ("iotlib.fsutil", "iotlib.config", "iotlib.auth", "iotlib.alarms", "iotlib.watchdog", "iotlib.http",
-            "iotlib.metrics", "iotlib.net", "iotlib.state", "iotlib.timesync", "microdot", "iotlib.web",
+            "iotlib.metrics", "iotlib.net", "iotlib.state", "iotlib.timesync", "iotlib.web",
             "iotlib.device")
 
 

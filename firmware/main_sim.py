@@ -46,7 +46,7 @@ def settings(argv):
 
 _MODULES = ("iotlib.log", "iotlib.fsutil", "iotlib.hal", "iotlib.config", "iotlib.auth", "iotlib.alarms",
             "iotlib.watchdog", "iotlib.http", "iotlib.metrics", "iotlib.net", "iotlib.state", "iotlib.timesync",
-            "microdot", "iotlib.web", "iotlib.device")
+            "iotlib.web", "iotlib.device")
 _DOMAIN = {"relays": ("iotlib.relays", "iotlib.relays_api", "relays_controller"),
            "sensors": ("iotlib.sensors", "iotlib.wsstream", "sensors_controller")}
 

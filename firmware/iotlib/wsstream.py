@@ -16,7 +16,7 @@
 import json
 from iotlib.compat import asyncio, ticks_ms, ticks_diff
 from iotlib import log as _logmod
-from iotlib.web import error
+from iotlib.web import error, HANDLED
 
 _log = _logmod.get("ws")
 _CLOSE = 8
@@ -146,16 +146,15 @@ class WSStream:
 
     # --- one connection --------------------------------------------------------------------------------------------
     async def _handler(self, req):
-        from microdot import Response
         denied = self.web.check(req, self.role)
         if denied is None and len(self.clients) >= self.max_clients:
             denied = error(503, "too many stream clients (max %d)" % self.max_clients, {"Retry-After": "5"})
         if denied is not None:
-            # A WebSocket client (RFC 6455 §4.1) only takes an HTTP/1.1 answer; microdot writes HTTP/1.0.
+            # A WebSocket client (RFC 6455 §4.1) only takes an HTTP/1.1 answer; the device API writes HTTP/1.0.
             body, status, headers = denied
             extra = "".join("%s: %s\r\n" % (k, headers[k]) for k in headers)
             await self.web._raw_answer(req.sock[1], status, body["error"], extra, "1.1")
-            return Response.already_handled
+            return HANDLED
         accept = _accept_key(req)
         if accept is None:
             return error(400, "not a WebSocket upgrade request")
@@ -175,7 +174,7 @@ class WSStream:
         asyncio.create_task(self._session(c))
         if self._pinger is None:
             self._pinger = asyncio.create_task(self._ping_loop())
-        return Response.already_handled
+        return HANDLED
 
     async def _session(self, c):
         sender = asyncio.create_task(self._send_loop(c))

@@ -262,7 +262,7 @@ def test_running_out_of_heap_while_reading_a_request_answers_503_and_the_server_
     real = webmod._Request.create
     calls = {"n": 0}
 
-    async def create_oom(*args, **kw):  # fault injection: the heap is gone while microdot parses this request
+    async def create_oom(*args, **kw):  # fault injection: the heap is gone while the device parses this request
         calls["n"] += 1
         if calls["n"] == 1:
             raise MemoryError("memory allocation failed")
