@@ -384,6 +384,9 @@ class Device:
             from iotlib.metrics import HEAP_LOW  # the low-water mark /info and /metrics report (None: not sampled yet)
             if HEAP_LOW[0] is not None:
                 body["mem_min"] = HEAP_LOW[0]
+        from iotlib.metrics import MEM_ERRORS
+        if MEM_ERRORS:  # MemoryErrors survived since boot, by where: the control plane shows them with the heap figures
+            body["mem_errors"] = MEM_ERRORS
         body["firmware"] = __version__
         body["config_version"] = self.cfg.version
         sm = getattr(self, "sm", None)

@@ -555,12 +555,9 @@ class DeviceWeb:
         return f.get("GET" if m == "HEAD" else m) or 405  # (no OPTIONS: no browser calls the device cross-origin)
 
     def _oom(self):
+        from iotlib import metrics
         self.oom += 1
-        try:  # /metrics counts it (iotlib_memory_errors_total); counting must not be what fails next
-            from iotlib import metrics
-            metrics.memory_error("request")
-        except MemoryError:
-            pass
+        metrics.memory_error("request")
 
     async def _dispatch(self, req):
         if req.content_length > self.max_body:

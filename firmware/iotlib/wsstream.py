@@ -122,10 +122,14 @@ class WSStream:
                 continue
             data = self._cache.get(c.key)
             if data is None:
-                values = snap["values"]
-                if c.fields is not None:
-                    values = {k: values.get(k) for k in c.fields}
-                data = _frame(_TEXT, json.dumps({"seq": snap["seq"], "ts": snap["ts"], "values": values}).encode())
+                try:
+                    values = snap["values"]
+                    if c.fields is not None:
+                        values = {k: values.get(k) for k in c.fields}
+                    data = _frame(_TEXT, json.dumps({"seq": snap["seq"], "ts": snap["ts"], "values": values}).encode())
+                except MemoryError:  # this frame is skipped for this client; the next snapshot is sent as ever
+                    _oom()
+                    continue
                 self._cache[c.key] = data
                 self.frames += 1
             if len(c.queue) >= self.max_queue:
@@ -181,6 +185,8 @@ class WSStream:
         try:
             await self._recv_loop(c)
         except Exception as e:  # reset, EOF, bad frame: the client is gone
+            if isinstance(e, MemoryError):
+                _oom()
             if not c.dropped:
                 c.dropped = "closed: " + (str(e) or e.__class__.__name__)
         finally:
@@ -326,3 +332,8 @@ class WSStream:
             pass
         if c in self.clients:
             self.clients.remove(c)
+
+
+def _oom():
+    from iotlib import metrics
+    metrics.memory_error("ws")
