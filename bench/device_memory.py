@@ -90,7 +90,7 @@ def image_k(mode: str = "romfs") -> int:
 
 def counted(mode: str) -> str:
     if mode == "mpy":
-        return (f"board code (iotlib, controller, microdot) as .mpy in the heap; the simulator in place from its own "
+        return (f"board code (iotlib, controller) as .mpy in the heap; the simulator in place from its own "
                 f"ROMFS image ({image_k(mode)}K, not counted); figures are the heap minus the image")
     return (f"board code and the simulator in place from one ROMFS image ({image_k(mode)}K, not counted); figures are "
             "the heap minus the image")

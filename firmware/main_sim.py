@@ -78,7 +78,9 @@ def make(s):
 
 async def run(s):
     from iotlib.compat import asyncio
-    preload(s["kind"])
+    from iotlib.device import update_pending
+    if not update_pending(s["flash_dir"]):  # an update boot loads only what installing the update needs
+        preload(s["kind"])
     ctl = make(s)
     await ctl.start()
     print("picoiot device %s listening on http://%s:%d" % (s["device_id"], ctl.address.split("//")[1].split(":")[0],

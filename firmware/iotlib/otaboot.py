@@ -69,10 +69,10 @@ class OTABoot:
     def healthy(self):
         """The device registered and applied its config: clear the boot counter and commit a trial update."""
         self.stable()
-        if self.trial is None:
-            return None
         m = fsutil.read_json(self.marker_path) or {}
-        version = self.trial
+        version = self.trial or (m.get("version") if m.get("state") == "trial" else None)  # a trial boot() found
+        if version is None:
+            return None
         fsutil.write_json_atomic(self._p("result.json", "ota"), {"version": version, "status": "installed"})
         fsutil.write_json_atomic(self._p("current.json", "ota"), {"version": version})
         fsutil.remove(self.marker_path)

@@ -58,7 +58,7 @@ def test_device_without_ota_key_counts_boots_without_loading_otaboot():
     for i in range(Device.safe_mode_after):
         d = _D("ssid", "pw", "dev-2", "k" * 64, "http://127.0.0.1:1/api/devices", flash_dir=flash)
         d.boot()
-        assert not d.safe_mode and d.ota_boot["boots"] == i + 1 and d.ota is None
+        assert not d.safe_mode and d.ota_boot["boots"] == i + 1 and d.trial is None
     d = _D("ssid", "pw", "dev-2", "k" * 64, "http://127.0.0.1:1/api/devices", flash_dir=flash)
     d.boot()
     assert d.safe_mode
@@ -92,3 +92,28 @@ def test_a_boot_counter_file_of_the_wrong_shape_counts_as_zero_and_boots():
     fsutil.makedirs(root + "/ota")
     fsutil.write_atomic(root + "/ota/boots.json", "[1, 2]")
     assert OTABoot(root).boot()["boots"] == 1
+
+
+def test_a_trial_boot_keeps_no_ota_code_loaded_and_healthy_commits_it():
+    # The trial boot runs the device's normal work (it must, to reach healthy): OTABoot (~5K) is loaded only to find
+    # the trial and again to commit it, so a trial needs no more heap than normal work.
+    import sys
+    from iotlib import fsutil
+    from iotlib.device import Device
+
+    class _D(Device):
+        def setup_domain(self, config):
+            pass
+
+    flash = fwtest.tmpdir("ota-trial")
+    fsutil.makedirs(flash + "/ota")
+    fsutil.write_json_atomic(flash + "/ota.json", {"state": "trial", "version": "2.0", "previous": "1.0",
+                                                   "trial_boots": 0, "files": [], "created": []})
+    d = _D("ssid", "pw", "dev-3", "k" * 64, "http://127.0.0.1:1/api/devices", flash_dir=flash)
+    d.ota_public_key = "00" * 32
+    d.boot()
+    assert d.trial == "2.0" and "iotlib.otaboot" not in sys.modules
+    d._became_healthy()
+    assert d.trial is None and "iotlib.otaboot" not in sys.modules
+    assert fsutil.read_json(flash + "/ota/result.json") == {"version": "2.0", "status": "installed"}
+    assert fsutil.read_json(flash + "/ota/current.json") == {"version": "2.0"} and not fsutil.exists(flash + "/ota.json")
