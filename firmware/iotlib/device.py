@@ -337,7 +337,10 @@ class Device:
         if self._own_clock and not _clk[2] and isinstance(st, int) and st > 0:
             self._step_clock(st)  # coarse (one round trip), but no longer 2021; SNTP refines it
         _log.info("registered", namespace=self.auth.namespace, registrations=self.auth.registrations)
-        self._ota_wake.set()
+        if self.healthy or self.safe_mode:
+            # (a first registration waits for healthy, which wakes it: the OTA code is not loaded beside the first
+            # config and state fetches, the peak of a boot)
+            self._ota_wake.set()
         if self.safe_mode:
             return
         if not self._state_started:
@@ -465,11 +468,10 @@ class Device:
 
     # --- OTA (iotlib/ota.py, docs/ota.md) ------------------------------------------------------------------------------
     def _ota_in_use(self):
-        # otaboot is loaded only where it has something to do: a key to check offers with, or what an update left on
-        # flash (a swap/trial/rollback marker, a result to report, staged or backed-up files). Otherwise its code
-        # and ≈ 26 interned names never load (the names would stay in the pool for good).
-        if self.ota_public_key is not None:
-            return True
+        # otaboot is loaded at boot only where it has something to do: what an update left on flash (a
+        # swap/trial/rollback marker, a result to report, staged or backed-up files). Otherwise its code and ≈ 26
+        # interned names never load (the names would stay in the pool for good), OTA key or not: checking for an
+        # offer is one GET (ota_offer).
         from iotlib import fsutil
         for rel in ("ota.json", "ota/result.json", "ota/new", "ota/old"):
             if fsutil.exists(self.flash(rel)):
@@ -521,18 +523,18 @@ class Device:
         while True:
             self._ota_wake.clear()
             url = self.auth.services.get("ota") if self.auth.services else None
-            if url and self.auth.token and self.trial is None and self._ota_used:  # not during a trial; OTA on
+            if url and self.auth.token and self.trial is None:  # not during a trial
                 hdr = self.auth.auth_header()
                 offer = failed = None
                 try:
-                    ob = self._otaboot()
-                    await ob.send_result(self.http, url, hdr)
-                    if ob.public_key is not None:
-                        offer = await ob.check(self.http, url, hdr)
+                    from iotlib import fsutil
+                    if fsutil.exists(self.flash("ota/result.json")):  # an install, rollback or failure to report
+                        await self._otaboot().send_result(self.http, url, hdr)
+                    if self.ota_public_key is not None:
+                        offer = await ota_offer(self.http, url, hdr)
                     if offer:
                         # installed by an update boot (_update_boot): with nothing else loaded, an update never
                         # needs more heap than the device's normal work
-                        from iotlib import fsutil
                         fsutil.write_json_atomic(self.flash(_OFFER), offer)
                         _log.info("ota update: resetting into an update boot", version=offer.get("version"))
                         await self.reboot()
@@ -651,6 +653,19 @@ class Device:
 _BOOTS = "ota/boots.json"
 #: An offer the running device accepted, installed by the next boot (Device._update_boot).
 _OFFER = "ota/offer.json"
+
+
+async def ota_offer(http, url, headers):
+    """The control plane's OTA offer {"version", "manifest_url", "files_url"}, or None (204)."""
+    r = await http.request("GET", url, headers=headers)
+    if r.status == 204:
+        return None
+    if r.status != 200:
+        raise OSError("ota check: HTTP %d" % r.status)
+    offer = r.json()
+    if not isinstance(offer, dict) or not offer.get("manifest_url") or not offer.get("files_url"):
+        raise OSError("ota check: offer lacks manifest_url/files_url")
+    return offer
 
 
 def flash_path(flash_dir, name):

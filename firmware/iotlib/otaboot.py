@@ -1,5 +1,5 @@
 # The part of OTA every boot needs (docs/ota.md): finish an interrupted swap or rollback, trial/commit/rollback, the
-# safe-mode boot counter, the offer check and the result report. Downloading and verifying an update (iotlib.ota,
+# safe-mode boot counter and the result report. Downloading and verifying an update (iotlib.ota,
 # ~10 KB of heap as .mpy) is imported only when the control plane offers one.
 # The marker file ota.json (temp + rename) records where a swap is, so a reset at any point resumes it: a "swap"
 # marker is finished forward (every staged file was complete and verified before the marker was written), a
@@ -149,18 +149,6 @@ class OTABoot:
         fsutil.write_json_atomic(self.marker_path, m)
 
     # --- control plane ------------------------------------------------------------------------------------------------
-    async def check(self, http, url, headers):
-        """The server's offer {"version", "manifest_url", "files_url"} or None (204)."""
-        r = await http.request("GET", url, headers=headers)
-        if r.status == 204:
-            return None
-        if r.status != 200:
-            raise OSError("ota check: HTTP %d" % r.status)
-        offer = r.json()
-        if not isinstance(offer, dict) or not offer.get("manifest_url") or not offer.get("files_url"):
-            raise OSError("ota check: offer lacks manifest_url/files_url")
-        return offer
-
     def failed(self, version, reason, running=None):
         """An offered update could not be installed (refused, download failed, out of memory): nothing was swapped,
         the device runs `running` on. Recorded like an install result and reported at the next contact."""

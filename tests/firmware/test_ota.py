@@ -508,7 +508,8 @@ def test_update_over_http_from_a_real_server():
         base = "http://127.0.0.1:%d" % port
         try:
             http = HTTPClient()
-            offer = await mgr.check(http, base + "/ota", {})
+            from iotlib.device import ota_offer
+            offer = await ota_offer(http, base + "/ota", {})
             return await mgr.update(http, offer, {}, running="1.0")
         finally:
             srv.close()

@@ -44,7 +44,7 @@ def test_unload_of_a_module_that_is_not_loaded_is_a_no_op():
 
 def test_device_without_ota_key_counts_boots_without_loading_otaboot():
     # No key and nothing an update left on flash: the safe-mode counter is kept (same file, same rule) but otaboot's
-    # code and its ~26 interned names never load. With a key, or once an update left a result, OTABoot does the work.
+    # code and its ~26 interned names never load, key or not. Once an update left a result, OTABoot does the work.
     import sys
     from iotlib import fsutil
     from iotlib.device import Device, _unload
