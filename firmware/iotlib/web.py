@@ -71,7 +71,7 @@ def bearer_from(req):
     h = req.headers.get("Authorization")
     if h:
         return h
-    t = req.args.get("token") if "token=" in req.url else None
+    t = req.args.get("token") if req.in_query(b"token=") else None
     if t:
         return t
     for p in (req.headers.get("Sec-WebSocket-Protocol") or "").split(","):
@@ -210,7 +210,7 @@ class _Request:
     """A request, made in one pass over its head (create). What a device request does not use stays a class default:
     the per-request garbage is what sets how often the collector has to scan the whole heap (docs/benchmarks.md,
     Device API)."""
-    _q = -1  # where the url's "?" is
+    _q = None  # (head bytes, start, end) of the query string, never decoded unless read; None without one
     _args = None
     content_length = 0
     content_type = None
@@ -219,19 +219,14 @@ class _Request:
     claims = None  # the caller's token claims, set by DeviceWeb.check
     url_args = _NO_ARGS
 
-    def __init__(self, client_addr, method, url, headers, sock):
-        """headers: {lower-case name: value}."""
+    def __init__(self, client_addr, method, path, query, headers, sock):
+        """headers: {lower-case name: value}; query: (head, start, end) of what follows "?", or None."""
         self.client_addr = client_addr
         self.method = method
-        self.url = url
+        self.path = path
+        self._q = query
         self.headers = _Headers(headers)
         self.sock = sock
-        i = url.find("?")
-        if i < 0:
-            self.path = url
-        else:
-            self.path = url[:i]
-            self._q = i
         n = headers.get("content-length")
         if n is not None:
             self.content_length = int(n)
@@ -249,58 +244,70 @@ class _Request:
         return self._body
 
     @property
+    def url(self):
+        return self.path if self._q is None else self.path + "?" + self._query()
+
+    def _query(self):
+        h, a, b = self._q
+        return str(memoryview(h)[a:b], "utf-8")
+
+    def in_query(self, name):
+        """True when the query string holds `name` (bytes), without decoding or copying it."""
+        q = self._q
+        return q is not None and q[0].find(name, q[1], q[2]) >= 0
+
+    @property
     def args(self):
-        # Parsed when a handler asks (parsing copies the query string; no device route but a
-        # WebSocket's ?token= reads it), from the url: the query is not held twice by every request.
+        # Parsed when a handler asks (no device route but a WebSocket's ?token= reads it): a long query string is
+        # never decoded nor copied for a route that does not read it.
         a = self._args
         if a is None:
-            a = self._args = _parse_query(self.url[self._q + 1:]) if self._q >= 0 else _NO_ARGS
+            a = self._args = _parse_query(self._query()) if self._q is not None else _NO_ARGS
         return a
 
     @staticmethod
     async def create(reader, writer, client_addr):
         """The request on a _BufferedReader: ValueError for a malformed or oversized head, EOFError for a connection
         closed before the head ended, None for one closed before it sent anything."""
-        head = await reader.readhead(DeviceWeb.max_head)
-        if not head:
+        h = await reader.readhead(DeviceWeb.max_head)
+        if not h:
             return None
-        # Fields sliced straight out of the decoded head (no list of lines, no copy of a line before its value): the
-        # bearer token's line was copied three times that way.
-        # What is held at once sets the longest request line a fragmented heap can take (a 1,200-character query
-        # ran a sensors device at its documented heap out of memory): the bytes are let go once decoded (a failed
-        # allocation collects them first), and the url is the line's only copy.
-        s = head.decode()
-        head = None
-        nl = "\r\n" if "\r\n" in s else "\n"  # a bare-LF head (hand-written clients)
-        j = s.find(nl)
+        # Each field is decoded straight out of the head's bytes, once (no decoded copy of the whole head, no list of
+        # lines, no copy of a line before its value): what is held at once sets the longest request line a
+        # fragmented heap can take (a 1,200-character query ran a sensors device at its documented heap out of
+        # memory): the path is the line's only copy, the query string stays in the head's bytes until read.
+        mv = memoryview(h)
+        nl = b"\r\n" if b"\r\n" in h else b"\n"  # a bare-LF head (hand-written clients)
+        k = len(nl)
+        j = h.find(nl)
         if j > DeviceWeb.max_line:  # the request line's limit (docs/device-api.yaml)
             raise ValueError(414)
-        a = s.find(" ", 0, j)
-        b = s.rfind(" ", 0, j)
-        if a <= 0 or b <= a + 1:
+        a = h.find(b" ", 0, j)
+        b = h.rfind(b" ", 0, j)
+        if a <= 0 or b <= a + 1 or h[b + 1:b + 6] != b"HTTP/":
             raise ValueError("bad request line")
-        method = s[:a]
-        url = s[a + 1:b]
-        if not s.startswith("HTTP/", b + 1):
-            raise ValueError("bad request line")
+        method = str(mv[:a], "utf-8")
+        i = h.find(b"?", a + 1, b)
+        path = str(mv[a + 1:b if i < 0 else i], "utf-8")
+        query = (h, i + 1, b) if i >= 0 else None
         d = {}
-        pos = j + len(nl)
+        pos = j + k
         while True:
-            j = s.find(nl, pos)
+            j = h.find(nl, pos)
             if j <= pos:  # the blank line that ends the head
                 break
-            c = s.find(":", pos, j)
+            c = h.find(b":", pos, j)
             if c <= pos:
                 raise ValueError("bad header line")
             a = c + 1
-            while a < j and s[a] == " ":
+            while a < j and h[a] == 0x20:
                 a += 1
-            v = s[a:j]
+            v = str(mv[a:j], "utf-8")
             if v[-1:] == " ":
                 v = v.strip()
-            d[s[pos:c].lower()] = v
-            pos = j + len(nl)
-        req = _Request(client_addr, method, url, d, (reader, writer))
+            d[str(mv[pos:c], "utf-8").lower()] = v
+            pos = j + k
+        req = _Request(client_addr, method, path, query, d, (reader, writer))
         n = req.content_length
         if n < 0:
             raise ValueError("negative Content-Length")
@@ -573,6 +580,7 @@ class DeviceWeb:
             # the heap, not the request: what the handler held is garbage now; a retry can succeed
             gc.collect()
             self._oom()
+            _log.warning("out of memory", path=req.path[:64])
             return _answer(error(503, "out of memory", {"Retry-After": "1"}))
         except Exception as e:
             _log.error("handler failed", path=req.path, error=repr(e))
@@ -630,6 +638,7 @@ class DeviceWeb:
                 # now; collect it so the answer itself fits, and ask for a retry (as the connection cap does).
                 gc.collect()
                 self._oom()
+                _log.warning("out of memory reading a request")
                 await self._drain(reader, 2048, 0.05)
                 await self._raw_answer(writer, 503, "out of memory", "Retry-After: 1\r\n")
                 return
