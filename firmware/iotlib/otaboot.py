@@ -12,6 +12,7 @@ from iotlib.compat import asyncio
 
 class OTABoot:
     #: seconds a trial boot has to reach healthy (registered + config applied) before it is rolled back
+    #: (Device._trial_watch)
     healthy_within_s = 180
     #: boots in a row that never reached healthy (nor ran stable_after_s) before the device starts in safe mode
     safe_mode_after = 3
@@ -103,21 +104,6 @@ class OTABoot:
         self.trial = None
         self._clean()
         return True
-
-    async def trial_watch(self, is_healthy, reset, poll_s=1):
-        """While a trial is on, wait up to healthy_within_s for is_healthy(); then commit, or roll back and reset()."""
-        waited = 0
-        while self.trial is not None:
-            if is_healthy():
-                self.healthy()
-                return True
-            if waited >= self.healthy_within_s:
-                self.rollback("not healthy within %d s" % self.healthy_within_s)
-                reset()
-                return False
-            await asyncio.sleep(poll_s)
-            waited += poll_s
-        return None
 
     # --- staging and swap ---------------------------------------------------------------------------------------------
     def _clean(self):

@@ -117,3 +117,32 @@ def test_a_trial_boot_keeps_no_ota_code_loaded_and_healthy_commits_it():
     assert d.trial is None and "iotlib.otaboot" not in sys.modules
     assert fsutil.read_json(flash + "/ota/result.json") == {"version": "2.0", "status": "installed"}
     assert fsutil.read_json(flash + "/ota/current.json") == {"version": "2.0"} and not fsutil.exists(flash + "/ota.json")
+
+
+def test_a_trial_not_healthy_in_time_is_rolled_back_and_resets():
+    # Device._trial_watch: the trial boot's deadline, kept without OTABoot loaded (it is loaded to roll back)
+    from iotlib import fsutil, hal
+    from iotlib.device import Device
+
+    class _D(Device):
+        def setup_domain(self, config):
+            pass
+
+    flash = fwtest.tmpdir("ota-trial-late")
+    fsutil.makedirs(flash + "/ota/old")
+    fsutil.write_atomic(flash + "/main.py", "v2")
+    fsutil.write_atomic(flash + "/ota/old/main.py", "v1")
+    fsutil.write_json_atomic(flash + "/ota.json", {"state": "trial", "version": "2.0", "previous": "1.0",
+                                                   "trial_boots": 0, "files": ["main.py"], "created": []})
+    d = _D("ssid", "pw", "dev-4", "k" * 64, "http://127.0.0.1:1/api/devices", flash_dir=flash)
+    d.boot()
+    assert d.trial == "2.0"
+    d._trial_s = 0
+    try:
+        fwtest.run(d._trial_watch())
+        reset = False
+    except hal.SimulatedReset:
+        reset = True
+    with open(flash + "/main.py") as f:
+        assert reset and f.read() == "v1"
+    assert fsutil.read_json(flash + "/ota/result.json")["status"] == "rolled_back"
