@@ -15,9 +15,11 @@ import pytest
 
 from devtest import MP_DIR, NS, RUNTIME, SCRIPTS, wait_until
 from picoiot import ota_cli
+from picoiot.procs import DEFAULT_HEAP
 
 N = 5
-OTA_HEAP = os.environ.get("PICOIOT_TEST_HEAP_OTA", "448K")
+#: the devices' normal heap: an update is installed by an update boot, with nothing else loaded (docs/ota.md)
+OTA_HEAP = os.environ.get("PICOIOT_TEST_HEAP_OTA", DEFAULT_HEAP["relays"])
 RO = f"/api/v1/namespaces/{NS}/ota/rollouts"
 
 
