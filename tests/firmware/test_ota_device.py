@@ -94,10 +94,9 @@ def test_a_boot_counter_file_of_the_wrong_shape_counts_as_zero_and_boots():
     assert OTABoot(root).boot()["boots"] == 1
 
 
-def test_a_trial_boot_keeps_no_ota_code_loaded_and_healthy_commits_it():
-    # The trial boot runs the device's normal work (it must, to reach healthy): OTABoot (~5K) is loaded only to find
-    # the trial and again to commit it, so a trial needs no more heap than normal work.
-    import sys
+def _trial_boot(tag, files=()):
+    # a device booting the first time into the trial of version 2.0 (replacing `files`, whose old copies are in
+    # ota/old): what an installed update leaves on flash
     from iotlib import fsutil
     from iotlib.device import Device
 
@@ -105,13 +104,24 @@ def test_a_trial_boot_keeps_no_ota_code_loaded_and_healthy_commits_it():
         def setup_domain(self, config):
             pass
 
-    flash = fwtest.tmpdir("ota-trial")
-    fsutil.makedirs(flash + "/ota")
+    flash = fwtest.tmpdir(tag)
+    fsutil.makedirs(flash + "/ota/old")
+    for name in files:
+        fsutil.write_atomic(flash + "/" + name, "v2")
+        fsutil.write_atomic(flash + "/ota/old/" + name, "v1")
     fsutil.write_json_atomic(flash + "/ota.json", {"state": "trial", "version": "2.0", "previous": "1.0",
-                                                   "trial_boots": 0, "files": [], "created": []})
-    d = _D("ssid", "pw", "dev-3", "k" * 64, "http://127.0.0.1:1/api/devices", flash_dir=flash)
-    d.ota_public_key = "00" * 32
+                                                   "trial_boots": 0, "files": list(files), "created": []})
+    d = _D("ssid", "pw", "dev-" + tag, "k" * 64, "http://127.0.0.1:1/api/devices", flash_dir=flash)
     d.boot()
+    return d, flash
+
+
+def test_a_trial_boot_keeps_no_ota_code_loaded_and_healthy_commits_it():
+    # The trial boot runs the device's normal work (it must, to reach healthy): OTABoot (~5K) is loaded only to find
+    # the trial and again to commit it, so a trial needs no more heap than normal work.
+    import sys
+    from iotlib import fsutil
+    d, flash = _trial_boot("ota-trial")
     assert d.trial == "2.0" and "iotlib.otaboot" not in sys.modules
     d._became_healthy()
     assert d.trial is None and "iotlib.otaboot" not in sys.modules
@@ -122,20 +132,7 @@ def test_a_trial_boot_keeps_no_ota_code_loaded_and_healthy_commits_it():
 def test_a_trial_not_healthy_in_time_is_rolled_back_and_resets():
     # Device._trial_watch: the trial boot's deadline, kept without OTABoot loaded (it is loaded to roll back)
     from iotlib import fsutil, hal
-    from iotlib.device import Device
-
-    class _D(Device):
-        def setup_domain(self, config):
-            pass
-
-    flash = fwtest.tmpdir("ota-trial-late")
-    fsutil.makedirs(flash + "/ota/old")
-    fsutil.write_atomic(flash + "/main.py", "v2")
-    fsutil.write_atomic(flash + "/ota/old/main.py", "v1")
-    fsutil.write_json_atomic(flash + "/ota.json", {"state": "trial", "version": "2.0", "previous": "1.0",
-                                                   "trial_boots": 0, "files": ["main.py"], "created": []})
-    d = _D("ssid", "pw", "dev-4", "k" * 64, "http://127.0.0.1:1/api/devices", flash_dir=flash)
-    d.boot()
+    d, flash = _trial_boot("ota-trial-late", ("main.py",))
     assert d.trial == "2.0"
     d._trial_s = 0
     try:
