@@ -1,7 +1,7 @@
 """Minimum MicroPython heap (`-X heapsize`) at which each controller completes issue 4's standard scenario, beside
 microdot's hello world measured in the same run, counted the way a Pico W holds the code (board-equivalent):
 
-  mpy   — the board code (iotlib, the controller, microdot) as .mpy files loaded into the heap: stock Pico W firmware
+  mpy   — the board code (iotlib and the controller) as .mpy files loaded into the heap: stock Pico W firmware
           plus `mpremote cp`. The board-equivalent figure.
   romfs — the board code in a ROMFS image, run in place (a Pico W with the code in its ROM partition, or frozen).
 
@@ -90,7 +90,7 @@ def image_k(mode: str = "romfs") -> int:
 
 def counted(mode: str) -> str:
     if mode == "mpy":
-        return (f"board code (iotlib, controller, microdot) as .mpy in the heap; the simulator in place from its own "
+        return (f"board code (iotlib, controller) as .mpy in the heap; the simulator in place from its own "
                 f"ROMFS image ({image_k(mode)}K, not counted); figures are the heap minus the image")
     return (f"board code and the simulator in place from one ROMFS image ({image_k(mode)}K, not counted); figures are "
             "the heap minus the image")

@@ -76,7 +76,7 @@ def idle(reason, raw=None):
 
 
 _MODULES = ("iotlib.fsutil", "iotlib.config", "iotlib.auth", "iotlib.alarms", "iotlib.watchdog", "iotlib.http",
-            "iotlib.metrics", "iotlib.net", "iotlib.state", "iotlib.timesync", "microdot", "iotlib.web",
+            "iotlib.metrics", "iotlib.net", "iotlib.state", "iotlib.timesync", "iotlib.web",
             "iotlib.device")
 
 
@@ -147,8 +147,11 @@ def main(argv=None):
         idle(s or "unreadable", raw)
         return EXIT_CONFIG
     raw = None
-    preload(s["kind"])
-    ctl = build(s, root if hal.SIMULATED else None)
+    flash_dir = root if hal.SIMULATED else None
+    from iotlib.device import update_pending
+    if not update_pending(flash_dir):  # an update boot loads only what installing the update needs
+        preload(s["kind"])
+    ctl = build(s, flash_dir)
     s = None
     import gc
     gc.collect()

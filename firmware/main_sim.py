@@ -46,7 +46,7 @@ def settings(argv):
 
 _MODULES = ("iotlib.log", "iotlib.fsutil", "iotlib.hal", "iotlib.config", "iotlib.auth", "iotlib.alarms",
             "iotlib.watchdog", "iotlib.http", "iotlib.metrics", "iotlib.net", "iotlib.state", "iotlib.timesync",
-            "microdot", "iotlib.web", "iotlib.device")
+            "iotlib.web", "iotlib.device")
 _DOMAIN = {"relays": ("iotlib.relays", "iotlib.relays_api", "relays_controller"),
            "sensors": ("iotlib.sensors", "iotlib.wsstream", "sensors_controller")}
 
@@ -78,7 +78,9 @@ def make(s):
 
 async def run(s):
     from iotlib.compat import asyncio
-    preload(s["kind"])
+    from iotlib.device import update_pending
+    if not update_pending(s["flash_dir"]):  # an update boot loads only what installing the update needs
+        preload(s["kind"])
     ctl = make(s)
     await ctl.start()
     print("picoiot device %s listening on http://%s:%d" % (s["device_id"], ctl.address.split("//")[1].split(":")[0],

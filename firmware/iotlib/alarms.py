@@ -223,6 +223,8 @@ class AlarmManager:
                 resp = await http.request("POST", url, json={"alarms": [a.wire() for a in batch]}, headers=headers)
                 problem = None if 200 <= resp.status < 300 else "HTTP %d" % resp.status
             except Exception as e:  # HTTPError and anything else the transport throws
+                if isinstance(e, MemoryError):
+                    _oom()
                 problem = log.exc_summary(e)
             if problem is not None:
                 self._failed(problem)
@@ -263,7 +265,11 @@ class AlarmManager:
         while True:
             t = target()
             if t is not None and self.pending():
-                await self.flush(http, t[0], t[1])
+                try:
+                    await self.flush(http, t[0], t[1])
+                except MemoryError:  # building a batch: every alarm is kept, the next attempt backs off
+                    _oom()
+                    self._failed("MemoryError")
             wait = self.retry_in_ms()
             await sleep_ms(wait if 0 < wait < interval else interval)
 
@@ -314,3 +320,8 @@ class AlarmManager:
         self._touch(a)  # pending again: the control plane dedups a re-send (it keeps max(count))
         self._alarms[a.key] = a
         return True
+
+
+def _oom():
+    from iotlib import metrics
+    metrics.memory_error("alarms")

@@ -214,7 +214,8 @@ class ConfigManager:
     def apply(self, cfg, version=None):
         """Validate cfg (merged over the defaults) and switch to it, calling the callbacks of the sections that
         changed. Returns (ok, reason). On a validation error nothing changes; when a callback raises, every section
-        already switched is switched back (its callbacks called with the old value) and the old config stays."""
+        already switched is switched back (its callbacks called with the old value) and the old config stays; a
+        MemoryError is raised again after that (the heap ran out, the config is not at fault)."""
         merged, errs = self.check(cfg)
         if errs:
             reason = "; ".join(errs)
@@ -232,9 +233,11 @@ class ConfigManager:
                 done.append(sec)
                 self._call(sec, merged.get(sec))
             except Exception as e:
-                reason = "%s: hot-reload failed: %s" % (sec, log.exc_summary(e))
                 self.config, self.version = old, old_version
                 self._rollback(done, old)
+                if isinstance(e, MemoryError):  # the heap, not the config: not rejected, the next fetch tries again
+                    raise
+                reason = "%s: hot-reload failed: %s" % (sec, log.exc_summary(e))
                 self.failures += 1
                 _log.error("config rolled back", version=version, reason=reason)
                 return False, reason
@@ -311,7 +314,25 @@ class ConfigManager:
             _log.warning("config fetch failed", status=resp.status)
             return False, "HTTP %d" % resp.status
         try:
+            ok, reason = self._take(resp)
+        except MemoryError:
+            # Parsing or applying it ran the heap out: the old config stays in force (apply rolled back what it had
+            # switched), the version is neither applied nor rejected, and the next fetch (the etag unchanged) tries
+            # again once the heap has room.
+            resp = None
+            from iotlib import metrics
+            metrics.memory_error("config")
+            _log.error("config not applied: out of memory")
+            return False, "out of memory"
+        if self._report is not None:
+            await self._send_report(http, url, token)
+        return ok, reason
+
+    def _take(self, resp):
+        try:
             doc = resp.json()
+        except MemoryError:
+            raise
         except Exception:
             doc = None
         if not isinstance(doc, dict) or not isinstance(doc.get("version"), int) or isinstance(doc.get("version"), bool):
@@ -330,7 +351,6 @@ class ConfigManager:
         else:
             self.rejected = (version, reason)
             self._report = {"version": version, "status": "rejected", "reason": reason[:MAX_REASON]}
-        await self._send_report(http, url, token)
         return ok, reason
 
     def _seen_version(self):

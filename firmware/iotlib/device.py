@@ -117,9 +117,7 @@ class Device:
 
     # --- paths ------------------------------------------------------------------------------------------------------
     def flash(self, name):
-        from iotlib import hal
-        root = self.flash_dir if self.flash_dir is not None else hal.flash_root()
-        return (root.rstrip("/") + "/" + name) if root else "/" + name
+        return flash_path(self.flash_dir, name)
 
     # --- boot -------------------------------------------------------------------------------------------------------
     def boot(self):
@@ -142,15 +140,14 @@ class Device:
             ob = OTABoot(self._ota_root, public_key=self.ota_public_key)
             ob.safe_mode_after = self.safe_mode_after
             self.ota_boot = ob.boot()
-            self.ota = ob if ob.trial is not None else None  # kept loaded only during a trial (~5 KB of heap)
+            self._trial_s = ob.healthy_within_s
             ob = None
-            if self.ota is None:
-                _unload("iotlib.otaboot")
+            _unload("iotlib.otaboot")  # loaded again only to commit, roll back or report (~5 KB of heap)
         else:  # OTA off: only the safe-mode counter (the file OTABoot keeps), without loading otaboot at all
             fsutil.makedirs(self.flash("ota"))
             n = fsutil.bump_counter(self.flash(_BOOTS))
             self.ota_boot = {"boots": n, "safe_mode": n > self.safe_mode_after, "trial": None, "rolled_back": None}
-            self.ota = None
+        self.trial = self.ota_boot["trial"]  # the version on trial this boot, None when none is
         self.safe_mode = self.ota_boot["safe_mode"]
         defaults = self.defaults()
         if self.factory_config:
@@ -341,7 +338,10 @@ class Device:
         if self._own_clock and not _clk[2] and isinstance(st, int) and st > 0:
             self._step_clock(st)  # coarse (one round trip), but no longer 2021; SNTP refines it
         _log.info("registered", namespace=self.auth.namespace, registrations=self.auth.registrations)
-        self._ota_wake.set()
+        if self.healthy or self.safe_mode:
+            # (a first registration waits for healthy, which wakes it: the OTA code is not loaded beside the first
+            # config and state fetches, the peak of a boot)
+            self._ota_wake.set()
         if self.safe_mode:
             return
         if not self._state_started:
@@ -385,6 +385,9 @@ class Device:
             from iotlib.metrics import HEAP_LOW  # the low-water mark /info and /metrics report (None: not sampled yet)
             if HEAP_LOW[0] is not None:
                 body["mem_min"] = HEAP_LOW[0]
+        from iotlib.metrics import MEM_ERRORS
+        if MEM_ERRORS:  # MemoryErrors survived since boot, by where: the control plane shows them with the heap figures
+            body["mem_errors"] = MEM_ERRORS
         body["firmware"] = __version__
         body["config_version"] = self.cfg.version
         sm = getattr(self, "sm", None)
@@ -472,11 +475,10 @@ class Device:
 
     # --- OTA (iotlib/ota.py, docs/ota.md) ------------------------------------------------------------------------------
     def _ota_in_use(self):
-        # otaboot is loaded only where it has something to do: a key to check offers with, or what an update left on
-        # flash (a swap/trial/rollback marker, a result to report, staged or backed-up files). Otherwise its code
-        # and ≈ 26 interned names never load (the names would stay in the pool for good).
-        if self.ota_public_key is not None:
-            return True
+        # otaboot is loaded at boot only where it has something to do: what an update left on flash (a
+        # swap/trial/rollback marker, a result to report, staged or backed-up files). Otherwise its code and ≈ 26
+        # interned names never load (the names would stay in the pool for good), OTA key or not: checking for an
+        # offer is one GET (ota_offer).
         from iotlib import fsutil
         for rel in ("ota.json", "ota/result.json", "ota/new", "ota/old"):
             if fsutil.exists(self.flash(rel)):
@@ -486,15 +488,12 @@ class Device:
     def _clear_boots(self):
         if self._ota_used:
             self._otaboot().stable()
-            if self.ota is None:
-                _unload("iotlib.otaboot")
+            _unload("iotlib.otaboot")
         else:
             from iotlib import fsutil
             fsutil.bump_counter(self.flash(_BOOTS), reset=True)
 
     def _otaboot(self):
-        if self.ota is not None:
-            return self.ota
         from iotlib.otaboot import OTABoot
         return OTABoot(self._ota_root, public_key=self.ota_public_key)
 
@@ -506,47 +505,52 @@ class Device:
             committed = self._otaboot().healthy()  # also clears the counter
             if committed:
                 _log.info("ota committed", version=committed)
-            self.ota = None
+            self.trial = None
             _unload("iotlib.otaboot")
         self._ota_wake.set()  # report the result now
 
-    def _ota_reset(self):
-        _log.error("ota trial failed: rolled back, resetting")
-        from iotlib import hal
-        hal.reset()
+    async def _trial_watch(self):
+        # a trial that is not healthy (_became_healthy commits it) within OTABoot.healthy_within_s is rolled back
+        waited = 0
+        while self.trial is not None:
+            if waited >= self._trial_s:
+                self._otaboot().rollback("not healthy within %d s" % self._trial_s)
+                _log.error("ota trial failed: rolled back, resetting")
+                from iotlib import hal
+                hal.reset()
+            await asyncio.sleep(1)
+            waited += 1
 
     async def _stable_timer(self):
         await asyncio.sleep(self.stable_after_s)
-        if self.ota is None:  # during a trial only healthy counts
+        if self.trial is None:  # during a trial only healthy counts
             self._clear_boots()
 
     async def _ota_task(self):
         while True:
             self._ota_wake.clear()
             url = self.auth.services.get("ota") if self.auth.services else None
-            if url and self.auth.token and self.ota is None and self._ota_used:  # not during a trial; OTA on
+            if url and self.auth.token and self.trial is None:  # not during a trial
                 hdr = self.auth.auth_header()
                 offer = failed = None
                 try:
-                    ob = self._otaboot()
-                    await ob.send_result(self.http, url, hdr)
-                    if ob.public_key is not None:
-                        offer = await ob.check(self.http, url, hdr)
+                    from iotlib import fsutil
+                    if fsutil.exists(self.flash("ota/result.json")):  # an install, rollback or failure to report
+                        await self._otaboot().send_result(self.http, url, hdr)
+                    if self.ota_public_key is not None:
+                        offer = await ota_offer(self.http, url, hdr)
                     if offer:
-                        _log.info("ota update", version=offer.get("version"))
-                        from iotlib.ota import OTAUpdateManager  # only now: ~10 KB of heap
-                        mgr = OTAUpdateManager(self._ota_root, public_key=self.ota_public_key)
-                        v = await mgr.update(self.http, offer, hdr, running=ob.current(__version__),
-                                             feed=lambda: self.wd.checkin("ota"))
-                        _log.info("ota installed, resetting into trial", version=v)
+                        # installed by an update boot (_update_boot): with nothing else loaded, an update never
+                        # needs more heap than the device's normal work
+                        fsutil.write_json_atomic(self.flash(_OFFER), offer)
+                        _log.info("ota update: resetting into an update boot", version=offer.get("version"))
                         await self.reboot()
-                except Exception as e:  # OTAError, HTTPError, OSError, MemoryError: nothing was swapped
+                except Exception as e:  # HTTPError, OSError, MemoryError: nothing was swapped
                     failed = _logmod.exc_summary(e)
                     if isinstance(e, MemoryError):
                         from iotlib import metrics
                         metrics.memory_error("ota")
-                ob = mgr = None
-                _unload("iotlib.ota", "iotlib.ed25519")
+                ob = None
                 if failed:
                     _log.warning("ota failed", reason=failed)
                     if offer and isinstance(offer.get("version"), str):
@@ -567,9 +571,49 @@ class Device:
             except asyncio.TimeoutError:
                 pass
 
+    async def _update_boot(self):
+        """The boot after an offer was accepted: install it with nothing else loaded (no local API, no domain, no
+        managers but the network, the HTTP client and registration), so an update never needs more heap than the
+        device's normal work. One attempt (the offer is removed first: a reset during it boots back to normal work);
+        ends in a reset, into the trial when the update installed, else into normal work with the failure recorded
+        and reported at the next contact (`picoiot ota status`)."""
+        from iotlib import fsutil, hal
+        from iotlib.net import NetworkManager
+        from iotlib.http import HTTPClient
+        from iotlib.auth import AuthManager
+        from iotlib.otaboot import OTABoot
+        _logmod.set_level("info")
+        root = self.flash("").rstrip("/")
+        offer = fsutil.read_json(self.flash(_OFFER))
+        fsutil.remove(self.flash(_OFFER))
+        self.boot_info = {}
+        ob = OTABoot(root, public_key=self.ota_public_key)
+        running = ob.current(__version__)
+        try:
+            self.net = NetworkManager(self.wifi_ssid, self._wifi_password, networks=self.wifi_networks)
+            await self.net.connect()
+            self.http = HTTPClient(cadata=self.cadata)
+            self.auth = AuthManager(self.device_id, self._device_key, sd_url=self.sd_url, namespace=self.namespace,
+                                    info=self._reg_info())
+            await self.auth.ensure_token(self.http)
+            from iotlib.ota import OTAUpdateManager
+            mgr = OTAUpdateManager(root, public_key=self.ota_public_key)
+            v = await mgr.update(self.http, offer, self.auth.auth_header(), running=running)
+            _log.info("ota installed, resetting into trial", version=v)
+        except Exception as e:  # OTAError, HTTPError, OSError, MemoryError: nothing was swapped
+            failed = _logmod.exc_summary(e)
+            _log.warning("ota failed", reason=failed)
+            v = offer.get("version") if isinstance(offer, dict) else None
+            if isinstance(v, str):
+                ob.failed(v, failed, running)
+        hal.reset()
+
     # --- main -----------------------------------------------------------------------------------------------------
     async def start(self):
-        """Steps 1-2 and the supervised tasks; returns once the local API listens (main() then waits for ever)."""
+        """Steps 1-2 and the supervised tasks; returns once the local API listens (main() then waits for ever). In an
+        update boot it installs the accepted update and resets instead (_update_boot)."""
+        if self.ota_public_key is not None and update_pending(self.flash_dir):
+            await self._update_boot()
         from iotlib.net import NetworkManager
         self.boot()
         self.net = NetworkManager(self.wifi_ssid, self._wifi_password, networks=self.wifi_networks)
@@ -585,10 +629,8 @@ class Device:
         wd.supervise("cloud", self._cloud, window_ms=(self.retry_max_s + self.config_poll_s + 30) * 1000)
         wd.supervise("ota", self._ota_task, critical=False)
         asyncio.create_task(self._stable_timer())
-        trial = self.ota
-        if trial is not None:
-            wd.supervise("ota_trial", lambda: trial.trial_watch(lambda: self.healthy, self._ota_reset),
-                         critical=False)
+        if self.trial is not None:
+            wd.supervise("ota_trial", self._trial_watch, critical=False)
         if not self.safe_mode:
             wd.supervise("alarms", lambda: self.alarms.run(self.http, self._alarm_target), critical=False)
         wd.heartbeat(self._send_heartbeat, payload=self._heartbeat_payload, on_answer=self._heartbeat_answer,
@@ -616,6 +658,35 @@ class Device:
 
 #: The safe-mode boot counter, the file OTABoot keeps too (docs/ota.md).
 _BOOTS = "ota/boots.json"
+#: An offer the running device accepted, installed by the next boot (Device._update_boot).
+_OFFER = "ota/offer.json"
+
+
+async def ota_offer(http, url, headers):
+    """The control plane's OTA offer {"version", "manifest_url", "files_url"}, or None (204)."""
+    r = await http.request("GET", url, headers=headers)
+    if r.status == 204:
+        return None
+    if r.status != 200:
+        raise OSError("ota check: HTTP %d" % r.status)
+    offer = r.json()
+    if not isinstance(offer, dict) or not offer.get("manifest_url") or not offer.get("files_url"):
+        raise OSError("ota check: offer lacks manifest_url/files_url")
+    return offer
+
+
+def flash_path(flash_dir, name):
+    """name under the device's flash dir (None: the board's, hal.flash_root())."""
+    from iotlib import hal
+    root = flash_dir if flash_dir is not None else hal.flash_root()
+    return (root.rstrip("/") + "/" + name) if root else "/" + name
+
+
+def update_pending(flash_dir=None):
+    """True when an accepted OTA offer waits on flash: the next start() is an update boot, and a launcher does not
+    preload the application's code for it."""
+    from iotlib import fsutil
+    return fsutil.exists(flash_path(flash_dir, _OFFER))
 
 
 def _unload(*names):

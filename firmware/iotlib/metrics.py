@@ -231,11 +231,21 @@ def heap_free():
         return None
 
 
+#: MemoryErrors survived since boot by where ("request", "ws", "config", "alarms", "ota"): the heartbeat carries it
+#: (mem_errors), so the control plane hears of them at the device's next contact.
+MEM_ERRORS = {}
+
+
 def memory_error(where):
-    """Count a MemoryError the device survived and went on from (where: "ota", "request", …): /metrics shows it as
-    iotlib_memory_errors_total{where}. Registered at the first one: a device that never runs short pays nothing."""
-    REGISTRY.counter("iotlib_memory_errors", "MemoryErrors the device survived and went on from, by where.",
-                     ("where",)).inc(where=where)
+    """Count a MemoryError the device survived and went on from: /metrics shows it as iotlib_memory_errors_total{where}
+    and the next heartbeat reports it. Registered at the first one: a device that never runs short pays nothing.
+    Never raises: it is called where the heap has just run out, and counting must not be what fails next."""
+    try:
+        MEM_ERRORS[where] = MEM_ERRORS.get(where, 0) + 1
+        REGISTRY.counter("iotlib_memory_errors", "MemoryErrors the device survived and went on from, by where.",
+                         ("where",)).inc(where=where)
+    except MemoryError:
+        pass
 
 
 #: Granularity of the largest-free-block probe (bytes); MicroPython's GC allocates in 16-byte blocks.

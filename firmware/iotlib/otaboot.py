@@ -1,5 +1,5 @@
 # The part of OTA every boot needs (docs/ota.md): finish an interrupted swap or rollback, trial/commit/rollback, the
-# safe-mode boot counter, the offer check and the result report. Downloading and verifying an update (iotlib.ota,
+# safe-mode boot counter and the result report. Downloading and verifying an update (iotlib.ota,
 # ~10 KB of heap as .mpy) is imported only when the control plane offers one.
 # The marker file ota.json (temp + rename) records where a swap is, so a reset at any point resumes it: a "swap"
 # marker is finished forward (every staged file was complete and verified before the marker was written), a
@@ -12,6 +12,7 @@ from iotlib.compat import asyncio
 
 class OTABoot:
     #: seconds a trial boot has to reach healthy (registered + config applied) before it is rolled back
+    #: (Device._trial_watch)
     healthy_within_s = 180
     #: boots in a row that never reached healthy (nor ran stable_after_s) before the device starts in safe mode
     safe_mode_after = 3
@@ -69,10 +70,10 @@ class OTABoot:
     def healthy(self):
         """The device registered and applied its config: clear the boot counter and commit a trial update."""
         self.stable()
-        if self.trial is None:
-            return None
         m = fsutil.read_json(self.marker_path) or {}
-        version = self.trial
+        version = self.trial or (m.get("version") if m.get("state") == "trial" else None)  # a trial boot() found
+        if version is None:
+            return None
         fsutil.write_json_atomic(self._p("result.json", "ota"), {"version": version, "status": "installed"})
         fsutil.write_json_atomic(self._p("current.json", "ota"), {"version": version})
         fsutil.remove(self.marker_path)
@@ -104,21 +105,6 @@ class OTABoot:
         self._clean()
         return True
 
-    async def trial_watch(self, is_healthy, reset, poll_s=1):
-        """While a trial is on, wait up to healthy_within_s for is_healthy(); then commit, or roll back and reset()."""
-        waited = 0
-        while self.trial is not None:
-            if is_healthy():
-                self.healthy()
-                return True
-            if waited >= self.healthy_within_s:
-                self.rollback("not healthy within %d s" % self.healthy_within_s)
-                reset()
-                return False
-            await asyncio.sleep(poll_s)
-            waited += poll_s
-        return None
-
     # --- staging and swap ---------------------------------------------------------------------------------------------
     def _clean(self):
         for sub in ("ota/new", "ota/old"):
@@ -149,18 +135,6 @@ class OTABoot:
         fsutil.write_json_atomic(self.marker_path, m)
 
     # --- control plane ------------------------------------------------------------------------------------------------
-    async def check(self, http, url, headers):
-        """The server's offer {"version", "manifest_url", "files_url"} or None (204)."""
-        r = await http.request("GET", url, headers=headers)
-        if r.status == 204:
-            return None
-        if r.status != 200:
-            raise OSError("ota check: HTTP %d" % r.status)
-        offer = r.json()
-        if not isinstance(offer, dict) or not offer.get("manifest_url") or not offer.get("files_url"):
-            raise OSError("ota check: offer lacks manifest_url/files_url")
-        return offer
-
     def failed(self, version, reason, running=None):
         """An offered update could not be installed (refused, download failed, out of memory): nothing was swapped,
         the device runs `running` on. Recorded like an install result and reported at the next contact."""

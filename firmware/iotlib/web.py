@@ -1,14 +1,16 @@
-# The device's web layer on microdot: every route declares the least role it needs; before the handler runs, the
-# caller is authenticated (Bearer device JWT or static token → 401 / 403) and rate limited (token bucket per
+# The device's web layer: a small HTTP/1.0 server on asyncio streams, with microdot's handler conventions (a handler
+# returns a body, (body, status), (body, status, headers) or a status) but none of its code on the device: the parse,
+# the route lookup and the answer are the device's own, and microdot's other features (regex routes, hooks, sub-apps,
+# cookies, forms, files) would only cost heap and interned names (11.4K and 111 names on a 32-bit build: the difference
+# between fitting a stock Pico W's 192K heap and not; docs/benchmarks.md). Every route declares the least role it
+# needs; before the handler runs, the caller is authenticated (Bearer device JWT or static token → 401 / 403) and rate limited (token bucket per
 # authenticated caller, else per client address → 429 + Retry-After). Every error answer is JSON {"error": …} (404,
 # 405, 413, 414, 431, 400 bad JSON, 500 too). A connection cap answers 503 at once instead of queueing (a Pico W has 5
 # TCP sockets in all) unless a connection slow to send its request can make room, a request that does not arrive in
 # time is dropped, and nothing a client does — garbage, a reset mid-request (microdot#105), a crashing
-# handler — stops the server. Handlers are coroutines and never block the loop (microdot#134): on CPython microdot would
-# otherwise run plain functions in threads.
+# handler — stops the server. Handlers are coroutines and never block the loop (microdot#134).
 import gc
 import json
-from microdot import Microdot, Request, Response
 from iotlib.compat import asyncio, ticks_ms, ticks_diff, ticks_add, format_exc
 from iotlib import log as _logmod
 
@@ -72,7 +74,7 @@ def bearer_from(req):
     h = req.headers.get("Authorization")
     if h:
         return h
-    t = req.args.get("token") if "token=" in req.url else None
+    t = req.args.get("token") if req.in_query(b"token=") else None
     if t:
         return t
     for p in (req.headers.get("Sec-WebSocket-Protocol") or "").split(","):
@@ -83,8 +85,7 @@ def bearer_from(req):
 
 
 class _BufferedReader:
-    """A connection's reader that reads in blocks. microdot parses a request with readline(), and MicroPython's
-    socket readline reads one byte per call (on the unix port one system call per byte): a request carrying a
+    """A connection's reader that reads in blocks. MicroPython's socket readline reads one byte per call (on the unix port one system call per byte): a request carrying a
     ~250-byte bearer token cost more than the rest of the request together. readhead() hands out the whole head at
     once (_Request parses it in one pass); readexactly()/read() serve the body and a WebSocket's frames from the same
     buffer."""
@@ -146,8 +147,8 @@ class _BufferedReader:
                         nl = off + k
                 end = off + i + n if i >= 0 else -1  # the head's length with its blank line, -1 while unseen
                 if (end - n if end >= 0 else off + len(seg)) > limit:
-                    raise ValueError(414 if nl < 0 or nl > Request.max_readline + 1 else 431)
-                if nl < 0 and off + len(seg) > Request.max_readline + 1:
+                    raise ValueError(414 if nl < 0 or nl > DeviceWeb.max_line + 1 else 431)
+                if nl < 0 and off + len(seg) > DeviceWeb.max_line + 1:
                     raise ValueError(414)  # refused as soon as the request line is too long, not at the head's limit
                 if end >= 0:
                     last = self._take(pos + end - size)
@@ -182,7 +183,7 @@ class _BufferedReader:
 
 class _Headers:
     """A request's headers, names lower-cased once as they are parsed; lookups take any case (a lower-case name costs
-    no copy). microdot's NoCaseDict keeps a second dict of names per request, grown header by header."""
+    no copy), without a second dict of names per request."""
     __slots__ = ("_d",)
 
     def __init__(self, d):
@@ -208,41 +209,27 @@ class _Headers:
         return self._d.items()
 
 
-class _Request(Request):
-    """microdot's Request, made in one pass over the request head. Request.create reads it line by line and
-    Request.__init__ sets 27 attributes on each request; what a device request does not use stays a class default
-    here (the per-request garbage is what sets how often the collector has to scan the whole heap: docs/benchmarks.md,
+class _Request:
+    """A request, made in one pass over its head (create). What a device request does not use stays a class default:
+    the per-request garbage is what sets how often the collector has to scan the whole heap (docs/benchmarks.md,
     Device API)."""
-    # (cookies and forms are not parsed on the device)
-    scheme = "http"
-    url_prefix = ""
-    subapp = None  # read by microdot's error answers before any route is looked up (a 413)
-    route = None
-    _q = -1  # where the url's "?" is
+    _q = None  # (head bytes, start, end) of the query string, never decoded unless read; None without one
     _args = None
     content_length = 0
     content_type = None
     _body = b""
     _stream = None
-    _json = None
-    after_request_handlers = ()
+    claims = None  # the caller's token claims, set by DeviceWeb.check
+    url_args = _NO_ARGS
 
-    def __init__(self, app, client_addr, method, url, http_version, headers, sock):
-        """headers: {lower-case name: value}."""
-        self.app = app
+    def __init__(self, client_addr, method, path, query, headers, sock):
+        """headers: {lower-case name: value}; query: (head, start, end) of what follows "?", or None."""
         self.client_addr = client_addr
         self.method = method
-        self.url = url
-        self.http_version = http_version
+        self.path = path
+        self._q = query
         self.headers = _Headers(headers)
         self.sock = sock
-        self.g = Request.G()
-        i = url.find("?")
-        if i < 0:
-            self.path = url
-        else:
-            self.path = url[:i]
-            self._q = i
         n = headers.get("content-length")
         if n is not None:
             self.content_length = int(n)
@@ -251,75 +238,96 @@ class _Request(Request):
             self.content_type = t
 
     @property
+    def g(self):
+        # microdot's per-request namespace: handlers read req.g.claims; the request itself holds them (no object more)
+        return self
+
+    @property
+    def body(self):
+        return self._body
+
+    @property
+    def url(self):
+        return self.path if self._q is None else self.path + "?" + self._query()
+
+    def _query(self):
+        h, a, b = self._q
+        return str(memoryview(h)[a:b], "utf-8")
+
+    def in_query(self, name):
+        """True when the query string holds `name` (bytes), without decoding or copying it."""
+        q = self._q
+        return q is not None and q[0].find(name, q[1], q[2]) >= 0
+
+    @property
     def args(self):
-        # Parsed when a handler asks (microdot's parse makes ≈ 5 copies of the query string; no device route but a
-        # WebSocket's ?token= reads it), from the url: the query is not held twice by every request.
+        # Parsed when a handler asks (no device route but a WebSocket's ?token= reads it): a long query string is
+        # never decoded nor copied for a route that does not read it.
         a = self._args
         if a is None:
-            a = self._args = self._parse_urlencoded(self.url[self._q + 1:]) if self._q >= 0 else _NO_ARGS
+            a = self._args = _parse_query(self._query()) if self._q is not None else _NO_ARGS
         return a
 
     @staticmethod
-    async def create(app, reader, writer, client_addr):
+    async def create(reader, writer, client_addr):
         """The request on a _BufferedReader: ValueError for a malformed or oversized head, EOFError for a connection
         closed before the head ended, None for one closed before it sent anything."""
-        head = await reader.readhead(DeviceWeb.max_head)
-        if not head:
+        h = await reader.readhead(DeviceWeb.max_head)
+        if not h:
             return None
-        # Fields sliced straight out of the decoded head (no list of lines, no copy of a line before its value): the
-        # bearer token's line was copied three times that way.
-        # What is held at once sets the longest request line a fragmented heap can take (a 1,200-character query
-        # ran a sensors device at its documented heap out of memory): the bytes are let go once decoded (a failed
-        # allocation collects them first), and the url is the line's only copy.
-        s = head.decode()
-        head = None
-        nl = "\r\n" if "\r\n" in s else "\n"  # a bare-LF head (hand-written clients)
-        j = s.find(nl)
-        if j > Request.max_readline:  # the request line's limit (docs/device-api.yaml)
+        # Each field is decoded straight out of the head's bytes, once (no decoded copy of the whole head, no list of
+        # lines, no copy of a line before its value): what is held at once sets the longest request line a
+        # fragmented heap can take (a 1,200-character query ran a sensors device at its documented heap out of
+        # memory): the path is the line's only copy, the query string stays in the head's bytes until read.
+        mv = memoryview(h)
+        nl = b"\r\n" if b"\r\n" in h else b"\n"  # a bare-LF head (hand-written clients)
+        k = len(nl)
+        j = h.find(nl)
+        if j > DeviceWeb.max_line:  # the request line's limit (docs/device-api.yaml)
             raise ValueError(414)
-        a = s.find(" ", 0, j)
-        b = s.rfind(" ", 0, j)
-        if a <= 0 or b <= a + 1:
+        a = h.find(b" ", 0, j)
+        b = h.rfind(b" ", 0, j)
+        if a <= 0 or b <= a + 1 or h[b + 1:b + 6] != b"HTTP/":
             raise ValueError("bad request line")
-        method = s[:a]
-        url = s[a + 1:b]
-        version = s[b + 1:j].split("/", 1)[1]
+        method = str(mv[:a], "utf-8")
+        i = h.find(b"?", a + 1, b)
+        path = str(mv[a + 1:b if i < 0 else i], "utf-8")
+        query = (h, i + 1, b) if i >= 0 else None
         d = {}
-        pos = j + len(nl)
+        pos = j + k
         while True:
-            j = s.find(nl, pos)
+            j = h.find(nl, pos)
             if j <= pos:  # the blank line that ends the head
                 break
-            c = s.find(":", pos, j)
+            c = h.find(b":", pos, j)
             if c <= pos:
                 raise ValueError("bad header line")
             a = c + 1
-            while a < j and s[a] == " ":
+            while a < j and h[a] == 0x20:
                 a += 1
-            v = s[a:j]
+            v = str(mv[a:j], "utf-8")
             if v[-1:] == " ":
                 v = v.strip()
-            d[s[pos:c].lower()] = v
-            pos = j + len(nl)
-        req = _Request(app, client_addr, method, url, version, d, (reader, writer))
+            d[str(mv[pos:c], "utf-8").lower()] = v
+            pos = j + k
+        req = _Request(client_addr, method, path, query, d, (reader, writer))
         n = req.content_length
         if n < 0:
             raise ValueError("negative Content-Length")
-        if n and n <= Request.max_body_length:
+        if n and n <= DeviceWeb.max_body:
             req._body = await reader.readexactly(n)
         elif n:
             req._stream = reader
         return req
 
 
-class _Response(Response):
-    """microdot's Response with its headers in a plain dict: NoCaseDict copies every name lower-cased on each store
-    and lookup and keeps a second dict (≈ 0.6K per answer). Names are as the handler wrote them; DeviceWeb._write
-    and Response.write only iterate them."""
+class _Response:
+    """An answer: status, headers in a plain dict (names as the handler wrote them; DeviceWeb._write only iterates
+    them) and a body of bytes or a generator of bytes (/metrics)."""
+    __slots__ = ("status_code", "headers", "body", "is_head")
 
     def __init__(self, body=b"", status_code=200, headers=None):
         self.status_code = status_code
-        self.reason = None
         self.is_head = False
         h = {}
         if headers:
@@ -331,11 +339,41 @@ class _Response(Response):
         self.headers = h
 
 
+#: What a handler returns when it has answered on the connection itself (a WebSocket upgrade, a raw 4xx)
+HANDLED = _Response()
+
+
+def _unquote(s):
+    # %XX and + of a query string (the device reads ?token= only); a malformed escape is kept as it is
+    if "%" not in s and "+" not in s:
+        return s
+    parts = s.replace("+", " ").encode().split(b"%")
+    out = bytearray(parts[0])
+    for p in parts[1:]:
+        try:
+            out.append(int(p[:2], 16))
+            out += p[2:]
+        except ValueError:
+            out += b"%" + p
+    return out.decode()
+
+
+def _parse_query(q):
+    d = {}
+    for pair in q.split("&"):
+        if pair:
+            k, _, v = pair.partition("=")
+            d[_unquote(k)] = _unquote(v)
+    return d
+
+
 def _answer(res):
-    """A handler's result as a _Response, by microdot's rules (dispatch_request then takes it as it is): a body,
-    (body, status), (body, status, headers), (body, headers), a bare status, or a Response."""
-    if isinstance(res, Response) or res is None:
+    """A handler's result as a _Response, by microdot's rules: a body, (body, status), (body, status, headers),
+    (body, headers), a bare status, or a _Response."""
+    if isinstance(res, _Response):
         return res
+    if res is None:
+        return _Response()
     if isinstance(res, int):
         return _Response(b"", res)
     if isinstance(res, tuple):
@@ -376,7 +414,9 @@ class DeviceWeb:
     max_connections = 3
     #: Largest request body accepted (413 above): the device API takes small JSON commands only.
     max_body = 1024
-    #: Largest request line + headers (400 above): a device JWT is ≈ 250 bytes.
+    #: Longest request line (414 above, docs/device-api.yaml).
+    max_line = 2048
+    #: Largest request line + headers (431 above): a device JWT is ≈ 250 bytes.
     max_head = 4096
     #: Seconds a client gets to send its request line and headers (a silent client must not hold a socket).
     read_timeout_s = 5
@@ -396,8 +436,6 @@ class DeviceWeb:
         """verify(bearer) → claims with a "role", raising on a bad token (iotlib.auth.AuthManager.verify).
         info() → dict for /info; ready() → (bool, dict) for /ready; on_reboot(): called shortly after POST /reboot
         answered. metrics: an iotlib.metrics registry for /metrics (None: the module's REGISTRY)."""
-        Request.max_content_length = self.max_body
-        Request.max_body_length = self.max_body
         self._verify = verify
         self._info = info
         self._ready = ready
@@ -413,49 +451,8 @@ class DeviceWeb:
         self._wbuf = None  # the streamed answers' write buffer, kept between answers (_stream_body)
         self._reading = {}  # connection task -> deadline for its request (None once timed out), see _reap
         self._reaper = None
-        web = self
-
-        exact = self._exact = {}  # path without <args> -> {method: handler}, filled by route()
-        pats = self._patterns = []  # [(segments, {method: handler})] for paths with <args>, filled by route()
-
-        class App(Microdot):
-            async def handle_request(self, reader, writer):
-                await web._handle(self, reader, writer)
-
-            def find_route(self, req):
-                # Every route is looked up here, without microdot's regexes: a fixed path by one dict lookup, a path
-                # with <args> segment by segment (_match). MicroPython's regex engine recurses per character, and a
-                # 1,000-character path under /gpio/<relay> ended in "maximum recursion depth exceeded" and no answer.
-                path = req.path
-                args = _NO_ARGS
-                f = exact.get(path)
-                if f is None:
-                    for segs, by in pats:
-                        args = _match(segs, path)
-                        if args is not None:
-                            f = by
-                            break
-                if f is None:
-                    return 404, "", None
-                m = req.method
-                by = f
-                f = by.get("GET" if m == "HEAD" else m)  # (no OPTIONS: no browser calls the device cross-origin)
-                if f is None:
-                    # the 405 names the path's methods (RFC 9110 requires Allow)
-                    req.g.allow = {"Allow": ", ".join(("HEAD",) + tuple(by) if "GET" in by else by)}
-                    return 405, "", None
-                req.url_args = args
-                return f, "", None
-
-            def get_request_handlers(self, req, attr, local_first=True):
-                # No before/after hooks and no mounted sub-apps on the device: nothing to build (microdot joins the
-                # hook name and two lists, three times per request).
-                if self.before_request_handlers or self.after_request_handlers or self.after_error_request_handlers:
-                    return Microdot.get_request_handlers(self, req, attr, local_first)
-                return ()
-
-        self.app = App()
-        self._install_errors()
+        self._exact = {}  # path without <args> -> {method: handler}, filled by route()
+        self._patterns = []  # [(segments, {method: handler})] for paths with <args>, filled by route()
         self._requests = None
         self._code_keys = {}
         if metrics is not False:
@@ -549,22 +546,55 @@ class DeviceWeb:
         ok, wait = self._limiter.allow(key)
         return None if ok else error(429, "rate limit exceeded", {"Retry-After": str(max(1, wait))})
 
-    def _install_errors(self):
-        app = self.app
-        for status, msg in ((400, "bad request"), (404, "not found"), (405, "method not allowed"),
-                            (413, "request body too large (max %d bytes)" % self.max_body),
-                            (500, "internal server error")):
-            self._error_handler(status, msg)
+    def _find(self, req):
+        """The handler of req's route, or 404/405. A fixed path is one dict lookup, a path with <args> is matched
+        segment by segment (_match): no regex (MicroPython's recurses per character: a 1,000-character path under
+        /gpio/<relay> ended in "maximum recursion depth exceeded" and no answer)."""
+        path = req.path
+        f = self._exact.get(path)
+        if f is None:
+            for segs, by in self._patterns:
+                args = _match(segs, path)
+                if args is not None:
+                    req.url_args = args
+                    f = by
+                    break
+        if f is None:
+            return 404
+        m = req.method
+        h = f.get("GET" if m == "HEAD" else m)  # (no OPTIONS: no browser calls the device cross-origin)
+        if h is None:
+            # the 405 names the path's methods (RFC 9110 requires Allow)
+            req.allow = ", ".join(("HEAD",) + tuple(f) if "GET" in f else f)
+            return 405
+        return h
 
-        async def crashed(req, exc):
-            _log.error("handler failed", path=req.path if req else None, error=repr(exc))
-            return error(500, "internal server error")
-        app.errorhandler(Exception)(crashed)
+    def _oom(self):
+        from iotlib import metrics
+        self.oom += 1
+        metrics.memory_error("request")
 
-    def _error_handler(self, status, msg):
-        async def h(req):
-            return error(status, msg, req.g.allow if status == 405 else None)
-        self.app.errorhandler(status)(h)
+    async def _dispatch(self, req):
+        if req.content_length > self.max_body:
+            return _answer(error(413, "request body too large (max %d bytes)" % self.max_body))
+        f = self._find(req)
+        if f == 404:
+            return _answer(error(404, "not found"))
+        if f == 405:
+            return _answer(error(405, "method not allowed", {"Allow": req.allow}))
+        try:
+            res = await f(req, **req.url_args)
+        except MemoryError:
+            # the heap, not the request: what the handler held is garbage now; a retry can succeed
+            gc.collect()
+            self._oom()
+            _log.warning("out of memory", path=req.path[:64])
+            return _answer(error(503, "out of memory", {"Retry-After": "1"}))
+        except Exception as e:
+            _log.error("handler failed", path=req.path, error=repr(e))
+            return _answer(error(500, "internal server error"))
+        res.is_head = req.method == "HEAD"
+        return res
 
     # --- connection handling -----------------------------------------------------------------------------------------
     def _evict_idle(self):
@@ -586,7 +616,7 @@ class DeviceWeb:
         self.evicted += 1
         return True
 
-    async def _handle(self, app, reader, writer):
+    async def _handle(self, reader, writer):
         if self.active >= self.max_connections and not self._evict_idle():
             self.refused += 1
             if self._requests is not None:
@@ -605,7 +635,7 @@ class DeviceWeb:
             self._reaper = asyncio.create_task(self._reap())
         try:
             try:
-                req = await _Request.create(app, reader, writer, writer.get_extra_info("peername"))
+                req = await _Request.create(reader, writer, writer.get_extra_info("peername"))
             except asyncio.CancelledError:
                 if reading.get(task, 0) is not None:
                     raise  # cancelled from outside, not by the read timeout (_reap marks its own with None)
@@ -615,12 +645,8 @@ class DeviceWeb:
                 # The heap, not the client: answering 400 would tell it to give up. What the parse held is garbage
                 # now; collect it so the answer itself fits, and ask for a retry (as the connection cap does).
                 gc.collect()
-                self.oom += 1
-                try:  # /metrics counts it (iotlib_memory_errors_total); counting must not be what fails next
-                    from iotlib import metrics
-                    metrics.memory_error("request")
-                except MemoryError:
-                    pass
+                self._oom()
+                _log.warning("out of memory reading a request")
                 await self._drain(reader, 2048, 0.05)
                 await self._raw_answer(writer, 503, "out of memory", "Retry-After: 1\r\n")
                 return
@@ -636,7 +662,7 @@ class DeviceWeb:
                 await self._drain(reader, 2048, 0.05)
                 await self._raw_answer(writer, 400, "malformed request")
                 return
-            res = await app.dispatch_request(req)
+            res = await self._dispatch(req)
             if self._requests is not None:
                 code = res.status_code
                 key = self._code_keys.get(code)
@@ -648,7 +674,7 @@ class DeviceWeb:
                 return
             if req.content_length > self.max_body:  # 413: swallow the body (bounded) so the answer is not lost to RST
                 await self._drain(reader, min(req.content_length, self.max_drain), 1)
-            if res is not Response.already_handled:
+            if res is not HANDLED:
                 await self._write(res, writer)
         except Exception as e:  # the peer vanished mid-answer (microdot#105) or worse: log, never propagate
             _log.warning("connection failed", error=repr(e))
@@ -675,18 +701,13 @@ class DeviceWeb:
             pass
 
     async def _write(self, res, writer):
-        # One write for a whole in-memory answer. microdot's Response.write sends the status line, every header, the
-        # blank line and the body as separate writes (and builds an iterator class per answer): on the unix port that
-        # was most of a request's cost and, with Nagle on the small trailing segments, much of its latency.
+        # One write for a whole in-memory answer (microdot's Response.write sends the status line, every header, the
+        # blank line and the body as separate writes: on the unix port that was most of a request's cost and, with
+        # Nagle on the small trailing segments, much of its latency).
         body = res.body
-        chunks = not isinstance(body, bytes) and hasattr(body, "send")  # a generator of bytes (/metrics)
-        if res.reason is None:  # microdot says "N/A" for every status but 200 (set here, not by a hook per request)
-            res.reason = _REASONS.get(res.status_code, "N/A")
-        if not (isinstance(body, bytes) or chunks) or res.is_head:
-            await res.write(writer)  # other streamed bodies (files, async generators) and HEAD: microdot's own path
-            return
-        # The head in one format (what Response.complete() adds, without writing it into the NoCaseDict first: each
-        # of its lookups and stores copies the name lower-cased, ≈ 1K per answer with the list and join that were here).
+        chunks = not isinstance(body, (bytes, bytearray)) and hasattr(body, "send")  # a generator of bytes (/metrics)
+        if not chunks and not isinstance(body, (bytes, bytearray)):
+            body = str(body).encode()
         h = res.headers
         extra = ""
         for k, v in h.items():  # an answer has one to three headers
@@ -699,9 +720,11 @@ class DeviceWeb:
             extra += "Content-Length: %d\r\n" % len(body)
         if "Content-Type" not in h:
             extra += "Content-Type: text/plain; charset=UTF-8\r\n"
-        head = ("HTTP/1.0 %d %s\r\n%s\r\n" % (res.status_code, res.reason, extra)).encode()
+        head = ("HTTP/1.0 %d %s\r\n%s\r\n" % (res.status_code, _REASONS.get(res.status_code, "N/A"), extra)).encode()
         try:
-            if chunks:  # no Content-Length: the answer is HTTP/1.0 and closing the connection ends the body
+            if res.is_head:
+                await writer.awrite(head)
+            elif chunks:  # no Content-Length: the answer is HTTP/1.0 and closing the connection ends the body
                 await self._stream_body(writer, head, body)
             elif len(body) > self.one_write_max:  # no copy of a large body just to save one write
                 await writer.awrite(head)
@@ -767,10 +790,8 @@ class DeviceWeb:
 
     async def start(self, host="0.0.0.0", port=80):
         """Listen on host:port (OSError if taken) and return; connections are served by the event loop."""
-        app = self.app
-
         async def serve(reader, writer):
-            if not hasattr(writer, "awrite"):  # CPython streams: add microdot's awrite/aclose
+            if not hasattr(writer, "awrite"):  # CPython streams: add MicroPython's awrite/aclose
                 from types import MethodType
 
                 async def awrite(self, data):
@@ -782,7 +803,7 @@ class DeviceWeb:
                     await self.wait_closed()
                 writer.awrite = MethodType(awrite, writer)
                 writer.aclose = MethodType(aclose, writer)
-            await app.handle_request(reader, writer)
+            await self._handle(reader, writer)
         self.server = await asyncio.start_server(serve, host, port)
         self.port = port
         return self.server

@@ -16,7 +16,7 @@
 import json
 from iotlib.compat import asyncio, ticks_ms, ticks_diff
 from iotlib import log as _logmod
-from iotlib.web import error
+from iotlib.web import error, HANDLED
 
 _log = _logmod.get("ws")
 _CLOSE = 8
@@ -122,10 +122,14 @@ class WSStream:
                 continue
             data = self._cache.get(c.key)
             if data is None:
-                values = snap["values"]
-                if c.fields is not None:
-                    values = {k: values.get(k) for k in c.fields}
-                data = _frame(_TEXT, json.dumps({"seq": snap["seq"], "ts": snap["ts"], "values": values}).encode())
+                try:
+                    values = snap["values"]
+                    if c.fields is not None:
+                        values = {k: values.get(k) for k in c.fields}
+                    data = _frame(_TEXT, json.dumps({"seq": snap["seq"], "ts": snap["ts"], "values": values}).encode())
+                except MemoryError:  # this frame is skipped for this client; the next snapshot is sent as ever
+                    _oom()
+                    continue
                 self._cache[c.key] = data
                 self.frames += 1
             if len(c.queue) >= self.max_queue:
@@ -146,16 +150,15 @@ class WSStream:
 
     # --- one connection --------------------------------------------------------------------------------------------
     async def _handler(self, req):
-        from microdot import Response
         denied = self.web.check(req, self.role)
         if denied is None and len(self.clients) >= self.max_clients:
             denied = error(503, "too many stream clients (max %d)" % self.max_clients, {"Retry-After": "5"})
         if denied is not None:
-            # A WebSocket client (RFC 6455 §4.1) only takes an HTTP/1.1 answer; microdot writes HTTP/1.0.
+            # A WebSocket client (RFC 6455 §4.1) only takes an HTTP/1.1 answer; the device API writes HTTP/1.0.
             body, status, headers = denied
             extra = "".join("%s: %s\r\n" % (k, headers[k]) for k in headers)
             await self.web._raw_answer(req.sock[1], status, body["error"], extra, "1.1")
-            return Response.already_handled
+            return HANDLED
         accept = _accept_key(req)
         if accept is None:
             return error(400, "not a WebSocket upgrade request")
@@ -175,13 +178,15 @@ class WSStream:
         asyncio.create_task(self._session(c))
         if self._pinger is None:
             self._pinger = asyncio.create_task(self._ping_loop())
-        return Response.already_handled
+        return HANDLED
 
     async def _session(self, c):
         sender = asyncio.create_task(self._send_loop(c))
         try:
             await self._recv_loop(c)
         except Exception as e:  # reset, EOF, bad frame: the client is gone
+            if isinstance(e, MemoryError):
+                _oom()
             if not c.dropped:
                 c.dropped = "closed: " + (str(e) or e.__class__.__name__)
         finally:
@@ -327,3 +332,8 @@ class WSStream:
             pass
         if c in self.clients:
             self.clients.remove(c)
+
+
+def _oom():
+    from iotlib import metrics
+    metrics.memory_error("ws")

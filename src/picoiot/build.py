@@ -7,30 +7,13 @@ from pathlib import Path
 
 from . import paths
 
-# microdot modules a device bundle needs: the core only. The firmware's WebSocket stream is its own
-# (iotlib.wsstream); microdot's extensions, `websocket.py` and `helpers.py` included, stay off the board.
+# microdot's core: the hello-world baseline of the memory benches (bench/heaplib.py) runs on it. The device does not:
+# iotlib.web is its own small HTTP server, so a board bundle carries no microdot at all.
 MICRODOT_MODULES = ("__init__.py", "microdot.py")
 
 #: Test equipment under firmware/ that a board bundle never contains: the simulated Pico W (the `picosim` package) and
 #: the launchers that run a controller on it.
 SIMULATOR = ("picosim", "main_sim.py", "boot_romfs.py")
-
-
-#: microdot features a device never uses, left out of the device bundle's copy (`slim_microdot`): every name loaded
-#: costs heap on the board (a function object, and an interned name for each new identifier or short string), and the
-#: names of the stock module push the device past a doubling of MicroPython's interned-name pool (docs/benchmarks.md,
-#: "Device memory"). Keys: "" for module level, else a class; values: the definitions (functions, methods,
-#: attributes) removed. `microdot/__init__.py` re-exports what is left.
-MICRODOT_SLIM = {
-    "": ("urlencode", "abort", "redirect", "send_file"),
-    # iotlib.web._Request parses and builds the device's requests, its App(Microdot) reads the connections
-    "Request": ("__init__", "form", "files", "after_request", "create", "_safe_readline"),
-    "Response": ("types_map", "default_send_file_max_age", "set_cookie", "delete_cookie", "redirect", "send_file"),
-    "Microdot": ("get", "post", "put", "patch", "delete", "query", "mount", "abort", "start_server", "run",
-                 "shutdown", "handle_request"),
-}
-MICRODOT_SLIM_INIT = ("from microdot.microdot import Microdot, Request, Response, URLPattern, AsyncBytesIO, "
-                      "iscoroutine  # noqa: F401  (slimmed for the device: picoiot.build.slim_microdot)\n")
 
 
 class BuildError(RuntimeError):
@@ -44,43 +27,6 @@ def _defined_name(node):
     if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
         return node.targets[0].id
     return None
-
-
-def slim_microdot(text: str) -> str:
-    """microdot.py without the definitions named in MICRODOT_SLIM.
-    Removed lines become blank lines, so line numbers in tracebacks still match the stock source. Raises BuildError
-    when a name to remove is not found (a new microdot release moved things: revisit the list)."""
-    import ast
-    tree = ast.parse(text)
-    lines = text.split("\n")
-    todo = {(scope, name) for scope, names in MICRODOT_SLIM.items() for name in names}
-
-    def blank(node):
-        first = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", ())])
-        for i in range(first - 1, node.end_lineno):
-            lines[i] = ""
-
-    def scan(body, scope):
-        for node in body:
-            name = _defined_name(node)
-            if name is not None and (scope, name) in todo:
-                todo.discard((scope, name))
-                blank(node)
-            elif isinstance(node, ast.ClassDef) and scope == "":
-                scan(node.body, node.name)
-    scan(tree.body, "")
-    if todo:
-        raise BuildError(f"slim_microdot: not found in this microdot: {sorted(map(str, todo))}")
-    out = "\n".join(lines)
-    compile(out, "microdot.py", "exec")
-    return out
-
-
-def _write_if_changed(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not path.exists() or path.read_text() != text:
-        path.write_text(text)
-    return path
 
 
 def source_name(src: Path, root: Path | None = None, package: str = "") -> str:
@@ -157,51 +103,33 @@ def is_simulator(rel: Path) -> bool:
     return top in SIMULATOR or Path(top).with_suffix(".py").name in SIMULATOR
 
 
-def build_firmware(dst_root: Path, with_microdot: bool = True, slim: bool = True, simulator: bool = True) -> list[Path]:
-    """The device bundle: iotlib, the controllers and microdot, all as .mpy. slim: microdot without the features a
-    device never uses (slim_microdot); False: the stock microdot (the hello-world baseline of the benchmarks).
+def build_firmware(dst_root: Path, with_microdot: bool = False, simulator: bool = True) -> list[Path]:
+    """The device bundle: iotlib and the controllers as .mpy. with_microdot: also the stock microdot (the hello-world
+    baseline of the benchmarks; the device does not use it, and a bundle built without it has none left over).
     simulator: also the simulated board and its launchers (SIMULATOR), for running the bundle on the unix port;
     False is the bundle for a board (`picoiot firmware build`), and removes any simulator left in dst_root."""
+    import shutil
     src = [p for p in sorted(paths.FIRMWARE.rglob("*.py"))
            if "__pycache__" not in p.parts and (simulator or not is_simulator(p.relative_to(paths.FIRMWARE)))]
     out = compile_tree(paths.FIRMWARE, dst_root, src)
     if not simulator:
-        import shutil
         for name in SIMULATOR:
             target = dst_root / Path(name).with_suffix(".mpy" if name.endswith(".py") else "")
             if target.is_dir():
                 shutil.rmtree(target)
             else:
                 target.unlink(missing_ok=True)
+    shutil.rmtree(dst_root / ".slim", ignore_errors=True)  # generated sources left by earlier builds: never part of a bundle
     if with_microdot:
         md = paths.microdot_dir()
         files = [md / m for m in MICRODOT_MODULES if (md / m).exists()]
         for old in (dst_root / "microdot").glob("*.mpy"):  # an extension an earlier build shipped
             if old.with_suffix(".py").name not in MICRODOT_MODULES:
                 old.unlink()
-        if slim:  # generated sources under dst_root/.slim (rewritten only when they change, so the .mpy stay cached)
-            gen = dst_root / ".slim" / "microdot"
-            files = [_write_if_changed(gen / "microdot.py", slim_microdot((md / "microdot.py").read_text())) if
-                     f.name == "microdot.py" else
-                     _write_if_changed(gen / "__init__.py", MICRODOT_SLIM_INIT + _version_line(md)) if
-                     f.name == "__init__.py" else f for f in files]
-            out += compile_tree(gen, dst_root / "microdot", [f for f in files if f.parent == gen], "microdot")
-            out += compile_tree(md, dst_root / "microdot", [f for f in files if f.parent != gen], "microdot")
-        else:
-            if (dst_root / ".slim").exists():  # this directory held the slim build: recompile the stock modules
-                import shutil
-                shutil.rmtree(dst_root / ".slim")
-                for f in files:
-                    (dst_root / "microdot" / f.with_suffix(".mpy").name).unlink(missing_ok=True)
-            out += compile_tree(md, dst_root / "microdot", files, "microdot")
+        out += compile_tree(md, dst_root / "microdot", files, "microdot")
+    else:
+        shutil.rmtree(dst_root / "microdot", ignore_errors=True)
     return out
-
-
-def _version_line(md: Path) -> str:
-    for line in (md / "__init__.py").read_text().splitlines():
-        if line.startswith("__version__"):
-            return "\n" + line + "\n"
-    return ""
 
 
 #: What stays outside the ROMFS image: the launcher that mounts it (it must be importable before /rom exists).
@@ -210,7 +138,7 @@ ROMFS_LAUNCHER = "boot_romfs.mpy"
 
 def build_romfs(out: Path, simulator: bool = True) -> Path:
     """The device bundle in `out` (as build_firmware) plus `out/romfs.img`: a ROMFS image (`mpremote romfs build`) of
-    iotlib, the controllers and microdot (with `simulator`: also picosim and main_sim — everything but the launcher).
+    iotlib and the controllers (with `simulator`: also picosim and main_sim — everything but the launcher).
     On a Pico W (MicroPython >= 1.25) `mpremote romfs deploy` writes the same tree to the ROM partition, so the bytecode
     runs in place from flash instead of being loaded into the 192K heap; under the unix port `boot_romfs` mounts the
     image from one buffer."""

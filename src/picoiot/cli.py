@@ -28,7 +28,7 @@ def firmware_test(heap: str = typer.Option("192K", help="MicroPython heap size (
 def firmware_build(out: str = typer.Option("build/firmware", help="output directory"),
                    romfs: bool = typer.Option(False, "--romfs", help="also build OUT/romfs.img (mpremote romfs build)"
                                               " for `mpremote romfs deploy` or the simulated boot_romfs")) -> None:
-    """Compile iotlib, the controllers and microdot to .mpy (the bundle that goes onto a board; the simulated board
+    """Compile iotlib and the controllers to .mpy (the bundle that goes onto a board; the simulated board
     and its launchers are test equipment and stay out)."""
     from pathlib import Path
 

@@ -238,7 +238,7 @@ def demo(data_dir: Path = typer.Option(Path(".picoiot-demo"), "--data-dir", help
          port: int = typer.Option(8080, min=0, max=65535,
                                   help="control-plane port (devices take the next free ones; 0 = any)"),
          heap: Optional[str] = typer.Option(None, help="MicroPython heap per device (-X heapsize) [default: each "
-                                            "kind's measured need: relays 384K, sensors 384K]"),
+                                            "kind's measured need: relays 320K, sensors 384K]"),
          runtime: str = typer.Option("micropython", help="micropython | cpython"),
          duration: Optional[float] = typer.Option(None, help="stop after this many seconds of running (tests)"),
          token_ttl: int = typer.Option(86400, help="lifetime of the printed tokens, seconds")) -> None:

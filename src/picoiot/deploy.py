@@ -107,7 +107,7 @@ def read_settings(path: Path) -> dict:
 
 # ------------------------------------------------------------------------------------------------ the bundle
 def stage_bundle(kind: str, out: Path, cache: Optional[Path] = None) -> Path:
-    """out/ as the board's flash will hold it: iotlib/, microdot/ and the kind's controller as .mpy, main.py as
+    """out/ as the board's flash will hold it: iotlib/ and the kind's controller as .mpy, main.py as
     source (MicroPython runs /main.py at boot, not a .mpy). Compiled into `cache` (default out/../firmware; only what
     changed is recompiled)."""
     cache = cache or out.parent / "firmware"
@@ -251,8 +251,7 @@ def serial_lines(port: str, wait_s: float = 10) -> Callable[[], Optional[str]]:
 
 # ------------------------------------------------------------------------------------------------ freeze
 def freeze(kind: str, out: Path) -> Path:
-    """out/manifest.py plus the sources it names (iotlib without the simulator, the kind's controller, the slimmed
-    microdot) — self-contained, for `make BOARD=RPI_PICO_W FROZEN_MANIFEST=out/manifest.py` in ports/rp2."""
+    """out/manifest.py plus the sources it names (iotlib without the simulator, the kind's controller) — self-contained, for `make BOARD=RPI_PICO_W FROZEN_MANIFEST=out/manifest.py` in ports/rp2."""
     if kind not in KINDS:
         raise DeployError("--kind must be relays or sensors")
     shutil.rmtree(out / "src", ignore_errors=True)
@@ -264,26 +263,14 @@ def freeze(kind: str, out: Path) -> Path:
         shutil.copy(paths.FIRMWARE / "iotlib" / name, lib / name)
     ctl = f"{kind}_controller.py"
     shutil.copy(paths.FIRMWARE / ctl, src / ctl)
-    md = src / "microdot"
-    md.mkdir()
-    mdsrc = paths.microdot_dir()
-    for name in build.MICRODOT_MODULES:
-        if not (mdsrc / name).exists():
-            continue
-        text = (mdsrc / name).read_text()
-        if name == "microdot.py":
-            text = build.slim_microdot(text)
-        elif name == "__init__.py":
-            text = build.MICRODOT_SLIM_INIT + build._version_line(mdsrc)
-        (md / name).write_text(text)
-    lines = ["# picoiot firmware freeze: iotlib, %s and microdot frozen into the firmware image." % ctl[:-3],
+    lines = ["# picoiot firmware freeze: iotlib and %s frozen into the firmware image." % ctl[:-3],
              "# Frozen bytecode runs from flash: neither the code nor its names take heap.",
              "# Build: make -C ports/rp2 BOARD=RPI_PICO_W FROZEN_MANIFEST=%s" % (out.resolve() / "manifest.py"),
              "# then copy main.py and settings.json with `picoiot deploy --frozen`.",
              'include("$(PORT_DIR)/boards/manifest.py")  # the port\'s own frozen modules (asyncio, ...)',
              'package("iotlib", files=%r, base_path="src", opt=3)' % (["iotlib/" + f for f in files],),
              'module("%s", base_path="src", opt=3)' % ctl,
-             'package("microdot", base_path="src", opt=3)', ""]
+             ""]
     (out / "manifest.py").write_text("\n".join(lines))
     return out / "manifest.py"
 
@@ -341,7 +328,7 @@ def _quote(a: str) -> str:
 
 def firmware_freeze(kind: str = typer.Option(..., "--kind", help="relays | sensors"),
                     out: Path = typer.Option(Path("build/freeze"), "--out", help="output directory")) -> None:
-    """Write a MicroPython manifest.py (and the sources it names) freezing iotlib, the controller and microdot."""
+    """Write a MicroPython manifest.py (and the sources it names) freezing iotlib and the controller."""
     try:
         m = freeze(kind, out)
     except DeployError as e:

@@ -69,7 +69,7 @@ def sim(kind: Optional[str] = typer.Option(None, "--kind", help="relays | sensor
                                    help="control-plane URL"),
         runtime: str = typer.Option("micropython", help="micropython | cpython"),
         heap: Optional[str] = typer.Option(None, help="MicroPython heap per device (-X heapsize) [default: the "
-                                                       "kind's measured need: relays 384K, sensors 384K]"),
+                                                       "kind's measured need: relays 320K, sensors 384K]"),
         data_dir: Optional[Path] = typer.Option(None, "--data-dir", envvar="PICOIOT_DATA_DIR",
                                                 help="the server's data dir (to mint an admin token)"),
         token: Optional[str] = typer.Option(None, "--token", envvar="PICOIOT_TOKEN", help="admin token"),

@@ -191,13 +191,14 @@ class ServerChild(Child):
 
 
 #: The heap a simulated device gets by default (`picoiot demo`, `picoiot sim`, the device tests): the 64-bit unix
-#: port's measured minimum for the controller's standard scenario with its code as .mpy (256K / 292K on 2026-12-03,
-#: bench/device_memory.py, docs/benchmarks.md "Device memory"), plus the simulated board these runs load into the heap,
-#: plus room for a long run; relays 384K since the long-poll and the shadow rules (a relays device ran out of heap at
-#: 320K and 352K under generated requests and ~100 relay switches, not at 384K). An OTA update of the whole bundle needs
-#: about that much too (relays: 384K). A Pico W's own figures
-#: (32-bit, simulator out of the count) are smaller: docs/benchmarks.md.
-DEFAULT_HEAP = {"relays": "384K", "sensors": "384K"}
+#: port's measured minimum for the controller's standard scenario with its code as .mpy (relays 248K, sensors 288K on
+#: 2026-12-03, bench/device_memory.py, docs/benchmarks.md "Device memory after issue 11 cuts"), plus the simulated board
+#: these runs load into the heap (≈ 20K), plus room for what the device tests do beyond the scenario (generated
+#: requests, ~100 relay switches, request lines at the documented 2,048-byte limit; the seed's sensors example ran out
+#: of heap at 336K, so sensors keeps 384K). An OTA update of the whole bundle is installed by an update boot and fits in
+#: the same heap. A Pico W's own figures (32-bit, simulator out of the count) are
+#: smaller: docs/benchmarks.md.
+DEFAULT_HEAP = {"relays": "320K", "sensors": "384K"}
 
 
 class DeviceChild(Child):

@@ -167,3 +167,13 @@ def test_last_seen_moves_with_heartbeats_and_is_flushed(server_factory):
 
     wait_until(lambda: (stored()[1] or {}).get("seq") == 7)
     assert stored()[0] >= before and stored()[1]["mem_free"] == 1234
+
+
+def test_memory_errors_a_device_survived_are_stored_and_shown_with_its_status(server):
+    d = server.register("relay-1")
+    r = _hb(server, d, seq=5, mem_free=4000, mem_errors={"ws": 2, "config": 1})
+    assert r.status_code == 200
+    assert _device(server)["heartbeat"]["mem_errors"] == {"ws": 2, "config": 1}
+    for bad in ({"Ws\u0000": 1}, {"ws": -1}, {f"w{'x' * i}": 1 for i in range(9)}):
+        r = _hb(server, d, seq=6, mem_errors=bad)
+        assert r.status_code == 422 and r.json()["detail"]["path"].startswith("mem_errors"), (bad, r.text)

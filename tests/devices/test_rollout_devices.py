@@ -17,9 +17,11 @@ import pytest
 
 from devtest import MP_DIR, NS, RUNTIME, SCRIPTS, wait_until
 from picoiot import ota_cli
+from picoiot.procs import DEFAULT_HEAP
 
 N = 20
-OTA_HEAP = os.environ.get("PICOIOT_TEST_HEAP_OTA", "448K")
+#: the devices' normal heap: an update is installed by an update boot, with nothing else loaded (docs/ota.md)
+OTA_HEAP = os.environ.get("PICOIOT_TEST_HEAP_OTA", DEFAULT_HEAP["relays"])
 RO = f"/api/v1/namespaces/{NS}/ota/rollouts"
 #: a canary of 2, then 25 % (3 more), then the other 15
 SIZES = [2, 5, 20]

@@ -44,7 +44,7 @@ def test_unload_of_a_module_that_is_not_loaded_is_a_no_op():
 
 def test_device_without_ota_key_counts_boots_without_loading_otaboot():
     # No key and nothing an update left on flash: the safe-mode counter is kept (same file, same rule) but otaboot's
-    # code and its ~26 interned names never load. With a key, or once an update left a result, OTABoot does the work.
+    # code and its ~26 interned names never load, key or not. Once an update left a result, OTABoot does the work.
     import sys
     from iotlib import fsutil
     from iotlib.device import Device, _unload
@@ -58,7 +58,7 @@ def test_device_without_ota_key_counts_boots_without_loading_otaboot():
     for i in range(Device.safe_mode_after):
         d = _D("ssid", "pw", "dev-2", "k" * 64, "http://127.0.0.1:1/api/devices", flash_dir=flash)
         d.boot()
-        assert not d.safe_mode and d.ota_boot["boots"] == i + 1 and d.ota is None
+        assert not d.safe_mode and d.ota_boot["boots"] == i + 1 and d.trial is None
     d = _D("ssid", "pw", "dev-2", "k" * 64, "http://127.0.0.1:1/api/devices", flash_dir=flash)
     d.boot()
     assert d.safe_mode
@@ -92,3 +92,54 @@ def test_a_boot_counter_file_of_the_wrong_shape_counts_as_zero_and_boots():
     fsutil.makedirs(root + "/ota")
     fsutil.write_atomic(root + "/ota/boots.json", "[1, 2]")
     assert OTABoot(root).boot()["boots"] == 1
+
+
+def _trial_boot(tag, files=()):
+    # a device booting the first time into the trial of version 2.0 (replacing `files`, whose old copies are in
+    # ota/old): what an installed update leaves on flash
+    from iotlib import fsutil
+    from iotlib.device import Device
+
+    class _D(Device):
+        def setup_domain(self, config):
+            pass
+
+    flash = fwtest.tmpdir(tag)
+    fsutil.makedirs(flash + "/ota/old")
+    for name in files:
+        fsutil.write_atomic(flash + "/" + name, "v2")
+        fsutil.write_atomic(flash + "/ota/old/" + name, "v1")
+    fsutil.write_json_atomic(flash + "/ota.json", {"state": "trial", "version": "2.0", "previous": "1.0",
+                                                   "trial_boots": 0, "files": list(files), "created": []})
+    d = _D("ssid", "pw", "dev-" + tag, "k" * 64, "http://127.0.0.1:1/api/devices", flash_dir=flash)
+    d.boot()
+    return d, flash
+
+
+def test_a_trial_boot_keeps_no_ota_code_loaded_and_healthy_commits_it():
+    # The trial boot runs the device's normal work (it must, to reach healthy): OTABoot (~5K) is loaded only to find
+    # the trial and again to commit it, so a trial needs no more heap than normal work.
+    import sys
+    from iotlib import fsutil
+    d, flash = _trial_boot("ota-trial")
+    assert d.trial == "2.0" and "iotlib.otaboot" not in sys.modules
+    d._became_healthy()
+    assert d.trial is None and "iotlib.otaboot" not in sys.modules
+    assert fsutil.read_json(flash + "/ota/result.json") == {"version": "2.0", "status": "installed"}
+    assert fsutil.read_json(flash + "/ota/current.json") == {"version": "2.0"} and not fsutil.exists(flash + "/ota.json")
+
+
+def test_a_trial_not_healthy_in_time_is_rolled_back_and_resets():
+    # Device._trial_watch: the trial boot's deadline, kept without OTABoot loaded (it is loaded to roll back)
+    from iotlib import fsutil, hal
+    d, flash = _trial_boot("ota-trial-late", ("main.py",))
+    assert d.trial == "2.0"
+    d._trial_s = 0
+    try:
+        fwtest.run(d._trial_watch())
+        reset = False
+    except hal.SimulatedReset:
+        reset = True
+    with open(flash + "/main.py") as f:
+        assert reset and f.read() == "v1"
+    assert fsutil.read_json(flash + "/ota/result.json")["status"] == "rolled_back"

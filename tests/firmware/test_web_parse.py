@@ -11,7 +11,7 @@ from test_web import make_web, serve, token
 def test_header_names_in_any_case_bare_lf_heads_head_and_405_on_a_fixed_path():
     # DeviceWeb parses the head itself (iotlib.web._Request): names are matched in any case, a bare-LF head and a
     # header without the space after its colon are taken; a fixed path is found by one lookup, and HEAD, a query
-    # string and a wrong method there still get microdot's answers.
+    # string and a wrong method there still get their answers.
     tok = token("viewer").encode()
 
     async def t(web, port, state):
@@ -89,7 +89,7 @@ def test_an_authenticated_request_leaves_little_garbage():
             gc.collect()
             gc.disable()
             a = gc.mem_alloc()
-            await web._handle(web.app, r, w)
+            await web._handle(r, w)
             used.append(gc.mem_alloc() - a)
             gc.enable()
             assert Writer.out.startswith(b"HTTP/1.0 200 OK\r\n") and Writer.out.endswith(b'{"n": 0}'), Writer.out

@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel as _PydanticModel
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, StringConstraints, model_validator
 from pydantic_core import PydanticCustomError
 
 INT32 = 2**31 - 1
@@ -215,6 +215,9 @@ class HeartbeatIn(BaseModel):
     uptime: float | None = Field(default=None, ge=0, le=TS_MAX)
     mem_free: int | None = Field(default=None, ge=0, le=TS_MAX)
     mem_min: int | None = Field(default=None, ge=0, le=TS_MAX)  # lowest free heap since boot (the device's /info mem_free_min)
+    #: MemoryErrors the device survived since boot, by where ("request", "ws", "config", "alarms", "ota")
+    mem_errors: dict[Annotated[str, StringConstraints(max_length=16, pattern=r"^[a-z_]+$")],
+                     Annotated[int, Field(ge=0, le=TS_MAX)]] | None = Field(default=None, max_length=8)
     rssi: int | None = Field(default=None, ge=-200, le=200)
     reconnects: int | None = Field(default=None, ge=0, le=TS_MAX)
     firmware: str | None = Field(default=None, max_length=64, pattern=r"^[^\x00]*$")

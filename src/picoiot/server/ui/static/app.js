@@ -233,6 +233,7 @@
         ...[["state", h("span", { class: `state st-${state}`, id: "device-state", text: state })], ["type", d.device_type || "—"],
           ["group", d.group || "—"], ["last seen", ago(d.last_seen)], ["firmware", hb.firmware || d.firmware || "—"],
           ["uptime", dur(hb.uptime)], ["heap free / lowest", `${kb(hb.mem_free)} / ${kb(hb.mem_min)}`],
+          ["memory errors", hb.mem_errors ? Object.entries(hb.mem_errors).map(([k, n]) => `${k}: ${n}`).join(", ") : "none"],
           ["RSSI", hb.rssi == null ? "—" : `${hb.rssi} dBm`], ["address", d.address || "—"]]
           .map(([k, v]) => [h("dt", { text: k }), h("dd", {}, v)]).flat()));
       drawRelays(shadow.state);
