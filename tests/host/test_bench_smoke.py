@@ -1,6 +1,9 @@
 """The firmware memory benchmark's workload must keep working, or its figure silently means nothing: one run of
-bench/mp_iotlib_all.py under the real MicroPython unix port from .mpy at the Pico-sized 192K heap (no bisection),
-and one under CPython."""
+bench/mp_iotlib_all.py under the real MicroPython unix port from .mpy (no bisection), and one under CPython.
+
+The run's heap is a fixed margin above the workload's 64-bit minimum (192–200K on 2026-12-03: 192K failed 1 run in 6),
+so this checks that the workload runs, not a budget: the figure is the bench's (docs/benchmarks.md), the budget
+guards are tests/host/test_device_memory_smoke.py."""
 import os
 import subprocess
 import sys
@@ -16,10 +19,14 @@ def _passed(proc):
     return proc.returncode == 0 and "\nOK max_stall_ms=" in "\n" + proc.stdout and "MemoryError" not in out
 
 
-def test_iotlib_workload_completes_under_micropython_at_192k():
+#: K, see the module's docstring
+WORKLOAD_HEAP_K = 224
+
+
+def test_iotlib_workload_completes_under_micropython():
     heaplib.bundle()
     heaplib.compile_script(BENCH / "mp_iotlib_all.py")
-    proc = heaplib.run_module("mp_iotlib_all", 192, timeout=120)
+    proc = heaplib.run_module("mp_iotlib_all", WORKLOAD_HEAP_K, timeout=120)
     assert _passed(proc), proc.stdout[-1500:] + proc.stderr[-1500:]
 
 
