@@ -5,15 +5,12 @@ import os
 import subprocess
 from pathlib import Path
 
-from . import paths
+from . import bundles, paths
 
-# microdot modules a device bundle needs: the core only. The firmware's WebSocket stream is its own
-# (iotlib.wsstream); microdot's extensions, `websocket.py` and `helpers.py` included, stay off the board.
-MICRODOT_MODULES = ("__init__.py", "microdot.py")
-
-#: Test equipment under firmware/ that a board bundle never contains: the simulated Pico W (the `picosim` package) and
-#: the launchers that run a controller on it.
-SIMULATOR = ("picosim", "main_sim.py", "boot_romfs.py")
+#: The bundle manifests (bundles/<unit>/manifest.py) a build reads: what goes onto a board, and that plus the simulated
+#: board for the unix port.
+BOARD_UNIT = "board"
+SIM_UNIT = "sim"
 
 
 #: microdot features a device never uses, left out of the device bundle's copy (`slim_microdot`): every name loaded
@@ -151,23 +148,35 @@ def compile_tree(src_root: Path, dst_root: Path, files: list[Path] | None = None
     return out
 
 
+def simulator_names() -> set[str]:
+    """The top-level names (packages, module files) of the test equipment a board bundle never contains."""
+    return bundles.tops(SIM_UNIT) - bundles.tops(BOARD_UNIT)
+
+
 def is_simulator(rel: Path) -> bool:
     """rel (relative to firmware/ or to a build directory, .py or .mpy) is test equipment, not board code."""
     top = rel.parts[0]
-    return top in SIMULATOR or Path(top).with_suffix(".py").name in SIMULATOR
+    sim = simulator_names()
+    return top in sim or Path(top).with_suffix(".py").name in sim
+
+
+def microdot_modules() -> tuple[str, ...]:
+    """The microdot modules a device bundle holds (bundles/microdot/manifest.py: the core only)."""
+    return tuple(f.rel.split("/", 1)[1] for f in bundles.read("microdot"))
 
 
 def build_firmware(dst_root: Path, with_microdot: bool = True, slim: bool = True, simulator: bool = True) -> list[Path]:
-    """The device bundle: iotlib, the controllers and microdot, all as .mpy. slim: microdot without the features a
-    device never uses (slim_microdot); False: the stock microdot (the hello-world baseline of the benchmarks).
-    simulator: also the simulated board and its launchers (SIMULATOR), for running the bundle on the unix port;
-    False is the bundle for a board (`picoiot firmware build`), and removes any simulator left in dst_root."""
-    src = [p for p in sorted(paths.FIRMWARE.rglob("*.py"))
-           if "__pycache__" not in p.parts and (simulator or not is_simulator(p.relative_to(paths.FIRMWARE)))]
+    """The device bundle as .mpy: what bundles/board/manifest.py names (iotlib, the controllers, main and microdot).
+    slim: microdot without the features a device never uses (slim_microdot); False: the stock microdot (the
+    hello-world baseline of the benchmarks). simulator: bundles/sim/manifest.py instead, the board bundle plus the
+    simulated board and its launchers, for running the bundle on the unix port; False is the bundle for a board
+    (`picoiot firmware build`), and removes any simulator left in dst_root."""
+    files = bundles.read(SIM_UNIT if simulator else BOARD_UNIT)
+    src = sorted(f.src for f in files if f.base == paths.FIRMWARE)
     out = compile_tree(paths.FIRMWARE, dst_root, src)
     if not simulator:
         import shutil
-        for name in SIMULATOR:
+        for name in simulator_names():
             target = dst_root / Path(name).with_suffix(".mpy" if name.endswith(".py") else "")
             if target.is_dir():
                 shutil.rmtree(target)
@@ -175,9 +184,10 @@ def build_firmware(dst_root: Path, with_microdot: bool = True, slim: bool = True
                 target.unlink(missing_ok=True)
     if with_microdot:
         md = paths.microdot_dir()
-        files = [md / m for m in MICRODOT_MODULES if (md / m).exists()]
+        modules = microdot_modules()
+        files = [md / m for m in modules]
         for old in (dst_root / "microdot").glob("*.mpy"):  # an extension an earlier build shipped
-            if old.with_suffix(".py").name not in MICRODOT_MODULES:
+            if old.with_suffix(".py").name not in modules:
                 old.unlink()
         if slim:  # generated sources under dst_root/.slim (rewritten only when they change, so the .mpy stay cached)
             gen = dst_root / ".slim" / "microdot"

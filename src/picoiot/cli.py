@@ -57,12 +57,17 @@ def firmware_build(out: str = typer.Option("build/firmware", help="output direct
     and its launchers are test equipment and stay out)."""
     from pathlib import Path
 
-    from .build import build_firmware, build_romfs
-    files = build_firmware(Path(out), simulator=False)
-    typer.echo(f"{len(files)} files in {out}")
-    if romfs:
-        img = build_romfs(Path(out), simulator=False)
-        typer.echo(f"ROMFS image {img} ({img.stat().st_size} bytes)")
+    from .build import BuildError, build_firmware, build_romfs
+    from .bundles import ManifestError
+    try:
+        files = build_firmware(Path(out), simulator=False)
+        typer.echo(f"{len(files)} files in {out}")
+        if romfs:
+            img = build_romfs(Path(out), simulator=False)
+            typer.echo(f"ROMFS image {img} ({img.stat().st_size} bytes)")
+    except (BuildError, ManifestError, FileNotFoundError, ModuleNotFoundError) as e:  # a plain install: no tools
+        raise CliError(f"{e} — the firmware is built from the repository's checkout with its firmware tools "
+                       "(./dev setup)") from None
 
 
 def _register_optional() -> None:
