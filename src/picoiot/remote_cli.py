@@ -24,6 +24,11 @@ def _print_json(obj: Any) -> None:
     Console().print_json(json.dumps(obj))
 
 
+def _show(url: Optional[str], tok: Optional[str], data_dir: Optional[Path], namespace: str, path: str) -> None:
+    """A viewer's GET of one document of the namespace, printed as JSON."""
+    _print_json(connect(url, tok, data_dir, namespace, "viewer").call("GET", f"/api/v1/namespaces/{namespace}{path}"))
+
+
 def _parse_assignments(pairs: list[str]) -> dict:
     """`a.b=5 c=on d=null` → {"a": {"b": 5}, "c": "on", "d": None}: values are JSON if they parse, else strings."""
     out: dict = {}
@@ -84,8 +89,7 @@ def devices_list(namespace: str = Ns, online: Optional[bool] = typer.Option(None
 def devices_show(device_id: str, namespace: str = Ns, url: Optional[str] = Url, tok: Optional[str] = Tok,
                  data_dir: Optional[Path] = DataDir) -> None:
     """One device record."""
-    _print_json(connect(url, tok, data_dir, namespace, "viewer").call(
-        "GET", f"/api/v1/namespaces/{namespace}/devices/{device_id}"))
+    _show(url, tok, data_dir, namespace, f"/devices/{device_id}")
 
 
 @devices_app.command("group")
@@ -112,8 +116,7 @@ def devices_delete(device_id: str, namespace: str = Ns, url: Optional[str] = Url
 def config_show(device_id: str, namespace: str = Ns, url: Optional[str] = Url, tok: Optional[str] = Tok,
                 data_dir: Optional[Path] = DataDir) -> None:
     """Effective config, overrides and the device's last report."""
-    _print_json(connect(url, tok, data_dir, namespace, "viewer").call(
-        "GET", f"/api/v1/namespaces/{namespace}/devices/{device_id}/config"))
+    _show(url, tok, data_dir, namespace, f"/devices/{device_id}/config")
 
 
 @config_app.command("set")
@@ -144,8 +147,7 @@ def config_group(name: str, assignments: list[str] = typer.Argument(None, help="
 def state_show(device_id: str, shadow: str = typer.Option("default"), namespace: str = Ns,
                url: Optional[str] = Url, tok: Optional[str] = Tok, data_dir: Optional[Path] = DataDir) -> None:
     """A shadow document (desired, reported, delta, version)."""
-    _print_json(connect(url, tok, data_dir, namespace, "viewer").call(
-        "GET", f"/api/v1/namespaces/{namespace}/devices/{device_id}/shadows/{shadow}"))
+    _show(url, tok, data_dir, namespace, f"/devices/{device_id}/shadows/{shadow}")
 
 
 @state_app.command("set")
