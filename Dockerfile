@@ -1,7 +1,7 @@
-# The control plane only (`picoiot server`), for a fleet that outgrows one machine: stateless replicas on one
-# PostgreSQL database (PICOIOT_DB), long-polls woken across replicas by LISTEN/NOTIFY. Runs as a non-root user; the
-# signing and enrollment keys come from a mounted secrets.json (deploy/kubernetes/: a Secret). docs/control-plane.md,
-# "Deployment".
+# The control plane only (`picoiot server`; the plain install, without the `firmware` extra), for a fleet that
+# outgrows one machine: stateless replicas on one PostgreSQL database (PICOIOT_DB), long-polls woken across replicas
+# by LISTEN/NOTIFY. Runs as a non-root user; the signing and enrollment keys come from a mounted secrets.json
+# (deploy/kubernetes/: a Secret). docs/control-plane.md, "Deployment".
 #   docker build -t picoiot-control-plane .
 #   docker run -e PICOIOT_DB=postgresql://user:pass@db:5432/picoiot -p 8080:8080 picoiot-control-plane
 FROM python:3.12-slim AS build

@@ -5,15 +5,12 @@ import os
 import subprocess
 from pathlib import Path
 
-from . import paths
+from . import bundles, paths
 
-# microdot's core: the hello-world baseline of the memory benches (bench/heaplib.py) runs on it. The device does not:
-# iotlib.web is its own small HTTP server, so a board bundle carries no microdot at all.
-MICRODOT_MODULES = ("__init__.py", "microdot.py")
-
-#: Test equipment under firmware/ that a board bundle never contains: the simulated Pico W (the `picosim` package) and
-#: the launchers that run a controller on it.
-SIMULATOR = ("picosim", "main_sim.py", "boot_romfs.py")
+#: The bundle manifests (bundles/<unit>/manifest.py) a build reads: what goes onto a board, and that plus the simulated
+#: board for the unix port.
+BOARD_UNIT = "board"
+SIM_UNIT = "sim"
 
 
 class BuildError(RuntimeError):
@@ -97,34 +94,47 @@ def compile_tree(src_root: Path, dst_root: Path, files: list[Path] | None = None
     return out
 
 
+def simulator_names() -> set[str]:
+    """The top-level names (packages, module files) of the test equipment a board bundle never contains."""
+    return bundles.tops(SIM_UNIT) - bundles.tops(BOARD_UNIT)
+
+
 def is_simulator(rel: Path) -> bool:
     """rel (relative to firmware/ or to a build directory, .py or .mpy) is test equipment, not board code."""
     top = rel.parts[0]
-    return top in SIMULATOR or Path(top).with_suffix(".py").name in SIMULATOR
+    sim = simulator_names()
+    return top in sim or Path(top).with_suffix(".py").name in sim
+
+
+def microdot_modules() -> tuple[str, ...]:
+    """The microdot modules of the benches' hello-world baseline (bundles/microdot/manifest.py: the core only)."""
+    return tuple(f.rel.split("/", 1)[1] for f in bundles.read("microdot"))
 
 
 def build_firmware(dst_root: Path, with_microdot: bool = False, simulator: bool = True) -> list[Path]:
-    """The device bundle: iotlib and the controllers as .mpy. with_microdot: also the stock microdot (the hello-world
-    baseline of the benchmarks; the device does not use it, and a bundle built without it has none left over).
-    simulator: also the simulated board and its launchers (SIMULATOR), for running the bundle on the unix port;
-    False is the bundle for a board (`picoiot firmware build`), and removes any simulator left in dst_root."""
+    """The device bundle as .mpy: what bundles/board/manifest.py names (iotlib, the controllers, main).
+    with_microdot: also the stock microdot (bundles/microdot: the hello-world baseline of the benchmarks; the device
+    does not use it, and a bundle built without it has none left over). simulator: bundles/sim/manifest.py instead,
+    the board bundle plus the simulated board and its launchers, for running the bundle on the unix port; False is
+    the bundle for a board (`picoiot firmware build`), and removes any simulator left in dst_root."""
     import shutil
-    src = [p for p in sorted(paths.FIRMWARE.rglob("*.py"))
-           if "__pycache__" not in p.parts and (simulator or not is_simulator(p.relative_to(paths.FIRMWARE)))]
+    files = bundles.read(SIM_UNIT if simulator else BOARD_UNIT)
+    src = sorted(f.src for f in files if f.base == paths.FIRMWARE)
     out = compile_tree(paths.FIRMWARE, dst_root, src)
     if not simulator:
-        for name in SIMULATOR:
+        for name in simulator_names():
             target = dst_root / Path(name).with_suffix(".mpy" if name.endswith(".py") else "")
             if target.is_dir():
                 shutil.rmtree(target)
             else:
                 target.unlink(missing_ok=True)
-    shutil.rmtree(dst_root / ".slim", ignore_errors=True)  # generated sources left by earlier builds: never part of a bundle
+    shutil.rmtree(dst_root / ".slim", ignore_errors=True)  # sources an older build generated: never in a bundle
     if with_microdot:
         md = paths.microdot_dir()
-        files = [md / m for m in MICRODOT_MODULES if (md / m).exists()]
+        modules = microdot_modules()
+        files = [md / m for m in modules]
         for old in (dst_root / "microdot").glob("*.mpy"):  # an extension an earlier build shipped
-            if old.with_suffix(".py").name not in MICRODOT_MODULES:
+            if old.with_suffix(".py").name not in modules:
                 old.unlink()
         out += compile_tree(md, dst_root / "microdot", files, "microdot")
     else:

@@ -1,9 +1,34 @@
-"""The `picoiot` command."""
+"""The `picoiot` command: the root that every command module registers itself on.
+
+| module | commands |
+|---|---|
+| `server_cli` | `server` (serving) |
+| `admin_cli` | `provision`, `token`, `ui-link` (the secrets, on the data directory) |
+| `remote_cli`, `ota_cli` | `devices`, `config`, `state`, `alarms`; `ota` (over HTTP through `remote`) |
+| `device_cli`, `demo`, `deploy`, this module | `sim`; `demo`; `deploy`; `firmware` |
+
+`cliopts` holds the options they share and the one-line failure.
+"""
 from __future__ import annotations
 
 import typer
+from typer.core import TyperGroup
 
-app = typer.Typer(help="picoiot: Pico W IoT platform — control plane, simulation and device tooling.",
+from .cliopts import CliError, fail
+
+
+class _Root(TyperGroup):
+    """Every command's CliError (a server's refusal, an unreachable server, a file that cannot be used) becomes the
+    same one line and exit status 2, at this one boundary."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except CliError as e:
+            fail(str(e))
+
+
+app = typer.Typer(cls=_Root, help="picoiot: Pico W IoT platform — control plane, simulation and device tooling.",
                   no_args_is_help=True)
 firmware_app = typer.Typer(help="Build and test the MicroPython firmware.", no_args_is_help=True)
 app.add_typer(firmware_app, name="firmware")
@@ -32,18 +57,23 @@ def firmware_build(out: str = typer.Option("build/firmware", help="output direct
     and its launchers are test equipment and stay out)."""
     from pathlib import Path
 
-    from .build import build_firmware, build_romfs
-    files = build_firmware(Path(out), simulator=False)
-    typer.echo(f"{len(files)} files in {out}")
-    if romfs:
-        img = build_romfs(Path(out), simulator=False)
-        typer.echo(f"ROMFS image {img} ({img.stat().st_size} bytes)")
+    from .build import BuildError, build_firmware, build_romfs
+    from .bundles import ManifestError
+    try:
+        files = build_firmware(Path(out), simulator=False)
+        typer.echo(f"{len(files)} files in {out}")
+        if romfs:
+            img = build_romfs(Path(out), simulator=False)
+            typer.echo(f"ROMFS image {img} ({img.stat().st_size} bytes)")
+    except (BuildError, ManifestError, FileNotFoundError, ModuleNotFoundError) as e:  # a plain install: no tools
+        raise CliError(f"{e} — the firmware is built from the repository's checkout with its firmware tools "
+                       "(./dev setup)") from None
 
 
 def _register_optional() -> None:
     # Commands living in their own modules register themselves here; a missing module must not break the CLI.
     import importlib
-    for name in ("server_cli", "device_cli", "demo", "ota_cli", "deploy"):
+    for name in ("server_cli", "admin_cli", "remote_cli", "device_cli", "demo", "ota_cli", "deploy"):
         try:
             mod = importlib.import_module(f"picoiot.{name}")
         except ModuleNotFoundError as e:

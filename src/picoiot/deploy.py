@@ -20,7 +20,7 @@ from typing import Callable, Optional
 
 import typer
 
-from . import build, paths
+from . import build, bundles, paths
 
 KINDS = ("relays", "sensors")
 SETTINGS_NAME = "settings.json"
@@ -251,26 +251,29 @@ def serial_lines(port: str, wait_s: float = 10) -> Callable[[], Optional[str]]:
 
 # ------------------------------------------------------------------------------------------------ freeze
 def freeze(kind: str, out: Path) -> Path:
-    """out/manifest.py plus the sources it names (iotlib without the simulator, the kind's controller) — self-contained, for `make BOARD=RPI_PICO_W FROZEN_MANIFEST=out/manifest.py` in ports/rp2."""
+    """out/manifest.py plus the sources it names (what bundles/<kind>/manifest.py names: iotlib and the kind's
+    controller) — self-contained, for `make BOARD=RPI_PICO_W FROZEN_MANIFEST=out/manifest.py` in ports/rp2."""
     if kind not in KINDS:
         raise DeployError("--kind must be relays or sensors")
     shutil.rmtree(out / "src", ignore_errors=True)
     src = out / "src"
-    lib = src / "iotlib"
-    lib.mkdir(parents=True)
-    files = sorted(p.name for p in (paths.FIRMWARE / "iotlib").glob("*.py") if not p.name.startswith("sim"))
-    for name in files:
-        shutil.copy(paths.FIRMWARE / "iotlib" / name, lib / name)
-    ctl = f"{kind}_controller.py"
-    shutil.copy(paths.FIRMWARE / ctl, src / ctl)
-    lines = ["# picoiot firmware freeze: iotlib and %s frozen into the firmware image." % ctl[:-3],
+    firmware = [f for f in bundles.read(kind) if f.base == paths.FIRMWARE]
+    for f in firmware:
+        (src / f.rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(f.src, src / f.rel)
+    packages = sorted({f.top for f in firmware if "/" in f.rel})
+    modules = sorted(f.rel for f in firmware if "/" not in f.rel)
+    lines = ["# picoiot firmware freeze: %s frozen into the firmware image." % ", ".join(
+                 packages + [m[:-3] for m in modules]),
              "# Frozen bytecode runs from flash: neither the code nor its names take heap.",
              "# Build: make -C ports/rp2 BOARD=RPI_PICO_W FROZEN_MANIFEST=%s" % (out.resolve() / "manifest.py"),
              "# then copy main.py and settings.json with `picoiot deploy --frozen`.",
-             'include("$(PORT_DIR)/boards/manifest.py")  # the port\'s own frozen modules (asyncio, ...)',
-             'package("iotlib", files=%r, base_path="src", opt=3)' % (["iotlib/" + f for f in files],),
-             'module("%s", base_path="src", opt=3)' % ctl,
-             ""]
+             'include("$(PORT_DIR)/boards/manifest.py")  # the port\'s own frozen modules (asyncio, ...)']
+    for pkg in packages:  # files relative to the package, as MicroPython's manifestfile reads them
+        files = [f.rel.split("/", 1)[1] for f in firmware if f.top == pkg]
+        lines.append('package("%s", files=%r, base_path="src", opt=3)' % (pkg, files))
+    lines += ['module("%s", base_path="src", opt=3)' % m for m in modules]
+    lines.append("")
     (out / "manifest.py").write_text("\n".join(lines))
     return out / "manifest.py"
 

@@ -65,8 +65,8 @@ def sim(kind: Optional[str] = typer.Option(None, "--kind", help="relays | sensor
         settings: Optional[Path] = typer.Option(None, "--settings", help="run one device from a board settings file "
                                                 "(picoiot provision --board-settings) through the board's main.py"),
         count: int = typer.Option(1, "--count", min=1, max=64, help="how many devices"),
-        server: str = typer.Option("http://127.0.0.1:8080", "--server", envvar="PICOIOT_URL",
-                                   help="control-plane URL"),
+        server: str = typer.Option("http://127.0.0.1:8080", "--url", "--server", envvar="PICOIOT_URL",
+                                   help="control-plane URL (--server: the old spelling)"),
         runtime: str = typer.Option("micropython", help="micropython | cpython"),
         heap: Optional[str] = typer.Option(None, help="MicroPython heap per device (-X heapsize) [default: the "
                                                        "kind's measured need: relays 320K, sensors 384K]"),

@@ -1,7 +1,9 @@
-"""`picoiot ota keygen|publish|assign|status` (docs/ota.md).
+"""`picoiot ota keygen|set-key|publish|assign|status|rollout …` (docs/ota.md).
 
 The private key never leaves the publisher's machine: `publish` signs the manifest locally and uploads the manifest
 text, its signature and the files; the control plane checks the signature against the namespace's public key.
+The functions below the commands' level (`publish`, `assign`, `rollout_create`, …) take a URL and a token and are what
+tests and benches drive; the commands add the remote commands' options and their token minting (`picoiot.remote`).
 """
 from __future__ import annotations
 
@@ -11,19 +13,16 @@ import os
 from pathlib import Path
 from typing import Optional
 
-import httpx
 import typer
+
+from .cliopts import CliError, DataDir, Namespace, Token, Url
+from .remote import Remote, resolve
 
 ota_app = typer.Typer(help="Over-the-air updates: signing keys, releases, assignments.", no_args_is_help=True)
 
-_SERVER = typer.Option("http://127.0.0.1:8080", "--url", "--server", envvar="PICOIOT_URL",
-                       help="control plane base URL (--server: the old name)")
-_TOKEN = typer.Option(..., "--token", envvar="PICOIOT_TOKEN", help="operator token (admin to publish/assign)")
-_NS = typer.Option("default", "--namespace", "-n")
 
-
-class OTACliError(Exception):
-    pass
+class OTACliError(CliError):
+    """A release or a stage list that cannot be used (the server's refusals are `picoiot.remote.RemoteError`)."""
 
 
 def keygen(path: Path) -> str:
@@ -59,93 +58,80 @@ def build_release(src: Path, version: str) -> tuple[str, dict[str, bytes]]:
     return json.dumps({"version": version, "files": files}, separators=(",", ":")), blobs
 
 
-def _check(r: httpx.Response, what: str) -> dict:
-    if r.status_code >= 400:
-        try:
-            err = r.json().get("error")
-        except ValueError:
-            err = r.text[:200]
-        raise OTACliError(f"{what}: HTTP {r.status_code}: {err}")
-    return r.json() if r.content else {}
-
-
 def publish(server: str, token: str, ns: str, src: Path, version: str, key_path: Path) -> dict:
     """Sign and upload a release; sets the namespace's public key to this key's if none is set yet."""
     sk = load_key(key_path)
     text, blobs = build_release(src, version)
     sig = sk.sign(text.encode()).signature.hex()
-    base = f"{server.rstrip('/')}/api/v1/namespaces/{ns}/ota"
-    with httpx.Client(headers={"Authorization": f"Bearer {token}"}, timeout=30) as c:
+    with Remote(server, token) as api:
+        base = f"/api/v1/namespaces/{ns}/ota"
         for sha, data in blobs.items():
-            _check(c.put(f"{base}/files/{sha}", content=data,
-                         headers={"Content-Type": "application/octet-stream"}), f"upload {sha[:12]}")
-        return _check(c.post(f"{base}/releases", json={"manifest": text, "signature": sig}), "publish")
+            api.call("PUT", f"{base}/files/{sha}", f"upload {sha[:12]}", content=data,
+                     headers={"Content-Type": "application/octet-stream"})
+        return api.call("POST", f"{base}/releases", "publish", json={"manifest": text, "signature": sig})
 
 
 def set_key(server: str, token: str, ns: str, public_key: str) -> dict:
-    with httpx.Client(headers={"Authorization": f"Bearer {token}"}, timeout=30) as c:
-        return _check(c.put(f"{server.rstrip('/')}/api/v1/namespaces/{ns}/ota/key", json={"public_key": public_key}),
-                      "set key")
+    with Remote(server, token) as api:
+        return api.call("PUT", f"/api/v1/namespaces/{ns}/ota/key", json={"public_key": public_key})
 
 
 def assign(server: str, token: str, ns: str, version: Optional[str], device: Optional[str],
            group: Optional[str]) -> dict:
-    with httpx.Client(headers={"Authorization": f"Bearer {token}"}, timeout=30) as c:
-        return _check(c.put(f"{server.rstrip('/')}/api/v1/namespaces/{ns}/ota/assignments",
-                             json={"version": version, "device": device, "group": group}), "assign")
+    with Remote(server, token) as api:
+        return api.call("PUT", f"/api/v1/namespaces/{ns}/ota/assignments",
+                        json={"version": version, "device": device, "group": group})
 
 
 def status(server: str, token: str, ns: str, device: Optional[str] = None) -> dict:
-    with httpx.Client(headers={"Authorization": f"Bearer {token}"}, timeout=30) as c:
-        return _check(c.get(f"{server.rstrip('/')}/api/v1/namespaces/{ns}/ota/status",
-                            params={"device": device} if device else None), "status")
-
-
-def _run(fn, *args):
-    try:
-        return fn(*args)
-    except (OTACliError, httpx.HTTPError, FileExistsError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(1)
+    with Remote(server, token) as api:
+        return api.call("GET", f"/api/v1/namespaces/{ns}/ota/status",
+                        params={"device": device} if device else None)
 
 
 @ota_app.command("keygen")
 def keygen_cmd(key: Path = typer.Argument(..., help="private key file to create (mode 0600; never overwritten)")):
     """Create a signing key pair; prints the public key (put it in the devices' config and `picoiot ota set-key`)."""
-    typer.echo(_run(keygen, key))
+    try:
+        typer.echo(keygen(key))
+    except FileExistsError:
+        raise OTACliError(f"{key} exists: a signing key is never overwritten") from None
 
 
 @ota_app.command("set-key")
-def set_key_cmd(public_key: str, server: str = _SERVER, token: str = _TOKEN, namespace: str = _NS):
+def set_key_cmd(public_key: str, url: Optional[str] = Url, token: Optional[str] = Token,
+                data_dir: Optional[Path] = DataDir, namespace: str = Namespace):
     """Tell the control plane which public key this namespace's releases are signed with."""
-    typer.echo(json.dumps(_run(set_key, server, token, namespace, public_key)))
+    typer.echo(json.dumps(set_key(*resolve(url, token, data_dir, namespace, "admin"), namespace, public_key)))
 
 
 @ota_app.command("publish")
 def publish_cmd(src: Path = typer.Argument(..., help="directory whose files make the release"),
                 version: str = typer.Option(..., "--version"), key: Path = typer.Option(..., "--key"),
-                server: str = _SERVER, token: str = _TOKEN, namespace: str = _NS):
+                url: Optional[str] = Url, token: Optional[str] = Token, data_dir: Optional[Path] = DataDir,
+                namespace: str = Namespace):
     """Sign DIR's files as release VERSION and upload it."""
-    typer.echo(json.dumps(_run(publish, server, token, namespace, src, version, key)))
+    typer.echo(json.dumps(publish(*resolve(url, token, data_dir, namespace, "admin"), namespace, src, version, key)))
 
 
 @ota_app.command("assign")
 def assign_cmd(version: Optional[str] = typer.Argument(None, help="release (omit with --clear)"),
                device: Optional[str] = typer.Option(None, "--device"), group: Optional[str] = typer.Option(None, "--group"),
                clear: bool = typer.Option(False, "--clear", help="remove the assignment"),
-               server: str = _SERVER, token: str = _TOKEN, namespace: str = _NS):
+               url: Optional[str] = Url, token: Optional[str] = Token, data_dir: Optional[Path] = DataDir,
+               namespace: str = Namespace):
     """Assign a release to a device or group."""
     if (version is None) != clear:
-        typer.echo("error: give a VERSION or --clear", err=True)
-        raise typer.Exit(2)
-    typer.echo(json.dumps(_run(assign, server, token, namespace, version, device, group)))
+        raise OTACliError("give a VERSION or --clear")
+    typer.echo(json.dumps(assign(*resolve(url, token, data_dir, namespace, "admin"), namespace, version, device,
+                                 group)))
 
 
 @ota_app.command("status")
-def status_cmd(device: Optional[str] = typer.Option(None, "--device"), server: str = _SERVER, token: str = _TOKEN,
-               namespace: str = _NS):
+def status_cmd(device: Optional[str] = typer.Option(None, "--device"), url: Optional[str] = Url,
+               token: Optional[str] = Token, data_dir: Optional[Path] = DataDir, namespace: str = Namespace):
     """Assigned / running / pending release and the last report, per device."""
-    for d in _run(status, server, token, namespace, device)["devices"]:
+    for d in status(*resolve(url, token, data_dir, namespace, "viewer"), namespace, device)["devices"]:
         rep = d["report"] or {}
         typer.echo(f"{d['device_id']}: running={d['running']} assigned={d['assigned']} pending={d['pending']} "
                    f"last={rep.get('status')}:{rep.get('version')}")
@@ -172,8 +158,8 @@ def parse_stages(text: str) -> list[dict]:
 
 
 def rollout_call(server: str, token: str, method: str, path: str, body: Optional[dict] = None) -> dict:
-    with httpx.Client(headers={"Authorization": f"Bearer {token}"}, timeout=30) as c:
-        return _check(c.request(method, f"{server.rstrip('/')}{path}", json=body), f"{method} {path}")
+    with Remote(server, token) as api:
+        return api.call(method, path, json=body)
 
 
 def rollout_create(server: str, token: str, ns: str, version: str, target: dict, stages: list[dict], soak_s: float,
@@ -207,25 +193,26 @@ def rollout_create_cmd(version: str = typer.Argument(..., help="the release"),
                        soak: float = typer.Option(600, "--soak", help="seconds each device must stay healthy"),
                        threshold: float = typer.Option(0.2, "--threshold", help="failed share (0-1) that pauses"),
                        allow_downgrade: bool = typer.Option(False, "--allow-downgrade"),
-                       server: str = _SERVER, token: str = _TOKEN, namespace: str = _NS):
+                       url: Optional[str] = Url, token: Optional[str] = Token, data_dir: Optional[Path] = DataDir,
+                       namespace: str = Namespace):
     """Start a staged rollout of VERSION to --all, a --group or --device ids."""
     targets = [t for t in ({"namespace": True} if all_ else None, {"group": group} if group else None,
                            {"devices": device} if device else None) if t]
     if len(targets) != 1:
-        typer.echo("error: give exactly one of --all, --group, --device", err=True)
-        raise typer.Exit(2)
-    st = _run(parse_stages, stages)
-    r = _run(rollout_create, server, token, namespace, version, targets[0], st, soak, threshold, allow_downgrade)
+        raise OTACliError("give exactly one of --all, --group, --device")
+    st = parse_stages(stages)
+    r = rollout_create(*resolve(url, token, data_dir, namespace, "admin"), namespace, version, targets[0], st, soak,
+                       threshold, allow_downgrade)
     typer.echo("\n".join(format_rollout(r, devices=False)))
 
 
 @rollout_app.command("status")
 def rollout_status_cmd(rollout_id: Optional[int] = typer.Argument(None, help="omit to list rollouts"),
-                       as_json: bool = typer.Option(False, "--json"),
-                       server: str = _SERVER, token: str = _TOKEN, namespace: str = _NS):
+                       as_json: bool = typer.Option(False, "--json"), url: Optional[str] = Url,
+                       token: Optional[str] = Token, data_dir: Optional[Path] = DataDir, namespace: str = Namespace):
     """One rollout per stage and per device (status, reason), or the list of rollouts."""
     path = f"/api/v1/namespaces/{namespace}/ota/rollouts" + (f"/{rollout_id}" if rollout_id else "")
-    r = _run(rollout_call, server, token, "GET", path)
+    r = rollout_call(*resolve(url, token, data_dir, namespace, "viewer"), "GET", path)
     if as_json:
         typer.echo(json.dumps(r, indent=1))
     elif rollout_id:
@@ -235,29 +222,31 @@ def rollout_status_cmd(rollout_id: Optional[int] = typer.Argument(None, help="om
             typer.echo(format_rollout(x, devices=False)[0])
 
 
-def _action(action: str, rollout_id: int, body: dict, server: str, token: str, namespace: str) -> None:
+def _action(action: str, rollout_id: int, body: dict, url: Optional[str], token: Optional[str],
+            data_dir: Optional[Path], namespace: str) -> None:
     path = f"/api/v1/namespaces/{namespace}/ota/rollouts/{rollout_id}/{action}"
-    r = _run(rollout_call, server, token, "POST", path, body)
+    r = rollout_call(*resolve(url, token, data_dir, namespace, "admin"), "POST", path, body)
     typer.echo("\n".join(format_rollout(r, devices=False)))
 
 
 @rollout_app.command("pause")
-def rollout_pause_cmd(rollout_id: int, reason: str = typer.Option("", "--reason"), server: str = _SERVER,
-                      token: str = _TOKEN, namespace: str = _NS):
+def rollout_pause_cmd(rollout_id: int, reason: str = typer.Option("", "--reason"), url: Optional[str] = Url,
+                      token: Optional[str] = Token, data_dir: Optional[Path] = DataDir, namespace: str = Namespace):
     """Stop offering the release; devices already installing finish."""
-    _action("pause", rollout_id, {"reason": reason}, server, token, namespace)
+    _action("pause", rollout_id, {"reason": reason}, url, token, data_dir, namespace)
 
 
 @rollout_app.command("resume")
 def rollout_resume_cmd(rollout_id: int, version: Optional[str] = typer.Option(None, "--version",
                                                                               help="continue with a fixed release"),
-                       server: str = _SERVER, token: str = _TOKEN, namespace: str = _NS):
+                       url: Optional[str] = Url, token: Optional[str] = Token, data_dir: Optional[Path] = DataDir,
+                       namespace: str = Namespace):
     """Run again (failures before the resume no longer count); with --version, take every device to that release."""
-    _action("resume", rollout_id, {"version": version}, server, token, namespace)
+    _action("resume", rollout_id, {"version": version}, url, token, data_dir, namespace)
 
 
 @rollout_app.command("abort")
-def rollout_abort_cmd(rollout_id: int, reason: str = typer.Option("", "--reason"), server: str = _SERVER,
-                      token: str = _TOKEN, namespace: str = _NS):
+def rollout_abort_cmd(rollout_id: int, reason: str = typer.Option("", "--reason"), url: Optional[str] = Url,
+                      token: Optional[str] = Token, data_dir: Optional[Path] = DataDir, namespace: str = Namespace):
     """End it for good: devices that have not started keep their version."""
-    _action("abort", rollout_id, {"reason": reason}, server, token, namespace)
+    _action("abort", rollout_id, {"reason": reason}, url, token, data_dir, namespace)

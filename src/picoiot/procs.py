@@ -281,7 +281,7 @@ def _why(log_tail: str) -> str:
 
 
 def ensure_bundle(dst: Path) -> Path:
-    """The firmware as .mpy (iotlib, controllers, main_sim, microdot) in dst; only what changed is recompiled."""
+    """The firmware as .mpy (iotlib, the controllers, main_sim and the simulated board) in dst; only what changed is recompiled."""
     build.build_firmware(dst)
     return dst
 

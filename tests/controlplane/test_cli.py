@@ -196,6 +196,44 @@ def test_client_commands_report_an_unreachable_server(tmp_path):
     assert r.returncode == 2 and "cannot reach the server" in r.stderr
 
 
+# every remote command: one with a device argument, and each listing (which needs none to succeed)
+REMOTE = [("devices", "show", "r1"), ("config", "show", "r1"), ("state", "show", "r1"), ("alarms", "ack", "1"),
+          ("ota", "assign", "1.0", "--device", "r1")]
+LISTINGS = [("devices", "list"), ("alarms", "list"), ("ota", "status"), ("ota", "rollout", "status")]
+
+
+def test_every_remote_command_takes_the_same_options_and_fails_the_same_way(tmp_path):
+    from typer.testing import CliRunner
+
+    from picoiot.cli import app
+    from cptest import LiveServer, make_settings
+    srv = LiveServer(make_settings("sqlite", tmp_path))
+
+    def env_run(cmd, **env):
+        r = CliRunner().invoke(app, list(cmd), env={"PICOIOT_URL": None, "PICOIOT_TOKEN": None,
+                                                     "PICOIOT_DATA_DIR": None, **env})
+        return Result(r.exit_code, r.stdout, r.stderr)
+    try:
+        for cmd in REMOTE + LISTINGS:
+            for r in (run(*cmd, "--url", "http://127.0.0.1:9", "--token", "any", check=False),
+                      env_run(cmd, PICOIOT_URL="http://127.0.0.1:9", PICOIOT_TOKEN="any")):
+                assert r.returncode == 2 and r.stderr.count("\n") == 1, (cmd, r.stderr)
+                assert r.stderr.startswith("error: cannot reach the server at http://127.0.0.1:9: "), (cmd, r.stderr)
+            r = env_run(cmd, PICOIOT_URL=srv.url, PICOIOT_TOKEN="forged")
+            assert r.returncode == 2 and r.stderr.count("\n") == 1 and " 401 " in r.stderr, (cmd, r.stderr)
+            assert "did not accept the token" in r.stderr, (cmd, r.stderr)
+            r = run(*cmd, "--url", srv.url, "--token", srv.token("admin"), check=False)
+            assert r.returncode == 2 and " 404 " in r.stderr if cmd in REMOTE else r.returncode == 0, (cmd, r.stderr)
+        # without a token: minted with the signing key of --data-dir (or $PICOIOT_DATA_DIR), for the server it names
+        for cmd in LISTINGS:
+            assert run(*cmd, "--server", srv.url, "--data-dir", tmp_path).returncode == 0
+            assert env_run(cmd, PICOIOT_URL=srv.url, PICOIOT_DATA_DIR=str(tmp_path)).returncode == 0
+            r = env_run(cmd, PICOIOT_URL=srv.url, PICOIOT_DATA_DIR=str(tmp_path / "none"))
+            assert r.returncode == 2 and r.stderr.startswith("error: no token: pass --token"), (cmd, r.stderr)
+    finally:
+        srv.stop()
+
+
 def test_sntp_port_serves_time_and_is_advertised(tmp_path):
     import socket
     import struct

@@ -110,7 +110,7 @@ def test_device_endpoints_need_a_single_namespace_token(server):
     assert server.client.get("/api/v1/devices/relay-1/config", headers=server.auth("viewer")).status_code == 200
 
 
-def test_ota_stub(server):
+def test_a_device_with_no_release_assigned_is_offered_none(server):
     d = server.register("relay-1")
     assert server.client.get(d.services["ota"], headers=d.headers).status_code == 204
 

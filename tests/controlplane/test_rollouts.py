@@ -244,15 +244,15 @@ def test_cli_rollout_commands(server_factory, tmp_path):
         return res.output
     out = cli("create", "8.0", "--all", "--stages", "1,50%,100%", "--soak", "0", "--threshold", "0.5")
     assert "rollout 1: 8.0" in out and "running, stage 1/3" in out
-    assert "device already in an active rollout" in cli("create", "8.0", "--device", "fd-00", code=1)
-    assert "bad stage" in cli("create", "8.0", "--all", "--stages", "1,half", code=1)
+    assert "device already in an active rollout" in cli("create", "8.0", "--device", "fd-00", code=2)
+    assert "bad stage" in cli("create", "8.0", "--all", "--stages", "1,half", code=2)
     assert "paused" in cli("pause", "1", "--reason", "checking")
     assert "running" in cli("resume", "1")
     _drive(server, devices, 1, lambda x: x["state"] == "completed")
     status = cli("status", "1")
     assert "completed" in status and status.count(" committed\n") == 4 and "stage 3 [100%, soak 0s]" in status
     assert "rollout 1" in cli("status")
-    assert "rollout is completed" in cli("abort", "1", code=1)
+    assert "rollout is completed" in cli("abort", "1", code=2)
 
 
 def test_a_device_offline_during_its_trial_is_a_failure(server_factory, tmp_path):

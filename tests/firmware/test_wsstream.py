@@ -26,12 +26,17 @@ def serve(fn, **web_kw):
         for k in web_kw:
             setattr(web, k, web_kw[k])
         stream = WSStream(web, fields=lambda: ["h", "p", "t"])
-        WSStream(web, path="/ws-admin", role="admin")
+        admin = WSStream(web, path="/ws-admin", role="admin")
         port = await wc.start(web)
         try:
             await fn(stream, port)
         finally:
             await web.stop()
+            # sessions still open end the way a dropped client does, closing their sockets before the loop ends
+            for s in (stream, admin):
+                for c in list(s.clients):
+                    s._drop(c, "test over")
+            await wait_until(lambda: not stream.clients and not admin.clients)
     fwtest.run(go())
 
 

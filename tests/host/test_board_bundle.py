@@ -36,3 +36,23 @@ def test_board_bundle_holds_no_simulator_and_no_microdot(tmp_path):
     imports = [ln for p in build.paths.FIRMWARE.rglob("*.py") for ln in p.read_text().splitlines()
                if re.match(r"\s*(from|import)\s+microdot\b", ln)]
     assert not imports, imports
+
+
+def test_the_manifests_name_the_bundle_the_build_always_made(tmp_path):
+    # bundles/<unit>/manifest.py replaced a hard-coded rule: every firmware module but the simulated board
+    # (picosim) and its launchers. The board bundle must hold exactly what that rule gives.
+    from picoiot import build, bundles, paths
+    old_rule = {p.relative_to(paths.FIRMWARE).with_suffix(".mpy").as_posix() for p in paths.FIRMWARE.rglob("*.py")
+                if "__pycache__" not in p.parts
+                and p.relative_to(paths.FIRMWARE).parts[0] not in ("picosim", "main_sim.py", "boot_romfs.py")}
+    build.build_firmware(tmp_path / "board", simulator=False)
+    assert _files(tmp_path / "board") == old_rule
+    build.build_firmware(tmp_path / "sim")
+    assert _files(tmp_path / "sim") == {p.relative_to(paths.FIRMWARE).with_suffix(".mpy").as_posix()
+                                        for p in paths.FIRMWARE.rglob("*.py") if "__pycache__" not in p.parts}
+    # a device's unit: its own controller on iotlib, not the other kind's, and no microdot
+    relays = {f.rel for f in bundles.read("relays")}
+    assert "relays_controller.py" in relays and "sensors_controller.py" not in relays
+    assert "iotlib/device.py" in relays and not [r for r in relays if "picosim" in r or "microdot" in r]
+    with pytest.raises(bundles.ManifestError, match="no unit"):
+        bundles.read("nope")

@@ -79,10 +79,9 @@ def test_freeze_writes_a_manifest_whose_files_exist_and_compile(tmp_path):
     named = []
 
     def package(name, files=None, base_path=".", opt=None):
-        base = manifest.parent / base_path
-        if files is None:
-            files = [str(f.relative_to(base)) for f in sorted((base / name).rglob("*.py"))]
-        named.extend(base / f for f in files)
+        # MicroPython's tools/manifestfile.py: files are relative to the package directory
+        pkg = manifest.parent / base_path / name
+        named.extend(pkg / f for f in files) if files is not None else named.extend(sorted(pkg.rglob("*.py")))
 
     def module(name, base_path=".", opt=None):
         named.append(manifest.parent / base_path / name)

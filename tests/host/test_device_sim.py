@@ -83,7 +83,10 @@ class Device:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             out, _ = self.proc.communicate()
-        return "".join(self.lines) + (out or "") + self._stderr()
+        try:
+            return "".join(self.lines) + (out or "") + self._stderr()
+        finally:
+            self.log.close()
 
 
 @pytest.fixture(params=["micropython", "cpython"])

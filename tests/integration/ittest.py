@@ -426,6 +426,11 @@ def _run_micropython(name: str, op: Operator, tmp_path: Path, timeout: float) ->
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        for pipe in (proc.stdin, proc.stdout):
+            try:
+                pipe.close()
+            except OSError:  # the device went away first: nothing left to flush
+                pass
     text = "".join(output)
     try:
         op.finish()

@@ -32,7 +32,7 @@ SERVICES: dict[str, APIRouter] = {
     "state": state.router,
     "heartbeat": heartbeat.router,
     "alarms": alarms.router,
-    "ota": ota.router,  # before operators: its OTA stub must not shadow the real endpoint
+    "ota": ota.router,
     "rollouts": rollouts_api.router,
     "alerting": alerting_api.router,
     "operators": operators.router,

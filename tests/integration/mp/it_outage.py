@@ -1,4 +1,4 @@
-# Degraded mode (ARCHITECTURE §2.8): the control plane is stopped mid-session. Every call fails with HTTPError, the
+# Degraded mode: the control plane is stopped mid-session. Every call fails with HTTPError, the
 # device buffers its state reports and alarms; after the restart it re-syncs full documents (acting on a desired
 # change made meanwhile) and delivers everything it buffered — nothing lost, nothing counted twice.
 from iotlib.alarms import AlarmManager
