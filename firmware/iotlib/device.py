@@ -1,4 +1,4 @@
-# The lifecycle both reference controllers share (ARCHITECTURE.md §2): boot from flash, Wi-Fi, the local web API,
+# The lifecycle both reference controllers share (docs/devices.md): boot from flash, Wi-Fi, the local web API,
 # registration, configuration, time, then supervised steady-state tasks; degraded mode when the control plane is away
 # (the local API keeps serving on the last-known-good config, alarms and state are buffered and resynced in full).
 # A controller subclass gives: device_type, capabilities, schema()/defaults(), setup_domain(), domain routes, the
@@ -31,7 +31,7 @@ COMMON_DEFAULTS = {
 class Device:
     device_type = "generic"
     capabilities = ("rest",)
-    #: Seconds after boot at which /ready stops waiting for a time sync (ARCHITECTURE §2 step 5).
+    #: Seconds after boot at which /ready stops waiting for a time sync (docs/devices.md, the boot sequence).
     time_grace_s = 30
     #: Seconds between config polls when no heartbeat says there is a newer version.
     config_poll_s = 60

@@ -1,4 +1,4 @@
-# Over-the-air updates (ARCHITECTURE §3 "OTA"; docs/ota.md): fetch, verify and stage an update, then hand it to
+# Over-the-air updates (docs/ota.md): fetch, verify and stage an update, then hand it to
 # OTABoot.install (iotlib/otaboot.py: the swap, trial, rollback and safe-mode counter every boot needs).
 # An update is a signed manifest {version, files[{path, sha256, size}]}. The device verifies the Ed25519 signature
 # over the manifest's exact bytes before parsing it, then downloads every file into a staging dir (chunked, sha256

@@ -106,10 +106,11 @@ def read_settings(path: Path) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ the bundle
-def stage_bundle(kind: str, out: Path, cache: Optional[Path] = None) -> Path:
+def stage_bundle(kind: str, out: Path, cache: Optional[Path] = None, simulator: bool = False) -> Path:
     """out/ as the board's flash will hold it: iotlib/ and the kind's controller as .mpy, main.py as
     source (MicroPython runs /main.py at boot, not a .mpy). Compiled into `cache` (default out/../firmware; only what
-    changed is recompiled)."""
+    changed is recompiled). simulator: also the simulated board (picosim), for booting the staged flash on the unix
+    port; a board never gets it."""
     cache = cache or out.parent / "firmware"
     build.build_firmware(cache)
     shutil.rmtree(out, ignore_errors=True)
@@ -117,6 +118,8 @@ def stage_bundle(kind: str, out: Path, cache: Optional[Path] = None) -> Path:
     other = "sensors_controller" if kind == "relays" else "relays_controller"
     for p in sorted(cache.iterdir()):
         if p.name.startswith(".") or p.suffix == ".img":
+            continue
+        if not simulator and build.is_simulator(Path(p.name)):
             continue
         if p.is_dir():
             shutil.copytree(p, out / p.name, ignore=shutil.ignore_patterns(".*"))

@@ -210,7 +210,7 @@ def test_bad_server_certificate_is_refused_and_the_device_keeps_serving(case, tl
         url = doc["service_discovery_url"]
         for_the_simulator(settings, **({"service_discovery_url": url.replace("127.0.0.1", "localhost")}
                                        if case == "wrong_host" else {}))
-        flash = stage_bundle("relays", tmp_path / "flash", cache=BUNDLE)
+        flash = stage_bundle("relays", tmp_path / "flash", cache=BUNDLE, simulator=True)
         shutil.copy(settings, flash / "settings.json")
         dev = boot(flash, tmp_path / "dev.log")
         try:
@@ -246,7 +246,7 @@ def test_a_stalled_control_plane_puts_the_device_in_degraded_mode(tmp_path):
         settings = tmp_path / "settings.json"
         _, op_token = provision(cp, "stalled-cp", settings, None)
         for_the_simulator(settings, sim={"http_timeout_ms": 2000, "http_connect_timeout_ms": 2000})
-        flash = stage_bundle("relays", tmp_path / "flash", cache=BUNDLE)
+        flash = stage_bundle("relays", tmp_path / "flash", cache=BUNDLE, simulator=True)
         shutil.copy(settings, flash / "settings.json")
         dev = boot(flash, tmp_path / "dev.log")
         api = httpx.Client(base_url=dev.url, headers={"Authorization": f"Bearer {op_token}"}, timeout=10)
@@ -281,7 +281,7 @@ def test_bad_settings_leave_the_board_idle_with_the_field_named(bad, field, tmp_
            "service_discovery_url": "http://127.0.0.1:9/api/devices", "wifi": [{"ssid": "home", "password": "pw-12345"}]}
     doc.update(bad)
     doc = {k: v for k, v in doc.items() if v is not None}
-    flash = stage_bundle("relays", tmp_path / "flash", cache=BUNDLE)
+    flash = stage_bundle("relays", tmp_path / "flash", cache=BUNDLE, simulator=True)
     (flash / "settings.json").write_text(json.dumps(doc))
     dev = boot(flash, tmp_path / "dev.log")
     rc = wait_until(lambda: dev.poll(), 30, "main.py to give up")

@@ -174,3 +174,14 @@ def test_following_the_console_stops_at_registered_or_at_the_reason():
     assert follow_console(reader(["picoiot: starting", idle]), 5, seen.append) == idle
     why = follow_console(reader(['{"msg":"wifi connect failed","reason":"wrong_password"}']), 0.2, seen.append)
     assert "wrong_password" in why
+
+
+def test_the_staged_flash_holds_no_simulator(tmp_path):
+    # what `picoiot deploy` copies onto a board: the kind's code and main.py, never the simulated board (test equipment)
+    from picoiot.deploy import stage_bundle
+    flash = stage_bundle("relays", tmp_path / "flash", cache=tmp_path / "build")
+    names = sorted(p.name for p in flash.iterdir())
+    assert "picosim" not in names and "main_sim.mpy" not in names and "sensors_controller.mpy" not in names, names
+    assert {"iotlib", "relays_controller.mpy", "main.py"} <= set(names), names
+    assert "picosim" in {p.name for p in stage_bundle("relays", tmp_path / "sim", cache=tmp_path / "build",
+                                                      simulator=True).iterdir()}
