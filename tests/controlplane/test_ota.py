@@ -326,3 +326,17 @@ def test_an_ota_assignment_wakes_a_held_heartbeat(server, tmp_path):
     r = server.client.post(two.services["heartbeat"], headers=two.headers, params={"wait": 1, "ota": "a b"},
                            json={"seq": 2})
     assert r.status_code == 422 and r.json()["detail"]["path"] == "ota", r.text
+
+
+def test_a_rollouts_offer_wakes_a_held_heartbeat(server, tmp_path):
+    # the rollout engine's offers reach a device as an operator's assignment does: at once, not at its next heartbeat
+    key, pub, tok = _setup(server, tmp_path)
+    ota_cli.publish(server.url, tok, "default", _release_dir(tmp_path, "2.0"), "2.0", key)
+    one = server.register("relay-1")
+    t, out = _held_heartbeat(server, one, {"ota": ""})
+    r = server.client.post("/api/v1/namespaces/default/ota/rollouts", headers=server.auth(),
+                           json={"version": "2.0", "target": {"devices": ["relay-1"]}, "stages": [{"percent": 100}]})
+    assert r.status_code < 300, r.text
+    t.join(15)
+    assert not t.is_alive(), "the rollout's offer did not wake the held heartbeat"
+    assert out["r"].json()["pending"]["ota"] == "2.0"

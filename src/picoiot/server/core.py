@@ -84,6 +84,19 @@ def load_all_versions(conn: sa.Connection) -> list[tuple[str, str, int, int, int
     return [(r[0], r[1], int(r[2]), int(r[3] or 0), int(r[4])) for r in conn.execute(versions_query())]
 
 
+class Events(list):
+    """The changes one write transaction makes (ControlPlane.write): data-layer code that is not handed the control
+    plane (rollouts) records a change with emit, as ControlPlane.emit does."""
+
+    def __init__(self, notifier: Notifier) -> None:
+        super().__init__()
+        self.notifier = notifier
+
+    def emit(self, conn: sa.Connection, event: dict) -> None:
+        self.notifier.sql_notify(conn, event)
+        self.append(event)
+
+
 class ControlPlane:
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -127,7 +140,7 @@ class ControlPlane:
         retried: fn reads before it writes, so the retry sees the winner's row.
         """
         for attempt in range(retries):
-            events: list[dict] = []
+            events = Events(self.notifier)
             try:
                 result = await self.db.run(fn, events, *args)
             except (IntegrityError, OperationalError):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from packaging.version import InvalidVersion, Version
@@ -22,6 +22,9 @@ from packaging.version import InvalidVersion, Version
 from . import db as tables
 from .db import now_ms
 from .errors import ApiError
+
+if TYPE_CHECKING:
+    from .core import Events
 
 RO, RD, RL = tables.rollouts, tables.rollout_devices, tables.rollout_locks
 AS, REP, D, R = tables.ota_assignments, tables.ota_reports, tables.devices, tables.ota_releases
@@ -144,12 +147,15 @@ def _withdraw(conn: sa.Connection, r: dict, now: int) -> int:
     return len(rows)
 
 
-def _offer_stages(conn: sa.Connection, r: dict, upto: int, now: int) -> int:
-    """Offer the release to every pending device of stages ≤ upto that was not offered yet."""
+def _offer_stages(conn: sa.Connection, events: Events, r: dict, upto: int, now: int) -> int:
+    """Offer the release to every pending device of stages ≤ upto that was not offered yet. Each offer wakes the
+    device's held heartbeat in every process (the same event an operator's assignment makes, ota.assignment_changed):
+    the device hears of it at once, not at its next heartbeat."""
     rows = conn.execute(sa.select(RD.c.device_id, RD.c.version).where(
         RD.c.rollout_id == r["id"], RD.c.stage <= upto, RD.c.status == "pending", RD.c.offered_ts.is_(None))).all()
     for dev, version in rows:
         _assign(conn, r["ns"], dev, version, now)
+        events.emit(conn, {"ns": r["ns"], "dev": dev, "kind": "ota"})
     if rows:
         conn.execute(RD.update().where(RD.c.rollout_id == r["id"], RD.c.stage <= upto, RD.c.status == "pending",
                                        RD.c.offered_ts.is_(None)).values(offered_ts=now, status_ts=now))
@@ -201,8 +207,8 @@ def create(conn: sa.Connection, events: list, ns: str, spec: dict, by: str) -> d
         start = end
     conn.execute(RD.insert(), rows)
     r = _load(conn, ns, rid, lock=False)
-    _offer_stages(conn, r, 0, now)
-    _evaluate(conn, r, now)
+    _offer_stages(conn, events, r, 0, now)
+    _evaluate(conn, events, r, now)
     return detail(conn, ns, rid)
 
 
@@ -255,7 +261,7 @@ def _refresh_devices(conn: sa.Connection, r: dict, now: int) -> None:
                 status=new, reason=reason, status_ts=new_ts if new in ("installed", "trial") else now))
 
 
-def _evaluate(conn: sa.Connection, r: dict, now: int) -> None:
+def _evaluate(conn: sa.Connection, events: Events, r: dict, now: int) -> None:
     _refresh_devices(conn, r, now)
     if r["state"] != "running":
         return
@@ -281,7 +287,7 @@ def _evaluate(conn: sa.Connection, r: dict, now: int) -> None:
             _release_locks(conn, r)
             return
         _set(conn, r, now, stage=r["stage"] + 1, stage_started_ts=now)
-        _offer_stages(conn, r, r["stage"], now)
+        _offer_stages(conn, events, r, r["stage"], now)
 
 
 def tick(conn: sa.Connection, events: list, now: int | None = None) -> set[str]:
@@ -291,7 +297,7 @@ def tick(conn: sa.Connection, events: list, now: int | None = None) -> set[str]:
     q = sa.select(RO).where(RO.c.state.in_(ACTIVE)).order_by(RO.c.id).with_for_update(skip_locked=True)
     active = [dict(x) for x in conn.execute(q).mappings()]
     for r in active:
-        _evaluate(conn, r, now)
+        _evaluate(conn, events, r, now)
     return {r["ns"] for r in active}
 
 
@@ -341,8 +347,8 @@ def resume(conn: sa.Connection, events: list, ns: str, rid: int, version: str | 
                 reason=why, offered_ts=None, status_ts=now))
         _set(conn, r, now, version=version)
     _set(conn, r, now, state="running", reason=None, stage_started_ts=now)
-    _offer_stages(conn, r, r["stage"], now)
-    _evaluate(conn, r, now)
+    _offer_stages(conn, events, r, r["stage"], now)
+    _evaluate(conn, events, r, now)
     return detail(conn, ns, rid)
 
 
