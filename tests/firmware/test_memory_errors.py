@@ -10,11 +10,19 @@ from iotlib.device import Device
 
 def _borrow(module, *names):
     # the fakes of the module's own tests, loaded only for the test that needs them and let go after (a 192K heap
-    # does not hold every test module at once)
+    # does not hold every test module at once). From this directory: under pytest a module of the same name from
+    # another test directory (tests/controlplane/test_config.py) may already be loaded under that name.
     import sys
-    m = __import__(module)
+    other = sys.modules.pop(module, None)
+    sys.path.insert(0, __file__.rsplit("/", 1)[0] if "/" in __file__ else "")
+    try:
+        m = __import__(module)
+    finally:
+        sys.path.pop(0)
     out = [getattr(m, n) for n in names]
     sys.modules.pop(module, None)
+    if other is not None:
+        sys.modules[module] = other
     return out
 
 
