@@ -222,10 +222,11 @@ def test_heartbeat_answer_names_the_pending_release(server, tmp_path):
 
 
 def test_firmware_ota_manager_installs_and_reports_against_the_real_server(server, tmp_path):
-    """The device side (iotlib.ota on CPython, iotlib.http client) against this server: offer → verified download →
+    """The device side (the offer check of iotlib.device, iotlib.ota on CPython, iotlib.http client) against this server: offer → verified download →
     swap → trial boot → healthy → report; then a second release rolled back by a reset during its trial."""
     import asyncio
 
+    from iotlib.device import ota_offer
     from iotlib.http import HTTPClient
     from iotlib.ota import OTAUpdateManager
     from iotlib.otaboot import OTABoot
@@ -243,7 +244,7 @@ def test_firmware_ota_manager_installs_and_reports_against_the_real_server(serve
     async def update():
         http = HTTPClient(max_body=64 * 1024)
         mgr = OTAUpdateManager(str(flash), public_key=pub)
-        offer = await mgr.check(http, url, dev.headers)
+        offer = await ota_offer(http, url, dev.headers)
         assert offer and offer["version"] == "2.0"
         return await mgr.update(http, offer, dev.headers, running="0.1.0")
 
@@ -266,7 +267,7 @@ def test_firmware_ota_manager_installs_and_reports_against_the_real_server(serve
     async def update3():
         http = HTTPClient(max_body=64 * 1024)
         mgr = OTAUpdateManager(str(flash), public_key=pub)
-        return await mgr.update(http, await mgr.check(http, url, dev.headers), dev.headers, running="2.0")
+        return await mgr.update(http, await ota_offer(http, url, dev.headers), dev.headers, running="2.0")
     assert asyncio.run(update3()) == "3.0"
     OTABoot(str(flash)).boot()                                      # trial boot
     assert OTABoot(str(flash)).boot()["rolled_back"] == "3.0"      # reset before healthy
