@@ -150,7 +150,9 @@ def test_new_board_to_running_device_over_https(tls_cp, pki, tmp_path):
             copied.append(target.name)
     assert {"main.py", "settings.json", "iotlib", "relays_controller.mpy"} <= set(copied), copied
     assert "microdot" not in copied
-    assert "sensors_controller.mpy" not in copied and "main_sim.mpy" not in copied
+    assert "sensors_controller.mpy" not in copied and "main_sim.mpy" not in copied and "picosim" not in copied
+    # the simulated board stands in for the machine/network modules a Pico W has built in
+    shutil.copytree(tmp_path / "build" / "firmware" / "picosim", flash / "picosim")
 
     dev = boot(flash, tmp_path / "board-1.log")
     try:
