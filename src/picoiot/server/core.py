@@ -128,10 +128,9 @@ class ControlPlane:
         #: cache entries (tokens + versions) when the heap was last frozen (app.refreeze_if_grown)
         self.frozen_entries = 0
 
-    def emit(self, conn: sa.Connection, events: list[dict], event: dict) -> None:
+    def emit(self, conn: sa.Connection, events: Events, event: dict) -> None:
         """Record a change made in this transaction: NOTIFY on PostgreSQL now, local wake-up after commit."""
-        self.notifier.sql_notify(conn, event)
-        events.append(event)
+        events.emit(conn, event)
 
     async def write(self, fn: Callable[..., T], *args: Any, retries: int = 3) -> T:
         """Run fn(conn, events, *args) in a transaction; deliver its events after commit.
