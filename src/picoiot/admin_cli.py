@@ -54,7 +54,7 @@ def provision(device_id: str = typer.Argument(..., help="device id: 1–64 of [A
     """Enroll a device and print (or write) its key file {device_id, device_key, namespace, service_discovery_url};
     with --board-settings, also write the complete settings file the board reads (docs/hardware.md)."""
     from .server.app import seed_device_types
-    from .server.core import ControlPlane
+    from .server.core import ControlPlane, Events
     from .server.db import migrate
     from .server.errors import ApiError
     from .server.models import ProvisionIn
@@ -92,7 +92,7 @@ def provision(device_id: str = typer.Argument(..., help="device id: 1–64 of [A
         body = ProvisionIn(device_id=device_id, device_type=type_, group=group,
                            key_mode="individual" if individual else "derived")
         def enrol(conn):
-            k = _provision(conn, [], cp, namespace, body, settings.secrets.enrollment_key(namespace))
+            k = _provision(conn, Events(cp.notifier), cp, namespace, body, settings.secrets.enrollment_key(namespace))
             _audit_cli(conn, namespace, "POST", f"/api/v1/namespaces/{namespace}/devices", "enrolment", device_id,
                        201, body.model_dump(mode="json"), {"device_id": device_id, "key_mode": body.key_mode})
             return k
