@@ -103,8 +103,9 @@ class HTTPClient:
     #: buffer in one block, and once a device has run a while its free heap is many small holes. The block is freed
     #: just before the handshake and taken again after the exchange (see _hold).
     tls_reserve = 24 * 1024
-    #: the smallest reserve worth keeping (bytes): mbedTLS's in and out record buffers (16K + 4K and their headers)
-    tls_reserve_min = 21 * 1024
+    #: the smallest reserve worth keeping (bytes): mbedTLS allocates its 16K + 4K record buffers (and headers) when the
+    #: socket is wrapped; with a 20K block and the small holes around it a session ran (docs/hardware.md §7)
+    tls_reserve_min = 20 * 1024
     #: bytes of the reserve held now by the device's client (the iotlib_tls_reserve_bytes gauge)
     held = 0
 
@@ -133,20 +134,32 @@ class HTTPClient:
         #: the block held for the next TLS handshake (None: not held; see tls_reserve)
         self.reserve = None
         if cadata is not None:
-            self._hold()
+            self._hold(True)
 
-    def _hold(self):
-        # Early, when the heap is still one piece, this is one allocation. After an exchange, the block the session
-        # used is free again; something the exchange kept (the answer) may sit at its end, so settle for less, down
-        # to what a session needs. A failed allocation collects first, so no explicit gc here.
+    def _hold(self, top=False):
+        # top (at boot, the free heap still one piece): a filler takes the bottom of the largest free block so the
+        # reserve sits at its top end. The GC allocates first-fit from the bottom of the heap, so what the device
+        # allocates later goes below it, and what a session leaves alive lands above its buffers, not in the middle
+        # of the gap. After an exchange the gap is free again, less what landed at its end: settle for less, down to
+        # what a session needs. A failed allocation collects first, so no explicit gc here.
         n = self.tls_reserve
+        filler = None
+        if top:
+            from iotlib.metrics import largest_free_block
+            f = (largest_free_block() or 0) - n - 512
+            try:
+                filler = bytearray(f) if f > 0 else None
+            except MemoryError:
+                pass
         while n >= self.tls_reserve_min:
             try:
                 self.reserve = bytearray(n)
                 HTTPClient.held = n
                 return
             except MemoryError:
-                n -= 1024
+                n -= 512
+            finally:
+                filler = None
         self.reserve = None
         HTTPClient.held = 0
 
@@ -154,7 +167,7 @@ class HTTPClient:
         if self._ctx is None:
             try:
                 self._ctx = _tls_context(self.cadata)
-            except (ValueError, OSError) as e:
+            except (ValueError, OSError, ImportError) as e:  # ImportError: a firmware built without ssl
                 raise HTTPError("TLS setup failed: %s" % (e,))
         return self._ctx
 
@@ -193,8 +206,8 @@ class HTTPClient:
                     raise Yielded("another request is waiting for the connection")
                 self._poll = asyncio.current_task()
             self.requests += 1
-            return await self._exchange(scheme, host, port, head, body, method,
-                                        self.timeout_ms if timeout_ms is None else timeout_ms)
+            r = await self._exchange(scheme, host, port, head, body, method,
+                                     self.timeout_ms if timeout_ms is None else timeout_ms)
         except HTTPError as e:
             if not isinstance(e, Yielded):
                 self.failures += 1
@@ -211,18 +224,28 @@ class HTTPClient:
                 self._poll = None
                 self._yield = False
             if self.reserve is None and self.cadata is not None and scheme == "https":
+                # No await since the socket was closed (MicroPython frees the session in wait_closed), so no other
+                # task has allocated into the block yet. The session's objects are garbage now: collect, then hold.
                 import gc
-                gc.collect()  # the session's buffers are garbage now: free them before taking the block again
+                gc.collect()
                 self._hold()
             self._lock.release()
+        if isinstance(r.body, list):  # read in pieces during a TLS session (see _read_exactly): joined outside the block
+            try:
+                r.body = b"".join(r.body)
+            except MemoryError:  # no room elsewhere: the answer goes to the block's start, and the rest is held
+                self.reserve = None
+                r.body = b"".join(r.body)
+                self._hold()
+        return r
 
     async def _exchange(self, scheme, host, port, head, body, method, timeout_ms):
         ssl = self._tls() if scheme == "https" else None
-        if ssl is not None and self.reserve is not None:
+        if ssl is not None and self.cadata is not None:
             import gc
             self.reserve = None
             HTTPClient.held = 0
-            gc.collect()  # the reserve becomes the free block the session's record buffers go into
+            gc.collect()  # the reserve, and what the last answer left in it, become the block the session's buffers use
         try:
             if self.link_check is not None:
                 self.link_check()
@@ -294,14 +317,22 @@ class HTTPClient:
             n = int(cl)
             if n > self.max_body:
                 raise HTTPError("response body too large (%d > %d)" % (n, self.max_body))
-            body = await self._read_exactly(reader, n)
+            body = await self._read_exactly(reader, n, self.cadata is not None and n > _CHUNK)
         else:
             body = await self._read_to_eof(reader)
         return Response(status, reason, headers, body)
 
-    async def _read_exactly(self, reader, n):
-        # one allocation of n where the stream allows it (fewer growing copies fragmenting a Pico's heap)
+    async def _read_exactly(self, reader, n, pieces=False):
+        # One allocation of n where the stream allows it (fewer growing copies fragmenting a Pico's heap). pieces: a
+        # TLS session has the reserved block, and an answer larger than the heap's other holes would land in it and
+        # keep it from being taken again; pieces of _CHUNK fit the small holes, and request() joins them afterwards.
         try:
+            if pieces:
+                parts = []
+                while n > 0:
+                    parts.append(await reader.readexactly(min(n, _CHUNK)))
+                    n -= _CHUNK
+                return parts
             return await reader.readexactly(n)
         except EOFError:  # CPython's IncompleteReadError is one too
             raise HTTPError("truncated body (expected %d bytes)" % n)

