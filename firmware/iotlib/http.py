@@ -230,14 +230,31 @@ class HTTPClient:
                 gc.collect()
                 self._hold()
             self._lock.release()
-        if isinstance(r.body, list):  # read in pieces during a TLS session (see _read_exactly): joined outside the block
-            try:
-                r.body = b"".join(r.body)
-            except MemoryError:  # no room elsewhere: the answer goes to the block's start, and the rest is held
-                self.reserve = None
-                r.body = b"".join(r.body)
-                self._hold()
+        if isinstance(r.body, list):  # read in pieces during a TLS session (see _read_exactly)
+            r.body = self._join(r.body)
         return r
+
+    def _join(self, parts):
+        try:
+            return b"".join(parts)  # outside the block: in the heap's other holes
+        except MemoryError:
+            if self.reserve is None:
+                raise
+        # no room elsewhere: the answer goes to the block's top end (a filler takes the bottom), the rest is held again
+        n = self._let_go() - sum(len(p) for p in parts) - 512
+        filler = bytearray(n) if n > 0 else None
+        body = b"".join(parts)
+        filler = None
+        self._hold()
+        return body
+
+    def _let_go(self):
+        # The block's size, and the block let go. A function of its own: a pointer to the block left on the caller's
+        # value stack would keep it alive for the conservative GC (see metrics._fits).
+        n = len(self.reserve)
+        self.reserve = None
+        HTTPClient.held = 0
+        return n
 
     async def _exchange(self, scheme, host, port, head, body, method, timeout_ms):
         ssl = self._tls() if scheme == "https" else None
