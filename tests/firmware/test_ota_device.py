@@ -35,10 +35,10 @@ def test_unload_of_a_module_that_is_not_loaded_is_a_no_op():
     # missing module attribute raises KeyError (CPython: AttributeError): the task crashed on every pass, raising an
     # "ota" alarm each time, whenever no update had been offered.
     import sys
-    from iotlib.device import _unload
-    _unload("iotlib.ed25519")
+    from iotlib.otaguard import unload
+    unload("iotlib.ed25519")
     assert "iotlib.ed25519" not in sys.modules
-    _unload("iotlib.ed25519", "iotlib.no_such_module")  # not loaded: nothing to do, no exception
+    unload("iotlib.ed25519", "iotlib.no_such_module")  # not loaded: nothing to do, no exception
     assert "iotlib.ed25519" not in sys.modules and "iotlib.no_such_module" not in sys.modules
 
 
@@ -47,7 +47,8 @@ def test_device_without_ota_key_counts_boots_without_loading_otaboot():
     # code and its ~26 interned names never load, key or not. Once an update left a result, OTABoot does the work.
     import sys
     from iotlib import fsutil
-    from iotlib.device import Device, _unload
+    from iotlib.device import Device
+    from iotlib.otaguard import unload as _unload
 
     class _D(Device):
         def setup_domain(self, config):
@@ -64,8 +65,8 @@ def test_device_without_ota_key_counts_boots_without_loading_otaboot():
     assert d.safe_mode
     d._became_healthy()
     assert fsutil.read_json(flash + "/ota/boots.json") == {"n": 0}
-    d._clear_boots()  # already 0: nothing to write
-    assert "iotlib.otaboot" not in sys.modules
+    d._guard().stable(d)  # what _stable_timer does: already 0, nothing to write
+    assert "iotlib.otaboot" not in sys.modules and "iotlib.otaguard" not in sys.modules
     # what an update left behind (a result to report) switches OTABoot back on, key or not
     fsutil.write_json_atomic(flash + "/ota/result.json", {"version": "2", "status": "installed"})
     d = _D("ssid", "pw", "dev-2", "k" * 64, "http://127.0.0.1:1/api/devices", flash_dir=flash)
@@ -130,13 +131,13 @@ def test_a_trial_boot_keeps_no_ota_code_loaded_and_healthy_commits_it():
 
 
 def test_a_trial_not_healthy_in_time_is_rolled_back_and_resets():
-    # Device._trial_watch: the trial boot's deadline, kept without OTABoot loaded (it is loaded to roll back)
+    # otaguard.trial_watch: the trial boot's deadline, kept without OTABoot loaded (it is loaded to roll back)
     from iotlib import fsutil, hal
     d, flash = _trial_boot("ota-trial-late", ("main.py",))
     assert d.trial == "2.0"
     d._trial_s = 0
     try:
-        fwtest.run(d._trial_watch())
+        fwtest.run(d._guard().trial_watch(d))
         reset = False
     except hal.SimulatedReset:
         reset = True
