@@ -492,6 +492,16 @@ class Device:
         self._guard().healthy(self)  # clears the boot counter, commits a trial
         self._ota_wake.set()  # report the result now
 
+    async def _trial_watch(self):
+        # a trial that is not healthy (_became_healthy commits it) within its time is rolled back; this loop stays
+        # in Device so that no OTA code is on the heap while the trial runs
+        waited = 0
+        while self.trial is not None:
+            if waited >= self._trial_s:
+                self._guard().trial_failed(self)
+            await asyncio.sleep(1)
+            waited += 1
+
     async def _stable_timer(self):
         await asyncio.sleep(self.stable_after_s)
         if self.trial is None:  # during a trial only healthy counts
@@ -533,7 +543,7 @@ class Device:
         wd.supervise("ota", self._ota_task, critical=False)
         asyncio.create_task(self._stable_timer())
         if self.trial is not None:
-            wd.supervise("ota_trial", lambda: self._guard().trial_watch(self), critical=False)
+            wd.supervise("ota_trial", self._trial_watch, critical=False)
         if not self.safe_mode:
             wd.supervise("alarms", lambda: self.alarms.run(self.http, self._alarm_target), critical=False)
         wd.heartbeat(self._send_heartbeat, payload=self._heartbeat_body, on_answer=self._heartbeat_answer,

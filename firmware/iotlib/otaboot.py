@@ -12,7 +12,7 @@ from iotlib.compat import asyncio
 
 class OTABoot:
     #: seconds a trial boot has to reach healthy (registered + config applied) before it is rolled back
-    #: (iotlib.otaguard.trial_watch)
+    #: (Device._trial_watch)
     healthy_within_s = 180
     #: boots in a row that never reached healthy (nor ran stable_after_s) before the device starts in safe mode
     safe_mode_after = 3

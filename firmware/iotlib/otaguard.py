@@ -86,17 +86,12 @@ def healthy(dev):
     dev.trial = None
 
 
-async def trial_watch(dev):
-    # a trial that is not healthy (healthy() commits it) within OTABoot.healthy_within_s is rolled back
-    waited = 0
-    while dev.trial is not None:
-        if waited >= dev._trial_s:
-            _otaboot(dev).rollback("not healthy within %d s" % dev._trial_s)
-            _log.error("ota trial failed: rolled back, resetting")
-            from iotlib import hal
-            hal.reset()
-        await asyncio.sleep(1)
-        waited += 1
+def trial_failed(dev):
+    """The trial did not become healthy within its time (Device._trial_watch): roll it back and reset."""
+    _otaboot(dev).rollback("not healthy within %d s" % dev._trial_s)
+    _log.error("ota trial failed: rolled back, resetting")
+    from iotlib import hal
+    hal.reset()
 
 
 # --- the check in normal work -----------------------------------------------------------------------------------------

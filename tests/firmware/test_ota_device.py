@@ -131,13 +131,14 @@ def test_a_trial_boot_keeps_no_ota_code_loaded_and_healthy_commits_it():
 
 
 def test_a_trial_not_healthy_in_time_is_rolled_back_and_resets():
-    # otaguard.trial_watch: the trial boot's deadline, kept without OTABoot loaded (it is loaded to roll back)
+    # Device._trial_watch: the trial boot's deadline, kept without OTA code loaded (otaguard and OTABoot are loaded to
+    # roll back)
     from iotlib import fsutil, hal
     d, flash = _trial_boot("ota-trial-late", ("main.py",))
     assert d.trial == "2.0"
     d._trial_s = 0
     try:
-        fwtest.run(d._guard().trial_watch(d))
+        fwtest.run(d._trial_watch())
         reset = False
     except hal.SimulatedReset:
         reset = True
