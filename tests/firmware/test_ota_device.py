@@ -145,3 +145,102 @@ def test_a_trial_not_healthy_in_time_is_rolled_back_and_resets():
     with open(flash + "/main.py") as f:
         assert reset and f.read() == "v1"
     assert fsutil.read_json(flash + "/ota/result.json")["status"] == "rolled_back"
+
+
+def _update_boot(tag, status, boots=1):
+    # update boots of an accepted offer against a real server on 127.0.0.1 that answers every manifest request with
+    # `status`; returns (manifest requests, flash)
+    from iotlib import fsutil, hal
+    from iotlib.compat import asyncio
+    from iotlib.device import Device
+    from iotlib.http import HTTPClient
+
+    class _Auth:  # registration is not under test here: the token is there
+        async def ensure_token(self, http):
+            return "t"
+
+        def auth_header(self):
+            return {}
+    seen = []
+
+    async def handle(reader, writer):
+        seen.append((await reader.readline()).decode().split(" ")[1])
+        while (await reader.readline()) not in (b"\r\n", b""):
+            pass
+        writer.write(b"HTTP/1.1 %d X\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}" % status)
+        await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+    flash = fwtest.tmpdir(tag)
+    fsutil.makedirs(flash + "/ota")
+
+    async def go():
+        for port in range(18700, 18740):
+            try:
+                srv = await asyncio.start_server(handle, "127.0.0.1", port)
+                break
+            except OSError:
+                pass
+        base = "http://127.0.0.1:%d" % port
+        try:
+            for _ in range(boots):
+                fsutil.write_json_atomic(flash + "/ota/offer.json", {"version": "2.0", "manifest_url": base + "/m",
+                                                                     "files_url": base + "/f"})
+                d = Device("ssid", "pw", "dev-" + tag, "k" * 64, "http://127.0.0.1:1/api/devices", flash_dir=flash)
+                d.ota_public_key = "00" * 32
+                d.retry_min_s = 0
+                d.net, d.http, d.auth = True, HTTPClient(), _Auth()  # up already: no Wi-Fi to join here
+                try:
+                    await d._guard().update_boot(d)
+                    raise AssertionError("an update boot ends in a reset")
+                except hal.SimulatedReset:
+                    pass
+                assert not fsutil.exists(flash + "/ota/offer.json")
+        finally:
+            srv.close()
+            await srv.wait_closed()
+    fwtest.run(go())
+    return seen, flash
+
+
+def test_an_update_boot_retries_a_download_the_control_plane_cut_and_does_not_fail_the_release():
+    # Regression (issue 15): a control plane restarting during a download (here: 503 on every request) made the
+    # update boot record the release `failed`, so the rollout counted a failure and never offered it again.
+    from iotlib import fsutil
+    from iotlib.device import Device
+    seen, flash = _update_boot("ota-cut", 503)
+    assert seen == ["/m?raw=1"] * Device.ota_attempts  # retried within the boot
+    assert not fsutil.exists(flash + "/ota/result.json"), "nothing to report: the release is not failed"
+    r = fsutil.read_json(flash + "/ota/retry.json")
+    assert r["version"] == "2.0" and r["tries"] == 1 and "503" in r["reason"]
+
+
+def test_a_download_cut_in_every_retry_is_failed_in_the_end():
+    from iotlib import fsutil
+    from iotlib.device import Device
+    seen, flash = _update_boot("ota-cut-all", 503, boots=Device.ota_retries)
+    assert len(seen) == Device.ota_retries * Device.ota_attempts
+    res = fsutil.read_json(flash + "/ota/result.json")
+    assert res["status"] == "failed" and res["version"] == "2.0" and res["reason"].startswith("download cut 9 times")
+    assert not fsutil.exists(flash + "/ota/retry.json")
+
+
+def test_a_refused_release_fails_at_once():
+    from iotlib import fsutil
+    seen, flash = _update_boot("ota-refused", 404)
+    assert seen == ["/m?raw=1"]
+    res = fsutil.read_json(flash + "/ota/result.json")
+    assert res["status"] == "failed" and "HTTP 404" in res["reason"] and not fsutil.exists(flash + "/ota/retry.json")
+
+
+def test_normal_work_waits_before_it_accepts_a_cut_offer_again():
+    from iotlib import fsutil
+    from iotlib.device import Device
+    from iotlib.otaguard import _retry_wait
+    flash = fwtest.tmpdir("ota-retry-wait")
+    fsutil.makedirs(flash + "/ota")
+    d = Device("ssid", "pw", "dev-w", "k" * 64, "http://127.0.0.1:1/api/devices", flash_dir=flash)
+    assert _retry_wait(d, "2.0") == 0  # never cut: at once
+    fsutil.write_json_atomic(flash + "/ota/retry.json", {"version": "2.0", "tries": 2, "reason": "x"})
+    assert Device.ota_retry_s - 1 <= _retry_wait(d, "2.0") <= 2 * Device.ota_retry_s  # half..all of 2 x 60 s
+    assert _retry_wait(d, "3.0") == 0  # another release: at once
