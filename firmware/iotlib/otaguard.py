@@ -80,7 +80,9 @@ def healthy(dev):
     if not dev._ota_used:
         stable(dev)
         return
-    committed = _otaboot(dev).healthy()  # also clears the counter
+    ob = _otaboot(dev)
+    ob.trial = dev.trial
+    committed = ob.healthy()  # also clears the counter
     if committed:
         _log.info("ota committed", version=committed)
     dev.trial = None

@@ -244,3 +244,17 @@ def test_normal_work_waits_before_it_accepts_a_cut_offer_again():
     fsutil.write_json_atomic(flash + "/ota/retry.json", {"version": "2.0", "tries": 2, "reason": "x"})
     assert Device.ota_retry_s - 1 <= _retry_wait(d, "2.0") <= 2 * Device.ota_retry_s  # half..all of 2 x 60 s
     assert _retry_wait(d, "3.0") == 0  # another release: at once
+
+
+def test_healthy_commits_the_trial_the_boot_found_without_reading_the_marker_again():
+    # Issue 11: the trial boot failed at the relays device's own minimum heap (32-bit, 176K) with one MemoryError,
+    # "allocating 1280 bytes": healthy() re-read ota.json, which lists every file of the update (1K+ for a whole
+    # bundle), at the peak of the boot (registration, time sync, the first config and state fetches). What boot()
+    # found is passed on instead; the marker here is made unreadable to show it is not read.
+    from iotlib import fsutil
+    d, flash = _trial_boot("ota-trial-marker", ("main.py",))
+    assert d.trial == "2.0"
+    fsutil.write_atomic(flash + "/ota.json", "x" * 2000)
+    d._became_healthy()
+    assert fsutil.read_json(flash + "/ota/result.json") == {"version": "2.0", "status": "installed"}
+    assert fsutil.read_json(flash + "/ota/current.json") == {"version": "2.0"} and not fsutil.exists(flash + "/ota.json")
