@@ -3,13 +3,11 @@ micropython with OTA on, is in its update boot, the manifest fetched, when the r
 chunk request is refused. That says nothing about the release: the device retries (in the same update boot, or after
 a normal boot when every attempt of it was cut) once the server is back, and commits. The rollout never sees a
 failure, so it completes instead of pausing."""
-import json
 import os
 import signal
 
-from devtest import NS, wait_until
+from devtest import NS, ota_signing_key, wait_until, with_ota
 from picoiot import ota_cli
-from picoiot.procs import DEFAULT_HEAP
 
 RO = f"/api/v1/namespaces/{NS}/ota/rollouts"
 #: a release large enough that its download takes hundreds of chunk requests (the device fetches 1 KiB at a time)
@@ -18,20 +16,14 @@ FILE_BYTES = 60 * 1024
 
 
 def test_a_download_cut_by_a_control_plane_restart_is_retried_not_failed(cp, device_factory, tmp_path):
-    key = tmp_path / "ota.key"
-    pub = ota_cli.keygen(key)
-    ota_cli.set_key(cp.url, cp.token(), NS, pub)
+    key, pub = ota_signing_key(cp, tmp_path)
     rel = tmp_path / "rel"
     rel.mkdir()
     for i in range(FILES):
         (rel / f"blob{i}.bin").write_bytes(os.urandom(FILE_BYTES))
     (rel / "release.txt").write_text("8.0.0\n")
     ota_cli.publish(cp.url, cp.token(), NS, rel, "8.0.0", key)
-    d = device_factory("relays", name="cut", start=False)
-    s = json.loads(d.child.settings.read_text())
-    s["ota_public_key"] = pub
-    d.child.settings.write_text(json.dumps(s))
-    d.child.heap = os.environ.get("PICOIOT_TEST_HEAP_OTA", DEFAULT_HEAP["relays"])  # an update boot needs no more
+    d = with_ota(device_factory("relays", name="cut", start=False), pub)
     d.child.start()
     d.child.wait_ready(90)
 

@@ -148,10 +148,10 @@ def test_a_trial_not_healthy_in_time_is_rolled_back_and_resets():
 
 
 def _update_boot(tag, status, boots=1):
-    # update boots of an accepted offer against a real server on 127.0.0.1 that answers every manifest request with
-    # `status`; returns (manifest requests, flash)
+    # update boots of an accepted offer against a real server on 127.0.0.1 that answers every request with `status`;
+    # returns (the paths requested, flash)
+    from peers import App
     from iotlib import fsutil, hal
-    from iotlib.compat import asyncio
     from iotlib.device import Device
     from iotlib.http import HTTPClient
 
@@ -161,27 +161,12 @@ def _update_boot(tag, status, boots=1):
 
         def auth_header(self):
             return {}
-    seen = []
-
-    async def handle(reader, writer):
-        seen.append((await reader.readline()).decode().split(" ")[1])
-        while (await reader.readline()) not in (b"\r\n", b""):
-            pass
-        writer.write(b"HTTP/1.1 %d X\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}" % status)
-        await writer.drain()
-        writer.close()
-        await writer.wait_closed()
+    app = App(lambda method, path, headers, doc: (status, {}))
     flash = fwtest.tmpdir(tag)
     fsutil.makedirs(flash + "/ota")
 
     async def go():
-        for port in range(18700, 18740):
-            try:
-                srv = await asyncio.start_server(handle, "127.0.0.1", port)
-                break
-            except OSError:
-                pass
-        base = "http://127.0.0.1:%d" % port
+        base = await app.start()
         try:
             for _ in range(boots):
                 fsutil.write_json_atomic(flash + "/ota/offer.json", {"version": "2.0", "manifest_url": base + "/m",
@@ -197,10 +182,9 @@ def _update_boot(tag, status, boots=1):
                     pass
                 assert not fsutil.exists(flash + "/ota/offer.json")
         finally:
-            srv.close()
-            await srv.wait_closed()
+            await app.stop()
     fwtest.run(go())
-    return seen, flash
+    return [x[1] for x in app.log], flash
 
 
 def test_an_update_boot_retries_a_download_the_control_plane_cut_and_does_not_fail_the_release():
