@@ -2,7 +2,9 @@
 # registration, configuration, time, then supervised steady-state tasks; degraded mode when the control plane is away
 # (the local API keeps serving on the last-known-good config, alarms and state are buffered and resynced in full).
 # A controller subclass gives: device_type, capabilities, schema()/defaults(), setup_domain(), domain routes, the
-# state-delta handler and its own supervised tasks.
+# state-delta handler, its telemetry and its own supervised tasks. Apart, so that each reads on its own: the heartbeat
+# (iotlib.heartbeat, the base class) and OTA, the boot guard and safe mode (iotlib.otaguard, loaded only while it
+# works). The states and what moves between them: docs/firmware-design.md, "Device states".
 from iotlib.compat import asyncio, ticks_ms, ticks_diff, mem_free, _clk, urandom
 from iotlib import log as _logmod
 from iotlib import __version__
