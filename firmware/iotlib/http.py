@@ -99,6 +99,14 @@ class HTTPClient:
     max_header_bytes = 4096
     #: header lines accepted
     max_headers = 32
+    #: bytes held in one piece for the TLS session when the client has a CA (https): mbedTLS allocates its 16K+ record
+    #: buffer in one block, and once a device has run a while its free heap is many small holes. The block is freed
+    #: just before the handshake and taken again after the exchange (see _hold).
+    tls_reserve = 24 * 1024
+    #: the smallest reserve worth keeping (bytes): mbedTLS's in and out record buffers (16K + 4K and their headers)
+    tls_reserve_min = 21 * 1024
+    #: bytes of the reserve held now by the device's client (the iotlib_tls_reserve_bytes gauge)
+    held = 0
 
     def __init__(self, timeout_ms=None, cadata=None, connect_timeout_ms=None, max_body=None, user_agent="iotlib"):
         if timeout_ms is not None:
@@ -122,6 +130,25 @@ class HTTPClient:
         self.requests = 0
         self.failures = 0
         self.yields = 0
+        #: the block held for the next TLS handshake (None: not held; see tls_reserve)
+        self.reserve = None
+        if cadata is not None:
+            self._hold()
+
+    def _hold(self):
+        # Early, when the heap is still one piece, this is one allocation. After an exchange, the block the session
+        # used is free again; something the exchange kept (the answer) may sit at its end, so settle for less, down
+        # to what a session needs. A failed allocation collects first, so no explicit gc here.
+        n = self.tls_reserve
+        while n >= self.tls_reserve_min:
+            try:
+                self.reserve = bytearray(n)
+                HTTPClient.held = n
+                return
+            except MemoryError:
+                n -= 1024
+        self.reserve = None
+        HTTPClient.held = 0
 
     def _tls(self):
         if self._ctx is None:
@@ -183,10 +210,19 @@ class HTTPClient:
             if yieldable:
                 self._poll = None
                 self._yield = False
+            if self.reserve is None and self.cadata is not None and scheme == "https":
+                import gc
+                gc.collect()  # the session's buffers are garbage now: free them before taking the block again
+                self._hold()
             self._lock.release()
 
     async def _exchange(self, scheme, host, port, head, body, method, timeout_ms):
         ssl = self._tls() if scheme == "https" else None
+        if ssl is not None and self.reserve is not None:
+            import gc
+            self.reserve = None
+            HTTPClient.held = 0
+            gc.collect()  # the reserve becomes the free block the session's record buffers go into
         try:
             if self.link_check is not None:
                 self.link_check()
