@@ -108,7 +108,7 @@ class RelaysController(Device):
         ev.append((name, 1 if state == "on" else 0, ticks_ms()))
         self._m_on.set(1 if state == "on" else 0, relay=name)
         self._m_switches.inc(relay=name)
-        sm = getattr(self, "sm", None)
+        sm = self.sm
         if sm is not None:
             sm.report({name: state, "cause": {name: cause}})
             if cause != "desired":
@@ -119,17 +119,16 @@ class RelaysController(Device):
         r["cause"] = self.bank.causes()
         return r
 
-    def _heartbeat_payload(self):
-        p = Device._heartbeat_payload(self)
+    def telemetry(self):
         ev = self._events
-        if ev:
-            now = ticks_ms()
-            t = {}
-            for name, v, at in ev:
-                t.setdefault(name, []).append([v, ticks_diff(now, at)])
-            p["t"] = t
-            self._events = []  # sent (a lost heartbeat loses them: the shadow still has the state)
-        return p
+        if not ev:
+            return None
+        now = ticks_ms()
+        t = {}
+        for name, v, at in ev:
+            t.setdefault(name, []).append([v, ticks_diff(now, at)])
+        self._events = []  # sent (a lost heartbeat loses them: the shadow still has the state)
+        return t
 
     def info_extra(self):
         return {"relays": self.bank.states(), "failsafe_active": self.failsafe_active}

@@ -42,7 +42,7 @@ class SensorsController(Device):
         return d
 
     def _now_ms(self):
-        ts = getattr(self, "ts", None)
+        ts = self.ts
         return ts.now_ms() if ts is not None and ts.synced else epoch_ms()
 
     def setup_domain(self, config):
@@ -85,19 +85,16 @@ class SensorsController(Device):
     def reported(self):
         return {"sampling_interval_ms": self.hub.interval_ms, "fields": self.hub.field_names()}
 
-    def _heartbeat_payload(self):
-        # telemetry history rides on the heartbeat (docs/protocol.md, `t`): the latest value of each field, no
-        # device clock, no extra request or client; costs one small dict per heartbeat
-        p = Device._heartbeat_payload(self)
+    def telemetry(self):
+        # the latest value of each field rides on the heartbeat: no device clock, no extra request or client; costs
+        # one small dict per heartbeat
         t = {}
         values = self.hub.values
         for k in values:
             v = values[k]
             if v is not None and v == v:  # a failing sensor (None) or NaN is left out
                 t[k] = v
-        if t:
-            p["t"] = t
-        return p
+        return t
 
     def info_extra(self):
         return {"fields": self.hub.field_names(), "interval_ms": self.hub.interval_ms, "samples": self.hub.samples,

@@ -2,10 +2,13 @@
 # registration, configuration, time, then supervised steady-state tasks; degraded mode when the control plane is away
 # (the local API keeps serving on the last-known-good config, alarms and state are buffered and resynced in full).
 # A controller subclass gives: device_type, capabilities, schema()/defaults(), setup_domain(), domain routes, the
-# state-delta handler and its own supervised tasks.
+# state-delta handler, its telemetry and its own supervised tasks. Apart, so that each reads on its own: the heartbeat
+# (iotlib.heartbeat, the base class) and OTA, the boot guard and safe mode (iotlib.otaguard, loaded only while it
+# works). The states and what moves between them: docs/firmware-design.md, "Device states".
 from iotlib.compat import asyncio, ticks_ms, ticks_diff, mem_free, _clk, urandom
 from iotlib import log as _logmod
 from iotlib import __version__
+from iotlib.heartbeat import Heartbeat
 
 _log = _logmod.get("device")
 
@@ -28,7 +31,7 @@ COMMON_DEFAULTS = {
 }
 
 
-class Device:
+class Device(Heartbeat):
     device_type = "generic"
     capabilities = ("rest",)
     #: Seconds after boot at which /ready stops waiting for a time sync (docs/devices.md, the boot sequence).
@@ -38,12 +41,6 @@ class Device:
     #: Retry delays (s) for registration / config when the control plane is away: doubles up to the max.
     retry_min_s = 2
     retry_max_s = 60
-    #: Fewest seconds between two Wi-Fi reconnects ordered by the heartbeat ladder: while the control plane is away
-    #: the ladder repeats, and every reconnect takes the local API off the network for a few seconds.
-    wifi_reconnect_min_s = 600
-    #: Hold each heartbeat as a long-poll for up to one heartbeat interval (docs/protocol.md §5): a config or desired
-    #: state change reaches the device within a round trip instead of at its next heartbeat, on the same connection.
-    longpoll = True
     #: Ed25519 public key (64 hex) OTA manifests must be signed with; None disables OTA (docs/ota.md)
     ota_public_key = None
     #: DER bytes of the CA that signed the control plane's certificate (https discovery URL); None: the port's default
@@ -56,6 +53,14 @@ class Device:
     stable_after_s = 120
     #: Boots in a row that reached neither healthy nor stable_after_s before the device starts in safe mode.
     safe_mode_after = 3
+    #: Download attempts an update boot makes when transport errors cut them (retry_min_s apart, doubling).
+    ota_attempts = 3
+    #: Update boots in a row cut by transport errors before the release is reported failed.
+    ota_retries = 3
+    #: Seconds normal work waits (doubling per cut update boot) before it accepts the same offer again.
+    ota_retry_s = 60
+    #: An offer the running device accepted, installed by the next boot (iotlib.otaguard.update_boot).
+    offer_file = "ota/offer.json"
 
     def __init__(self, wifi_ssid, wifi_password, device_id, device_key, service_discovery_url, namespace=None,
                  host="0.0.0.0", port=80, flash_dir=None, address=None, config=None):
@@ -71,12 +76,22 @@ class Device:
         self.flash_dir = flash_dir
         self.address = address
         self.factory_config = config
+        # the collaborators: made by boot() and start() (they need the flash and the config; an update boot makes
+        # only net, http and auth), sm and ts at the first registration (they need its service URLs and time
+        # server; never in safe mode)
+        self.cfg = self.alarms = self.wd = self.http = self.auth = self.net = self.web = None
+        self.sm = self.ts = None
+        self._wd_task = None
+        self.boot_info = {}
+        self.ota_boot = None  # what the boot guard found (iotlib.otaguard.boot)
+        self.trial = None  # the version on trial this boot, None when none is
+        self._ota_used = False  # an update left something on flash: OTABoot keeps the books (otaguard.in_use)
+        self._trial_s = 0  # seconds the trial has to reach healthy
+        self._own_clock = False
         self.started_ms = ticks_ms()
         self.registered = False
         self.last_contact_ms = None
         self.degraded = True
-        self.ready_event = asyncio.Event()
-        self.web = None
         self._config_wake = asyncio.Event()
         self._state_started = False
         self._last_reconnect = None
@@ -115,9 +130,22 @@ class Device:
     def info_extra(self):
         return {}
 
+    def telemetry(self):
+        """Telemetry for the next heartbeat (docs/protocol.md, `t`): a dict, or None when there is none."""
+        return None
+
     # --- paths ------------------------------------------------------------------------------------------------------
     def flash(self, name):
-        return flash_path(self.flash_dir, name)
+        """name under the device's flash dir (None: the board's, hal.flash_root())."""
+        from iotlib import hal
+        return hal.flash_path(name, self.flash_dir)
+
+    def _guard(self):
+        # iotlib.otaguard (OTA, boot guard, safe mode) is on the heap only while it works: dropped from sys.modules
+        # at once, the call in progress keeps what it runs
+        from iotlib import otaguard
+        otaguard.unload("iotlib.otaguard")
+        return otaguard
 
     # --- boot -------------------------------------------------------------------------------------------------------
     def boot(self):
@@ -129,26 +157,11 @@ class Device:
         from iotlib.watchdog import WatchdogManager
         from iotlib.http import HTTPClient
         from iotlib import metrics, hal
-        root = self.flash("")
-        if root.rstrip("/"):
-            fsutil.makedirs(root.rstrip("/"))
+        root = self.flash("").rstrip("/")
+        if root:
+            fsutil.makedirs(root)
         # first: finish an interrupted update swap / roll a failed trial back, count boots for safe mode
-        self._ota_root = root.rstrip("/")
-        self._ota_used = self._ota_in_use()
-        if self._ota_used:
-            from iotlib.otaboot import OTABoot
-            ob = OTABoot(self._ota_root, public_key=self.ota_public_key)
-            ob.safe_mode_after = self.safe_mode_after
-            self.ota_boot = ob.boot()
-            self._trial_s = ob.healthy_within_s
-            ob = None
-            _unload("iotlib.otaboot")  # loaded again only to commit, roll back or report (~5 KB of heap)
-        else:  # OTA off: only the safe-mode counter (the file OTABoot keeps), without loading otaboot at all
-            fsutil.makedirs(self.flash("ota"))
-            n = fsutil.bump_counter(self.flash(_BOOTS))
-            self.ota_boot = {"boots": n, "safe_mode": n > self.safe_mode_after, "trial": None, "rolled_back": None}
-        self.trial = self.ota_boot["trial"]  # the version on trial this boot, None when none is
-        self.safe_mode = self.ota_boot["safe_mode"]
+        self._guard().boot(self)
         defaults = self.defaults()
         if self.factory_config:
             defaults = merge(defaults, self.factory_config)
@@ -181,10 +194,6 @@ class Device:
         _log.info("boot", device_id=self.device_id, type=self.device_type, config_version=self.cfg.version,
                   last_known_good=loaded, reset_cause=self.boot_info.get("reset_cause"))
 
-    def _heartbeat_every(self, s):
-        self.wd.heartbeat_hold_ms = s * 1000 if self.longpoll else 0
-        self.wd.set_heartbeat_interval(s * 1000)
-
     def _reg_info(self):
         caps = list(self.capabilities)
         if self.safe_mode:  # the control plane shows it and its safe_mode alert rules fire on it (docs/ota.md)
@@ -215,7 +224,7 @@ class Device:
         self.auth.static_tokens = static
 
     def _apply_time(self, sec):
-        if getattr(self, "ts", None) is not None:
+        if self.ts is not None:
             self.ts.configure(self._ntp_servers(sec), sec.get("interval_s"))
 
     def _ntp_servers(self, sec=None):
@@ -239,14 +248,14 @@ class Device:
              "uptime_s": ticks_diff(ticks_ms(), self.started_ms) // 1000, "config_version": self.cfg.version,
              "reset_cause": self.boot_info.get("reset_cause"), "registered": self.registered,
              "degraded": self.degraded, "namespace": self.auth.namespace, "mem_free": mem_free(),
-             "time_synced": bool(getattr(self, "ts", None) and self.ts.synced)}
+             "time_synced": bool(self.ts and self.ts.synced)}
         from iotlib.metrics import HEAP_LOW
         d["mem_free_min"], d["largest_free_block_min"] = HEAP_LOW  # low-water marks since boot (None: not sampled)
         d.update(self.info_extra())
         return d
 
     def readiness(self):
-        synced = bool(getattr(self, "ts", None) and self.ts.synced)
+        synced = bool(self.ts and self.ts.synced)
         grace_over = ticks_diff(ticks_ms(), self.started_ms) >= self.time_grace_s * 1000
         ok = self.registered and self.cfg.version > 0 and (synced or grace_over)
         return ok, {"registered": self.registered, "config_version": self.cfg.version, "time_synced": synced,
@@ -368,252 +377,51 @@ class Device:
             self.alarms.clock_stepped(step)
             _log.info("time synced", server="registration", offset_ms=step)
 
-    async def _send_heartbeat(self, body):
-        if (not self.auth.token or not self.auth.services.get("heartbeat")) and self.wd.heartbeat_hold_ms:
-            # not registered yet: wait for it as long as a poll would be held, not a failed heartbeat's retry delay
-            self._reg_wake.clear()
-            try:
-                await asyncio.wait_for(self._reg_wake.wait(), self.wd.heartbeat_hold_ms / 1000)
-            except asyncio.TimeoutError:
-                pass
-        if not self.auth.token or not self.auth.services.get("heartbeat"):
-            raise OSError("not registered")
-        mf = body.get("mem_free")
-        if mf is None or mf < 0:
-            body.pop("mem_free", None)  # CPython has no GC heap figure; the server wants >= 0 or nothing
-        else:
-            from iotlib.metrics import HEAP_LOW  # the low-water mark /info and /metrics report (None: not sampled yet)
-            if HEAP_LOW[0] is not None:
-                body["mem_min"] = HEAP_LOW[0]
-        from iotlib.metrics import MEM_ERRORS
-        if MEM_ERRORS:  # MemoryErrors survived since boot, by where: the control plane shows them with the heap figures
-            body["mem_errors"] = MEM_ERRORS
-        body["firmware"] = __version__
-        body["config_version"] = self.cfg.version
-        sm = getattr(self, "sm", None)
-        body["state_version"] = sm.version if sm else None
-        url = self.auth.services["heartbeat"]
-        hold = self.wd.heartbeat_hold_ms // 1000
-        if hold:
-            # the long-poll answers when a version differs from the newest we know of: told by the last answer, or
-            # reached by our own fetches and updates (our own report must not answer our poll)
-            url += "?wait=%d" % hold
-            k = self._known
-            for i, name, mine in ((0, "config_version", self.cfg.version), (1, "state_version", body["state_version"])):
-                if mine is not None and (k[i] is None or mine > k[i]):
-                    k[i] = mine
-                if k[i] is not None:
-                    url += "&%s=%d" % (name, k[i])
-            # an assignment (or its withdrawal) answers the poll at once; the offer told of does not again
-            url += "&ota=" + (k[2] or "").replace("+", "%2B")
-        from iotlib.http import Yielded
-        try:
-            r = await self.http.request("POST", url, json=body, headers=self.auth.auth_header(),
-                                        timeout_ms=self.wd.heartbeat_timeout_ms + hold * 1000, yieldable=hold > 0)
-        except Yielded:  # a report, an alarm or a fetch needed the connection: poll again once it is done
-            self.wd.again = True
-            return {"ack": body["seq"]}
-        except BaseException as e:  # HTTPError, or the watchdog's timeout cancelling an exchange a hung server holds
-            if not self.degraded:  # said once per episode, not at every heartbeat
-                self._lost("heartbeat: " + (_logmod.exc_summary(e) or "timeout"))
-            raise
-        if r.status == 401:
-            self.auth.invalidate()
-            self._config_wake.set()
-            raise OSError("heartbeat: token refused")
-        if r.status != 200:
-            ra = r.headers.get("retry-after")
-            if ra and ra.isdigit():
-                self.wd.retry_after_ms = int(ra) * 1000
-            raise OSError("heartbeat: HTTP %d" % r.status)
-        self._contact()
-        return r.json()
-
-    def _heartbeat_answer(self, answer):
-        pending = answer.get("pending") or {}
-        cv = pending.get("config_version")
-        k = self._known
-        for i, v in ((0, cv), (1, pending.get("state_version"))):
-            if isinstance(v, int) and v != k[i]:
-                k[i] = v
-                self.wd.again = True  # news: hold the next poll at once
-        if isinstance(cv, int) and cv != self.cfg.version and (self.cfg.rejected is None or self.cfg.rejected[0] != cv):
-            self._config_wake.set()
-        ota = pending.get("ota")
-        if ota != k[2] and (ota is None or isinstance(ota, str)):
-            k[2] = ota
-            self.wd.again = True
-        if ota:
-            self._ota_wake.set()
-        sv = pending.get("state_version")
-        sm = getattr(self, "sm", None)
-        if sm is not None and sv is not None:
-            sm.notify(sv)
-
-    def _heartbeat_payload(self):
-        n = getattr(self, "net", None)
-        return {"rssi": n.rssi if n else None, "reconnects": n.reconnects if n else 0}
-
-    def _reconnect(self):
-        if self._refused:
-            _log.info("wifi reconnect skipped: the control plane answers, it refuses the registration")
-            return
-        now = ticks_ms()
-        if self._last_reconnect is not None and ticks_diff(now, self._last_reconnect) < self.wifi_reconnect_min_s * 1000:
-            _log.info("wifi reconnect skipped: one was done recently", min_interval_s=self.wifi_reconnect_min_s)
-            return
-        self._last_reconnect = now
-        self.net.reconnect()
-
-    def _reregister(self):
-        self.auth.invalidate()
-        self._config_wake.set()
-
     def _alarm_target(self):
         url = self.auth.services.get("alarms") if self.auth.services else None
         return (url, self.auth.token) if url and self.auth.token else None
 
-    # --- OTA (iotlib/ota.py, docs/ota.md) ------------------------------------------------------------------------------
-    def _ota_in_use(self):
-        # otaboot is loaded at boot only where it has something to do: what an update left on flash (a
-        # swap/trial/rollback marker, a result to report, staged or backed-up files). Otherwise its code and ≈ 26
-        # interned names never load (the names would stay in the pool for good), OTA key or not: checking for an
-        # offer is one GET (ota_offer).
-        from iotlib import fsutil
-        for rel in ("ota.json", "ota/result.json", "ota/new", "ota/old"):
-            if fsutil.exists(self.flash(rel)):
-                return True
-        return False
-
-    def _clear_boots(self):
-        if self._ota_used:
-            self._otaboot().stable()
-            _unload("iotlib.otaboot")
-        else:
-            from iotlib import fsutil
-            fsutil.bump_counter(self.flash(_BOOTS), reset=True)
-
-    def _otaboot(self):
-        from iotlib.otaboot import OTABoot
-        return OTABoot(self._ota_root, public_key=self.ota_public_key)
-
+    # --- OTA, boot guard, safe mode (iotlib/otaguard.py, docs/ota.md) ----------------------------------------------------
     def _became_healthy(self):
         self.healthy = True
-        if not self._ota_used:
-            self._clear_boots()
-        else:
-            committed = self._otaboot().healthy()  # also clears the counter
-            if committed:
-                _log.info("ota committed", version=committed)
-            self.trial = None
-            _unload("iotlib.otaboot")
+        self._guard().healthy(self)  # clears the boot counter, commits a trial
         self._ota_wake.set()  # report the result now
 
     async def _trial_watch(self):
-        # a trial that is not healthy (_became_healthy commits it) within OTABoot.healthy_within_s is rolled back
+        # a trial that is not healthy (_became_healthy commits it) within its time is rolled back; this loop stays
+        # in Device so that no OTA code is on the heap while the trial runs
         waited = 0
         while self.trial is not None:
             if waited >= self._trial_s:
-                self._otaboot().rollback("not healthy within %d s" % self._trial_s)
-                _log.error("ota trial failed: rolled back, resetting")
-                from iotlib import hal
-                hal.reset()
+                self._guard().trial_failed(self)
             await asyncio.sleep(1)
             waited += 1
 
     async def _stable_timer(self):
         await asyncio.sleep(self.stable_after_s)
         if self.trial is None:  # during a trial only healthy counts
-            self._clear_boots()
+            self._guard().stable(self)
 
     async def _ota_task(self):
         while True:
             self._ota_wake.clear()
             url = self.auth.services.get("ota") if self.auth.services else None
-            if url and self.auth.token and self.trial is None:  # not during a trial
-                hdr = self.auth.auth_header()
-                offer = failed = None
-                try:
-                    from iotlib import fsutil
-                    if fsutil.exists(self.flash("ota/result.json")):  # an install, rollback or failure to report
-                        await self._otaboot().send_result(self.http, url, hdr)
-                    if self.ota_public_key is not None:
-                        offer = await ota_offer(self.http, url, hdr)
-                    if offer:
-                        # installed by an update boot (_update_boot): with nothing else loaded, an update never
-                        # needs more heap than the device's normal work
-                        fsutil.write_json_atomic(self.flash(_OFFER), offer)
-                        _log.info("ota update: resetting into an update boot", version=offer.get("version"))
-                        await self.reboot()
-                except Exception as e:  # HTTPError, OSError, MemoryError: nothing was swapped
-                    failed = _logmod.exc_summary(e)
-                    if isinstance(e, MemoryError):
-                        from iotlib import metrics
-                        metrics.memory_error("ota")
-                ob = None
-                if failed:
-                    _log.warning("ota failed", reason=failed)
-                    if offer and isinstance(offer.get("version"), str):
-                        # reported at the next contact (ota status shows it); the control plane then stops offering
-                        # this release until it is assigned again, instead of the device failing on it for ever
-                        try:
-                            ob = self._otaboot()
-                            ob.failed(offer["version"], failed, ob.current(__version__))
-                            ob = None
-                        except (OSError, MemoryError) as e:
-                            _log.warning("ota result not recorded", reason=_logmod.exc_summary(e))
-                        self._ota_wake.set()  # report it now, not at the next periodic check
-                offer = None
-                _unload("iotlib.otaboot")
+            wait = None
+            # not during a trial; with OTA off and nothing an update left on flash there is nothing to do
+            if url and self.auth.token and self.trial is None and (self._ota_used or self.ota_public_key is not None):
+                wait = await self._guard().check(self, url)
             self.wd.checkin("ota")
             try:
-                await asyncio.wait_for(self._ota_wake.wait(), self.ota_check_s)
+                await asyncio.wait_for(self._ota_wake.wait(), wait or self.ota_check_s)
             except asyncio.TimeoutError:
                 pass
-
-    async def _update_boot(self):
-        """The boot after an offer was accepted: install it with nothing else loaded (no local API, no domain, no
-        managers but the network, the HTTP client and registration), so an update never needs more heap than the
-        device's normal work. One attempt (the offer is removed first: a reset during it boots back to normal work);
-        ends in a reset, into the trial when the update installed, else into normal work with the failure recorded
-        and reported at the next contact (`picoiot ota status`)."""
-        from iotlib import fsutil, hal
-        from iotlib.net import NetworkManager
-        from iotlib.http import HTTPClient
-        from iotlib.auth import AuthManager
-        from iotlib.otaboot import OTABoot
-        _logmod.set_level("info")
-        root = self.flash("").rstrip("/")
-        offer = fsutil.read_json(self.flash(_OFFER))
-        fsutil.remove(self.flash(_OFFER))
-        self.boot_info = {}
-        ob = OTABoot(root, public_key=self.ota_public_key)
-        running = ob.current(__version__)
-        try:
-            self.net = NetworkManager(self.wifi_ssid, self._wifi_password, networks=self.wifi_networks)
-            await self.net.connect()
-            self.http = HTTPClient(cadata=self.cadata)
-            self.auth = AuthManager(self.device_id, self._device_key, sd_url=self.sd_url, namespace=self.namespace,
-                                    info=self._reg_info())
-            await self.auth.ensure_token(self.http)
-            from iotlib.ota import OTAUpdateManager
-            mgr = OTAUpdateManager(root, public_key=self.ota_public_key)
-            v = await mgr.update(self.http, offer, self.auth.auth_header(), running=running)
-            _log.info("ota installed, resetting into trial", version=v)
-        except Exception as e:  # OTAError, HTTPError, OSError, MemoryError: nothing was swapped
-            failed = _logmod.exc_summary(e)
-            _log.warning("ota failed", reason=failed)
-            v = offer.get("version") if isinstance(offer, dict) else None
-            if isinstance(v, str):
-                ob.failed(v, failed, running)
-        hal.reset()
 
     # --- main -----------------------------------------------------------------------------------------------------
     async def start(self):
         """Steps 1-2 and the supervised tasks; returns once the local API listens (main() then waits for ever). In an
-        update boot it installs the accepted update and resets instead (_update_boot)."""
+        update boot it installs the accepted update and resets instead (otaguard.update_boot)."""
         if self.ota_public_key is not None and update_pending(self.flash_dir):
-            await self._update_boot()
+            await self._guard().update_boot(self)
         from iotlib.net import NetworkManager
         self.boot()
         self.net = NetworkManager(self.wifi_ssid, self._wifi_password, networks=self.wifi_networks)
@@ -633,7 +441,7 @@ class Device:
             wd.supervise("ota_trial", self._trial_watch, critical=False)
         if not self.safe_mode:
             wd.supervise("alarms", lambda: self.alarms.run(self.http, self._alarm_target), critical=False)
-        wd.heartbeat(self._send_heartbeat, payload=self._heartbeat_payload, on_answer=self._heartbeat_answer,
+        wd.heartbeat(self._send_heartbeat, payload=self._heartbeat_body, on_answer=self._heartbeat_answer,
                      reconnect=self._reconnect, reregister=self._reregister,
                      persist=None if self.safe_mode else self.persist, critical=False)
         if not self.safe_mode:
@@ -649,53 +457,15 @@ class Device:
 
     async def stop(self):
         self.wd.stop()
-        t = getattr(self, "_wd_task", None)
-        if t is not None:
-            t.cancel()
+        if self._wd_task is not None:
+            self._wd_task.cancel()
         if self.web is not None:
             await self.web.stop()
 
-
-#: The safe-mode boot counter, the file OTABoot keeps too (docs/ota.md).
-_BOOTS = "ota/boots.json"
-#: An offer the running device accepted, installed by the next boot (Device._update_boot).
-_OFFER = "ota/offer.json"
-
-
-async def ota_offer(http, url, headers):
-    """The control plane's OTA offer {"version", "manifest_url", "files_url"}, or None (204)."""
-    r = await http.request("GET", url, headers=headers)
-    if r.status == 204:
-        return None
-    if r.status != 200:
-        raise OSError("ota check: HTTP %d" % r.status)
-    offer = r.json()
-    if not isinstance(offer, dict) or not offer.get("manifest_url") or not offer.get("files_url"):
-        raise OSError("ota check: offer lacks manifest_url/files_url")
-    return offer
-
-
-def flash_path(flash_dir, name):
-    """name under the device's flash dir (None: the board's, hal.flash_root())."""
-    from iotlib import hal
-    root = flash_dir if flash_dir is not None else hal.flash_root()
-    return (root.rstrip("/") + "/" + name) if root else "/" + name
 
 
 def update_pending(flash_dir=None):
     """True when an accepted OTA offer waits on flash: the next start() is an update boot, and a launcher does not
     preload the application's code for it."""
-    from iotlib import fsutil
-    return fsutil.exists(flash_path(flash_dir, _OFFER))
-
-
-def _unload(*names):
-    # OTA code runs rarely: drop its modules so their bytecode (kilobytes of a 192 KB heap) can be collected
-    import sys
-    import iotlib
-    for name in names:
-        sys.modules.pop(name, None)
-        try:
-            delattr(iotlib, name.rsplit(".", 1)[1])
-        except (AttributeError, KeyError):  # not loaded: MicroPython raises KeyError, CPython AttributeError
-            pass
+    from iotlib import fsutil, hal
+    return fsutil.exists(hal.flash_path(Device.offer_file, flash_dir))

@@ -145,9 +145,9 @@ else:
         return 0  # one boot per process on a board
 
 
-def flash_path(name):
-    """The path of a persistent file `name` on the flash root."""
-    root = flash_root()
+def flash_path(name, root=None):
+    """The path of a persistent file `name` under root (None: the flash root; "": the filesystem's root)."""
+    root = (flash_root() if root is None else root).rstrip("/")
     return root + "/" + name if root else "/" + name
 
 

@@ -30,6 +30,12 @@ class OTAError(Exception):
     """An update was refused or failed; str(e) says why. Nothing on flash was changed outside the staging dir."""
 
 
+def _refused(what, status):
+    # 5xx and 429: the control plane is restarting or busy, the release may be fine: OSError, a transport error the
+    # update boot retries (iotlib.otaguard). Any other status refuses the release: OTAError.
+    return (OSError if status >= 500 or status == 429 else OTAError)("%s: HTTP %d" % (what, status))
+
+
 def _hex(b):
     return _hexlify(b).decode() if _hexlify else b.hex()
 
@@ -240,7 +246,7 @@ class OTAUpdateManager(OTABoot):
         # would have to be parsed into a second copy)
         r = await http.request("GET", offer["manifest_url"] + "?raw=1", headers=headers)
         if r.status != 200:
-            raise OTAError("manifest: HTTP %d" % r.status)
+            raise _refused("manifest", r.status)
         sig = r.headers.get("x-manifest-signature")
         if not sig:
             raise OTAError("manifest: answer lacks its signature")
@@ -253,7 +259,7 @@ class OTAUpdateManager(OTABoot):
         async def fetch(sha, offset, length):
             fr = await http.request("GET", "%s/%s?offset=%d&length=%d" % (base, sha, offset, length), headers=headers)
             if fr.status != 200:
-                raise OTAError("file %s: HTTP %d" % (sha[:12], fr.status))
+                raise _refused("file " + sha[:12], fr.status)
             return fr.body
 
         await self.stage(m, fetch, feed)

@@ -70,8 +70,12 @@ class OTABoot:
     def healthy(self):
         """The device registered and applied its config: clear the boot counter and commit a trial update."""
         self.stable()
-        m = fsutil.read_json(self.marker_path) or {}
-        version = self.trial or (m.get("version") if m.get("state") == "trial" else None)  # a trial boot() found
+        version = self.trial  # the device's boot guard passes on what boot() found
+        if version is None:
+            # the marker lists every file of the update (1K+ for a whole bundle): read only when needed, since a
+            # trial becomes healthy at the peak of its boot, when the heap has no block that large to spare
+            m = fsutil.read_json(self.marker_path) or {}
+            version = m.get("version") if m.get("state") == "trial" else None
         if version is None:
             return None
         fsutil.write_json_atomic(self._p("result.json", "ota"), {"version": version, "status": "installed"})
@@ -79,7 +83,7 @@ class OTABoot:
         fsutil.remove(self.marker_path)
         self.trial = None
         self._clean()
-        return m.get("version", version)
+        return version
 
     def rollback(self, reason, m=None):
         """Put every file of the last swap back as it was before it (resumable), record the result."""

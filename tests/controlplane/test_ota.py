@@ -226,7 +226,7 @@ def test_firmware_ota_manager_installs_and_reports_against_the_real_server(serve
     swap → trial boot → healthy → report; then a second release rolled back by a reset during its trial."""
     import asyncio
 
-    from iotlib.device import ota_offer
+    from iotlib.otaguard import ota_offer
     from iotlib.http import HTTPClient
     from iotlib.ota import OTAUpdateManager
     from iotlib.otaboot import OTABoot

@@ -183,3 +183,26 @@ def _merge(a: dict, b: dict) -> dict:
     for k, v in b.items():
         out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+#: The heap of a device with OTA on: its normal heap, since an update boot loads nothing else (docs/ota.md).
+OTA_HEAP = os.environ.get("PICOIOT_TEST_HEAP_OTA", DEFAULT_HEAP["relays"])
+
+
+def ota_signing_key(cp: ControlPlane, directory: Path) -> tuple[Path, str]:
+    """A new release-signing key in directory, its public half set as the namespace's OTA key: (key file, public)."""
+    from picoiot import ota_cli
+    key = directory / "ota.key"
+    pub = ota_cli.keygen(key)
+    ota_cli.set_key(cp.url, cp.token(), NS, pub)
+    return key, pub
+
+
+def with_ota(d: Device, pub: str) -> Device:
+    """A device made with start=False, set up to accept releases signed with pub (at OTA_HEAP)."""
+    import json
+    s = json.loads(d.child.settings.read_text())
+    s["ota_public_key"] = pub
+    d.child.settings.write_text(json.dumps(s))
+    d.child.heap = OTA_HEAP
+    return d

@@ -8,7 +8,6 @@ import signal
 import pytest
 
 from devtest import wait_until
-from picoiot.procs import DEFAULT_HEAP
 
 HOURLY = {"heartbeat_interval_s": 3600, "relays": {"lamp": {"pin": 8}}}
 
@@ -80,22 +79,14 @@ def test_a_change_made_while_the_server_restarts_is_not_lost(dev, cp):
 
 
 def test_an_ota_assignment_is_pushed_to_the_device(device_factory, cp, tmp_path):
-    import json
-
-    from devtest import NS
+    from devtest import NS, ota_signing_key, with_ota
     from picoiot import ota_cli
-    key = tmp_path / "ota.key"
-    pub = ota_cli.keygen(key)
-    ota_cli.set_key(cp.url, cp.token(), NS, pub)
+    key, pub = ota_signing_key(cp, tmp_path)
     rel = tmp_path / "rel"
     rel.mkdir()
     (rel / "release.txt").write_text("pushed\n")
     ota_cli.publish(cp.url, cp.token(), NS, rel, "9.0+push", key)  # a "+" must survive the device's query string
-    d = device_factory("relays", HOURLY, name="ota", start=False)
-    s = json.loads(d.child.settings.read_text())
-    s["ota_public_key"] = pub
-    d.child.settings.write_text(json.dumps(s))
-    d.child.heap = os.environ.get("PICOIOT_TEST_HEAP_OTA", DEFAULT_HEAP["relays"])  # an update boot needs no more
+    d = with_ota(device_factory("relays", HOURLY, name="ota", start=False), pub)
     d.child.start()
     d.child.wait_ready(90)
 

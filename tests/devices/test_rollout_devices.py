@@ -9,19 +9,15 @@ not started keep their version. Kept lean for CI (75–105 s on a loaded 2-core 
 1 s heartbeats, 1 s soaks (6 s for the stage the restart falls in, so that it falls in it).
 """
 import json
-import os
 import re
 import time
 
 import pytest
 
-from devtest import MP_DIR, NS, RUNTIME, SCRIPTS, wait_until
+from devtest import MP_DIR, NS, RUNTIME, SCRIPTS, ota_signing_key, wait_until, with_ota
 from picoiot import ota_cli
-from picoiot.procs import DEFAULT_HEAP
 
 N = 20
-#: the devices' normal heap: an update is installed by an update boot, with nothing else loaded (docs/ota.md)
-OTA_HEAP = os.environ.get("PICOIOT_TEST_HEAP_OTA", DEFAULT_HEAP["relays"])
 RO = f"/api/v1/namespaces/{NS}/ota/rollouts"
 #: a canary of 2, then 25 % (3 more), then the other 15
 SIZES = [2, 5, 20]
@@ -29,10 +25,7 @@ SIZES = [2, 5, 20]
 
 @pytest.fixture(scope="module")
 def ota_key(cp, tmp_path_factory):
-    key = tmp_path_factory.mktemp("ota") / "ota.key"
-    pub = ota_cli.keygen(key)
-    ota_cli.set_key(cp.url, cp.token(), NS, pub)
-    return key, pub
+    return ota_signing_key(cp, tmp_path_factory.mktemp("ota"))
 
 
 @pytest.fixture(scope="module")
@@ -40,15 +33,8 @@ def fleet(device_factory, ota_key):
     _, pub = ota_key
     devices = []
     for i in range(N):
-        d = device_factory("relays", name=f"ro{i:02d}", start=False)
-        s = json.loads(d.child.settings.read_text())
-        s["ota_public_key"] = pub
-        d.child.settings.write_text(json.dumps(s))
+        d = with_ota(device_factory("relays", name=f"ro{i:02d}", start=False), pub)
         d.child.entry = "rollout_sim"
-        # importing iotlib.ota + ed25519 beside the running relays stack failed at 320K on every try, and at 384K
-        # once after a rollback (MemoryError before the manifest fetch, 2026-12-03): a firmware heap finding, left
-        # to the firmware's owners; this test is about the rollout
-        d.child.heap = OTA_HEAP
         d.child.extra_path = SCRIPTS if RUNTIME == "micropython" else MP_DIR
         devices.append(d)
     for d in devices:  # all at once: the boots overlap instead of queueing

@@ -51,6 +51,12 @@ class _Flag:
 
 
 class _Dev:
+    sm = None
+    net = None
+
+    def telemetry(self):
+        return None
+
     def __init__(self):
         self.auth = _Auth()
         self.cfg = _Cfg()
@@ -71,7 +77,7 @@ def test_heartbeat_without_heap_figure_is_sent():
     d = _Dev()
     answer = fwtest.run(Device._send_heartbeat(d, {"seq": 1, "uptime": 5, "mem_free": None}))
     assert answer["ack"] == 1 and d.contacts == 1
-    assert "mem_free" not in d.http.sent[0] and d.http.sent[0]["config_version"] == 3
+    assert d.http.sent[0]["mem_free"] is None
 
 
 def test_heartbeat_carries_a_real_heap_figure():
@@ -80,10 +86,23 @@ def test_heartbeat_carries_a_real_heap_figure():
     assert d.http.sent[0]["mem_free"] == 1234
 
 
+def test_the_heartbeat_body_is_built_in_one_place():
+    # Device._heartbeat_body: everything beside the watchdog's seq/uptime/mem_free, the controller's telemetry in it
+    class _D(_Dev):
+        def telemetry(self):
+            return {"relay1": [[1, 5]]}
+    d = _D()
+    body = Device._heartbeat_body(d)
+    assert body["firmware"] and body["config_version"] == 3 and body["state_version"] is None
+    assert body["rssi"] is None and body["reconnects"] == 0 and body["t"] == {"relay1": [[1, 5]]}
+    d.telemetry = lambda: None
+    assert "t" not in Device._heartbeat_body(d)
+
+
 def test_long_poll_heartbeat_names_the_versions_it_was_told_of():
     d = _Dev()
     d.wd.heartbeat_hold_ms = 10000
-    fwtest.run(Device._send_heartbeat(d, {"seq": 1, "uptime": 5}))
+    fwtest.run(Device._send_heartbeat(d, {"seq": 1, "uptime": 5, "config_version": 3, "state_version": None}))
     assert d.http.urls[-1] == "http://127.0.0.1:1/hb?wait=10&config_version=3&ota="
     assert d.http.kw[-1]["yieldable"] is True
     assert d.http.kw[-1]["timeout_ms"] == 20000
@@ -92,7 +111,7 @@ def test_long_poll_heartbeat_names_the_versions_it_was_told_of():
     d.wd.again = False
     Device._heartbeat_answer(d, {"ack": 2, "pending": {"config_version": 4, "state_version": 9}})
     assert d.wd.again is False, "nothing new: the next poll is paced by the interval"
-    fwtest.run(Device._send_heartbeat(d, {"seq": 2, "uptime": 5}))
+    fwtest.run(Device._send_heartbeat(d, {"seq": 2, "uptime": 5, "config_version": 3, "state_version": None}))
     assert d.http.urls[-1] == "http://127.0.0.1:1/hb?wait=10&config_version=4&state_version=9&ota="
 
 
@@ -103,14 +122,14 @@ def test_long_poll_heartbeat_names_the_ota_offer_it_was_told_of():
     d.wd.heartbeat_hold_ms = 10000
     Device._heartbeat_answer(d, {"ack": 1, "pending": {"config_version": 3, "state_version": 9, "ota": "2.0+b1"}})
     assert d._known[2] == "2.0+b1" and d.wd.again is True and d._ota_wake.is_set
-    fwtest.run(Device._send_heartbeat(d, {"seq": 2, "uptime": 5}))
+    fwtest.run(Device._send_heartbeat(d, {"seq": 2, "uptime": 5, "config_version": 3, "state_version": None}))
     assert d.http.urls[-1] == "http://127.0.0.1:1/hb?wait=10&config_version=3&state_version=9&ota=2.0%2Bb1"
     d.wd.again = False
     Device._heartbeat_answer(d, {"ack": 2, "pending": {"config_version": 3, "state_version": 9, "ota": "2.0+b1"}})
     assert d.wd.again is False
     Device._heartbeat_answer(d, {"ack": 3, "pending": {"config_version": 3, "state_version": 9, "ota": None}})
     assert d._known[2] is None and d.wd.again is True
-    fwtest.run(Device._send_heartbeat(d, {"seq": 3, "uptime": 5}))
+    fwtest.run(Device._send_heartbeat(d, {"seq": 3, "uptime": 5, "config_version": 3, "state_version": None}))
     assert d.http.urls[-1].endswith("&ota=")
 
 
@@ -123,5 +142,6 @@ def test_a_yielded_long_poll_is_asked_again_at_once():
     d = _Dev()
     d.wd.heartbeat_hold_ms = 10000
     d.http = _Yielding()
-    assert fwtest.run(Device._send_heartbeat(d, {"seq": 7, "uptime": 5})) == {"ack": 7}
+    assert fwtest.run(Device._send_heartbeat(d, {"seq": 7, "uptime": 5, "config_version": 3,
+                                                 "state_version": None})) == {"ack": 7}
     assert d.wd.again is True and d.contacts == 0

@@ -494,7 +494,7 @@ def test_update_over_http_from_a_real_server():
         base = "http://127.0.0.1:%d" % port
         try:
             http = HTTPClient()
-            from iotlib.device import ota_offer
+            from iotlib.otaguard import ota_offer
             offer = await ota_offer(http, base + "/ota", {})
             return await mgr.update(http, offer, {}, running="1.0")
         finally:
