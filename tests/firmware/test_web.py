@@ -258,8 +258,8 @@ def test_requests_split_anywhere_or_sent_with_the_body_in_one_segment_are_parsed
 
 
 def test_running_out_of_heap_while_reading_a_request_answers_503_and_the_server_goes_on():
-    from iotlib import web as webmod
-    real = webmod._Request.create
+    from iotlib import httpd
+    real = httpd._Request.create
     calls = {"n": 0}
 
     async def create_oom(*args, **kw):  # fault injection: the heap is gone while the device parses this request
@@ -271,7 +271,7 @@ def test_running_out_of_heap_while_reading_a_request_answers_503_and_the_server_
     async def t(web, port, state):
         from iotlib import metrics
         before = metrics.MEM_ERRORS.get("request", 0)  # other tests of this run may have counted some
-        webmod._Request.create = create_oom
+        httpd._Request.create = create_oom
         try:
             s, h, b = await wc.request(port, "GET", "/health")
             assert s == 503 and b == {"error": "out of memory"} and h["retry-after"] == "1"
@@ -281,12 +281,12 @@ def test_running_out_of_heap_while_reading_a_request_answers_503_and_the_server_
             s, h, b = await wc.request(port, "GET", "/health")  # the next request is served as ever
             assert s == 200 and b["status"] == "ok"
         finally:
-            webmod._Request.create = real
+            httpd._Request.create = real
     serve(t)
 
 
-def test_buffered_reader_mixes_heads_exact_reads_and_reads_across_blocks():
-    from iotlib.web import _BufferedReader
+def test_reader_takes_heads_split_anywhere_and_serves_what_came_after_them():
+    from iotlib.httpd import _Reader
 
     class Src:  # hands out the data a few bytes at a time, like a socket under load
         def __init__(self, data, step):
@@ -297,37 +297,58 @@ def test_buffered_reader_mixes_heads_exact_reads_and_reads_across_blocks():
             out, self.data = self.data[:k], self.data[k:]
             return out
 
-    data = b"GET / HTTP/1.0\r\nHost: x\r\n\r\n" + b"0123456789" + b"PUT /b HTTP/1.0\n\nrest"
-    for step in (1, 3, 7, 64):
-        for block in (4, 16, 512):
-            class Rd(_BufferedReader):
-                pass
-            Rd.block = block
-            r = Rd(Src(data, step))
+        async def readexactly(self, n):
+            if len(self.data) < n:
+                raise EOFError
+            out, self.data = self.data[:n], self.data[n:]
+            return out
 
-            async def go():
-                assert await r.readhead(4096) == b"GET / HTTP/1.0\r\nHost: x\r\n\r\n"
-                assert await r.readexactly(4) == b"0123"
-                got = b""
-                while len(got) < 6:
-                    got += await r.read(6 - len(got))
-                assert got == b"456789"
-                assert await r.readhead(4096) == b"PUT /b HTTP/1.0\n\n"  # a bare-LF head
-                try:
-                    await r.readhead(4096)  # "rest", then EOF: a head cut short
-                    assert False, "a head cut short must raise"
-                except EOFError:
-                    pass
-                try:
-                    await r.readexactly(5)
-                    assert False, "EOF must raise"
-                except EOFError:
-                    pass
-                assert await Rd(Src(b"", step)).readhead(4096) == b""  # closed before sending anything
-                try:
-                    await Rd(Src(b"x" * 40, step)).readhead(16)
-                    assert False, "a head over the limit must raise"
-                except ValueError:
-                    pass
-            fwtest.run(go())
+    class SrcInto(Src):  # MicroPython's stream: readinto() fills the caller's buffer
+        async def readinto(self, buf):
+            out = await self.read(len(buf))
+            buf[:len(out)] = out
+            return len(out)
+
+    head = b"GET / HTTP/1.0\r\nHost: x\r\n\r\n"
+    data = head + b"0123456789" + b"tail"
+    for kind in (Src, SrcInto):
+        for step in (1, 3, 7, 64):
+            for size in (4, 16, 4100):  # a head_block buffer grows; the preallocated one (max_head + 4) does not
+
+                async def go():
+                    r = _Reader(kind(data, step))
+                    buf, e = await r.readhead(bytearray(size), 4096, 2048)
+                    assert bytes(buf[:e]) == head, (kind, step, size, bytes(buf[:e]))
+                    assert await r.readexactly(4) == b"0123"
+                    got = b""
+                    while len(got) < 6:
+                        got += await r.read(6 - len(got))
+                    assert got == b"456789"
+                    rest = b""
+                    while True:
+                        c = await r.read()
+                        if not c:
+                            break
+                        rest += c
+                    assert rest == b"tail", rest
+                    buf, e = await _Reader(kind(b"PUT /b HTTP/1.0\n\nrest", step)).readhead(bytearray(size), 4096, 2048)
+                    assert bytes(buf[:e]) == b"PUT /b HTTP/1.0\n\n"  # a bare-LF head
+                    try:
+                        await _Reader(kind(b"GET / HTTP/1.0\r\nHost", step)).readhead(bytearray(size), 4096, 2048)
+                        assert False, "a head cut short must raise"
+                    except EOFError:
+                        pass
+                    try:
+                        await r.readexactly(5)
+                        assert False, "EOF must raise"
+                    except EOFError:
+                        pass
+                    assert await _Reader(kind(b"", step)).readhead(bytearray(size), 4096, 2048) is None
+                    for over, code in ((b"x" * 40, 414), (b"GET / HTTP/1.0\r\n" + b"x" * 40, 431)):
+                        try:
+                            await _Reader(kind(over, step)).readhead(bytearray(size), 24, 20)
+                            assert False, "a head over the limit must raise"
+                        except ValueError as e:
+                            assert e.args[0] == code, (over, e.args)
+                fwtest.run(go())
 
