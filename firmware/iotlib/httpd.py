@@ -91,8 +91,7 @@ class _Reader:
 
 
 class _Headers:
-    """A request's headers, names lower-cased once as they are parsed; lookups take any case (a lower-case name costs
-    no copy), without a second dict of names per request."""
+    """A request's headers, names lower-cased as parsed; lookups take any case (a lower-case one costs no copy)."""
     __slots__ = ("_d",)
 
     def __init__(self, d):
@@ -116,8 +115,8 @@ class _Headers:
 
 
 class _Request:
-    """A request, made in one pass over its head (create). What a device request does not use stays a class default:
-    the per-request garbage sets how often the collector scans the whole heap (docs/benchmarks.md, Device API)."""
+    """A request, made in one pass over its head (create). What a request does not use stays a class default: less
+    garbage per request, fewer scans of the whole heap (docs/benchmarks.md, Device API)."""
     _q = None  # (head buffer, start, end) of the query string, decoded only when read; None without one
     content_length = 0
     body = b""
@@ -155,8 +154,7 @@ class _Request:
 
     @staticmethod
     async def create(reader, writer, client_addr, buf, srv):
-        """The request read by a _Reader into buf (see readhead): ValueError for a malformed or oversized head,
-        EOFError for a connection closed before the head ended, None for one closed before it sent anything."""
+        """The request a _Reader reads into buf (readhead): ValueError for a malformed or oversized head, EOFError."""
         got = await reader.readhead(buf, srv.max_head, srv.max_line)
         if got is None:
             return None
@@ -202,8 +200,7 @@ class _Request:
 
 
 class Response:
-    """An answer: status, headers in a plain dict (names as the handler wrote them) and a body of bytes or a generator
-    of bytes (/metrics)."""
+    """An answer: status, headers (a plain dict), body (bytes, or a generator of bytes: /metrics)."""
     __slots__ = ("status_code", "headers", "body", "is_head")
 
     def __init__(self, body=b"", status_code=200, headers=None):
@@ -254,7 +251,7 @@ class Server:
     max_drain = 16 * 1024
     #: Largest body sent in the same write as the headers (larger ones are not copied for it).
     one_write_max = 1024
-    #: Bytes gathered per write of a body made in chunks (/metrics): the answer never needs one large block.
+    #: Bytes gathered per write of a body made in chunks (/metrics) when the head buffer is taken.
     stream_write = 512
     #: First size of the head buffer of a connection that reads its head while another holds the preallocated one.
     head_block = 512
@@ -266,8 +263,7 @@ class Server:
         self.oom = 0  # requests answered 503 because the heap ran out
         self.server = None
         self.port = None
-        self._head = None  # the head buffer, allocated by start(); None while a connection reads into it
-        self._wbuf = None  # the streamed answers' write buffer, kept between answers (_stream_body)
+        self._head = None  # the head buffer (start()); None while a head is read or an answer streamed through it
         self._reading = {}  # connection task -> deadline for its head (None once timed out), see _reap
         self._reaper = None
         self._conns = {}  # writers of the connections open now: stop() closes them
@@ -370,23 +366,20 @@ class Server:
 
     @staticmethod
     def detach(req):
-        """Take the connection away from its request, for a session that outlives it by minutes (a WebSocket): the
-        request and what served it become garbage; the connection stays open and keeps its place under
-        max_connections. Returns (reader, writer); the new owner calls release(writer) when done."""
+        """Take the connection from its request for a session that outlives it (a WebSocket): the request becomes
+        garbage, the connection keeps its place under max_connections. → (reader, writer); the owner release()s it."""
         s = req.sock
         req.sock = None
         return s
 
     async def release(self, writer):
-        """Close a connection and free its place (the end of _handle, or of a detached session); once per
-        connection, whoever comes first (stop() closes what is still open)."""
+        """Close a connection and free its place (once: the end of _handle or of a detached session, or stop())."""
         if self._conns.pop(writer, None) is not None:
             self.active -= 1
         await _close(writer)
 
     async def _write(self, res, writer):
-        # One write for a whole in-memory answer: separate writes of the status line, headers and body cost most of a
-        # request's time on the unix port and, with Nagle on the small trailing segments, much of its latency.
+        # One write for a whole in-memory answer: a write per part costs time and, with Nagle, latency.
         body = res.body
         chunks = not isinstance(body, (bytes, bytearray)) and hasattr(body, "send")  # a generator of bytes (/metrics)
         if not chunks and not isinstance(body, (bytes, bytearray)):
@@ -415,11 +408,11 @@ class Server:
             pass
 
     async def _stream_body(self, writer, head, chunks):
-        # Sent in writes of stream_write bytes (not one per chunk: Nagle) gathered in one buffer that stays allocated
-        # between answers: a bytes object grown chunk by chunk asks a fragmented heap for ever larger blocks.
-        wb = self._wbuf
-        self._wbuf = None  # two answers at once: the second gets its own
-        if wb is None or len(wb) != self.stream_write:
+        # Gathered in the head buffer (while a head is read into it, one of stream_write bytes), written when full: no
+        # write per chunk (Nagle) and no block asked of the heap, as a bytes object grown chunk by chunk would.
+        wb = own = self._head
+        self._head = None
+        if wb is None:
             wb = bytearray(self.stream_write)
         mv = memoryview(wb)
         size = len(wb)
@@ -439,7 +432,8 @@ class Server:
             if n:
                 await writer.awrite(mv[:n])
         finally:
-            self._wbuf = wb
+            if own is not None:
+                self._head = own
 
     async def _drain(self, reader, limit, timeout_s):
         try:
@@ -475,8 +469,8 @@ class Server:
         return self.server
 
     async def _reap(self):
-        # The read timeout of every connection in one task (not a wait_for around each request's parse: a task and
-        # garbage per request): one still sending its head read_timeout_s after it was accepted is cancelled (408).
+        # Every connection's read timeout in one task (a wait_for per request is a task and garbage): one still sending
+        # its head read_timeout_s after it was accepted is cancelled (408).
         reading = self._reading
         while True:
             await asyncio.sleep(min(0.5, self.read_timeout_s / 4))
@@ -486,8 +480,7 @@ class Server:
                 t.cancel()
 
     async def stop(self):
-        """Stop listening and close every connection still open (detached sessions too): nothing it accepted
-        outlives it."""
+        """Stop listening and close every connection still open, detached sessions too."""
         if self._reaper is not None:
             self._reaper.cancel()
             self._reaper = None
@@ -498,5 +491,7 @@ class Server:
             except Exception:
                 pass
             self.server = None
+        for t in list(self._reading):  # still reading their heads
+            t.cancel()
         for w in list(self._conns):
             await self.release(w)
