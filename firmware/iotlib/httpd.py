@@ -263,7 +263,9 @@ class Server:
         self.oom = 0  # requests answered 503 because the heap ran out
         self.server = None
         self.port = None
-        self._head = None  # the head buffer (start()); None while a head is read or an answer streamed through it
+        # The head buffer, allocated once, first (no fragmented heap to find its block in): None while a head is read or
+        # an answer streamed through it
+        self._head = bytearray(self.max_head + 4)  # the head and its blank line
         self._reading = {}  # connection task -> deadline for its head (None once timed out), see _reap
         self._reaper = None
         self._conns = {}  # writers of the connections open now: stop() closes them
@@ -462,8 +464,6 @@ class Server:
         """Listen on host:port (OSError if taken) and return; connections are served by the event loop."""
         async def serve(reader, writer):
             await self._handle(reader, stream_writer(writer))
-        if self._head is None:
-            self._head = bytearray(self.max_head + 4)  # the head and its blank line
         self.server = await asyncio.start_server(serve, host, port)
         self.port = port
         return self.server
