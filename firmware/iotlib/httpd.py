@@ -263,8 +263,7 @@ class Server:
         self.oom = 0  # requests answered 503 because the heap ran out
         self.server = None
         self.port = None
-        # The head buffer, allocated once, first (no fragmented heap to find its block in): None while a head is read or
-        # an answer streamed through it
+        # allocated once, first (no fragmented heap to find a block in); None while a head or a stream is in it
         self._head = bytearray(self.max_head + 4)  # the head and its blank line
         self._reading = {}  # connection task -> deadline for its head (None once timed out), see _reap
         self._reaper = None
@@ -358,6 +357,9 @@ class Server:
                 await self._drain(reader, min(req.content_length, self.max_drain), 1)
             if res is not HANDLED:
                 await self._write(res, writer)
+        except MemoryError:  # building the answer, before its one write: a 503 rather than silence
+            self._oom(None)
+            await self._raw_answer(writer, 503, "out of memory", "Retry-After: 1\r\n")
         except Exception as e:  # the peer vanished mid-answer (microdot#105) or worse: log, never propagate
             _log.warning("connection failed", error=repr(e))
         finally:

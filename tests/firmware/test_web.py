@@ -382,3 +382,22 @@ def test_stop_closes_every_connection_it_accepted():
             await wc.close(w)
             assert out == b"", out
     serve(t)
+
+
+def test_running_out_of_heap_while_building_an_answer_answers_503_not_silence():
+    async def t(web, port, state):
+        real = web._write
+        calls = {"n": 0}
+
+        async def write_oom(res, writer):  # fault injection: the heap is gone while the answer is formatted
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise MemoryError("memory allocation failed")
+            await real(res, writer)
+        web._write = write_oom
+        s, h, b = await wc.request(port, "GET", "/health")
+        assert s == 503 and b == {"error": "out of memory"} and h["retry-after"] == "1", (s, b)
+        assert web.oom == 1 and web.active == 0
+        s, h, b = await wc.request(port, "GET", "/health")  # the next request is served as ever
+        assert s == 200 and b["status"] == "ok"
+    serve(t)
