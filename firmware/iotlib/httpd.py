@@ -17,8 +17,7 @@ _REASONS = {200: "OK", 201: "Created", 202: "Accepted", 204: "No Content", 400: 
             403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
             413: "Payload Too Large", 414: "URI Too Long", 429: "Too Many Requests", 500: "Internal Server Error",
             431: "Request Header Fields Too Large", 503: "Service Unavailable"}
-#: a head beyond the documented limits: ValueError(414) for the request line, ValueError(431) for the head
-_TOO_LARGE = {414: "URI too long", 431: "request headers too large"}
+_TOO_LARGE = {414: "URI too long", 431: "request headers too large"}  # ValueError(414/431): a head over the limits
 
 
 class _Reader:
@@ -342,11 +341,12 @@ class Server:
                 await self._drain(reader, 2048, 0.05)
                 await self._raw_answer(writer, 400, "malformed request")
                 return
+            if buf is not None and req._q is None:  # only a query string refers to the buffer: free it now
+                self._head, buf = buf, None
             res = await self._dispatch(req)
             res.is_head = req.method == "HEAD"
-            if buf is not None:  # the request is answered: its head is no longer read
-                self._head = buf
-                buf = None
+            if buf is not None:  # answered: its query string is no longer read
+                self._head, buf = buf, None
             if self._requests is not None:  # a series key per status code made once, not a kwargs dict per answer
                 c = res.status_code
                 self._requests.inc_key(self._code_keys.get(c) or self._code_keys.setdefault(c, (str(c),)))

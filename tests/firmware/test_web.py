@@ -401,3 +401,17 @@ def test_running_out_of_heap_while_building_an_answer_answers_503_not_silence():
         s, h, b = await wc.request(port, "GET", "/health")  # the next request is served as ever
         assert s == 200 and b["status"] == "ok"
     serve(t)
+
+
+def test_a_query_string_stays_its_own_while_other_requests_are_read():
+    # A query string is read from the head buffer when a handler asks for it: requests read meanwhile (into the buffer
+    # freed by a request without one, or into one of their own) must not change it.
+    async def t(web, port, state):
+        async def q(req):
+            await asyncio.sleep(0.05)  # other requests are read meanwhile
+            return {"q": req.query()}
+        web.route("/q", None, q)
+        got = await asyncio.gather(*[wc.request(port, "GET", p) for p in ("/q?first", "/health", "/q?second")])
+        assert [g[2] for g in got] == [{"q": "first"}, got[1][2], {"q": "second"}] and got[1][0] == 200, got
+        assert (await wc.request(port, "GET", "/q"))[2] == {"q": None}
+    serve(t)
