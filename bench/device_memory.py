@@ -61,6 +61,7 @@ BASE_CONFIG = {"heartbeat_interval_s": 1, "time": {"servers": []}, "api": {"rate
 _ids = itertools.count(1)
 VERBOSE = False
 TRACE = False
+TLS_RESERVE = False
 
 
 def note(msg: str) -> None:
@@ -74,8 +75,8 @@ class Failed(Exception):
 
 #: Budgets of issue 11 (KiB, 32-bit, board-equivalent): (mpy, romfs) per kind; the moonshot is 128K for both in mpy.
 BUDGET_K = {"relays": (144, 96), "sensors": (160, 96)}
-#: Largest free block each controller must keep at 192K after the scenario and an OTA check (bytes): one TLS session.
-TLS_BLOCK = 24 * 1024
+#: The least a TLS session's record buffers take in one piece (bytes; HTTPClient.tls_reserve_min)
+TLS_MIN = 20 * 1024
 OTA_VERSION = "9.9.9-bench"
 
 
@@ -173,7 +174,7 @@ def _metrics(dev: DeviceChild, tok: str) -> dict[str, float]:
     r.raise_for_status()
     out = {}
     for line in r.text.splitlines():
-        if line.startswith("iotlib_heap_") or line.startswith("iotlib_memory_errors"):
+        if line.startswith(("iotlib_heap_", "iotlib_memory_errors", "iotlib_tls_")):
             name, _, value = line.rpartition(" ")
             out[name] = float(value)
     return out
@@ -231,6 +232,10 @@ def scenario(kind: str, mode: str, heap_k: int, ws_seconds: float, requests: int
             overrides = dict(BASE_CONFIG, failsafe_after_s=2) if kind == "relays" else BASE_CONFIG
             key = provision_over_api(cp.url, admin, dev_id, kind, NS, overrides=overrides)
             settings = device_settings(tmp / "dev.json", key, kind, free_port(), tmp / "flash")
+            if TLS_RESERVE:  # a CA in the settings, as a board on https has: the device holds its TLS block
+                s = json.loads(settings.read_text())
+                s["ca"] = _test_ca()
+                settings.write_text(json.dumps(s))
             keyfile = tmp / "ota.key"
             if ota:
                 from picoiot import ota_cli
@@ -381,6 +386,15 @@ def print_breakdown(kind: str) -> None:
     print(f"  {'total':<22}{t[0]:>8}{t[0] - t[1]:>11}{t[1]:>11}{t[2]:>11}", flush=True)
 
 
+def _test_ca() -> str:
+    """A CA certificate as base64 DER (what provisioning writes into a board's settings)."""
+    import base64
+    import ssl
+
+    import trustme
+    return base64.b64encode(ssl.PEM_cert_to_DER_cert(trustme.CA().cert_pem.bytes().decode())).decode()
+
+
 def hello_ok(heap_k: int) -> bool:
     return heaplib.served_ok("mp_hello", heap_k, requests=200)
 
@@ -392,8 +406,10 @@ def _block(report: dict) -> str:
         return "heap gauges: none"
     k = lambda name: f"{report[name] / 1024:.1f}K" if name in report else "?"  # noqa: E731
     largest = report.get("iotlib_heap_largest_free_block_bytes", 0)
-    verdict = "ok" if largest >= TLS_BLOCK else f"UNDER {TLS_BLOCK // 1024}K"
-    return (f"largest free block {k('iotlib_heap_largest_free_block_bytes')} ({verdict} for TLS), lowest since boot "
+    held = report.get("iotlib_tls_reserve_bytes", 0)
+    verdict = "ok" if max(largest, held) >= TLS_MIN else f"UNDER {TLS_MIN // 1024}K"
+    return (f"TLS reserve held {k('iotlib_tls_reserve_bytes')}, largest free block "
+            f"{k('iotlib_heap_largest_free_block_bytes')} ({verdict} for TLS), lowest since boot "
             f"{k('iotlib_heap_largest_free_block_min_bytes')}; lowest free heap since boot "
             f"{k('iotlib_heap_free_min_bytes')}")
 
@@ -407,7 +423,7 @@ def _budget(kind: str, mode: str, m: int | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    global VERBOSE, BUNDLE, TRACE
+    global VERBOSE, BUNDLE, TRACE, TLS_RESERVE
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kind", choices=("relays", "sensors", "both"), default="both")
     ap.add_argument("--mode", choices=("mpy", "romfs", "both"), default="both")
@@ -428,10 +444,13 @@ def main(argv: list[str] | None = None) -> int:
                     "$PICOIOT_MICROPYTHON, else the pinned 64-bit one)")
     ap.add_argument("--bundle", type=Path, default=BUNDLE, help="build directory (runs at once need their own)")
     ap.add_argument("-v", "--verbose", action="store_true")
+    ap.add_argument("--tls-reserve", action="store_true",
+                    help="give the device a CA, as a board on https has: it holds its TLS block (HTTPClient.tls_reserve) "
+                         "from boot; the control plane stays plain http, so no session runs")
     ap.add_argument("--trace", action="store_true",
                     help="run the device under bench/mp_heap_stages.py and print its heap at each stage (use --once)")
     a = ap.parse_args(argv)
-    VERBOSE, BUNDLE, TRACE = a.verbose, a.bundle, a.trace
+    VERBOSE, BUNDLE, TRACE, TLS_RESERVE = a.verbose, a.bundle, a.trace, a.tls_reserve
     paths.use_micropython(a.micropython)
     build.build_romfs(BUNDLE)
     build.build_sim_romfs(BUNDLE)

@@ -71,6 +71,9 @@ def make(s):
     else:
         from sensors_controller import SensorsController
         ctl = SensorsController(*args, **kw)
+    if s.get("ca"):  # base64 DER, as in a board's settings: the client verifies an https control plane with it
+        import binascii
+        ctl.cadata = binascii.a2b_base64(s["ca"])
     if s.get("ota_public_key"):
         ctl.ota_public_key = s["ota_public_key"]  # Ed25519 key (64 hex) releases must be signed with (docs/ota.md)
     return ctl

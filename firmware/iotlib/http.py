@@ -99,6 +99,15 @@ class HTTPClient:
     max_header_bytes = 4096
     #: header lines accepted
     max_headers = 32
+    #: bytes held in one piece for the TLS session when the client has a CA (https): mbedTLS allocates its 16K+ record
+    #: buffer in one block, and once a device has run a while its free heap is many small holes. The block is freed
+    #: just before the handshake and taken again after the exchange (see _hold).
+    tls_reserve = 24 * 1024
+    #: the smallest reserve worth keeping (bytes): mbedTLS allocates its 16K + 4K record buffers (and headers) when the
+    #: socket is wrapped; with a 20K block and the small holes around it a session ran (docs/hardware.md §7)
+    tls_reserve_min = 20 * 1024
+    #: bytes of the reserve held now by the device's client (the iotlib_tls_reserve_bytes gauge)
+    held = 0
 
     def __init__(self, timeout_ms=None, cadata=None, connect_timeout_ms=None, max_body=None, user_agent="iotlib"):
         if timeout_ms is not None:
@@ -122,12 +131,43 @@ class HTTPClient:
         self.requests = 0
         self.failures = 0
         self.yields = 0
+        #: the block held for the next TLS handshake (None: not held; see tls_reserve)
+        self.reserve = None
+        if cadata is not None:
+            self._hold(True)
+
+    def _hold(self, top=False):
+        # top (at boot, the free heap still one piece): a filler takes the bottom of the largest free block so the
+        # reserve sits at its top end. The GC allocates first-fit from the bottom of the heap, so what the device
+        # allocates later goes below it, and what a session leaves alive lands above its buffers, not in the middle
+        # of the gap. After an exchange the gap is free again, less what landed at its end: settle for less, down to
+        # what a session needs. A failed allocation collects first, so no explicit gc here.
+        n = self.tls_reserve
+        filler = None
+        if top:
+            from iotlib.metrics import largest_free_block
+            f = (largest_free_block() or 0) - n - 512
+            try:
+                filler = bytearray(f) if f > 0 else None
+            except MemoryError:
+                pass
+        while n >= self.tls_reserve_min:
+            try:
+                self.reserve = bytearray(n)
+                HTTPClient.held = n
+                return
+            except MemoryError:
+                n -= 512
+            finally:
+                filler = None
+        self.reserve = None
+        HTTPClient.held = 0
 
     def _tls(self):
         if self._ctx is None:
             try:
                 self._ctx = _tls_context(self.cadata)
-            except (ValueError, OSError) as e:
+            except (ValueError, OSError, ImportError) as e:  # ImportError: a firmware built without ssl
                 raise HTTPError("TLS setup failed: %s" % (e,))
         return self._ctx
 
@@ -166,8 +206,8 @@ class HTTPClient:
                     raise Yielded("another request is waiting for the connection")
                 self._poll = asyncio.current_task()
             self.requests += 1
-            return await self._exchange(scheme, host, port, head, body, method,
-                                        self.timeout_ms if timeout_ms is None else timeout_ms)
+            r = await self._exchange(scheme, host, port, head, body, method,
+                                     self.timeout_ms if timeout_ms is None else timeout_ms)
         except HTTPError as e:
             if not isinstance(e, Yielded):
                 self.failures += 1
@@ -183,10 +223,46 @@ class HTTPClient:
             if yieldable:
                 self._poll = None
                 self._yield = False
+            if self.reserve is None and self.cadata is not None and scheme == "https":
+                # No await since the socket was closed (MicroPython frees the session in wait_closed), so no other
+                # task has allocated into the block yet. The session's objects are garbage now: collect, then hold.
+                import gc
+                gc.collect()
+                self._hold()
             self._lock.release()
+        if isinstance(r.body, list):  # read in pieces during a TLS session (see _read_exactly)
+            r.body = self._join(r.body)
+        return r
+
+    def _join(self, parts):
+        try:
+            return b"".join(parts)  # outside the block: in the heap's other holes
+        except MemoryError:
+            if self.reserve is None:
+                raise
+        # no room elsewhere: the answer goes to the block's top end (a filler takes the bottom), the rest is held again
+        n = self._let_go() - sum(len(p) for p in parts) - 512
+        filler = bytearray(n) if n > 0 else None
+        body = b"".join(parts)
+        filler = None
+        self._hold()
+        return body
+
+    def _let_go(self):
+        # The block's size, and the block let go. A function of its own: a pointer to the block left on the caller's
+        # value stack would keep it alive for the conservative GC (see metrics._fits).
+        n = len(self.reserve)
+        self.reserve = None
+        HTTPClient.held = 0
+        return n
 
     async def _exchange(self, scheme, host, port, head, body, method, timeout_ms):
         ssl = self._tls() if scheme == "https" else None
+        if ssl is not None and self.cadata is not None:
+            import gc
+            self.reserve = None
+            HTTPClient.held = 0
+            gc.collect()  # the reserve, and what the last answer left in it, become the block the session's buffers use
         try:
             if self.link_check is not None:
                 self.link_check()
@@ -258,14 +334,22 @@ class HTTPClient:
             n = int(cl)
             if n > self.max_body:
                 raise HTTPError("response body too large (%d > %d)" % (n, self.max_body))
-            body = await self._read_exactly(reader, n)
+            body = await self._read_exactly(reader, n, self.cadata is not None and n > _CHUNK)
         else:
             body = await self._read_to_eof(reader)
         return Response(status, reason, headers, body)
 
-    async def _read_exactly(self, reader, n):
-        # one allocation of n where the stream allows it (fewer growing copies fragmenting a Pico's heap)
+    async def _read_exactly(self, reader, n, pieces=False):
+        # One allocation of n where the stream allows it (fewer growing copies fragmenting a Pico's heap). pieces: a
+        # TLS session has the reserved block, and an answer larger than the heap's other holes would land in it and
+        # keep it from being taken again; pieces of _CHUNK fit the small holes, and request() joins them afterwards.
         try:
+            if pieces:
+                parts = []
+                while n > 0:
+                    parts.append(await reader.readexactly(min(n, _CHUNK)))
+                    n -= _CHUNK
+                return parts
             return await reader.readexactly(n)
         except EOFError:  # CPython's IncompleteReadError is one too
             raise HTTPError("truncated body (expected %d bytes)" % n)

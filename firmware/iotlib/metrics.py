@@ -340,6 +340,12 @@ async def loop_lag_monitor(period_ms=100, lag=None, iterations=-1):
             iterations -= 1
 
 
+def _tls_reserve():
+    import sys
+    h = sys.modules.get("iotlib.http")  # not imported for it: a device without a control plane has no client
+    return h.HTTPClient.held if h else 0
+
+
 def register_builtins(registry=None, lag=None):
     """Register the device's built-in gauges (idempotent)."""
     r = REGISTRY if registry is None else registry
@@ -352,6 +358,8 @@ def register_builtins(registry=None, lag=None):
     r.gauge_fn("iotlib_heap_largest_free_block_min_bytes",
                "Smallest largest-free-block probed since boot (bytes): how fragmented the heap got.",
                lambda: HEAP_LOW[1])
+    r.gauge_fn("iotlib_tls_reserve_bytes", "Heap block held in one piece for the next TLS handshake (bytes; 0: none, "
+               "or plain http).", _tls_reserve)
     r.gauge_fn("iotlib_loop_lag_ms", "Lateness of the last event-loop wake-up (ms).", lambda: lag.last_ms)
     r.gauge_fn("iotlib_loop_lag_max_ms", "Largest event-loop wake-up lateness since boot (ms).", lambda: lag.max_ms)
     return r

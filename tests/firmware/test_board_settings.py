@@ -2,17 +2,11 @@
 # never carrying a value (the password, the key) and never shaped "name: value" (the log would mask the field name).
 import json
 import fwtest
+import peers
 from iotlib import settings as S
 from iotlib import log
 
-# a trustme test CA, base64 DER as provisioning writes it
-_CA_B64 = ("MIIByTCCAW+gAwIBAgIUS5UeqIQnWhtMaruni6E+qU3t3DUwCgYIKoZIzj0EAwIwQDEXMBUGA1UECgwOdHJ1c3RtZSB2MS4yLjEx"
-           "JTAjBgNVBAsMHFRlc3RpbmcgQ0EgI0xJbmxtTkFnU05GYS1ZUTcwIBcNMDAwMTAxMDAwMDAwWhgPMzAwMDAxMDEwMDAwMDBaMEAx"
-           "FzAVBgNVBAoMDnRydXN0bWUgdjEuMi4xMSUwIwYDVQQLDBxUZXN0aW5nIENBICNMSW5sbU5BZ1NORmEtWVE3MFkwEwYHKoZIzj0C"
-           "AQYIKoZIzj0DAQcDQgAEDzhBi3KHEFsKHkKVrPv45SspV6plVIlDOHt5NlmK1eeXRjxJAKxZr/fMm3R5uHZjt6gC2293uZItSNBY"
-           "F/kAbKNFMEMwHQYDVR0OBBYEFIb5Lj8iqPXvwCowh2PUgU8Hb6WdMBIGA1UdEwEB/wQIMAYBAf8CAQkwDgYDVR0PAQH/BAQDAgGG"
-           "MAoGCCqGSM49BAMCA0gAMEUCIAXkJ1ePnHMjTUTvW2qBclrTn40dZTmI1jjdxd5EUiT4AiEAsCfNjABpuH3pF8pqQZOJmUKMVXMQ"
-           "Yj+cB45ZoeZq7iY=")
+_CA_B64 = peers.TEST_CA_B64
 _KEY = "k" * 64
 _PW = "wifi-secret-pw"
 
