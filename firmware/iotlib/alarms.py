@@ -2,7 +2,7 @@
 # the control plane is unreachable, delivered in batches with capped exponential backoff (docs/protocol.md section 6),
 # critical ones persisted across a reset. Nothing here raises into the caller for a runtime failure: alarms are
 # raised from error paths, and an error path must not fail again.
-from .compat import const, epoch_ms, ticks_ms, ticks_diff, ticks_add, sleep_ms, urandom
+from .compat import const, epoch_ms, ticks_ms, ticks_diff, ticks_add, sleep_ms, urandom, memory_error
 from . import fsutil
 from . import log
 
@@ -224,7 +224,7 @@ class AlarmManager:
                 problem = None if 200 <= resp.status < 300 else "HTTP %d" % resp.status
             except Exception as e:  # HTTPError and anything else the transport throws
                 if isinstance(e, MemoryError):
-                    _oom()
+                    memory_error("alarms")
                 problem = log.exc_summary(e)
             if problem is not None:
                 self._failed(problem)
@@ -268,7 +268,7 @@ class AlarmManager:
                 try:
                     await self.flush(http, t[0], t[1])
                 except MemoryError:  # building a batch: every alarm is kept, the next attempt backs off
-                    _oom()
+                    memory_error("alarms")
                     self._failed("MemoryError")
             wait = self.retry_in_ms()
             await sleep_ms(wait if 0 < wait < interval else interval)
@@ -320,8 +320,3 @@ class AlarmManager:
         self._touch(a)  # pending again: the control plane dedups a re-send (it keeps max(count))
         self._alarms[a.key] = a
         return True
-
-
-def _oom():
-    from iotlib import metrics
-    metrics.memory_error("alarms")

@@ -72,3 +72,27 @@ def mem_free():
         return gc.mem_free()
     except AttributeError:  # CPython
         return -1
+
+
+def memory_error(where):
+    """Count a MemoryError the device survived and went on from (iotlib.metrics.memory_error). metrics is imported
+    here, when it happens, not by the modules that call this: alarms and wsstream do not load it for this alone."""
+    from iotlib import metrics
+    metrics.memory_error(where)
+
+
+def stream_writer(w):
+    """w with MicroPython's awrite()/aclose(), which CPython's asyncio.StreamWriter lacks."""
+    if not hasattr(w, "awrite"):
+        from types import MethodType
+
+        async def awrite(self, data):
+            self.write(data if isinstance(data, bytes) else bytes(data))  # a reused buffer: copied
+            await self.drain()
+
+        async def aclose(self):
+            self.close()
+            await self.wait_closed()
+        w.awrite = MethodType(awrite, w)
+        w.aclose = MethodType(aclose, w)
+    return w

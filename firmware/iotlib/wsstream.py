@@ -14,7 +14,7 @@
 # - After the upgrade the connection is detached from its request (DeviceWeb.detach): a session holds only its own
 #   state, two small tasks (receiver, sender) and the socket.
 import json
-from iotlib.compat import asyncio, ticks_ms, ticks_diff
+from iotlib.compat import asyncio, ticks_ms, ticks_diff, memory_error
 from iotlib import log as _logmod
 from iotlib.web import error, HANDLED
 
@@ -128,7 +128,7 @@ class WSStream:
                         values = {k: values.get(k) for k in c.fields}
                     data = _frame(_TEXT, json.dumps({"seq": snap["seq"], "ts": snap["ts"], "values": values}).encode())
                 except MemoryError:  # this frame is skipped for this client; the next snapshot is sent as ever
-                    _oom()
+                    memory_error("ws")
                     continue
                 self._cache[c.key] = data
                 self.frames += 1
@@ -186,7 +186,7 @@ class WSStream:
             await self._recv_loop(c)
         except Exception as e:  # reset, EOF, bad frame: the client is gone
             if isinstance(e, MemoryError):
-                _oom()
+                memory_error("ws")
             if not c.dropped:
                 c.dropped = "closed: " + (str(e) or e.__class__.__name__)
         finally:
@@ -332,8 +332,3 @@ class WSStream:
             pass
         if c in self.clients:
             self.clients.remove(c)
-
-
-def _oom():
-    from iotlib import metrics
-    metrics.memory_error("ws")

@@ -5,7 +5,7 @@ import webclient as wc
 from iotlib.compat import asyncio, epoch_ms
 from iotlib.auth import AuthManager, jwt_encode, hash_token
 from iotlib.metrics import Metrics
-from iotlib.web import DeviceWeb, json_body, error
+from iotlib.web import DeviceWeb, json_body, error, HANDLED
 
 KEY = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff"
 DEV = "dev-1"
@@ -175,13 +175,13 @@ def test_connection_cap_answers_503_and_slow_clients_time_out():
     serve(t)
 
 
-def test_streamed_answer_keeps_one_write_buffer_and_is_exact_across_writes():
-    # /metrics goes out through one stream_write-sized buffer kept between answers (no bytes object grown chunk by
-    # chunk: on a fragmented heap that asked for ever larger blocks); a chunk longer than the buffer, chunks that end
-    # exactly on its boundary and two answers at once must all come out byte for byte.
+def test_streamed_answer_goes_through_the_head_buffer_and_is_exact_across_writes():
+    # /metrics goes out through the head buffer allocated at start (no bytes object grown chunk by chunk: on a
+    # fragmented heap that asked for ever larger blocks), or a stream_write one while it is taken; a chunk longer than
+    # the buffer, chunks that end exactly on its boundary and two answers at once must all come out byte for byte.
     async def t(web, port, state):
         reg = web._registry
-        reg.gauge("long_help", "x" * (3 * web.stream_write)).set(1)  # one chunk spanning several writes
+        reg.gauge("long_help", "x" * (3 * web.stream_write)).set(1)  # spans writes of a stream_write buffer
         for i in range(30):
             reg.gauge("g_%d" % i, "A gauge.").set(i)
         r1, r2 = await asyncio.gather(wc.request(port, "GET", "/metrics", token=token("viewer")),
@@ -189,10 +189,10 @@ def test_streamed_answer_keeps_one_write_buffer_and_is_exact_across_writes():
         for s, h, b in (r1, r2):
             assert s == 200 and "long_help 1" in b and "g_29 29" in b
             assert b.split("iotlib_http_requests_total")[0] == reg.render().split("iotlib_http_requests_total")[0]
-        buf = web._wbuf
-        assert isinstance(buf, bytearray) and len(buf) == web.stream_write
+        buf = web._head
+        assert isinstance(buf, bytearray) and len(buf) == web.max_head + 4
         s, h, b = await wc.request(port, "GET", "/metrics", token=token("viewer"))
-        assert s == 200 and web._wbuf is buf  # the same buffer served the next answer
+        assert s == 200 and "long_help 1" in b and web._head is buf  # the same buffer served the next answer
     serve(t)
 
 
@@ -258,8 +258,8 @@ def test_requests_split_anywhere_or_sent_with_the_body_in_one_segment_are_parsed
 
 
 def test_running_out_of_heap_while_reading_a_request_answers_503_and_the_server_goes_on():
-    from iotlib import web as webmod
-    real = webmod._Request.create
+    from iotlib import httpd
+    real = httpd._Request.create
     calls = {"n": 0}
 
     async def create_oom(*args, **kw):  # fault injection: the heap is gone while the device parses this request
@@ -271,7 +271,7 @@ def test_running_out_of_heap_while_reading_a_request_answers_503_and_the_server_
     async def t(web, port, state):
         from iotlib import metrics
         before = metrics.MEM_ERRORS.get("request", 0)  # other tests of this run may have counted some
-        webmod._Request.create = create_oom
+        httpd._Request.create = create_oom
         try:
             s, h, b = await wc.request(port, "GET", "/health")
             assert s == 503 and b == {"error": "out of memory"} and h["retry-after"] == "1"
@@ -281,12 +281,12 @@ def test_running_out_of_heap_while_reading_a_request_answers_503_and_the_server_
             s, h, b = await wc.request(port, "GET", "/health")  # the next request is served as ever
             assert s == 200 and b["status"] == "ok"
         finally:
-            webmod._Request.create = real
+            httpd._Request.create = real
     serve(t)
 
 
-def test_buffered_reader_mixes_heads_exact_reads_and_reads_across_blocks():
-    from iotlib.web import _BufferedReader
+def test_reader_takes_heads_split_anywhere_and_serves_what_came_after_them():
+    from iotlib.httpd import _Reader
 
     class Src:  # hands out the data a few bytes at a time, like a socket under load
         def __init__(self, data, step):
@@ -297,37 +297,126 @@ def test_buffered_reader_mixes_heads_exact_reads_and_reads_across_blocks():
             out, self.data = self.data[:k], self.data[k:]
             return out
 
-    data = b"GET / HTTP/1.0\r\nHost: x\r\n\r\n" + b"0123456789" + b"PUT /b HTTP/1.0\n\nrest"
-    for step in (1, 3, 7, 64):
-        for block in (4, 16, 512):
-            class Rd(_BufferedReader):
-                pass
-            Rd.block = block
-            r = Rd(Src(data, step))
+        async def readexactly(self, n):
+            if len(self.data) < n:
+                raise EOFError
+            out, self.data = self.data[:n], self.data[n:]
+            return out
 
-            async def go():
-                assert await r.readhead(4096) == b"GET / HTTP/1.0\r\nHost: x\r\n\r\n"
-                assert await r.readexactly(4) == b"0123"
-                got = b""
-                while len(got) < 6:
-                    got += await r.read(6 - len(got))
-                assert got == b"456789"
-                assert await r.readhead(4096) == b"PUT /b HTTP/1.0\n\n"  # a bare-LF head
-                try:
-                    await r.readhead(4096)  # "rest", then EOF: a head cut short
-                    assert False, "a head cut short must raise"
-                except EOFError:
-                    pass
-                try:
-                    await r.readexactly(5)
-                    assert False, "EOF must raise"
-                except EOFError:
-                    pass
-                assert await Rd(Src(b"", step)).readhead(4096) == b""  # closed before sending anything
-                try:
-                    await Rd(Src(b"x" * 40, step)).readhead(16)
-                    assert False, "a head over the limit must raise"
-                except ValueError:
-                    pass
-            fwtest.run(go())
+    class SrcInto(Src):  # MicroPython's stream: readinto() fills the caller's buffer
+        async def readinto(self, buf):
+            out = await self.read(len(buf))
+            buf[:len(out)] = out
+            return len(out)
 
+    head = b"GET / HTTP/1.0\r\nHost: x\r\n\r\n"
+    data = head + b"0123456789" + b"tail"
+    for kind in (Src, SrcInto):
+        for step in (1, 3, 7, 64):
+            for size in (4, 16, 4100):  # a head_block buffer grows; the preallocated one (max_head + 4) does not
+
+                async def go():
+                    r = _Reader(kind(data, step))
+                    buf, e = await r.readhead(bytearray(size), 4096, 2048)
+                    assert bytes(buf[:e]) == head, (kind, step, size, bytes(buf[:e]))
+                    assert await r.readexactly(4) == b"0123"
+                    got = b""
+                    while len(got) < 6:
+                        got += await r.read(6 - len(got))
+                    assert got == b"456789"
+                    rest = b""
+                    while True:
+                        c = await r.read()
+                        if not c:
+                            break
+                        rest += c
+                    assert rest == b"tail", rest
+                    buf, e = await _Reader(kind(b"PUT /b HTTP/1.0\n\nrest", step)).readhead(bytearray(size), 4096, 2048)
+                    assert bytes(buf[:e]) == b"PUT /b HTTP/1.0\n\n"  # a bare-LF head
+                    try:
+                        await _Reader(kind(b"GET / HTTP/1.0\r\nHost", step)).readhead(bytearray(size), 4096, 2048)
+                        assert False, "a head cut short must raise"
+                    except EOFError:
+                        pass
+                    try:
+                        await r.readexactly(5)
+                        assert False, "EOF must raise"
+                    except EOFError:
+                        pass
+                    assert await _Reader(kind(b"", step)).readhead(bytearray(size), 4096, 2048) is None
+                    for over, code in ((b"x" * 40, 414), (b"GET / HTTP/1.0\r\n" + b"x" * 40, 431)):
+                        try:
+                            await _Reader(kind(over, step)).readhead(bytearray(size), 24, 20)
+                            assert False, "a head over the limit must raise"
+                        except ValueError as e:
+                            assert e.args[0] == code, (over, e.args)
+                fwtest.run(go())
+
+
+
+def test_stop_closes_every_connection_it_accepted():
+    # A connection still sending its head and one handed over to a session (detach) are closed by stop(): nothing the
+    # server accepted outlives it (the first would get its 408 only after read_timeout_s, the second stayed open).
+    held = {}
+
+    async def t(web, port, state):
+        async def hold(req):
+            held["conn"] = web.detach(req)  # an owner that never releases it
+            return HANDLED
+        web.route("/hold", None, hold)
+        r1, w1 = await asyncio.open_connection("127.0.0.1", port)
+        w1.write(b"GET /hold HTTP/1.0\r\n\r\n")
+        await w1.drain()
+        r2, w2 = await asyncio.open_connection("127.0.0.1", port)
+        w2.write(b"GET /health HTTP/1.0\r\nX-Slow: ")
+        await w2.drain()
+        while "conn" not in held or web.active < 2:
+            await asyncio.sleep(0.01)
+        await web.stop()
+        assert web.active == 0, web.active
+        for r, w in ((r1, w1), (r2, w2)):
+            try:
+                out = await wc.read_all(r)
+            except OSError:  # reset: the close found unread bytes
+                out = b""
+            await wc.close(w)
+            assert out == b"", out
+    serve(t)
+
+
+def test_running_out_of_heap_while_building_an_answer_answers_503_not_silence():
+    async def t(web, port, state):
+        real = web._write
+        calls = {"n": 0}
+
+        async def write_oom(res, writer):  # fault injection: the heap is gone while the answer is formatted
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise MemoryError("memory allocation failed")
+            await real(res, writer)
+        web._write = write_oom
+        s, h, b = await wc.request(port, "GET", "/health")
+        assert s == 503 and b == {"error": "out of memory"} and h["retry-after"] == "1", (s, b)
+        assert web.oom == 1 and web.active == 0
+        s, h, b = await wc.request(port, "GET", "/health")  # the next request is served as ever
+        assert s == 200 and b["status"] == "ok"
+    serve(t)
+
+
+def test_a_query_string_stays_its_own_while_other_requests_are_read():
+    # A query string is read from the head buffer when a handler asks for it: requests read meanwhile (into the buffer
+    # freed by a request without one, or into one of their own) must not change it.
+    async def t(web, port, state):
+        async def q(req):
+            if req.in_query(b"slow"):
+                await asyncio.sleep(0.3)  # other requests are read meanwhile
+            return {"q": req.query()}
+        web.route("/q", None, q)
+
+        async def later(path):
+            await asyncio.sleep(0.1)  # accepted once the first request is parsed and in its handler
+            return await wc.request(port, "GET", path)
+        got = await asyncio.gather(wc.request(port, "GET", "/q?slow"), later("/health"), later("/q?other"))
+        assert [g[2] for g in got] == [{"q": "slow"}, got[1][2], {"q": "other"}] and got[1][0] == 200, got
+        assert (await wc.request(port, "GET", "/q"))[2] == {"q": None}
+    serve(t)

@@ -1,4 +1,4 @@
-# The device's own request parse, route lookup and answer (iotlib.web._Request, App.find_route, _Response): kept
+# The device's own request parse, route lookup and answer (iotlib.httpd._Request, DeviceWeb._find, httpd.Response): kept
 # apart from test_web so neither module's bytecode crowds the other's tests out of a 192K heap.
 import json
 
@@ -9,7 +9,7 @@ from test_web import make_web, serve, token
 
 
 def test_header_names_in_any_case_bare_lf_heads_head_and_405_on_a_fixed_path():
-    # DeviceWeb parses the head itself (iotlib.web._Request): names are matched in any case, a bare-LF head and a
+    # DeviceWeb parses the head itself (iotlib.httpd._Request): names are matched in any case, a bare-LF head and a
     # header without the space after its colon are taken; a fixed path is found by one lookup, and HEAD, a query
     # string and a wrong method there still get their answers.
     tok = token("viewer").encode()
