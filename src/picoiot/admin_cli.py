@@ -54,7 +54,8 @@ def provision(device_id: str = typer.Argument(..., help="device id: 1–64 of [A
     """Enroll a device and print (or write) its key file {device_id, device_key, namespace, service_discovery_url};
     with --board-settings, also write the complete settings file the board reads (docs/hardware.md)."""
     from .server.app import seed_device_types
-    from .server.core import ControlPlane, Events
+    from .server.changes import Events
+    from .server.core import ControlPlane
     from .server.db import migrate
     from .server.errors import ApiError
     from .server.models import ProvisionIn

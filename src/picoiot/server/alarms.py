@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 import sqlalchemy as sa
 from fastapi import APIRouter, Depends, Path, Query, Request
 
+from . import changes
+from .changes import Events
 from . import db as tables
 from .auth import Principal, principal, require_device_or_role, require_ns, require_role
 from .db import now_ms
@@ -88,14 +90,14 @@ def _device_exists(conn, ns, dev) -> bool:
     return conn.execute(sa.select(d.c.device_id).where(d.c.ns == ns, d.c.device_id == dev)).first() is not None
 
 
-def ingest(conn: sa.Connection, events: list, ns: str, dev: str, items: list[AlarmIn]) -> int:
+def ingest(conn: sa.Connection, events: Events, ns: str, dev: str, items: list[AlarmIn]) -> int:
     if not _device_exists(conn, ns, dev):
         raise ApiError(404, "unknown device")
     now = now_ms()
     # one batch may name a key twice (fire then resolve): apply in order, merging into the same row
     for a in items:
         apply_one(conn, ns, dev, a, now)
-    events.append({"ns": ns, "dev": dev, "kind": "alarm"})  # this process's live views (events.py)
+    events.local(changes.alarm(ns, dev))  # this process's live views (events.py)
     return len(items)
 
 
@@ -124,7 +126,7 @@ def list_alarms(conn: sa.Connection, ns: str, state: str | None, severity: str |
     return [to_out(r) for r in conn.execute(q).mappings()]
 
 
-def ack(conn: sa.Connection, events: list, ns: str, alarm_id: int, by: str) -> AlarmOut:
+def ack(conn: sa.Connection, events: Events, ns: str, alarm_id: int, by: str) -> AlarmOut:
     row = conn.execute(sa.select(A).where(A.c.ns == ns, A.c.id == alarm_id).with_for_update()).mappings().first()
     if row is None:
         raise ApiError(404, "unknown alarm")
@@ -133,7 +135,7 @@ def ack(conn: sa.Connection, events: list, ns: str, alarm_id: int, by: str) -> A
         conn.execute(A.update().where(A.c.id == alarm_id).values(acked=True, acked_by=by, acked_ts=now,
                                                                   updated_ts=now))
         row = conn.execute(sa.select(A).where(A.c.id == alarm_id)).mappings().first()
-        events.append({"ns": ns, "dev": row["device_id"], "kind": "alarm"})  # live views (events.py)
+        events.local(changes.alarm(ns, row["device_id"]))  # live views (events.py)
     return to_out(row)
 
 

@@ -7,8 +7,10 @@ import sqlalchemy as sa
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
 
+from . import changes
+from .changes import Events
 from . import db as tables
-from .auth import Principal, device_ns, principal
+from .auth import Principal, device_ns, own_device_ns, principal
 from .db import now_ms
 from .devicetypes import validate_config
 from .documents import merge, overlay
@@ -57,7 +59,7 @@ def latest(conn: sa.Connection, ns: str, dev: str) -> tuple[int, dict] | None:
     return (int(row[0]), row[1]) if row else None
 
 
-def store_if_changed(conn: sa.Connection, events: list, cp: "ControlPlane", ns: str, dev_row,
+def store_if_changed(conn: sa.Connection, events: Events, cp: "ControlPlane", ns: str, dev_row,
                      cfg: dict, schema: dict, check_unchanged: bool = True) -> int:
     """Validate and store cfg as a new version if it differs from the latest; returns the current version.
 
@@ -74,11 +76,11 @@ def store_if_changed(conn: sa.Connection, events: list, cp: "ControlPlane", ns: 
     version = max(cur[0] if cur else 0, dev_row["config_version"]) + 1
     conn.execute(C.insert().values(ns=ns, device_id=dev, version=version, config=cfg, created_ts=now_ms()))
     conn.execute(D.update().where(D.c.ns == ns, D.c.device_id == dev).values(config_version=version))
-    cp.emit(conn, events, {"ns": ns, "dev": dev, "kind": "config", "version": version})
+    events.emit(conn, changes.config(ns, dev, version))
     return version
 
 
-def recompute(conn: sa.Connection, events: list, cp: "ControlPlane", ns: str, dev: str) -> int | None:
+def recompute(conn: sa.Connection, events: Events, cp: "ControlPlane", ns: str, dev: str) -> int | None:
     row = device_row(conn, ns, dev, lock=True)
     if row is None:
         raise ApiError(404, "unknown device")
@@ -88,7 +90,7 @@ def recompute(conn: sa.Connection, events: list, cp: "ControlPlane", ns: str, de
     return store_if_changed(conn, events, cp, ns, row, cfg, schema)
 
 
-def recompute_where(conn: sa.Connection, events: list, cp: "ControlPlane", where, type_override=None,
+def recompute_where(conn: sa.Connection, events: Events, cp: "ControlPlane", where, type_override=None,
                     group_override=None) -> int:
     """Recompute every matching device; one invalid result aborts the whole change (422 naming the device)."""
     n = 0
@@ -100,7 +102,7 @@ def recompute_where(conn: sa.Connection, events: list, cp: "ControlPlane", where
     return n
 
 
-def set_overrides(conn: sa.Connection, events: list, cp: "ControlPlane", ns: str, dev: str,
+def set_overrides(conn: sa.Connection, events: Events, cp: "ControlPlane", ns: str, dev: str,
                   overrides: dict[str, Any], patch: bool) -> tuple[int | None, dict]:
     row = device_row(conn, ns, dev, lock=True)
     if row is None:
@@ -116,7 +118,7 @@ def set_overrides(conn: sa.Connection, events: list, cp: "ControlPlane", ns: str
     return version, new
 
 
-def save_report(conn: sa.Connection, events: list, ns: str, dev: str, body: ConfigReportIn) -> None:
+def save_report(conn: sa.Connection, events: Events, ns: str, dev: str, body: ConfigReportIn) -> None:
     report = {"version": body.version, "status": body.status, "reason": body.reason, "ts": now_ms()}
     n = conn.execute(D.update().where(D.c.ns == ns, D.c.device_id == dev).values(config_report=report)).rowcount
     if not n:
@@ -160,8 +162,6 @@ async def get_config(device_id: str, request: Request, p: Principal = Depends(pr
 async def report_config(device_id: str, body: ConfigReportIn, request: Request,
                         p: Principal = Depends(principal)) -> Ok:
     """The device says which config version it applied or rejected (and why)."""
-    if not p.is_device:
-        raise ApiError(403, "only devices report their config")
-    ns = device_ns(p, device_id, "admin")
+    ns = own_device_ns(p, device_id, "report their config")
     await request.app.state.cp.write(save_report, ns, device_id, body)
     return Ok()

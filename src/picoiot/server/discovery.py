@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 from fastapi import APIRouter, Depends, Request
 
+from . import changes
+from .changes import Events
 from . import db as tables
 from .alarms import resolve_server_alarm
 from .auth import DEVICE_ROLE, Principal, derive_device_key, issue_token, principal, signature_ok
@@ -55,7 +57,7 @@ class BadNonce(ApiError):
         super().__init__(401, "unknown or expired nonce")
 
 
-def _register(conn: sa.Connection, events: list, cp: "ControlPlane", body: RegisterIn) -> tuple[str, dict, int]:
+def _register(conn: sa.Connection, events: Events, cp: "ControlPlane", body: RegisterIn) -> tuple[str, dict, int]:
     """Take the nonce and register, in one transaction: a registration storm after a restart is 20,000 of these, and
     each round trip to the database counts (docs/control-plane.md, *How far it scales*). Returns (ns, config, ttl).
 
@@ -107,9 +109,7 @@ def _register(conn: sa.Connection, events: list, cp: "ControlPlane", body: Regis
           else fresh["config_version"])
     sv = conn.execute(sa.select(S.c.version).where(S.c.ns == ns, S.c.device_id == dev,
                                                    S.c.name == "default")).scalar()
-    # the versions ride on the event, so every process's version cache holds the device before its first heartbeat
-    cp.emit(conn, events, {"ns": ns, "dev": dev, "kind": "device", "ttl": ttl, "config_version": int(cv),
-                           "state_version": int(sv or 0)})
+    events.emit(conn, changes.registered(ns, dev, ttl, int(cv), int(sv or 0)))
     return ns, cfg, ttl
 
 

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 
-from .auth import Principal, device_ns, principal
+from .auth import Principal, own_device_ns, principal
 from .db import now_ms
 from .errors import ApiError
 from .longpoll import wait_for_change
@@ -16,7 +16,7 @@ from .ota import heartbeat_pending
 from .telemetry import readings_from_heartbeat
 
 if TYPE_CHECKING:
-    from .core import ControlPlane
+    from .core import ControlPlane, Versions
 
 router = APIRouter(tags=["heartbeat"])
 _ERR: dict[int | str, dict[str, Any]] = {s: {"model": ErrorBody} for s in (400, 401, 403, 404)}
@@ -46,11 +46,12 @@ _ANSWER = b'{"ack":%d,"server_time":%d,"ttl":%d,"pending":{"config_version":%d,"
 _ASK = object()
 
 
-async def answer(cp: "ControlPlane", ns: str, device_id: str, seq: int, entry: list[int], ota: Any = _ASK) -> bytes:
+async def answer(cp: "ControlPlane", ns: str, device_id: str, seq: int, entry: "Versions", ota: Any = _ASK) -> bytes:
     """The heartbeat answer (HeartbeatOut) as JSON bytes; shared by the FastAPI route and the fast path."""
     if ota is _ASK:
         ota = await heartbeat_pending(cp, ns, device_id)
-    return _ANSWER % (seq, now_ms(), entry[2], entry[0], entry[1], b"null" if ota is None else json.dumps(ota).encode())
+    offer = b"null" if ota is None else json.dumps(ota).encode()
+    return _ANSWER % (seq, now_ms(), entry.ttl_s, entry.config_version, entry.state_version, offer)
 
 
 @router.post("/api/v1/devices/{device_id}/heartbeat", response_model=HeartbeatOut, responses=_ERR)
@@ -63,9 +64,7 @@ async def heartbeat(device_id: str, body: HeartbeatIn, request: Request, p: Prin
     change: it answers when the config or state version differs from the one the device already knows of
     (`config_version` / `state_version` in the query; default: the body's, the versions it runs), or the OTA offer
     from the one it knows of (`ota`, empty for none; default: the offer when the poll began)."""
-    if not p.is_device:
-        raise ApiError(403, "only devices send heartbeats")
-    ns = device_ns(p, device_id, "admin")
+    ns = own_device_ns(p, device_id, "send heartbeats")
     cp: ControlPlane = request.app.state.cp
     entry = await cp.versions_of(ns, device_id)
     if entry is None:
@@ -84,14 +83,15 @@ async def heartbeat(device_id: str, body: HeartbeatIn, request: Request, p: Prin
     offer = await heartbeat_pending(cp, ns, device_id)
     known_ota = (ota or None) if ota is not None else offer
 
-    def changed(v: tuple[list[int], str | None]) -> bool:
-        return ((known_cv is not None and v[0][0] != known_cv)
-                or (known_sv is not None and v[0][1] != known_sv)
-                or v[1] != known_ota)
+    def changed(v: tuple[Versions, str | None]) -> bool:
+        versions, offer = v
+        return ((known_cv is not None and versions.config_version != known_cv)
+                or (known_sv is not None and versions.state_version != known_sv)
+                or offer != known_ota)
 
     if not changed((entry, offer)):
         # never wait past half the TTL: the device must not look silent while we hold its request
-        limit = min(wait, cp.settings.max_heartbeat_wait_s, entry[2] / 2)
+        limit = min(wait, cp.settings.max_heartbeat_wait_s, entry.ttl_s / 2)
 
         async def fetch():
             return (await cp.versions_of(ns, device_id) or entry, await heartbeat_pending(cp, ns, device_id))

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING
 from pydantic import ValidationError
 
 from . import heartbeat
-from .auth import ALL_NAMESPACES, bearer_token
+from .auth import bearer_token, own_device_ns
+from .errors import ApiError
 from .models import HeartbeatIn
 
 if TYPE_CHECKING:
@@ -86,9 +87,11 @@ class HotPath:
         p = cp.tokens.fresh(token)
         if p is None:  # not verified yet, invalid or expired: the FastAPI route checks it (and caches or answers 401)
             raise _Fallback
-        if not p.is_device or p.sub != device_id or p.ns == ALL_NAMESPACES:
-            raise _Fallback
-        entry = cp.versions.get(p.ns, device_id)
+        try:
+            ns = own_device_ns(p, device_id, "send heartbeats")  # the route's own decision
+        except ApiError:  # an operator, another device's path…: the route answers the error
+            raise _Fallback from None
+        entry = cp.versions.get(ns, device_id)
         if entry is None:  # not cached: the FastAPI route loads it (or answers 404)
             raise _Fallback
         try:
@@ -96,8 +99,8 @@ class HotPath:
         except ValidationError:
             raise _Fallback from None
         try:
-            await heartbeat.record(cp, p.ns, device_id, body)
-            return await heartbeat.answer(cp, p.ns, device_id, body.seq, entry)
+            await heartbeat.record(cp, ns, device_id, body)
+            return await heartbeat.answer(cp, ns, device_id, body.seq, entry)
         except Exception:  # gone meanwhile, database busy…: the FastAPI route redoes it and answers the error
             raise _Fallback from None
 

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 from fastapi import APIRouter, Depends, Path, Query, Request
 
+from . import changes
 from . import db as tables
 from .auth import ALL_NAMESPACES, Principal, derive_device_key, principal, require_ns, require_role
 from .config import device_row, latest, recompute, recompute_where, set_overrides
@@ -130,7 +131,7 @@ def _provision(conn, events, cp: "ControlPlane", ns: str, body: ProvisionIn, enr
                                    config_overrides={}, config_version=0))
     if body.device_type:
         recompute(conn, events, cp, ns, body.device_id)
-    cp.emit(conn, events, {"ns": ns, "dev": body.device_id, "kind": "device"})
+    events.emit(conn, changes.provisioned(ns, body.device_id))
     return individual or derive_device_key(enrollment_key, body.device_id)
 
 
@@ -180,7 +181,7 @@ def _delete_device(conn, events, cp, ns, dev):
         raise ApiError(404, "unknown device")
     for t in (C, S, A):
         conn.execute(t.delete().where(t.c.ns == ns, t.c.device_id == dev))
-    cp.emit(conn, events, {"ns": ns, "dev": dev, "kind": "deleted"})
+    events.emit(conn, changes.deleted(ns, dev))
 
 
 @router.delete("/api/v1/namespaces/{ns}/devices/{device_id}", response_model=Ok, responses=_ERR)

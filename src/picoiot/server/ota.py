@@ -19,8 +19,10 @@ from nacl.exceptions import BadSignatureError
 from nacl.signing import VerifyKey
 from pydantic import BaseModel, Field
 
+from . import changes
+from .changes import Events
 from . import db as tables
-from .auth import Principal, device_ns, principal, require_ns, require_role
+from .auth import Principal, device_ns, own_device_ns, principal, require_ns, require_role
 from .db import now_ms
 from .errors import ApiError
 from .models import ErrorBody
@@ -173,7 +175,7 @@ async def list_releases(ns: str, request: Request, p: Principal = Depends(princi
     return {"releases": await _cp(request).read(q)}
 
 
-def assignment_changed(cp: "ControlPlane", conn: sa.Connection, events: list, ns: str, kind: str, target: str) -> None:
+def assignment_changed(cp: "ControlPlane", conn: sa.Connection, events: Events, ns: str, kind: str, target: str) -> None:
     """Wake the held heartbeats of the devices an assignment concerns, in every process: the offer reaches a device
     at once, not at its next heartbeat. Other processes also learn that the namespace now has assignments (core.py
     listens for these events). One event per device of a group: assignments are rare, and a woken poll that finds
@@ -183,7 +185,7 @@ def assignment_changed(cp: "ControlPlane", conn: sa.Connection, events: list, ns
     else:
         devs = [r[0] for r in conn.execute(sa.select(D.c.device_id).where(D.c.ns == ns, D.c.group_name == target))]
     for dev in devs:
-        cp.emit(conn, events, {"ns": ns, "dev": dev, "kind": "ota"})
+        events.emit(conn, changes.ota(ns, dev))
 
 
 def _assign(conn, events, cp: "ControlPlane", ns: str, body: AssignIn):
@@ -321,9 +323,7 @@ async def file_chunk(device_id: str, sha256: str, request: Request, p: Principal
 @router.post("/api/v1/devices/{device_id}/ota/report", responses=_ERR)
 async def report(device_id: str, body: ReportIn, request: Request, p: Principal = Depends(principal)) -> dict:
     """The device's install result: installed, rolled_back (with the version it runs again) or failed."""
-    if not p.is_device:
-        raise ApiError(403, "only devices report OTA results")
-    ns = device_ns(p, device_id, "admin")
+    ns = own_device_ns(p, device_id, "report OTA results")
 
     def put(conn, events):
         if conn.execute(sa.select(D.c.device_id).where(D.c.ns == ns, D.c.device_id == device_id)).first() is None:

@@ -14,17 +14,16 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import sqlalchemy as sa
 from packaging.version import InvalidVersion, Version
 
+from . import changes
+from .changes import Events
 from . import db as tables
 from .db import now_ms
 from .errors import ApiError
-
-if TYPE_CHECKING:
-    from .core import Events
 
 RO, RD, RL = tables.rollouts, tables.rollout_devices, tables.rollout_locks
 AS, REP, D, R = tables.ota_assignments, tables.ota_reports, tables.devices, tables.ota_releases
@@ -155,7 +154,7 @@ def _offer_stages(conn: sa.Connection, events: Events, r: dict, upto: int, now: 
         RD.c.rollout_id == r["id"], RD.c.stage <= upto, RD.c.status == "pending", RD.c.offered_ts.is_(None))).all()
     for dev, version in rows:
         _assign(conn, r["ns"], dev, version, now)
-        events.emit(conn, {"ns": r["ns"], "dev": dev, "kind": "ota"})
+        events.emit(conn, changes.ota(r["ns"], dev))
     if rows:
         conn.execute(RD.update().where(RD.c.rollout_id == r["id"], RD.c.stage <= upto, RD.c.status == "pending",
                                        RD.c.offered_ts.is_(None)).values(offered_ts=now, status_ts=now))
@@ -170,7 +169,7 @@ def _release_exists(conn: sa.Connection, ns: str, version: str) -> bool:
     return conn.execute(sa.select(R.c.version).where(R.c.ns == ns, R.c.version == version)).first() is not None
 
 
-def create(conn: sa.Connection, events: list, ns: str, spec: dict, by: str) -> dict:
+def create(conn: sa.Connection, events: Events, ns: str, spec: dict, by: str) -> dict:
     """spec: {version, target: {namespace|group|devices}, stages, failure_threshold, allow_downgrade}."""
     version = spec["version"]
     if not _release_exists(conn, ns, version):
@@ -290,7 +289,7 @@ def _evaluate(conn: sa.Connection, events: Events, r: dict, now: int) -> None:
         _offer_stages(conn, events, r, r["stage"], now)
 
 
-def tick(conn: sa.Connection, events: list, now: int | None = None) -> set[str]:
+def tick(conn: sa.Connection, events: Events, now: int | None = None) -> set[str]:
     """One evaluation of every active rollout; returns their namespaces. Rows another process is evaluating are
     skipped (PostgreSQL SKIP LOCKED; SQLite's writer lock already serialises)."""
     now = now or now_ms()
@@ -301,7 +300,7 @@ def tick(conn: sa.Connection, events: list, now: int | None = None) -> set[str]:
     return {r["ns"] for r in active}
 
 
-def note_download(conn: sa.Connection, events: list, ns: str, dev: str, version: str) -> None:
+def note_download(conn: sa.Connection, events: Events, ns: str, dev: str, version: str) -> None:
     """The device fetched the manifest of the release its rollout offered: it is downloading."""
     now = now_ms()
     conn.execute(RD.update().where(RD.c.ns == ns, RD.c.device_id == dev, RD.c.version == version,
@@ -312,7 +311,7 @@ def note_download(conn: sa.Connection, events: list, ns: str, dev: str, version:
 
 
 # ---------------------------------------------------------------- operators' actions
-def pause(conn: sa.Connection, events: list, ns: str, rid: int, reason: str) -> dict:
+def pause(conn: sa.Connection, events: Events, ns: str, rid: int, reason: str) -> dict:
     r = _load(conn, ns, rid)
     if r["state"] not in ACTIVE:
         raise ApiError(409, f"rollout is {r['state']}", {"state": r["state"]})
@@ -324,7 +323,7 @@ def pause(conn: sa.Connection, events: list, ns: str, rid: int, reason: str) -> 
     return detail(conn, ns, rid)
 
 
-def resume(conn: sa.Connection, events: list, ns: str, rid: int, version: str | None) -> dict:
+def resume(conn: sa.Connection, events: Events, ns: str, rid: int, version: str | None) -> dict:
     """Run again. With a (fixed) release: devices of the started stages that failed, rolled back or committed the
     old one are taken to the new one; a device is never offered again the release it rolled back."""
     r = _load(conn, ns, rid)
@@ -352,7 +351,7 @@ def resume(conn: sa.Connection, events: list, ns: str, rid: int, version: str | 
     return detail(conn, ns, rid)
 
 
-def abort(conn: sa.Connection, events: list, ns: str, rid: int, reason: str) -> dict:
+def abort(conn: sa.Connection, events: Events, ns: str, rid: int, reason: str) -> dict:
     r = _load(conn, ns, rid)
     if r["state"] not in ACTIVE:
         raise ApiError(409, f"rollout is {r['state']}", {"state": r["state"]})

@@ -6,6 +6,8 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 from fastapi import APIRouter, Depends, Path, Query, Request
 
+from . import changes
+from .changes import Events
 from . import db as tables
 from .auth import Principal, principal, require_ns, require_role
 from .config import latest
@@ -74,7 +76,7 @@ def check_desired(conn: sa.Connection, ns: str, dev: str, desired: dict[str, Any
                        {"path": first["path"], "message": first["message"], "errors": errors[:16]})
 
 
-def update_shadow(conn: sa.Connection, events: list, cp: "ControlPlane", ns: str, dev: str, name: str,
+def update_shadow(conn: sa.Connection, events: Events, cp: "ControlPlane", ns: str, dev: str, name: str,
                   body: ShadowUpdateIn) -> dict[str, Any]:
     st = cp.settings
     row = conn.execute(sa.select(S).where(S.c.ns == ns, S.c.device_id == dev, S.c.name == name)
@@ -108,7 +110,7 @@ def update_shadow(conn: sa.Connection, events: list, cp: "ControlPlane", ns: str
                                           S.c.version == current).values(**values)).rowcount
         if n != 1:  # only without row locks (never on PostgreSQL/SQLite as configured), but never lose an update
             raise ApiError(409, "version conflict", version=current + 1)
-    cp.emit(conn, events, {"ns": ns, "dev": dev, "kind": "state", "name": name, "version": version})
+    events.emit(conn, changes.state(ns, dev, name, version))
     return render(values)
 
 
