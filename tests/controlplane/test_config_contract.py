@@ -18,7 +18,7 @@ import pytest
 
 from picoiot import paths
 from picoiot.server import devicetypes
-from picoiot.server.errors import ApiError
+from picoiot.server.refusals import Invalid
 
 _FW = str(paths.REPO / "firmware")
 
@@ -146,7 +146,7 @@ def test_a_relay_name_the_server_accepts_is_one_the_device_accepts(firmware, nam
     try:
         devicetypes.validate_config(devicetypes.RELAYS_SCHEMA, cfg)
         server_ok = True
-    except ApiError:
+    except Invalid:
         server_ok = False
     assert server_ok == (rel.validate({name: {"pin": 2}}) == [])
 

@@ -4,19 +4,21 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
-from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi import APIRouter, Header, Query, Response
 from fastapi.responses import JSONResponse
 
 from . import changes
 from .changes import Events
 from . import db as tables
-from .auth import Principal, device_ns, own_device_ns, principal
+from .auth import device_ns, own_device_ns
 from .db import now_ms
+from .deps import CP, Caller
 from .devicetypes import validate_config
 from .documents import merge, overlay
 from .errors import ApiError
 from .longpoll import parse_etag, wait_for_change
 from .models import ConfigOut, ConfigReportIn, ErrorBody, Ok
+from .refusals import Conflict, NotFound
 
 if TYPE_CHECKING:
     from .core import ControlPlane
@@ -39,7 +41,7 @@ def effective(conn: sa.Connection, ns: str, dev_row, type_override=None, group_o
     """(config, schema) of a device; the overrides let a caller test a type/group change before storing it."""
     t = type_override or type_row(conn, dev_row["device_type"])
     if t is None:
-        raise ApiError(409, f"device {dev_row['device_id']} has unknown device type {dev_row['device_type']!r}")
+        raise Conflict(f"device {dev_row['device_id']} has unknown device type {dev_row['device_type']!r}")
     cfg = t["defaults"]
     if dev_row["group_name"]:
         if group_override is not None:
@@ -83,7 +85,7 @@ def store_if_changed(conn: sa.Connection, events: Events, cp: "ControlPlane", ns
 def recompute(conn: sa.Connection, events: Events, cp: "ControlPlane", ns: str, dev: str) -> int | None:
     row = device_row(conn, ns, dev, lock=True)
     if row is None:
-        raise ApiError(404, "unknown device")
+        raise NotFound("unknown device")
     if not row["device_type"]:
         return None
     cfg, schema = effective(conn, ns, row)
@@ -106,7 +108,7 @@ def set_overrides(conn: sa.Connection, events: Events, cp: "ControlPlane", ns: s
                   overrides: dict[str, Any], patch: bool) -> tuple[int | None, dict]:
     row = device_row(conn, ns, dev, lock=True)
     if row is None:
-        raise ApiError(404, "unknown device")
+        raise NotFound("unknown device")
     new = overlay(row["config_overrides"] or {}, overrides) if patch else overrides
     candidate = dict(row)
     candidate["config_overrides"] = new
@@ -122,7 +124,7 @@ def save_report(conn: sa.Connection, events: Events, ns: str, dev: str, body: Co
     report = {"version": body.version, "status": body.status, "reason": body.reason, "ts": now_ms()}
     n = conn.execute(D.update().where(D.c.ns == ns, D.c.device_id == dev).values(config_report=report)).rowcount
     if not n:
-        raise ApiError(404, "unknown device")
+        raise NotFound("unknown device")
 
 
 _ERR: dict[int | str, dict[str, Any]] = {s: {"model": ErrorBody} for s in (400, 401, 403, 404, 409)}
@@ -131,12 +133,11 @@ router = APIRouter(tags=["config"])
 
 @router.get("/api/v1/devices/{device_id}/config", response_model=ConfigOut,
             responses={**_ERR, 304: {"description": "not modified (If-None-Match, or the wait ended unchanged)"}})
-async def get_config(device_id: str, request: Request, p: Principal = Depends(principal),
+async def get_config(device_id: str, p: Caller, cp: CP,
                      version: int | None = Query(None, ge=0, le=2**31 - 1),
                      wait: float | None = Query(None, ge=0, le=86400),
                      if_none_match: str | None = Header(None)) -> Response:
     """The device's effective config. `?version=N&wait=S` blocks until the version differs from N (or S passes)."""
-    cp: ControlPlane = request.app.state.cp
     ns = device_ns(p, device_id, "viewer")
     if await cp.versions_of(ns, device_id) is None:
         raise ApiError(404, "unknown device")
@@ -159,9 +160,8 @@ async def get_config(device_id: str, request: Request, p: Principal = Depends(pr
 
 
 @router.post("/api/v1/devices/{device_id}/config/report", response_model=Ok, responses=_ERR)
-async def report_config(device_id: str, body: ConfigReportIn, request: Request,
-                        p: Principal = Depends(principal)) -> Ok:
+async def report_config(device_id: str, body: ConfigReportIn, p: Caller, cp: CP) -> Ok:
     """The device says which config version it applied or rejected (and why)."""
     ns = own_device_ns(p, device_id, "report their config")
-    await request.app.state.cp.write(save_report, ns, device_id, body)
+    await cp.write(save_report, ns, device_id, body)
     return Ok()

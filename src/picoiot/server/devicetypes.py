@@ -14,7 +14,7 @@ from typing import Any
 
 import jsonschema
 
-from .errors import ApiError
+from .refusals import Invalid
 
 _COMMON_PROPS: dict[str, Any] = {
     "heartbeat_interval_s": {"type": "integer", "minimum": 1, "maximum": 3600},
@@ -137,7 +137,7 @@ def check_schema(schema: dict) -> None:
     try:
         jsonschema.Draft202012Validator.check_schema(schema)
     except jsonschema.SchemaError as e:
-        raise ApiError(422, "invalid JSON schema", {"path": _path(e.absolute_path), "message": e.message}) from None
+        raise Invalid("invalid JSON schema", {"path": _path(e.absolute_path), "message": e.message}) from None
 
 
 def _path(parts) -> str:
@@ -180,4 +180,4 @@ def validate_config(schema: dict, config: Any, device_id: str | None = None) -> 
         detail: dict[str, Any] = {"path": first["path"], "message": first["message"], "errors": errors[:10]}
         if device_id is not None:
             detail["device_id"] = device_id
-        raise ApiError(422, f"invalid config: {first['path'] or '(root)'}: {first['message']}", detail)
+        raise Invalid(f"invalid config: {first['path'] or '(root)'}: {first['message']}", detail)

@@ -4,16 +4,18 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
-from .auth import Principal, own_device_ns, principal
+from .auth import own_device_ns
 from .db import now_ms
+from .deps import CP, Caller
 from .errors import ApiError
 from .longpoll import wait_for_change
 from .models import ErrorBody, HeartbeatIn, HeartbeatOut
 from .ota import heartbeat_pending
 from .telemetry import readings_from_heartbeat
+from .refusals import NotFound
 
 if TYPE_CHECKING:
     from .core import ControlPlane, Versions
@@ -23,13 +25,13 @@ _ERR: dict[int | str, dict[str, Any]] = {s: {"model": ErrorBody} for s in (400, 
 
 
 async def record(cp: "ControlPlane", ns: str, device_id: str, body: HeartbeatIn) -> str:
-    """Record a heartbeat of a known device; raises ApiError(404) if it is gone. Returns the heartbeat as stored
+    """Record a heartbeat of a known device; raises NotFound if it is gone. Returns the heartbeat as stored
     (JSON text), for a second sign of life from the same request.
 
     Shared by the FastAPI route and the fast path (`hotpath.py`), so both record and count the same way."""
     hb = body.model_dump_json(exclude_none=True, exclude=_NOT_STORED)
     if not await cp.liveness.beat(ns, device_id, hb):
-        raise ApiError(404, "unknown device")
+        raise NotFound("unknown device")
     cp.metrics.heartbeats.inc()
     if body.t:  # in memory only (telemetry.py): never delays the answer, never refuses the heartbeat
         cp.telemetry.ingest(ns, device_id, readings_from_heartbeat(body.t, now_ms()), strict=False)
@@ -55,7 +57,7 @@ async def answer(cp: "ControlPlane", ns: str, device_id: str, seq: int, entry: "
 
 
 @router.post("/api/v1/devices/{device_id}/heartbeat", response_model=HeartbeatOut, responses=_ERR)
-async def heartbeat(device_id: str, body: HeartbeatIn, request: Request, p: Principal = Depends(principal),
+async def heartbeat(device_id: str, body: HeartbeatIn, request: Request, p: Caller, cp: CP,
                     wait: float | None = Query(None, ge=0, le=86400),
                     config_version: int | None = Query(None, ge=0, le=2**31 - 1),
                     state_version: int | None = Query(None, ge=0, le=2**31 - 1),
@@ -65,7 +67,6 @@ async def heartbeat(device_id: str, body: HeartbeatIn, request: Request, p: Prin
     (`config_version` / `state_version` in the query; default: the body's, the versions it runs), or the OTA offer
     from the one it knows of (`ota`, empty for none; default: the offer when the poll began)."""
     ns = own_device_ns(p, device_id, "send heartbeats")
-    cp: ControlPlane = request.app.state.cp
     entry = await cp.versions_of(ns, device_id)
     if entry is None:
         raise ApiError(404, "unknown device")
