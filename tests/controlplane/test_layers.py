@@ -57,8 +57,11 @@ def test_the_check_finds_an_http_error_in_the_data_layer(tmp_path):
     assert http_errors_outside_the_boundary(tmp_path) == ["store.py:2 load"]
 
 
-@pytest.mark.parametrize("kind", [c for c in vars(refusals).values()
-                                  if isinstance(c, type) and issubclass(c, refusals.Refused) and c is not refusals.Refused])
+_KINDS = [c for c in vars(refusals).values()
+          if isinstance(c, type) and issubclass(c, refusals.Refused) and c is not refusals.Refused]
+
+
+@pytest.mark.parametrize("kind", _KINDS)
 def test_every_refusal_has_its_status_and_keeps_its_body(kind):
     err = from_refusal(kind("what went wrong", {"path": "x"}, version=3))
     assert err.status == STATUS[kind] and 400 <= err.status < 600

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query
 from fastapi.responses import Response
 
 from .auth import own_device_ns
@@ -56,31 +56,20 @@ async def answer(cp: "ControlPlane", ns: str, device_id: str, seq: int, entry: "
     return _ANSWER % (seq, now_ms(), entry.ttl_s, entry.config_version, entry.state_version, offer)
 
 
-@router.post("/api/v1/devices/{device_id}/heartbeat", response_model=HeartbeatOut, responses=_ERR)
-async def heartbeat(device_id: str, body: HeartbeatIn, request: Request, p: Caller, cp: CP,
-                    wait: float | None = Query(None, ge=0, le=86400),
-                    config_version: int | None = Query(None, ge=0, le=2**31 - 1),
-                    state_version: int | None = Query(None, ge=0, le=2**31 - 1),
-                    ota: str | None = Query(None, pattern=r"^[A-Za-z0-9_.+-]{0,32}$")) -> Response:
-    """Record a sign of life; answer the current config/state versions and OTA offer. With `wait`, a long-poll for a
-    change: it answers when the config or state version differs from the one the device already knows of
-    (`config_version` / `state_version` in the query; default: the body's, the versions it runs), or the OTA offer
-    from the one it knows of (`ota`, empty for none; default: the offer when the poll began)."""
-    ns = own_device_ns(p, device_id, "send heartbeats")
-    entry = await cp.versions_of(ns, device_id)
-    if entry is None:
-        raise ApiError(404, "unknown device")
+async def beat(cp: "ControlPlane", ns: str, device_id: str, body: HeartbeatIn, entry: "Versions",
+               wait: float | None = None, config_version: int | None = None, state_version: int | None = None,
+               ota: str | None = None) -> bytes:
+    """Record a heartbeat of a device whose versions are `entry` and answer it (JSON bytes); with `wait`, hold the
+    answer as a long-poll (see the route). Shared by the FastAPI route and the fast path (hotpath.py), which parse
+    the same query to the same values."""
     hb = await record(cp, ns, device_id, body)
+    if not wait:
+        return await answer(cp, ns, device_id, body.seq, entry)
 
     # the device may know of a version it does not run yet (a fetch under way, a config it refused): a long-poll
     # compared with the body's versions would answer at once, again and again
     known_cv = body.config_version if config_version is None else config_version
     known_sv = body.state_version if state_version is None else state_version
-
-    if not wait:
-        # not through response_model validation (the OpenAPI schema is still HeartbeatOut; tests check bodies
-        # against it)
-        return Response(await answer(cp, ns, device_id, body.seq, entry), media_type="application/json")
     offer = await heartbeat_pending(cp, ns, device_id)
     known_ota = (ota or None) if ota is not None else offer
 
@@ -99,4 +88,29 @@ async def heartbeat(device_id: str, body: HeartbeatIn, request: Request, p: Call
 
         entry, offer = await wait_for_change(cp, ns, device_id, limit, "heartbeat", fetch, changed)
         await cp.liveness.beat(ns, device_id, hb)
-    return Response(await answer(cp, ns, device_id, body.seq, entry, offer), media_type="application/json")
+    return await answer(cp, ns, device_id, body.seq, entry, offer)
+
+
+#: the long-poll's query parameters, as the route declares them (the fast path accepts a strict subset of these)
+WAIT_MAX_S = 86400
+VERSION_MAX = 2**31 - 1
+OTA_PATTERN = r"^[A-Za-z0-9_.+-]{0,32}$"
+
+
+@router.post("/api/v1/devices/{device_id}/heartbeat", response_model=HeartbeatOut, responses=_ERR)
+async def heartbeat(device_id: str, body: HeartbeatIn, p: Caller, cp: CP,
+                    wait: float | None = Query(None, ge=0, le=WAIT_MAX_S),
+                    config_version: int | None = Query(None, ge=0, le=VERSION_MAX),
+                    state_version: int | None = Query(None, ge=0, le=VERSION_MAX),
+                    ota: str | None = Query(None, pattern=OTA_PATTERN)) -> Response:
+    """Record a sign of life; answer the current config/state versions and OTA offer. With `wait`, a long-poll for a
+    change: it answers when the config or state version differs from the one the device already knows of
+    (`config_version` / `state_version` in the query; default: the body's, the versions it runs), or the OTA offer
+    from the one it knows of (`ota`, empty for none; default: the offer when the poll began)."""
+    ns = own_device_ns(p, device_id, "send heartbeats")
+    entry = await cp.versions_of(ns, device_id)
+    if entry is None:
+        raise ApiError(404, "unknown device")
+    # not through response_model validation (the OpenAPI schema is still HeartbeatOut; tests check bodies against it)
+    return Response(await beat(cp, ns, device_id, body, entry, wait, config_version, state_version, ota),
+                    media_type="application/json")
