@@ -71,3 +71,14 @@ def test_every_refusal_has_its_status_and_keeps_its_body(kind):
 def test_a_refusal_to_retry_later_says_when():
     assert from_refusal(refusals.Busy("full", retry_after_s=1)).headers == {"Retry-After": "1"}
     assert from_refusal(refusals.NotFound("gone")).headers is None
+
+
+def test_a_features_data_half_knows_no_http():
+    # a feature split in two — `x.py` (data) and `x_api.py` (its router) — keeps FastAPI and Starlette to the router
+    halves = sorted(p.with_name(p.name[:-len("_api.py")] + ".py") for p in SERVER.glob("*_api.py"))
+    assert {p.stem for p in halves} >= {"config", "state", "rollouts", "telemetry", "alerting", "audit"}
+    for path in halves:
+        imported = {n.module or "" for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.ImportFrom)}
+        imported |= {a.name for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Import)
+                     for a in n.names}
+        assert not {m for m in imported if m.split(".")[0] in ("fastapi", "starlette")}, path.name
