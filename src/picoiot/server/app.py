@@ -10,7 +10,7 @@ from typing import Iterable
 import sqlalchemy as sa
 from fastapi import APIRouter, FastAPI
 
-from . import alarms, alerting_api, audit_api, config_api, discovery, events, heartbeat, operators, ops, ota
+from . import alarms, alerting_api, audit_api, config_api, discovery, events, heartbeat_api, operators, ops, ota
 from . import rollouts_api, state_api, telemetry_api, ui
 from . import db as tables
 from . import errors, openapi
@@ -30,7 +30,7 @@ SERVICES: dict[str, APIRouter] = {
     "discovery": discovery.router,
     "config": config_api.router,
     "state": state_api.router,
-    "heartbeat": heartbeat.router,
+    "heartbeat": heartbeat_api.router,
     "alarms": alarms.router,
     "ota": ota.router,
     "rollouts": rollouts_api.router,

@@ -1,18 +1,13 @@
-"""Heartbeat endpoint: proof of life for the device's watchdog, and the change notification (`pending`)."""
+"""Heartbeats: proof of life for the device's watchdog, and the change notification (`pending`) — recorded, held
+as a long-poll and answered here for the route (heartbeat_api.py) and the fast path (hotpath.py) alike."""
 from __future__ import annotations
 
 import json
 from typing import TYPE_CHECKING, Any
 
-from fastapi import APIRouter, Query
-from fastapi.responses import Response
-
-from .auth import own_device_ns
 from .db import now_ms
-from .deps import CP, Caller
-from .errors import ApiError
 from .longpoll import wait_for_change
-from .models import ErrorBody, HeartbeatIn, HeartbeatOut
+from .models import HeartbeatIn
 from .ota import heartbeat_pending
 from .telemetry import readings_from_heartbeat
 from .refusals import NotFound
@@ -20,8 +15,6 @@ from .refusals import NotFound
 if TYPE_CHECKING:
     from .core import ControlPlane, Versions
 
-router = APIRouter(tags=["heartbeat"])
-_ERR: dict[int | str, dict[str, Any]] = {s: {"model": ErrorBody} for s in (400, 401, 403, 404)}
 
 
 async def record(cp: "ControlPlane", ns: str, device_id: str, body: HeartbeatIn) -> str:
@@ -95,22 +88,3 @@ async def beat(cp: "ControlPlane", ns: str, device_id: str, body: HeartbeatIn, e
 WAIT_MAX_S = 86400
 VERSION_MAX = 2**31 - 1
 OTA_PATTERN = r"^[A-Za-z0-9_.+-]{0,32}$"
-
-
-@router.post("/api/v1/devices/{device_id}/heartbeat", response_model=HeartbeatOut, responses=_ERR)
-async def heartbeat(device_id: str, body: HeartbeatIn, p: Caller, cp: CP,
-                    wait: float | None = Query(None, ge=0, le=WAIT_MAX_S),
-                    config_version: int | None = Query(None, ge=0, le=VERSION_MAX),
-                    state_version: int | None = Query(None, ge=0, le=VERSION_MAX),
-                    ota: str | None = Query(None, pattern=OTA_PATTERN)) -> Response:
-    """Record a sign of life; answer the current config/state versions and OTA offer. With `wait`, a long-poll for a
-    change: it answers when the config or state version differs from the one the device already knows of
-    (`config_version` / `state_version` in the query; default: the body's, the versions it runs), or the OTA offer
-    from the one it knows of (`ota`, empty for none; default: the offer when the poll began)."""
-    ns = own_device_ns(p, device_id, "send heartbeats")
-    entry = await cp.versions_of(ns, device_id)
-    if entry is None:
-        raise ApiError(404, "unknown device")
-    # not through response_model validation (the OpenAPI schema is still HeartbeatOut; tests check bodies against it)
-    return Response(await beat(cp, ns, device_id, body, entry, wait, config_version, state_version, ota),
-                    media_type="application/json")
