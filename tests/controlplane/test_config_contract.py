@@ -113,12 +113,23 @@ def test_the_servers_defaults_are_what_a_device_runs_when_told_nothing(firmware,
         # the device's relays come from its wiring (relay_pins; relay1/relay2 on GPIO 2/3 when built without it), not
         # from defaults(): compared as the device runs them, field defaults included
         rel = firmware["relays_module"]
+        fw = dict(fw)
         assert fw.pop("relays") == {}
         served = defaults["relays"]
         assert {n: _relay_values(rel, n, c) for n, c in served.items()} == \
             {n: _relay_values(rel, n, c) for n, c in device.builtin_relays().items()}
         defaults = {k: v for k, v in defaults.items() if k != "relays"}
+    # the board's own static tokens come from its settings file (iotlib/settings.py, `api_tokens`): a server default
+    # would replace them at the first config, so the server names the key in its schema only
+    fw_api = dict(fw["api"])  # defaults() copies shallowly: the firmware's own dicts must stay untouched
+    assert fw_api.pop(BOARD_ONLY[1]) == [] and BOARD_ONLY[1] not in defaults["api"]
+    fw = {**fw, "api": fw_api}
+    assert BOARD_ONLY[1] in devicetypes.BUILTIN[kind][0]["properties"]["api"]["properties"]
     assert defaults == fw
+
+
+#: a key whose value a board brings from its settings file, not from the control plane's defaults
+BOARD_ONLY = ("api", "tokens")
 
 
 def test_the_servers_relay_schema_is_iotlib_relays(firmware):

@@ -43,7 +43,9 @@ _COMMON_DEFAULTS: dict[str, Any] = {
     # no public NTP pool by default: the device syncs with the control plane's SNTP responder, which registration
     # advertises (services.ntp, `picoiot server --sntp-port`), and sets its clock from server_time until then
     "time": {"servers": [], "interval_s": 3600},
-    "api": {"token_hashes": [], "tokens": [], "rate_per_s": 5, "burst": 10},
+    # no `api.tokens`: a board's own static tokens come from its settings file (`api_tokens`, picoiot provision
+    # --api-token); a default here would replace them at the first config (an operator may still set them)
+    "api": {"token_hashes": [], "rate_per_s": 5, "burst": 10},
     "log": {"level": "info"},
 }
 

@@ -45,7 +45,7 @@ RELAYS_SCHEMA = {
 RELAYS_DEFAULTS = {
     "heartbeat_interval_s": 10,
     "time": {"servers": [], "interval_s": 3600},
-    "api": {"token_hashes": [], "tokens": [], "rate_per_s": 5, "burst": 10},
+    "api": {"token_hashes": [], "rate_per_s": 5, "burst": 10},
     "log": {"level": "info"},
     "relays": {
         "relay1": {"pin": 2, "active_low": False, "power_on": "off", "max_on_s": 0, "failsafe": "keep"},
