@@ -60,7 +60,7 @@ def _clone(cp, template: str, devs: list[str], tokens: dict[str, str]) -> None:
     for dev in devs:
         tokens[dev] = issue_token(key, dev, row["ns"], "device", cp.settings.token_ttl_s)
         cp.tokens.principal(key, tokens[dev])
-        cp.versions.put(row["ns"], dev, *entry)
+        cp.versions.put(row["ns"], dev, entry.config_version, entry.state_version, entry.ttl_s)
         cp.liveness.known_online(row["ns"], dev)
 
 

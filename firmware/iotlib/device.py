@@ -14,7 +14,7 @@ _log = _logmod.get("device")
 
 COMMON_SCHEMA = {
     "heartbeat_interval_s": {"type": "int", "min": 1, "max": 3600},
-    "time": {"servers": {"type": "list", "items": {"type": "str"}, "max": 4},
+    "time": {"servers": {"type": "list", "items": {"type": "str", "min": 1}, "max": 4},
              "interval_s": {"type": "int", "min": 16, "max": 86400}},
     "api": {"token_hashes": {"type": "list", "items": {"type": "str", "min": 64, "max": 64}, "max": 16},
             "tokens": {"type": "list", "items": {"type": "dict"}, "max": 16},

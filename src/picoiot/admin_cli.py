@@ -54,9 +54,11 @@ def provision(device_id: str = typer.Argument(..., help="device id: 1–64 of [A
     """Enroll a device and print (or write) its key file {device_id, device_key, namespace, service_discovery_url};
     with --board-settings, also write the complete settings file the board reads (docs/hardware.md)."""
     from .server.app import seed_device_types
-    from .server.core import ControlPlane, Events
+    from .server.changes import Events
+    from .server.core import ControlPlane
     from .server.db import migrate
     from .server.errors import ApiError
+    from .server.refusals import Refused
     from .server.models import ProvisionIn
     from .server.operators import _provision
 
@@ -97,7 +99,7 @@ def provision(device_id: str = typer.Argument(..., help="device id: 1–64 of [A
                        201, body.model_dump(mode="json"), {"device_id": device_id, "key_mode": body.key_mode})
             return k
         key = cp.db.run_sync(enrol)  # the enrolment and its audit entry in one transaction
-    except ApiError as e:
+    except (ApiError, Refused) as e:
         fail(f"{e.error}")
     finally:
         cp.db.dispose()

@@ -58,6 +58,10 @@ def server(db: Optional[str] = DbUrl, host: str = typer.Option("127.0.0.1", help
            max_requests: int = typer.Option(Settings.max_requests_in_flight,
                                             help="requests worked on at once per process; beyond: 503"),
            max_longpolls: int = typer.Option(10_000, help="long-polls waiting at once per process; beyond: 503"),
+           max_registrations: int = typer.Option(Settings.max_registrations_in_flight,
+                                                 help="registrations (challenge, register) worked on at once per "
+                                                      "process; beyond: 503 + Retry-After, the device retries "
+                                                      "(0 = refuse every registration)"),
            tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", help="PEM certificate (chain): serve HTTPS"),
            tls_key: Optional[Path] = typer.Option(None, "--tls-key", help="PEM private key of --tls-cert"),
            challenge_rate: float = typer.Option(Settings.challenges_per_address_per_s,
@@ -83,9 +87,10 @@ def server(db: Optional[str] = DbUrl, host: str = typer.Option("127.0.0.1", help
         _fail("--telemetry-raw-retention: at least 60 s; --telemetry-agg-retention: at least the raw retention")
     if fleet_tick <= 0 or alert_group_wait < 0:
         _fail("--fleet-tick must be above 0, --alert-group-wait at least 0")
-    if workers < 1 or max_requests < 1 or max_longpolls < 0 or ttl_slack < 0 or challenge_rate < 0:
-        _fail("--workers and --max-requests must be at least 1, --max-longpolls, --ttl-slack and --challenge-rate "
-              "at least 0")
+    if (workers < 1 or max_requests < 1 or max_longpolls < 0 or max_registrations < 0 or ttl_slack < 0
+            or challenge_rate < 0):
+        _fail("--workers and --max-requests must be at least 1, --max-longpolls, --max-registrations, --ttl-slack "
+              "and --challenge-rate at least 0")
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     _check_tls(tls_cert, tls_key)
@@ -94,6 +99,7 @@ def server(db: Optional[str] = DbUrl, host: str = typer.Option("127.0.0.1", help
                          tls_cert=str(tls_cert) if tls_cert else None, tls_key=str(tls_key) if tls_key else None, sweep_interval_s=sweep_interval,
                          heartbeat_flush_s=heartbeat_flush, token_ttl_s=token_ttl, ttl_slack_s=ttl_slack,
                          max_requests_in_flight=max_requests, max_longpolls=max_longpolls,
+                         max_registrations_in_flight=max_registrations,
                          challenges_per_address_per_s=challenge_rate,
                          fleet_tick_s=fleet_tick, alert_group_wait_s=alert_group_wait,
                          telemetry_raw_retention_s=telemetry_raw_retention,

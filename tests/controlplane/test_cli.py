@@ -271,3 +271,17 @@ def test_ttl_slack_sets_the_ttl_devices_get_and_is_validated(tmp_path):
     bad = subprocess.run(PICOIOT + ["server", "--port", "0", "--data-dir", str(tmp_path / "e"), "--ttl-slack", "-1"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "--ttl-slack" in bad.stderr + bad.stdout
+
+
+def test_max_registrations_bounds_registrations_in_flight_and_is_validated(tmp_path):
+    srv = ServerProcess(tmp_path / "d", [], ["--max-registrations", "0"])  # 0: every registration is told to retry
+    try:
+        r = srv.client.post("/api/devices/challenge", json={"device_id": "relay-1", "namespace": "default"})
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert r.json()["detail"] == {"limit": "registrations", "max": 0}
+        assert srv.client.get("/health").status_code == 200  # nothing else is refused
+    finally:
+        assert srv.stop() == 0
+    bad = subprocess.run(PICOIOT + ["server", "--port", "0", "--data-dir", str(tmp_path / "e"),
+                                    "--max-registrations", "-1"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "--max-registrations" in bad.stderr + bad.stdout

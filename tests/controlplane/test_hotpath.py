@@ -35,12 +35,77 @@ def test_a_plain_heartbeat_is_served_by_the_fast_path_with_the_routes_answer(ser
     # counted like any request, under the FastAPI route's label
     assert metric(c, "picoiot_http_requests_total", f'method="POST",route="{ROUTE}",status="200"') >= 1
     assert metric(c, "picoiot_heartbeats_total") >= 1
-    # the same answer as the route gives: a `wait` query takes the FastAPI path (answers at once: versions differ)
-    slow = c.post(d.services["heartbeat"], headers=d.headers, params={"wait": 5},
-                  json={**hb, "seq": 42, "config_version": 0})
+    # the same answer as the route gives: a query parameter the route ignores takes the FastAPI path
+    slow = c.post(d.services["heartbeat"], headers=d.headers, params={"x": 1}, json=hb)
     assert slow.status_code == 200 and served(c, "fallback") == fell + 1
-    fast, slow = r.json(), slow.json()
-    assert fast.keys() == slow.keys() and fast["pending"] == slow["pending"] and fast["ttl"] == slow["ttl"]
+    assert _same(r.json(), slow.json())
+
+
+def _same(fast: dict, slow: dict) -> bool:
+    """The same answer but for the clock."""
+    return {**fast, "server_time": 0} == {**slow, "server_time": 0}
+
+
+def test_a_held_heartbeat_is_served_by_the_fast_path_with_the_routes_answers(server):
+    d = server.register("held-1")  # config version 1, state version 0, no OTA offer
+    c = server.client
+    cases = [  # (query, what the body says the device runs): each answers at once or after its short wait
+        ({"wait": 5}, {"config_version": 0, "state_version": 0}),                  # a newer config: at once
+        ({"wait": 0}, {"config_version": 1, "state_version": 0}),                  # no wait: a plain answer
+        ({"wait": "0.2", "config_version": 1, "state_version": 0}, {}),           # nothing new: the wait ends
+        ({"wait": 5, "config_version": 0}, {"config_version": 1, "state_version": 0}),  # knows of an older one
+        ({"wait": 5, "ota": "1.2.3"}, {"config_version": 1, "state_version": 0}),  # an offer gone: at once
+        ({"wait": "0.1", "ota": ""}, {"config_version": 1, "state_version": 0}),  # no offer, as known
+    ]
+    for query, runs in cases:
+        before, fell = served(c), served(c, "fallback")
+        fast = c.post(d.services["heartbeat"], headers=d.headers, params=query, json={"seq": 7, **runs})
+        assert fast.status_code == 200 and served(c) == before + 1 and served(c, "fallback") == fell, query
+        # the route's answer to the same request (an extra parameter it ignores sends it there)
+        slow = c.post(d.services["heartbeat"], headers=d.headers, params={**query, "x": 1}, json={"seq": 7, **runs})
+        assert slow.status_code == 200 and served(c, "fallback") == fell + 1, query
+        assert _same(fast.json(), slow.json()), (query, fast.json(), slow.json())
+        HeartbeatOut.model_validate(fast.json())
+
+
+def test_a_held_heartbeat_on_the_fast_path_wakes_at_a_change(server):
+    import threading
+    d = server.register("held-2")
+    c = server.client
+    before = served(c)
+    out = {}
+
+    def poll():
+        out["r"] = httpx.post(d.services["heartbeat"], headers=d.headers, params={"wait": 30},
+                              json={"seq": 9, "config_version": 1, "state_version": 0}, timeout=40)
+
+    t = threading.Thread(target=poll)
+    t.start()
+    wait_until(lambda: server.cp.metrics.longpolls.labels("heartbeat")._value.get() >= 1)
+    assert t.is_alive()
+    c.post("/api/v1/namespaces/default/devices/held-2/shadows/default", headers=server.auth("operator"),
+           json={"state": {"desired": {"relay1": "on"}}})
+    t.join(35)
+    assert out["r"].status_code == 200 and out["r"].json()["pending"]["state_version"] == 1
+    assert served(c) == before + 1
+
+
+def test_a_query_the_fast_path_does_not_serve_gets_the_routes_answer(server):
+    d = server.register("held-3")
+    c = server.client
+    runs = {"seq": 1, "config_version": 0, "state_version": 0}  # behind the server: a valid poll answers at once
+    cases = [
+        ("wait=-1", 422), ("wait=abc", 422), ("wait=100000", 422), ("config_version=2147483648", 422),
+        ("ota=bad!", 422), ("state_version=-1", 422),
+        ("wait=1e2", 200), ("wait=007", 200), ("wait=1&wait=2", 200), ("wait=5&x=1", 200),  # forms left to FastAPI
+    ]
+    fell = served(c, "fallback")
+    for query, status in cases:
+        r = c.post(d.services["heartbeat"] + "?" + query, headers=d.headers, json=runs)
+        assert r.status_code == status, (query, r.text)
+        if status == 422:
+            assert r.json()["error"] == "invalid request"
+    assert served(c, "fallback") == fell + len(cases)
 
 
 def test_the_fast_path_records_what_the_route_records(server_factory):

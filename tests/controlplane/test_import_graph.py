@@ -126,4 +126,4 @@ def test_type_only_imports_are_not_runtime_imports():
     # every feature names core.ControlPlane under TYPE_CHECKING: none of them reaches core at run time that way
     graph = runtime_graph()
     assert "core" not in graph["alarms"] and "core" not in graph["state"]
-    assert re.search(r"if TYPE_CHECKING:\s+from \.core import", (SERVER / "alarms.py").read_text())
+    assert re.search(r"if TYPE_CHECKING:\s+from \.core import", (SERVER / "state.py").read_text())

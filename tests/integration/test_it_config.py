@@ -7,7 +7,7 @@ from ittest import BOTH_BACKENDS, run_scenario
 def test_fetch_longpoll_apply_and_reject(runtime, backend, live_server, operator, tmp_path):
     op = operator(live_server())
     out = run_scenario(runtime, "config", op, tmp_path)
-    assert out["result"]["failures"] == 3  # the Wi-Fi pin, the unknown relay field, failsafe_after_s too large
+    assert out["result"]["failures"] == 3  # the Wi-Fi pin, the unknown relay field, two relays on one pin
 
 
 def test_blocking_query_outlasts_the_client_default_timeout(runtime, live_server, operator, tmp_path):

@@ -7,19 +7,18 @@ acknowledgement. count = sum of closed episodes' counts + the current episode's 
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import sqlalchemy as sa
-from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi import APIRouter, Path, Query, Request
 
+from . import changes
+from .changes import Events
 from . import db as tables
-from .auth import Principal, principal, require_device_or_role, require_ns, require_role
+from .auth import require_device_or_role, require_ns, require_role
 from .db import now_ms
+from .deps import CP, Caller
 from .errors import ApiError
 from .models import INT32, AlarmBatchIn, AlarmBatchOut, AlarmIn, AlarmList, AlarmOut, ErrorBody
-
-if TYPE_CHECKING:
-    from .core import ControlPlane
+from .refusals import NotFound
 
 A = tables.alarms
 
@@ -88,14 +87,14 @@ def _device_exists(conn, ns, dev) -> bool:
     return conn.execute(sa.select(d.c.device_id).where(d.c.ns == ns, d.c.device_id == dev)).first() is not None
 
 
-def ingest(conn: sa.Connection, events: list, ns: str, dev: str, items: list[AlarmIn]) -> int:
+def ingest(conn: sa.Connection, events: Events, ns: str, dev: str, items: list[AlarmIn]) -> int:
     if not _device_exists(conn, ns, dev):
-        raise ApiError(404, "unknown device")
+        raise NotFound("unknown device")
     now = now_ms()
     # one batch may name a key twice (fire then resolve): apply in order, merging into the same row
     for a in items:
         apply_one(conn, ns, dev, a, now)
-    events.append({"ns": ns, "dev": dev, "kind": "alarm"})  # this process's live views (events.py)
+    events.local(changes.alarm(ns, dev))  # this process's live views (events.py)
     return len(items)
 
 
@@ -124,16 +123,16 @@ def list_alarms(conn: sa.Connection, ns: str, state: str | None, severity: str |
     return [to_out(r) for r in conn.execute(q).mappings()]
 
 
-def ack(conn: sa.Connection, events: list, ns: str, alarm_id: int, by: str) -> AlarmOut:
+def ack(conn: sa.Connection, events: Events, ns: str, alarm_id: int, by: str) -> AlarmOut:
     row = conn.execute(sa.select(A).where(A.c.ns == ns, A.c.id == alarm_id).with_for_update()).mappings().first()
     if row is None:
-        raise ApiError(404, "unknown alarm")
+        raise NotFound("unknown alarm")
     if not row["acked"]:
         now = now_ms()
         conn.execute(A.update().where(A.c.id == alarm_id).values(acked=True, acked_by=by, acked_ts=now,
                                                                   updated_ts=now))
         row = conn.execute(sa.select(A).where(A.c.id == alarm_id)).mappings().first()
-        events.append({"ns": ns, "dev": row["device_id"], "kind": "alarm"})  # live views (events.py)
+        events.local(changes.alarm(ns, row["device_id"]))  # live views (events.py)
     return to_out(row)
 
 
@@ -141,23 +140,19 @@ _ERR = {401: {"model": ErrorBody}, 403: {"model": ErrorBody}, 404: {"model": Err
 router = APIRouter(tags=["alarms"])
 
 
-def _cp(request: Request) -> "ControlPlane":
-    return request.app.state.cp
-
 
 @router.post("/api/v1/devices/{device_id}/alarms", response_model=AlarmBatchOut, responses=_ERR)
-async def post_alarms(device_id: str, body: AlarmBatchIn, request: Request,
-                      p: Principal = Depends(principal)) -> AlarmBatchOut:
+async def post_alarms(device_id: str, body: AlarmBatchIn, p: Caller, cp: CP) -> AlarmBatchOut:
     """A device reports a batch of alarms (dedup by key; retries are idempotent)."""
     if not p.is_device:
         raise ApiError(403, "only devices report alarms")
     require_device_or_role(p, device_id, "admin")
-    n = await _cp(request).write(ingest, p.ns, device_id, body.alarms)
+    n = await cp.write(ingest, p.ns, device_id, body.alarms)
     return AlarmBatchOut(accepted=n)
 
 
 @router.get("/api/v1/namespaces/{ns}/alarms", response_model=AlarmList, responses=_ERR)
-async def get_alarms(ns: str, request: Request, p: Principal = Depends(principal),
+async def get_alarms(ns: str, request: Request, p: Caller, cp: CP,
                      state: str | None = Query(None, pattern="^(firing|resolved)$"),
                      severity: str | None = Query(None, pattern="^(info|warning|error|critical)$"),
                      device: str | None = Query(None, max_length=64), key: str | None = Query(None, max_length=128),
@@ -165,13 +160,13 @@ async def get_alarms(ns: str, request: Request, p: Principal = Depends(principal
     """List alarms, newest first; filter by state, severity, device, key, acknowledged."""
     require_ns(p, ns, request)
     require_role(p, "viewer")
-    rows = await _cp(request).read(list_alarms, ns, state, severity, device, key, acked, limit)
+    rows = await cp.read(list_alarms, ns, state, severity, device, key, acked, limit)
     return AlarmList(alarms=rows)
 
 
 @router.post("/api/v1/namespaces/{ns}/alarms/{alarm_id}/ack", response_model=AlarmOut, responses=_ERR)
-async def ack_alarm(ns: str, request: Request, alarm_id: int = Path(ge=1, le=INT32), p: Principal = Depends(principal)) -> AlarmOut:
+async def ack_alarm(ns: str, request: Request, p: Caller, cp: CP, alarm_id: int = Path(ge=1, le=INT32)) -> AlarmOut:
     """Acknowledge an alarm (operator). Idempotent; a new firing episode re-arms it."""
     require_ns(p, ns, request)
     require_role(p, "operator")
-    return await _cp(request).write(ack, ns, alarm_id, p.sub)
+    return await cp.write(ack, ns, alarm_id, p.sub)

@@ -22,7 +22,7 @@ import sqlalchemy as sa
 from . import db as tables
 from . import sealing
 from .db import now_ms
-from .errors import ApiError
+from .refusals import Conflict, Invalid, NotFound
 
 RU, RC, AL, OB = tables.alert_rules, tables.alert_receivers, tables.alerts, tables.alert_outbox
 D, A, RO = tables.devices, tables.alarms, tables.rollouts
@@ -71,16 +71,16 @@ def list_receivers(conn: sa.Connection, ns: str) -> list[dict]:
 def delete_receiver(conn: sa.Connection, events: list, ns: str, name: str) -> None:
     users = [r[0] for r in conn.execute(sa.select(RU.c.name, RU.c.receivers).where(RU.c.ns == ns)) if name in r[1]]
     if users:
-        raise ApiError(409, "receiver used by rules", {"rules": users})
+        raise Conflict("receiver used by rules", {"rules": users})
     if conn.execute(RC.delete().where(RC.c.ns == ns, RC.c.name == name)).rowcount == 0:
-        raise ApiError(404, "unknown receiver")
+        raise NotFound("unknown receiver")
 
 
 def put_rule(conn: sa.Connection, events: list, ns: str, name: str, rule: dict) -> dict:
     known = {r[0] for r in conn.execute(sa.select(RC.c.name).where(RC.c.ns == ns))}
     for i, rc in enumerate(rule["receivers"]):
         if rc not in known:
-            raise ApiError(422, f"unknown receiver: {rc}", {"path": f"receivers.{i}"})
+            raise Invalid(f"unknown receiver: {rc}", {"path": f"receivers.{i}"})
     conn.execute(RU.delete().where(RU.c.ns == ns, RU.c.name == name))
     conn.execute(RU.insert().values(ns=ns, name=name, updated_ts=now_ms(), **rule))
     return {"name": name, **rule}
@@ -93,7 +93,7 @@ def list_rules(conn: sa.Connection, ns: str) -> list[dict]:
 
 def delete_rule(conn: sa.Connection, events: list, ns: str, name: str) -> None:
     if conn.execute(RU.delete().where(RU.c.ns == ns, RU.c.name == name)).rowcount == 0:
-        raise ApiError(404, "unknown rule")
+        raise NotFound("unknown rule")
 
 
 # ---------------------------------------------------------------- evaluation

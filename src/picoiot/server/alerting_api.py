@@ -5,11 +5,12 @@ import ipaddress
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
-from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi import APIRouter, Path, Query, Request
 from pydantic import Field
 
 from . import alerting, sealing
-from .auth import Principal, principal, require_ns, require_role
+from .auth import Principal, require_ns, require_role
+from .deps import CP, Caller
 from .errors import ApiError
 from .models import BaseModel, ErrorBody, Severity
 
@@ -79,8 +80,7 @@ def _guard(p: Principal, ns: str, request: Request, role: str) -> None:
 
 
 @router.put(BASE + "/receivers/{name}", responses=_ERR)
-async def put_receiver(ns: str, body: ReceiverIn, request: Request, name: str = Name,
-                       p: Principal = Depends(principal)) -> dict:
+async def put_receiver(ns: str, body: ReceiverIn, request: Request, p: Caller, cp: CP, name: str = Name) -> dict:
     """Create or replace a receiver. Admin. A webhook's secret is write-only: kept sealed, never returned."""
     _guard(p, ns, request, "admin")
     check_url(body.url, request)
@@ -90,62 +90,60 @@ async def put_receiver(ns: str, body: ReceiverIn, request: Request, name: str = 
                        {"path": "secret"})
     if body.kind == "alertmanager" and body.secret is not None:
         raise ApiError(422, "Alertmanager receivers are not signed: no secret", {"path": "secret"})
-    cp = _cp(request)
     sealed = sealing.for_key(cp.settings.secrets.signing_key).seal(body.secret) if body.secret else None
     await cp.write(alerting.put_receiver, ns, name, body.kind, body.url, sealed)
     return {"name": name, "kind": body.kind, "url": body.url, "has_secret": sealed is not None}
 
 
 @router.get(BASE + "/receivers", responses=_ERR)
-async def list_receivers(ns: str, request: Request, p: Principal = Depends(principal)) -> dict:
+async def list_receivers(ns: str, request: Request, p: Caller, cp: CP) -> dict:
     """Receivers with their last delivery outcome (secrets are never shown)."""
     _guard(p, ns, request, "viewer")
-    return {"receivers": await _cp(request).read(alerting.list_receivers, ns)}
+    return {"receivers": await cp.read(alerting.list_receivers, ns)}
 
 
 @router.delete(BASE + "/receivers/{name}", responses=_ERR)
-async def delete_receiver(ns: str, request: Request, name: str = Name, p: Principal = Depends(principal)) -> dict:
+async def delete_receiver(ns: str, request: Request, p: Caller, cp: CP, name: str = Name) -> dict:
     _guard(p, ns, request, "admin")
-    await _cp(request).write(alerting.delete_receiver, ns, name)
+    await cp.write(alerting.delete_receiver, ns, name)
     return {"ok": True}
 
 
 @router.put(BASE + "/rules/{name}", responses=_ERR)
-async def put_rule(ns: str, body: RuleIn, request: Request, name: str = Name,
-                   p: Principal = Depends(principal)) -> dict:
+async def put_rule(ns: str, body: RuleIn, request: Request, p: Caller, cp: CP, name: str = Name) -> dict:
     """Create or replace a rule: which events (alarm severity/key, offline for N s, rollout paused, safe mode)
     notify which receivers. Admin."""
     _guard(p, ns, request, "admin")
     if body.event == "offline" and body.offline_for_s is None:
         raise ApiError(422, "an offline rule needs offline_for_s", {"path": "offline_for_s"})
-    return await _cp(request).write(alerting.put_rule, ns, name, body.model_dump())
+    return await cp.write(alerting.put_rule, ns, name, body.model_dump())
 
 
 @router.get(BASE + "/rules", responses=_ERR)
-async def list_rules(ns: str, request: Request, p: Principal = Depends(principal)) -> dict:
+async def list_rules(ns: str, request: Request, p: Caller, cp: CP) -> dict:
     _guard(p, ns, request, "viewer")
-    return {"rules": await _cp(request).read(alerting.list_rules, ns)}
+    return {"rules": await cp.read(alerting.list_rules, ns)}
 
 
 @router.delete(BASE + "/rules/{name}", responses=_ERR)
-async def delete_rule(ns: str, request: Request, name: str = Name, p: Principal = Depends(principal)) -> dict:
+async def delete_rule(ns: str, request: Request, p: Caller, cp: CP, name: str = Name) -> dict:
     _guard(p, ns, request, "admin")
-    await _cp(request).write(alerting.delete_rule, ns, name)
+    await cp.write(alerting.delete_rule, ns, name)
     return {"ok": True}
 
 
 @router.get(BASE + "/alerts", responses=_ERR)
-async def list_alerts(ns: str, request: Request, p: Principal = Depends(principal),
+async def list_alerts(ns: str, request: Request, p: Caller, cp: CP,
                       state: str | None = Query(None, pattern="^(firing|resolved)$"),
                       limit: int = Query(200, ge=1, le=1000)) -> dict:
     _guard(p, ns, request, "viewer")
-    return {"alerts": await _cp(request).read(alerting.list_alerts, ns, state, limit)}
+    return {"alerts": await cp.read(alerting.list_alerts, ns, state, limit)}
 
 
 @router.get(BASE + "/notifications", responses=_ERR)
-async def list_notifications(ns: str, request: Request, p: Principal = Depends(principal),
+async def list_notifications(ns: str, request: Request, p: Caller, cp: CP,
                              receiver: str | None = Query(None, max_length=64),
                              limit: int = Query(100, ge=1, le=1000)) -> dict:
     """Queued and sent notifications, newest first: state (open/pending/delivered/gave_up), attempts, last error."""
     _guard(p, ns, request, "viewer")
-    return {"notifications": await _cp(request).read(alerting.list_notifications, ns, receiver, limit)}
+    return {"notifications": await cp.read(alerting.list_notifications, ns, receiver, limit)}

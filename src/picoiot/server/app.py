@@ -10,8 +10,8 @@ from typing import Iterable
 import sqlalchemy as sa
 from fastapi import APIRouter, FastAPI
 
-from . import alarms, alerting_api, audit_api, config, discovery, events, heartbeat, operators, ops, ota
-from . import rollouts_api, state, telemetry_api, ui
+from . import alarms, alerting_api, audit_api, config_api, discovery, events, heartbeat_api, operators, ops, ota
+from . import rollouts_api, state_api, telemetry_api, ui
 from . import db as tables
 from . import errors, openapi
 from .admission import Admission
@@ -28,9 +28,9 @@ log = logging.getLogger("picoiot.server")
 #: every service's router, by name (create_app(services=[…]) mounts a subset)
 SERVICES: dict[str, APIRouter] = {
     "discovery": discovery.router,
-    "config": config.router,
-    "state": state.router,
-    "heartbeat": heartbeat.router,
+    "config": config_api.router,
+    "state": state_api.router,
+    "heartbeat": heartbeat_api.router,
     "alarms": alarms.router,
     "ota": ota.router,
     "rollouts": rollouts_api.router,

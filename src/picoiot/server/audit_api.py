@@ -14,12 +14,13 @@ import json
 import logging
 from typing import TYPE_CHECKING, Any
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Query, Request
 from prometheus_client import Counter
 
 from . import audit
-from .auth import ALL_NAMESPACES, SESSION_COOKIE, Principal, bearer_token, principal, require_ns, require_role
+from .auth import ALL_NAMESPACES, SESSION_COOKIE, Principal, bearer_token, require_ns, require_role
 from .db import now_ms
+from .deps import CP, Caller
 from .errors import ApiError
 from .models import AuditList, ErrorBody
 
@@ -160,7 +161,7 @@ _ERR: dict[int | str, dict[str, Any]] = {s: {"model": ErrorBody} for s in (400, 
 
 
 @router.get("/api/v1/namespaces/{ns}/audit", response_model=AuditList, responses=_ERR)
-async def get_audit(ns: str, request: Request, p: Principal = Depends(principal),
+async def get_audit(ns: str, request: Request, p: Caller, cp: CP,
                     sub: str | None = Query(None, max_length=128), resource: str | None = Query(None, max_length=32),
                     device: str | None = Query(None, max_length=64),
                     method: str | None = Query(None, pattern="^(POST|PUT|PATCH|DELETE)$"),
@@ -173,6 +174,6 @@ async def get_audit(ns: str, request: Request, p: Principal = Depends(principal)
     require_ns(p, ns, request)
     require_role(p, "viewer")
     namespaces = [ns, ALL_NAMESPACES] if p.ns == ALL_NAMESPACES else [ns]
-    rows = await request.app.state.cp.read(audit.entries, namespaces, sub, resource, device, method, since, until,
+    rows = await cp.read(audit.entries, namespaces, sub, resource, device, method, since, until,
                                            before_id, limit)
     return {"entries": rows}

@@ -1,20 +1,19 @@
-"""ConfigurationServer: effective config = type defaults ⊕ group ⊕ device overrides, versioned and schema-checked."""
+"""ConfigurationServer's data: effective config = type defaults ⊕ group ⊕ device overrides, versioned and
+schema-checked (routes: config_api.py)."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
-from fastapi import APIRouter, Depends, Header, Query, Request, Response
-from fastapi.responses import JSONResponse
 
+from . import changes
+from .changes import Events
 from . import db as tables
-from .auth import Principal, device_ns, principal
 from .db import now_ms
 from .devicetypes import validate_config
 from .documents import merge, overlay
-from .errors import ApiError
-from .longpoll import parse_etag, wait_for_change
-from .models import ConfigOut, ConfigReportIn, ErrorBody, Ok
+from .models import ConfigReportIn
+from .refusals import Conflict, NotFound
 
 if TYPE_CHECKING:
     from .core import ControlPlane
@@ -37,7 +36,7 @@ def effective(conn: sa.Connection, ns: str, dev_row, type_override=None, group_o
     """(config, schema) of a device; the overrides let a caller test a type/group change before storing it."""
     t = type_override or type_row(conn, dev_row["device_type"])
     if t is None:
-        raise ApiError(409, f"device {dev_row['device_id']} has unknown device type {dev_row['device_type']!r}")
+        raise Conflict(f"device {dev_row['device_id']} has unknown device type {dev_row['device_type']!r}")
     cfg = t["defaults"]
     if dev_row["group_name"]:
         if group_override is not None:
@@ -57,7 +56,7 @@ def latest(conn: sa.Connection, ns: str, dev: str) -> tuple[int, dict] | None:
     return (int(row[0]), row[1]) if row else None
 
 
-def store_if_changed(conn: sa.Connection, events: list, cp: "ControlPlane", ns: str, dev_row,
+def store_if_changed(conn: sa.Connection, events: Events, cp: "ControlPlane", ns: str, dev_row,
                      cfg: dict, schema: dict, check_unchanged: bool = True) -> int:
     """Validate and store cfg as a new version if it differs from the latest; returns the current version.
 
@@ -74,21 +73,21 @@ def store_if_changed(conn: sa.Connection, events: list, cp: "ControlPlane", ns: 
     version = max(cur[0] if cur else 0, dev_row["config_version"]) + 1
     conn.execute(C.insert().values(ns=ns, device_id=dev, version=version, config=cfg, created_ts=now_ms()))
     conn.execute(D.update().where(D.c.ns == ns, D.c.device_id == dev).values(config_version=version))
-    cp.emit(conn, events, {"ns": ns, "dev": dev, "kind": "config", "version": version})
+    events.emit(conn, changes.config(ns, dev, version))
     return version
 
 
-def recompute(conn: sa.Connection, events: list, cp: "ControlPlane", ns: str, dev: str) -> int | None:
+def recompute(conn: sa.Connection, events: Events, cp: "ControlPlane", ns: str, dev: str) -> int | None:
     row = device_row(conn, ns, dev, lock=True)
     if row is None:
-        raise ApiError(404, "unknown device")
+        raise NotFound("unknown device")
     if not row["device_type"]:
         return None
     cfg, schema = effective(conn, ns, row)
     return store_if_changed(conn, events, cp, ns, row, cfg, schema)
 
 
-def recompute_where(conn: sa.Connection, events: list, cp: "ControlPlane", where, type_override=None,
+def recompute_where(conn: sa.Connection, events: Events, cp: "ControlPlane", where, type_override=None,
                     group_override=None) -> int:
     """Recompute every matching device; one invalid result aborts the whole change (422 naming the device)."""
     n = 0
@@ -100,11 +99,11 @@ def recompute_where(conn: sa.Connection, events: list, cp: "ControlPlane", where
     return n
 
 
-def set_overrides(conn: sa.Connection, events: list, cp: "ControlPlane", ns: str, dev: str,
+def set_overrides(conn: sa.Connection, events: Events, cp: "ControlPlane", ns: str, dev: str,
                   overrides: dict[str, Any], patch: bool) -> tuple[int | None, dict]:
     row = device_row(conn, ns, dev, lock=True)
     if row is None:
-        raise ApiError(404, "unknown device")
+        raise NotFound("unknown device")
     new = overlay(row["config_overrides"] or {}, overrides) if patch else overrides
     candidate = dict(row)
     candidate["config_overrides"] = new
@@ -116,52 +115,8 @@ def set_overrides(conn: sa.Connection, events: list, cp: "ControlPlane", ns: str
     return version, new
 
 
-def save_report(conn: sa.Connection, events: list, ns: str, dev: str, body: ConfigReportIn) -> None:
+def save_report(conn: sa.Connection, events: Events, ns: str, dev: str, body: ConfigReportIn) -> None:
     report = {"version": body.version, "status": body.status, "reason": body.reason, "ts": now_ms()}
     n = conn.execute(D.update().where(D.c.ns == ns, D.c.device_id == dev).values(config_report=report)).rowcount
     if not n:
-        raise ApiError(404, "unknown device")
-
-
-_ERR: dict[int | str, dict[str, Any]] = {s: {"model": ErrorBody} for s in (400, 401, 403, 404, 409)}
-router = APIRouter(tags=["config"])
-
-
-@router.get("/api/v1/devices/{device_id}/config", response_model=ConfigOut,
-            responses={**_ERR, 304: {"description": "not modified (If-None-Match, or the wait ended unchanged)"}})
-async def get_config(device_id: str, request: Request, p: Principal = Depends(principal),
-                     version: int | None = Query(None, ge=0, le=2**31 - 1),
-                     wait: float | None = Query(None, ge=0, le=86400),
-                     if_none_match: str | None = Header(None)) -> Response:
-    """The device's effective config. `?version=N&wait=S` blocks until the version differs from N (or S passes)."""
-    cp: ControlPlane = request.app.state.cp
-    ns = device_ns(p, device_id, "viewer")
-    if await cp.versions_of(ns, device_id) is None:
-        raise ApiError(404, "unknown device")
-
-    async def fetch():
-        return await cp.read(latest, ns, device_id)
-
-    known = version if version is not None else parse_etag(if_none_match)
-    if wait and version is not None:
-        cur = await wait_for_change(cp, ns, device_id, min(wait, cp.settings.max_config_wait_s), "config", fetch,
-                                    lambda c: c is not None and c[0] != version)
-    else:
-        cur = await fetch()
-    if cur is None:
-        raise ApiError(404, "no config yet: the device has no device type")
-    etag = f'"{cur[0]}"'
-    if known is not None and cur[0] == known:
-        return Response(status_code=304, headers={"ETag": etag})
-    return JSONResponse({"version": cur[0], "config": cur[1]}, headers={"ETag": etag})
-
-
-@router.post("/api/v1/devices/{device_id}/config/report", response_model=Ok, responses=_ERR)
-async def report_config(device_id: str, body: ConfigReportIn, request: Request,
-                        p: Principal = Depends(principal)) -> Ok:
-    """The device says which config version it applied or rejected (and why)."""
-    if not p.is_device:
-        raise ApiError(403, "only devices report their config")
-    ns = device_ns(p, device_id, "admin")
-    await request.app.state.cp.write(save_report, ns, device_id, body)
-    return Ok()
+        raise NotFound("unknown device")

@@ -8,6 +8,8 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from . import db as tables
+from . import changes
+from .changes import Change, Events
 from .db import Database
 from .metrics import Metrics
 from .notifier import Notifier, make_notifier
@@ -16,20 +18,38 @@ from .settings import Settings
 T = TypeVar("T")
 
 
+class Versions:
+    """What the heartbeat answers of one device without a query: its config version, its default shadow's version,
+    and its TTL. Versions only grow (`advance`), so an event applied twice or late is harmless."""
+
+    __slots__ = ("config_version", "state_version", "ttl_s")
+
+    def __init__(self, config_version: int, state_version: int, ttl_s: int) -> None:
+        self.config_version = config_version
+        self.state_version = state_version
+        self.ttl_s = ttl_s
+
+    def advance(self, config_version: int, state_version: int) -> None:
+        self.config_version = max(self.config_version, config_version)
+        self.state_version = max(self.state_version, state_version)
+
+    def __repr__(self) -> str:
+        return f"Versions({self.config_version}, {self.state_version}, ttl_s={self.ttl_s})"
+
+
 class VersionCache:
-    """(ns, device) → [config_version, default-shadow version, ttl_s]: what the heartbeat answers as `pending`, without a query.
+    """(ns, device) → Versions: what the heartbeat answers as `pending`, without a query.
 
     Filled at start-up with one query over all devices (`load_all_versions`), then by registration events (which carry
     the device's versions, so every process learns of a new device through NOTIFY) and, for anything else (a resync,
     a device provisioned but not yet registered), on first use from the database. Kept current by change events (local
-    and, on PostgreSQL, from the other processes through NOTIFY); versions only grow, so applying an event twice or
-    late is harmless.
+    and, on PostgreSQL, from the other processes through NOTIFY).
     """
 
     def __init__(self) -> None:
-        self._v: dict[tuple[str, str], list[int]] = {}
+        self._v: dict[tuple[str, str], Versions] = {}
 
-    def on_event(self, e: dict) -> None:
+    def on_event(self, e: Change) -> None:
         if e["kind"] == "resync":
             self._v.clear()
             return
@@ -38,25 +58,24 @@ class VersionCache:
             self._v.pop(key, None)
             return
         entry = self._v.get(key)
-        if entry is None:
-            if e["kind"] == "device" and "config_version" in e:  # a registration: warm the entry for its heartbeats
+        if changes.is_registration(e):
+            if entry is None:  # warm the entry for its heartbeats
                 self.put(*key, int(e["config_version"]), int(e["state_version"]), int(e["ttl"]))
+            else:
+                entry.advance(int(e["config_version"]), int(e["state_version"]))
+                entry.ttl_s = int(e["ttl"])
+        elif entry is None:
             return
-        if e["kind"] == "device" and "config_version" in e:
-            entry[0] = max(entry[0], int(e["config_version"]))
-            entry[1] = max(entry[1], int(e["state_version"]))
-        if e["kind"] == "config":
-            entry[0] = max(entry[0], int(e["version"]))
+        elif e["kind"] == "config":
+            entry.advance(int(e["version"]), 0)
         elif e["kind"] == "state" and e.get("name") == "default":
-            entry[1] = max(entry[1], int(e["version"]))
-        elif e["kind"] == "device" and "ttl" in e:
-            entry[2] = int(e["ttl"])
+            entry.advance(0, int(e["version"]))
 
-    def get(self, ns: str, dev: str) -> list[int] | None:
+    def get(self, ns: str, dev: str) -> Versions | None:
         return self._v.get((ns, dev))
 
-    def put(self, ns: str, dev: str, config_version: int, state_version: int, ttl_s: int) -> list[int]:
-        entry = [config_version, state_version, ttl_s]
+    def put(self, ns: str, dev: str, config_version: int, state_version: int, ttl_s: int) -> Versions:
+        entry = Versions(config_version, state_version, ttl_s)
         self._v[(ns, dev)] = entry
         return entry
 
@@ -82,19 +101,6 @@ def load_versions(conn: sa.Connection, ns: str, dev: str) -> tuple[int, int, int
 def load_all_versions(conn: sa.Connection) -> list[tuple[str, str, int, int, int]]:
     """Every device's (ns, id, config_version, default-shadow version, ttl_s): one query (20,000 rows: tens of ms)."""
     return [(r[0], r[1], int(r[2]), int(r[3] or 0), int(r[4])) for r in conn.execute(versions_query())]
-
-
-class Events(list):
-    """The changes one write transaction makes (ControlPlane.write): data-layer code that is not handed the control
-    plane (rollouts) records a change with emit, as ControlPlane.emit does."""
-
-    def __init__(self, notifier: Notifier) -> None:
-        super().__init__()
-        self.notifier = notifier
-
-    def emit(self, conn: sa.Connection, event: dict) -> None:
-        self.notifier.sql_notify(conn, event)
-        self.append(event)
 
 
 class ControlPlane:
@@ -128,10 +134,6 @@ class ControlPlane:
         #: cache entries (tokens + versions) when the heap was last frozen (app.refreeze_if_grown)
         self.frozen_entries = 0
 
-    def emit(self, conn: sa.Connection, events: Events, event: dict) -> None:
-        """Record a change made in this transaction: NOTIFY on PostgreSQL now, local wake-up after commit."""
-        events.emit(conn, event)
-
     async def write(self, fn: Callable[..., T], *args: Any, retries: int = 3) -> T:
         """Run fn(conn, events, *args) in a transaction; deliver its events after commit.
 
@@ -164,10 +166,10 @@ class ControlPlane:
             if entry is None:
                 self.versions.put(ns, dev, cv, sv, ttl)
             else:
-                entry[0], entry[1] = max(entry[0], cv), max(entry[1], sv)
+                entry.advance(cv, sv)
         return len(rows)
 
-    async def versions_of(self, ns: str, dev: str) -> list[int] | None:
+    async def versions_of(self, ns: str, dev: str) -> Versions | None:
         entry = self.versions.get(ns, dev)
         if entry is None:
             self.metrics.version_cache_misses.inc()

@@ -1,7 +1,10 @@
 """The built-in device types (`relays`, `sensors`): default configs and JSON schemas, plus schema validation.
 
-These match what the firmware controllers validate on the device (docs/control-plane.md §Device types). Sections are
-strict about the types of the fields they know and permissive about extra keys, so a newer firmware can add fields.
+The firmware is the source of the config contract: its compact schema (iotlib/device.py and each controller's
+`schema()`), its defaults, and iotlib/relays.py. These schemas name the same keys, types, enums and ranges, and these
+defaults are what a device runs when the control plane says nothing; tests/controlplane/test_config_contract.py
+proves that they agree (docs/control-plane.md, *Device types*). Sections are strict about the types of the fields
+they know and permissive about extra keys, so a newer firmware can add fields.
 """
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ from typing import Any
 
 import jsonschema
 
-from .errors import ApiError
+from .refusals import Invalid
 
 _COMMON_PROPS: dict[str, Any] = {
     "heartbeat_interval_s": {"type": "integer", "minimum": 1, "maximum": 3600},
@@ -20,8 +23,14 @@ _COMMON_PROPS: dict[str, Any] = {
         "interval_s": {"type": "integer", "minimum": 16, "maximum": 86400},
     }},
     "api": {"type": "object", "properties": {
-        "token_hashes": {"type": "array", "items": {"type": "string", "pattern": "^[0-9a-f]{64}$"}, "maxItems": 16},
-        "rate_per_s": {"type": "number", "exclusiveMinimum": 0, "maximum": 1000},
+        "token_hashes": {"type": "array", "maxItems": 16,
+                         "items": {"type": "string", "minLength": 64, "maxLength": 64, "pattern": "^[0-9a-f]{64}$"}},
+        # static tokens with a role (the device checks the fields: iotlib/device.py, _apply_api)
+        "tokens": {"type": "array", "maxItems": 16, "items": {
+            "type": "object", "required": ["sha256", "role"], "properties": {
+                "sha256": {"type": "string", "pattern": "^[0-9a-fA-F]{64}$"},
+                "role": {"enum": ["viewer", "operator", "admin"]}}}},
+        "rate_per_s": {"type": "number", "minimum": 0.001, "maximum": 1000},
         "burst": {"type": "integer", "minimum": 1, "maximum": 1000},
     }},
     "log": {"type": "object", "properties": {
@@ -31,7 +40,11 @@ _COMMON_PROPS: dict[str, Any] = {
 
 _COMMON_DEFAULTS: dict[str, Any] = {
     "heartbeat_interval_s": 10,
-    "time": {"servers": ["pool.ntp.org"], "interval_s": 3600},
+    # no public NTP pool by default: the device syncs with the control plane's SNTP responder, which registration
+    # advertises (services.ntp, `picoiot server --sntp-port`), and sets its clock from server_time until then
+    "time": {"servers": [], "interval_s": 3600},
+    # no `api.tokens`: a board's own static tokens come from its settings file (`api_tokens`, picoiot provision
+    # --api-token); a default here would replace them at the first config (an operator may still set them)
     "api": {"token_hashes": [], "rate_per_s": 5, "burst": 10},
     "log": {"level": "info"},
 }
@@ -60,9 +73,10 @@ RELAYS_SCHEMA: dict[str, Any] = {
     "properties": {
         **_COMMON_PROPS,
         "relays": {"type": "object", "maxProperties": 16,
-                   "propertyNames": {"pattern": "^[A-Za-z0-9_-]{1,32}$"},
+                   # `cause` and `rejected` are keys of the reported state beside the relays (iotlib.relays)
+                   "propertyNames": {"pattern": "^[A-Za-z0-9_-]{1,32}$", "not": {"enum": ["cause", "rejected"]}},
                    "additionalProperties": _RELAY},
-        "failsafe_after_s": {"type": "number", "minimum": 0},
+        "failsafe_after_s": {"type": "number", "minimum": 0, "maximum": 86400},
     },
 }
 
@@ -70,10 +84,11 @@ RELAYS_DEFAULTS: dict[str, Any] = {
     **copy.deepcopy(_COMMON_DEFAULTS),
     # the seed's example wiring (relay1 on GPIO2, relay2 on GPIO3), which is also the firmware's default: a device built
     # with other relay_pins refuses a config that would move its relays (it reports why); a board's other wiring goes
-    # into a group or device override; to drop a default relay, override it with null
+    # into a group or device override; to drop a default relay, override it with null. failsafe "keep", the
+    # firmware's: a relay holds its state while the control plane is away unless the operator names one for it
     "relays": {
-        "relay1": {"pin": 2, "active_low": False, "power_on": "off", "max_on_s": 0, "failsafe": "off"},
-        "relay2": {"pin": 3, "active_low": False, "power_on": "off", "max_on_s": 0, "failsafe": "off"},
+        "relay1": {"pin": 2, "active_low": False, "power_on": "off", "max_on_s": 0, "failsafe": "keep"},
+        "relay2": {"pin": 3, "active_low": False, "power_on": "off", "max_on_s": 0, "failsafe": "keep"},
     },
     "failsafe_after_s": 0,
 }
@@ -101,16 +116,17 @@ SENSORS_SCHEMA: dict[str, Any] = {
         }}},
         "ws": {"type": "object", "properties": {
             "max_clients": {"type": "integer", "minimum": 1, "maximum": 4},
-            "max_rate_hz": {"type": "number", "exclusiveMinimum": 0, "maximum": 50},
+            "max_rate_hz": {"type": "number", "minimum": 0.01, "maximum": 50},
         }},
     },
 }
 
 SENSORS_DEFAULTS: dict[str, Any] = {
     **copy.deepcopy(_COMMON_DEFAULTS),
-    "sampling": {"interval_ms": 1000, "fields": ["temperature", "humidity", "pressure", "cpu_temp"]},
+    "sampling": {"interval_ms": 1000, "fields": ["temperature", "humidity", "pressure", "cpu_temp"], "sources": {}},
     "filters": {},
     "ws": {"max_clients": 3, "max_rate_hz": 10},
+    "i2c": {},
 }
 
 BUILTIN: dict[str, tuple[dict, dict]] = {
@@ -123,7 +139,7 @@ def check_schema(schema: dict) -> None:
     try:
         jsonschema.Draft202012Validator.check_schema(schema)
     except jsonschema.SchemaError as e:
-        raise ApiError(422, "invalid JSON schema", {"path": _path(e.absolute_path), "message": e.message}) from None
+        raise Invalid("invalid JSON schema", {"path": _path(e.absolute_path), "message": e.message}) from None
 
 
 def _path(parts) -> str:
@@ -166,4 +182,4 @@ def validate_config(schema: dict, config: Any, device_id: str | None = None) -> 
         detail: dict[str, Any] = {"path": first["path"], "message": first["message"], "errors": errors[:10]}
         if device_id is not None:
             detail["device_id"] = device_id
-        raise ApiError(422, f"invalid config: {first['path'] or '(root)'}: {first['message']}", detail)
+        raise Invalid(f"invalid config: {first['path'] or '(root)'}: {first['message']}", detail)

@@ -6,16 +6,20 @@ from urllib.parse import urlsplit
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 
+from . import changes
+from .changes import Events
 from . import db as tables
 from .alarms import resolve_server_alarm
-from .auth import DEVICE_ROLE, Principal, derive_device_key, issue_token, principal, signature_ok
+from .auth import DEVICE_ROLE, derive_device_key, issue_token, signature_ok
 from .config import device_row, effective, store_if_changed, type_row
 from .db import now_ms
+from .deps import CP, Caller
 from .errors import ApiError
 from .liveness import OFFLINE_KEY
 from .models import ChallengeIn, ChallengeOut, ErrorBody, RegisterIn, RegisterOut, TokenOut
+from .refusals import Invalid, NotFound, Refused, Unauthenticated
 
 if TYPE_CHECKING:
     from .core import ControlPlane
@@ -50,12 +54,12 @@ def _take_nonce(conn: sa.Connection, nonce: str):
     return conn.execute(N.delete().where(N.c.nonce == nonce).returning(N.c.ns, N.c.device_id, N.c.expires_ts)).first()
 
 
-class BadNonce(ApiError):
+class BadNonce(Unauthenticated):
     def __init__(self) -> None:
-        super().__init__(401, "unknown or expired nonce")
+        super().__init__("unknown or expired nonce")
 
 
-def _register(conn: sa.Connection, events: list, cp: "ControlPlane", body: RegisterIn) -> tuple[str, dict, int]:
+def _register(conn: sa.Connection, events: Events, cp: "ControlPlane", body: RegisterIn) -> tuple[str, dict, int]:
     """Take the nonce and register, in one transaction: a registration storm after a restart is 20,000 of these, and
     each round trip to the database counts (docs/control-plane.md, *How far it scales*). Returns (ns, config, ttl).
 
@@ -74,13 +78,13 @@ def _register(conn: sa.Connection, events: list, cp: "ControlPlane", body: Regis
     elif enrollment_key is not None:
         key = derive_device_key(enrollment_key, dev)
     else:
-        raise ApiError(404, "unknown device")
+        raise NotFound("unknown device")
     if not signature_ok(key, body.nonce, dev, body.signature):
-        raise ApiError(401, "bad signature")
+        raise Unauthenticated("bad signature")
     dtype = body.device_type or (row["device_type"] if row else None)
     t = type_row(conn, dtype) if dtype is not None else None
     if dtype is not None and t is None:
-        raise ApiError(422, f"unknown device type {dtype!r}", {"path": "device_type"})
+        raise Invalid(f"unknown device type {dtype!r}", {"path": "device_type"})
     now = now_ms()
     values: dict[str, Any] = {"device_type": dtype, "firmware": body.firmware, "capabilities": body.capabilities,
                               "address": body.address, "reset_cause": body.reset_cause, "registered_ts": now,
@@ -107,9 +111,7 @@ def _register(conn: sa.Connection, events: list, cp: "ControlPlane", body: Regis
           else fresh["config_version"])
     sv = conn.execute(sa.select(S.c.version).where(S.c.ns == ns, S.c.device_id == dev,
                                                    S.c.name == "default")).scalar()
-    # the versions ride on the event, so every process's version cache holds the device before its first heartbeat
-    cp.emit(conn, events, {"ns": ns, "dev": dev, "kind": "device", "ttl": ttl, "config_version": int(cv),
-                           "state_version": int(sv or 0)})
+    events.emit(conn, changes.registered(ns, dev, ttl, int(cv), int(sv or 0)))
     return ns, cfg, ttl
 
 
@@ -118,10 +120,9 @@ router = APIRouter(tags=["discovery"])
 
 
 @router.post("/api/devices/challenge", response_model=ChallengeOut, responses={**_ERR, 429: {"model": ErrorBody}})
-async def challenge(body: ChallengeIn, request: Request) -> ChallengeOut:
+async def challenge(body: ChallengeIn, request: Request, cp: CP) -> ChallengeOut:
     """A single-use nonce bound to this device id, to be signed with the device key. Limited per client address
     (a burst, then a steady rate: `challenges_per_address_*`); beyond, 429 with Retry-After."""
-    cp: ControlPlane = request.app.state.cp
     wait = cp.challenges.take(request.client.host if request.client else "")
     if wait:
         cp.metrics.registrations.labels("throttled").inc()
@@ -135,12 +136,11 @@ async def challenge(body: ChallengeIn, request: Request) -> ChallengeOut:
 
 
 @router.post("/api/devices/register", response_model=RegisterOut, responses={**_ERR, 422: {"model": ErrorBody}})
-async def register(body: RegisterIn, request: Request) -> RegisterOut:
+async def register(body: RegisterIn, request: Request, cp: CP) -> RegisterOut:
     """Answer the challenge: HMAC-SHA256(device_key, nonce|device_id) → token, service URLs, intervals."""
-    cp: ControlPlane = request.app.state.cp
     try:
         ns, cfg, ttl = await cp.write(_register, cp, body)
-    except ApiError as e:
+    except Refused as e:
         await cp.write(lambda conn, _ev: _take_nonce(conn, body.nonce))  # used up all the same (single use)
         cp.metrics.registrations.labels("bad_nonce" if isinstance(e, BadNonce) else "refused").inc()
         raise e
@@ -169,11 +169,10 @@ async def register(body: RegisterIn, request: Request) -> RegisterOut:
 
 
 @router.post("/api/devices/refresh", response_model=TokenOut, responses={**_ERR, 403: {"model": ErrorBody}})
-async def refresh(request: Request, p: Principal = Depends(principal)) -> TokenOut:
+async def refresh(p: Caller, cp: CP) -> TokenOut:
     """A fresh device token for a still-valid one (the device is still on record)."""
     if not p.is_device:
         raise ApiError(403, "device token required")
-    cp: ControlPlane = request.app.state.cp
     if await cp.versions_of(p.ns, p.sub) is None:
         raise ApiError(401, "device no longer registered")
     st = cp.settings

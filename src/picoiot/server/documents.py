@@ -5,7 +5,7 @@ import copy
 import json
 from typing import Any
 
-from .errors import ApiError
+from .refusals import Malformed, TooLarge
 
 
 def merge(base: dict, patch: dict) -> dict:
@@ -100,11 +100,11 @@ SCHEMA_DEPTH = 12
 def check_depth(doc: Any, max_depth: int, what: str = "document") -> None:
     d = depth(doc)
     if d > max_depth:
-        raise ApiError(400, f"{what} too deep", {"depth": d, "max_depth": max_depth})
+        raise Malformed(f"{what} too deep", {"depth": d, "max_depth": max_depth})
 
 
 def check_limits(doc: Any, max_bytes: int, max_depth: int, what: str = "document") -> None:
     check_depth(doc, max_depth, what)
     size = encoded_size(doc)
     if size > max_bytes:
-        raise ApiError(413, f"{what} too large", {"size": size, "max_bytes": max_bytes})
+        raise TooLarge(f"{what} too large", {"size": size, "max_bytes": max_bytes})

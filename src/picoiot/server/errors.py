@@ -10,6 +10,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .db import DatabaseBusy
+from .refusals import (Busy, Conflict, Forbidden, Invalid, Malformed, NotFound, Refused, Throttled, TooLarge,
+                       Unauthenticated)
 
 
 class ApiError(Exception):
@@ -30,6 +32,17 @@ class ApiError(Exception):
         return out
 
 
+#: the HTTP status of each refusal of the data layer (refusals.py): the one place the two meet
+STATUS: dict[type[Refused], int] = {Malformed: 400, Unauthenticated: 401, Forbidden: 403, NotFound: 404, Conflict: 409,
+                                    TooLarge: 413, Invalid: 422, Throttled: 429, Busy: 503}
+
+
+def from_refusal(e: Refused) -> ApiError:
+    status = next((STATUS[cls] for cls in type(e).__mro__ if cls in STATUS), 400)
+    headers = {"Retry-After": str(e.retry_after_s)} if e.retry_after_s is not None else None
+    return ApiError(status, e.error, e.detail, headers=headers, **e.extra)
+
+
 def error_response(status: int, error: str, detail: Any = None, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse(ApiError(status, error, detail).body(), status_code=status, headers=headers)
 
@@ -44,6 +57,11 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_req: Request, exc: ApiError):
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(Refused)
+    async def _refused(_req: Request, exc: Refused):
+        err = from_refusal(exc)
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_req: Request, exc: RequestValidationError):

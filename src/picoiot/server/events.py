@@ -11,15 +11,13 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from typing import TYPE_CHECKING, AsyncIterator
+from typing import AsyncIterator
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from .auth import Principal, principal, require_ns, require_role
-
-if TYPE_CHECKING:
-    from .core import ControlPlane
+from .auth import require_ns, require_role
+from .deps import CP, Caller
 
 #: kinds a browser is told about (the rest are internal bookkeeping)
 KINDS = {"config", "state", "device", "online", "offline", "deleted", "alarm", "telemetry", "resync"}
@@ -78,13 +76,12 @@ router = APIRouter(tags=["events"])
 # Not in the OpenAPI document: a stream, not a JSON answer (a generated request would hold it for ui_stream_s);
 # documented in docs/dashboard.md.
 @router.get("/api/v1/namespaces/{ns}/events", include_in_schema=False)
-async def events(ns: str, request: Request, p: Principal = Depends(principal)) -> StreamingResponse:
+async def events(ns: str, request: Request, p: Caller, cp: CP) -> StreamingResponse:
     """`text/event-stream` of the namespace's changes: each `data:` is a JSON event {ns, dev, kind, …} with kind
     config, state, device, online, offline, deleted, alarm, telemetry (`values`: field → [ts, value]), resync or
     tick. A stream ends after `ui_stream_s`; EventSource reconnects by itself (`retry: 1000`)."""
     require_ns(p, ns, request)
     require_role(p, "viewer")
-    cp: ControlPlane = request.app.state.cp
     q = cp.events.open(ns)
 
     async def stream() -> AsyncIterator[bytes]:

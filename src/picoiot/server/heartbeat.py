@@ -1,35 +1,30 @@
-"""Heartbeat endpoint: proof of life for the device's watchdog, and the change notification (`pending`)."""
+"""Heartbeats: proof of life for the device's watchdog, and the change notification (`pending`) — recorded, held
+as a long-poll and answered here for the route (heartbeat_api.py) and the fast path (hotpath.py) alike."""
 from __future__ import annotations
 
 import json
 from typing import TYPE_CHECKING, Any
 
-from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import Response
-
-from .auth import Principal, device_ns, principal
 from .db import now_ms
-from .errors import ApiError
 from .longpoll import wait_for_change
-from .models import ErrorBody, HeartbeatIn, HeartbeatOut
+from .models import HeartbeatIn
 from .ota import heartbeat_pending
 from .telemetry import readings_from_heartbeat
+from .refusals import NotFound
 
 if TYPE_CHECKING:
-    from .core import ControlPlane
+    from .core import ControlPlane, Versions
 
-router = APIRouter(tags=["heartbeat"])
-_ERR: dict[int | str, dict[str, Any]] = {s: {"model": ErrorBody} for s in (400, 401, 403, 404)}
 
 
 async def record(cp: "ControlPlane", ns: str, device_id: str, body: HeartbeatIn) -> str:
-    """Record a heartbeat of a known device; raises ApiError(404) if it is gone. Returns the heartbeat as stored
+    """Record a heartbeat of a known device; raises NotFound if it is gone. Returns the heartbeat as stored
     (JSON text), for a second sign of life from the same request.
 
     Shared by the FastAPI route and the fast path (`hotpath.py`), so both record and count the same way."""
     hb = body.model_dump_json(exclude_none=True, exclude=_NOT_STORED)
     if not await cp.liveness.beat(ns, device_id, hb):
-        raise ApiError(404, "unknown device")
+        raise NotFound("unknown device")
     cp.metrics.heartbeats.inc()
     if body.t:  # in memory only (telemetry.py): never delays the answer, never refuses the heartbeat
         cp.telemetry.ingest(ns, device_id, readings_from_heartbeat(body.t, now_ms()), strict=False)
@@ -46,56 +41,50 @@ _ANSWER = b'{"ack":%d,"server_time":%d,"ttl":%d,"pending":{"config_version":%d,"
 _ASK = object()
 
 
-async def answer(cp: "ControlPlane", ns: str, device_id: str, seq: int, entry: list[int], ota: Any = _ASK) -> bytes:
+async def answer(cp: "ControlPlane", ns: str, device_id: str, seq: int, entry: "Versions", ota: Any = _ASK) -> bytes:
     """The heartbeat answer (HeartbeatOut) as JSON bytes; shared by the FastAPI route and the fast path."""
     if ota is _ASK:
         ota = await heartbeat_pending(cp, ns, device_id)
-    return _ANSWER % (seq, now_ms(), entry[2], entry[0], entry[1], b"null" if ota is None else json.dumps(ota).encode())
+    offer = b"null" if ota is None else json.dumps(ota).encode()
+    return _ANSWER % (seq, now_ms(), entry.ttl_s, entry.config_version, entry.state_version, offer)
 
 
-@router.post("/api/v1/devices/{device_id}/heartbeat", response_model=HeartbeatOut, responses=_ERR)
-async def heartbeat(device_id: str, body: HeartbeatIn, request: Request, p: Principal = Depends(principal),
-                    wait: float | None = Query(None, ge=0, le=86400),
-                    config_version: int | None = Query(None, ge=0, le=2**31 - 1),
-                    state_version: int | None = Query(None, ge=0, le=2**31 - 1),
-                    ota: str | None = Query(None, pattern=r"^[A-Za-z0-9_.+-]{0,32}$")) -> Response:
-    """Record a sign of life; answer the current config/state versions and OTA offer. With `wait`, a long-poll for a
-    change: it answers when the config or state version differs from the one the device already knows of
-    (`config_version` / `state_version` in the query; default: the body's, the versions it runs), or the OTA offer
-    from the one it knows of (`ota`, empty for none; default: the offer when the poll began)."""
-    if not p.is_device:
-        raise ApiError(403, "only devices send heartbeats")
-    ns = device_ns(p, device_id, "admin")
-    cp: ControlPlane = request.app.state.cp
-    entry = await cp.versions_of(ns, device_id)
-    if entry is None:
-        raise ApiError(404, "unknown device")
+async def beat(cp: "ControlPlane", ns: str, device_id: str, body: HeartbeatIn, entry: "Versions",
+               wait: float | None = None, config_version: int | None = None, state_version: int | None = None,
+               ota: str | None = None) -> bytes:
+    """Record a heartbeat of a device whose versions are `entry` and answer it (JSON bytes); with `wait`, hold the
+    answer as a long-poll (see the route). Shared by the FastAPI route and the fast path (hotpath.py), which parse
+    the same query to the same values."""
     hb = await record(cp, ns, device_id, body)
+    if not wait:
+        return await answer(cp, ns, device_id, body.seq, entry)
 
     # the device may know of a version it does not run yet (a fetch under way, a config it refused): a long-poll
     # compared with the body's versions would answer at once, again and again
     known_cv = body.config_version if config_version is None else config_version
     known_sv = body.state_version if state_version is None else state_version
-
-    if not wait:
-        # not through response_model validation (the OpenAPI schema is still HeartbeatOut; tests check bodies
-        # against it)
-        return Response(await answer(cp, ns, device_id, body.seq, entry), media_type="application/json")
     offer = await heartbeat_pending(cp, ns, device_id)
     known_ota = (ota or None) if ota is not None else offer
 
-    def changed(v: tuple[list[int], str | None]) -> bool:
-        return ((known_cv is not None and v[0][0] != known_cv)
-                or (known_sv is not None and v[0][1] != known_sv)
-                or v[1] != known_ota)
+    def changed(v: tuple[Versions, str | None]) -> bool:
+        versions, offer = v
+        return ((known_cv is not None and versions.config_version != known_cv)
+                or (known_sv is not None and versions.state_version != known_sv)
+                or offer != known_ota)
 
     if not changed((entry, offer)):
         # never wait past half the TTL: the device must not look silent while we hold its request
-        limit = min(wait, cp.settings.max_heartbeat_wait_s, entry[2] / 2)
+        limit = min(wait, cp.settings.max_heartbeat_wait_s, entry.ttl_s / 2)
 
         async def fetch():
             return (await cp.versions_of(ns, device_id) or entry, await heartbeat_pending(cp, ns, device_id))
 
         entry, offer = await wait_for_change(cp, ns, device_id, limit, "heartbeat", fetch, changed)
         await cp.liveness.beat(ns, device_id, hb)
-    return Response(await answer(cp, ns, device_id, body.seq, entry, offer), media_type="application/json")
+    return await answer(cp, ns, device_id, body.seq, entry, offer)
+
+
+#: the long-poll's query parameters, as the route declares them (the fast path accepts a strict subset of these)
+WAIT_MAX_S = 86400
+VERSION_MAX = 2**31 - 1
+OTA_PATTERN = r"^[A-Za-z0-9_.+-]{0,32}$"

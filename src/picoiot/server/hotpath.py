@@ -1,25 +1,31 @@
-"""The two hottest requests — a device's plain heartbeat and `/health` — answered without FastAPI's per-request
-machinery (route scan over every path, dependency solving, exception middlewares, response classes).
+"""The two hottest requests — a device's heartbeat (plain or held as a long-poll) and `/health` — answered without
+FastAPI's per-request machinery (route scan over every path, dependency solving, exception middlewares, response
+classes).
 
 Why: measured in-process, FastAPI's layers cost ≈ 200 µs of a heartbeat's ≈ 230 µs, and a fleet of 20,000 devices
-at a 10 s interval is 2,000 heartbeats/s on a 2-core box (docs/benchmarks.md, Control plane load).
+at a 10 s interval is 2,000 heartbeats/s on a 2-core box (docs/benchmarks.md, Control plane load); a device holding
+its heartbeat as a long-poll (`wait=`) pays that at every cycle too.
 
 Only the happy case is served here. Anything else — no or unknown token, a body that does not validate, a device the
-version cache does not hold, any query string (a long-poll's `wait=`), an oversize body, any error while recording — is handed to the
-FastAPI app unchanged (the body read so far is replayed), so every error answer, the OpenAPI schema and the
-long-poll stay FastAPI's, and the recording itself is `heartbeat.record`, shared with the FastAPI route.
+version cache does not hold, a query string other than the long-poll's own parameters in their plainest form
+(`_poll`), an oversize body, any error while recording or waiting — is handed to the FastAPI app unchanged (the body
+read so far is replayed), so every error answer and the OpenAPI schema stay FastAPI's. What is done and answered is
+`heartbeat.beat`, the FastAPI route's own, and who may is decided by `auth.own_device_ns`, the route's own check.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from typing import TYPE_CHECKING
+from urllib.parse import parse_qsl
 
 from pydantic import ValidationError
 
 from . import heartbeat
-from .auth import ALL_NAMESPACES, bearer_token
+from .auth import bearer_token, own_device_ns
+from .errors import ApiError
 from .models import HeartbeatIn
 
 if TYPE_CHECKING:
@@ -61,11 +67,12 @@ class HotPath:
                 start = time.perf_counter()
                 chunks: list[bytes] = []
                 complete = False
-                if not scope["query_string"]:  # a query (wait=…) is FastAPI's to validate
+                poll = _poll(scope["query_string"])
+                if poll is not None:  # else a query for FastAPI to validate (and answer 422 for)
                     chunks, complete = await _read_body(receive, self.max_body)
                 if complete:
                     try:
-                        body = await self._heartbeat(scope, path[len(PREFIX):-len(SUFFIX)], b"".join(chunks))
+                        body = await self._heartbeat(scope, path[len(PREFIX):-len(SUFFIX)], b"".join(chunks), poll)
                     except _Fallback:
                         pass
                     else:
@@ -78,7 +85,7 @@ class HotPath:
                     receive = _replay(chunks, receive, complete)
         await self.app(scope, receive, send)
 
-    async def _heartbeat(self, scope, device_id: str, raw: bytes) -> bytes:
+    async def _heartbeat(self, scope, device_id: str, raw: bytes, poll: tuple) -> bytes:
         if not device_id or "/" in device_id:
             raise _Fallback
         token = _bearer(scope["headers"])
@@ -86,9 +93,11 @@ class HotPath:
         p = cp.tokens.fresh(token)
         if p is None:  # not verified yet, invalid or expired: the FastAPI route checks it (and caches or answers 401)
             raise _Fallback
-        if not p.is_device or p.sub != device_id or p.ns == ALL_NAMESPACES:
-            raise _Fallback
-        entry = cp.versions.get(p.ns, device_id)
+        try:
+            ns = own_device_ns(p, device_id, "send heartbeats")  # the route's own decision
+        except ApiError:  # an operator, another device's path…: the route answers the error
+            raise _Fallback from None
+        entry = cp.versions.get(ns, device_id)
         if entry is None:  # not cached: the FastAPI route loads it (or answers 404)
             raise _Fallback
         try:
@@ -96,10 +105,43 @@ class HotPath:
         except ValidationError:
             raise _Fallback from None
         try:
-            await heartbeat.record(cp, p.ns, device_id, body)
-            return await heartbeat.answer(cp, p.ns, device_id, body.seq, entry)
+            return await heartbeat.beat(cp, ns, device_id, body, entry, *poll)
         except Exception:  # gone meanwhile, database busy…: the FastAPI route redoes it and answers the error
             raise _Fallback from None
+
+
+_NO_POLL = (None, None, None, None)
+#: the forms of the long-poll's parameters served here: plain decimals within the route's bounds, no leading zeros,
+#: so that they parse to what FastAPI's Query validation gives; anything else (and any other or repeated parameter)
+#: is FastAPI's to answer
+_WAIT = re.compile(r"(0|[1-9][0-9]{0,4})(\.[0-9]{1,6})?")
+_VERSION = re.compile(r"0|[1-9][0-9]{0,9}")
+_OTA = re.compile(heartbeat.OTA_PATTERN.lstrip("^").rstrip("$"))
+
+
+def _poll(query: bytes) -> tuple | None:
+    """(wait, config_version, state_version, ota) of a heartbeat's query, as the route would receive them, or None
+    when the query is not one the fast path serves."""
+    if not query:
+        return _NO_POLL
+    args: dict[str, str] = {}
+    for key, value in parse_qsl(query.decode("latin-1"), keep_blank_values=True):  # as Starlette parses it
+        if key in args:
+            return None
+        args[key] = value
+    wait = args.pop("wait", None)
+    if wait is not None and (not _WAIT.fullmatch(wait) or float(wait) > heartbeat.WAIT_MAX_S):
+        return None
+    versions = []
+    for key in ("config_version", "state_version"):
+        v = args.pop(key, None)
+        if v is not None and (not _VERSION.fullmatch(v) or int(v) > heartbeat.VERSION_MAX):
+            return None
+        versions.append(None if v is None else int(v))
+    ota = args.pop("ota", None)
+    if args or (ota is not None and not _OTA.fullmatch(ota)):
+        return None
+    return None if wait is None else float(wait), versions[0], versions[1], ota
 
 
 def _bearer(headers) -> str:

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
+from . import changes
+from .changes import Events
 from . import alarms as alarm_store
 from . import db as tables
 from .db import now_ms
@@ -27,7 +29,7 @@ log = logging.getLogger("picoiot.server")
 OFFLINE_KEY = "device_offline"
 
 
-def mark_alive(conn: sa.Connection, events: list, cp: "ControlPlane", ns: str, dev: str, ts: int,
+def mark_alive(conn: sa.Connection, events: Events, cp: "ControlPlane", ns: str, dev: str, ts: int,
                hb: str | None) -> bool:
     """Write last_seen; if the device was offline, mark it online and resolve its offline alarm. False = no device."""
     d = tables.devices
@@ -38,7 +40,7 @@ def mark_alive(conn: sa.Connection, events: list, cp: "ControlPlane", ns: str, d
     came_back = conn.execute(d.update().where(*where, d.c.online.is_(False)).values(**values)).rowcount
     if came_back:
         alarm_store.resolve_server_alarm(conn, ns, dev, OFFLINE_KEY, ts)
-        cp.emit(conn, events, {"ns": ns, "dev": dev, "kind": "online"})
+        events.emit(conn, changes.online(ns, dev))
         return True
     return conn.execute(d.update().where(*where).values(**values)).rowcount == 1
 
@@ -71,7 +73,7 @@ def _flush_rows(conn: sa.Connection, batch: dict[tuple[str, str], tuple[int, str
         conn.exec_driver_sql(_FLUSH_SQLITE, [(ts, hb, ns, dev, ts) for (ns, dev), (ts, hb) in batch.items()])
 
 
-def _sweep(conn: sa.Connection, events: list, cp: "ControlPlane", now: int, started: int) -> list[tuple[str, str]]:
+def _sweep(conn: sa.Connection, events: Events, cp: "ControlPlane", now: int, started: int) -> list[tuple[str, str]]:
     d = tables.devices
     # A device is offline when it was silent for its TTL *and* this server has been up for that TTL: after a server
     # outage the devices get a full TTL to come back before being called offline (consul#3569: false "offline").
@@ -82,7 +84,7 @@ def _sweep(conn: sa.Connection, events: list, cp: "ControlPlane", now: int, star
     for ns, dev in gone:
         alarm_store.fire_server_alarm(conn, ns, dev, OFFLINE_KEY, "error",
                                       "no heartbeat within the device's TTL", now)
-        cp.emit(conn, events, {"ns": ns, "dev": dev, "kind": "offline"})
+        events.emit(conn, changes.offline(ns, dev))
     return [(ns, dev) for ns, dev in gone]
 
 
@@ -117,7 +119,7 @@ class Liveness:
     def _on_event(self, e: dict) -> None:
         if e["kind"] == "resync":  # offline events may have been missed: confirm each device once more
             self._online.clear()
-        elif e["kind"] == "online" or (e["kind"] == "device" and "config_version" in e):
+        elif e["kind"] == "online" or changes.is_registration(e):
             # committed online (a registration, or a device back from offline) in any process: this one's first
             # heartbeat of the device need not write it again (events arrive in commit order, so a later
             # offline still wins)

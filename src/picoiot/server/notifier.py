@@ -1,6 +1,6 @@
 """Change notifications that wake long-polls: in-process, or across processes through PostgreSQL LISTEN/NOTIFY.
 
-An event is a small dict `{"ns", "dev", "kind": "config"|"state"|"device"|"offline"|"deleted"|"ota", "version"?, "name"?}`.
+An event is a small dict built by `changes.py` (which lists every kind and its fields).
 Writers call `sql_notify(conn, event)` inside their transaction (PostgreSQL delivers it to every listening process on
 commit) and `deliver(event)` once committed (wakes this process at once). Waiters subscribe to a device's topic
 *before* reading the current version, so no change can slip between the read and the wait.
@@ -15,6 +15,8 @@ import threading
 from typing import Any, Callable
 
 import sqlalchemy as sa
+
+from . import changes
 
 log = logging.getLogger("picoiot.server.notifier")
 
@@ -95,7 +97,7 @@ class Notifier:
         """Events may have been missed (a lost LISTEN connection): listeners drop their caches, every waiter re-reads."""
         for fn in self._listeners:
             try:
-                fn({"kind": "resync"})
+                fn(changes.resync())
             except Exception:  # pragma: no cover
                 log.exception("notifier listener failed")
         for subs in list(self._subs.values()):

@@ -80,7 +80,7 @@ def refine(doc: dict[str, Any]) -> dict[str, Any]:
             _strings(schemas[name])
     schemas.update(_family("JsonObject", DOC_DEPTH))
     schemas.update(_family("JsonSchema", SCHEMA_DEPTH))
-    # a shadow update names at least one of its two sections (state.check_writer: 400 otherwise)
+    # a shadow update names at least one of its two sections (state_api.check_writer: 400 otherwise)
     if "ShadowStateIn" in schemas:
         schemas["ShadowStateIn"]["anyOf"] = [{"required": [s], "properties": {s: {"type": "object"}}}
                                              for s in ("desired", "reported")]

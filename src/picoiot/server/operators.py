@@ -5,12 +5,14 @@ import secrets
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
-from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi import APIRouter, Path, Query, Request
 
+from . import changes
 from . import db as tables
-from .auth import ALL_NAMESPACES, Principal, derive_device_key, principal, require_ns, require_role
+from .auth import ALL_NAMESPACES, Principal, derive_device_key, require_ns, require_role
 from .config import device_row, latest, recompute, recompute_where, set_overrides
 from .db import now_ms
+from .deps import CP, Caller
 from .devicetypes import check_schema, validate_config
 from .discovery import ttl_for
 from .documents import SCHEMA_DEPTH, check_depth
@@ -19,6 +21,7 @@ from .liveness import decoded
 from .models import (ConfigReport, DeviceConfigOut, DeviceList, DeviceOut, DevicePatch, DeviceTypeIn,
                      DeviceTypeList, DeviceTypeOut, ErrorBody, GroupIn, GroupList, GroupOut, NamespaceIn,
                      NamespaceList, Ok, OverridesIn, ProvisionIn, ProvisionOut)
+from .refusals import Conflict, Invalid, NotFound
 
 if TYPE_CHECKING:
     from .core import ControlPlane
@@ -54,20 +57,20 @@ def _overlay(cp: "ControlPlane", row, before=None):
 
 # ---------------------------------------------------------------- namespaces
 @router.get("/api/v1/namespaces", response_model=NamespaceList, responses=_ERR)
-async def list_namespaces(request: Request, p: Principal = Depends(principal)) -> NamespaceList:
+async def list_namespaces(p: Caller, cp: CP) -> NamespaceList:
     """Namespaces the caller can see."""
     require_role(p, "viewer")
-    names = _cp(request).settings.secrets.namespaces()
+    names = cp.settings.secrets.namespaces()
     return NamespaceList(namespaces=names if p.ns == ALL_NAMESPACES else [n for n in names if n == p.ns])
 
 
 @router.post("/api/v1/namespaces", response_model=NamespaceList, status_code=201, responses=_ERR)
-async def create_namespace(body: NamespaceIn, request: Request, p: Principal = Depends(principal)) -> NamespaceList:
+async def create_namespace(body: NamespaceIn, p: Caller, cp: CP) -> NamespaceList:
     """Create a namespace (its enrollment key is generated and stored with the server's secrets). Global admin."""
     require_role(p, "admin")
     if p.ns != ALL_NAMESPACES:
         raise ApiError(403, "creating namespaces needs an admin token for all namespaces (ns '*')")
-    if not _cp(request).settings.secrets.add_namespace(body.name):
+    if not cp.settings.secrets.add_namespace(body.name):
         raise ApiError(409, "namespace exists")
     return NamespaceList(namespaces=[body.name])
 
@@ -85,14 +88,13 @@ def _list_devices(conn, ns, online, dtype, group, limit, offset):
 
 
 @router.get("/api/v1/namespaces/{ns}/devices", response_model=DeviceList, responses=_ERR)
-async def list_devices(ns: str, request: Request, p: Principal = Depends(principal), online: bool | None = None,
+async def list_devices(ns: str, request: Request, p: Caller, cp: CP, online: bool | None = None,
                        device_type: str | None = Query(None, max_length=64),
                        group: str | None = Query(None, max_length=64), limit: int = Query(500, ge=1, le=5000),
                        offset: int = Query(0, ge=0, le=10**9)) -> DeviceList:
     """Devices of a namespace; filter by online, type, group."""
     require_ns(p, ns, request)
     require_role(p, "viewer")
-    cp = _cp(request)
     before = cp.liveness.unflushed_all()  # a flush may finish while we read
     rows = await cp.read(_list_devices, ns, online, device_type, group, limit, offset)
     return DeviceList(devices=[device_out(r, _overlay(cp, r, before)) for r in rows])
@@ -101,16 +103,15 @@ async def list_devices(ns: str, request: Request, p: Principal = Depends(princip
 def _get_device(conn, ns, dev):
     row = device_row(conn, ns, dev)
     if row is None:
-        raise ApiError(404, "unknown device")
+        raise NotFound("unknown device")
     return row
 
 
 @router.get("/api/v1/namespaces/{ns}/devices/{device_id}", response_model=DeviceOut, responses=_ERR)
-async def get_device(ns: str, device_id: str, request: Request, p: Principal = Depends(principal)) -> DeviceOut:
+async def get_device(ns: str, device_id: str, request: Request, p: Caller, cp: CP) -> DeviceOut:
     """One device record."""
     require_ns(p, ns, request)
     require_role(p, "viewer")
-    cp = _cp(request)
     before = cp.liveness.unflushed(ns, device_id)  # a flush may finish while we read
     row = await cp.read(_get_device, ns, device_id)
     return device_out(row, _overlay(cp, row) or before)
@@ -118,10 +119,10 @@ async def get_device(ns: str, device_id: str, request: Request, p: Principal = D
 
 def _provision(conn, events, cp: "ControlPlane", ns: str, body: ProvisionIn, enrollment_key: str):
     if device_row(conn, ns, body.device_id) is not None:
-        raise ApiError(409, "device exists")
+        raise Conflict("device exists")
     if body.device_type is not None and conn.execute(sa.select(TY.c.name).where(TY.c.name == body.device_type)) \
             .first() is None:
-        raise ApiError(422, f"unknown device type {body.device_type!r}", {"path": "device_type"})
+        raise Invalid(f"unknown device type {body.device_type!r}", {"path": "device_type"})
     individual = secrets.token_hex(32) if body.key_mode == "individual" else None
     now = now_ms()
     conn.execute(D.insert().values(ns=ns, device_id=body.device_id, device_type=body.device_type,
@@ -130,17 +131,16 @@ def _provision(conn, events, cp: "ControlPlane", ns: str, body: ProvisionIn, enr
                                    config_overrides={}, config_version=0))
     if body.device_type:
         recompute(conn, events, cp, ns, body.device_id)
-    cp.emit(conn, events, {"ns": ns, "dev": body.device_id, "kind": "device"})
+    events.emit(conn, changes.provisioned(ns, body.device_id))
     return individual or derive_device_key(enrollment_key, body.device_id)
 
 
 @router.post("/api/v1/namespaces/{ns}/devices", response_model=ProvisionOut, status_code=201,
              responses={**_ERR, 422: {"model": ErrorBody}})
-async def provision(ns: str, body: ProvisionIn, request: Request, p: Principal = Depends(principal)) -> ProvisionOut:
+async def provision(ns: str, body: ProvisionIn, request: Request, p: Caller, cp: CP) -> ProvisionOut:
     """Enroll a device: returns its key file content once (derived key, or a random individual key). Admin."""
     require_ns(p, ns, request)
     require_role(p, "admin")
-    cp = _cp(request)
     key = await cp.write(_provision, cp, ns, body, cp.settings.secrets.enrollment_key(ns))
     return ProvisionOut(device_id=body.device_id, device_key=key, namespace=ns,
                         service_discovery_url=f"{cp.base_url(request)}/api/devices")
@@ -149,14 +149,14 @@ async def provision(ns: str, body: ProvisionIn, request: Request, p: Principal =
 def _patch_device(conn, events, cp, ns, dev, body: DevicePatch):
     row = device_row(conn, ns, dev, lock=True)
     if row is None:
-        raise ApiError(404, "unknown device")
+        raise NotFound("unknown device")
     values: dict[str, Any] = {}
     if "group" in body.model_fields_set:
         values["group_name"] = body.group
     if "device_type" in body.model_fields_set:
         if body.device_type and conn.execute(sa.select(TY.c.name).where(TY.c.name == body.device_type)).first() \
                 is None:
-            raise ApiError(422, f"unknown device type {body.device_type!r}", {"path": "device_type"})
+            raise Invalid(f"unknown device type {body.device_type!r}", {"path": "device_type"})
         values["device_type"] = body.device_type
     if values:
         conn.execute(D.update().where(D.c.ns == ns, D.c.device_id == dev).values(**values))
@@ -166,29 +166,26 @@ def _patch_device(conn, events, cp, ns, dev, body: DevicePatch):
 
 @router.patch("/api/v1/namespaces/{ns}/devices/{device_id}", response_model=DeviceOut,
               responses={**_ERR, 422: {"model": ErrorBody}})
-async def patch_device(ns: str, device_id: str, body: DevicePatch, request: Request,
-                       p: Principal = Depends(principal)) -> DeviceOut:
+async def patch_device(ns: str, device_id: str, body: DevicePatch, request: Request, p: Caller, cp: CP) -> DeviceOut:
     """Move a device to a group (null = none) or change its type. Admin."""
     require_ns(p, ns, request)
     require_role(p, "admin")
-    cp = _cp(request)
     return device_out(await cp.write(_patch_device, cp, ns, device_id, body))
 
 
 def _delete_device(conn, events, cp, ns, dev):
     if conn.execute(D.delete().where(D.c.ns == ns, D.c.device_id == dev)).rowcount != 1:
-        raise ApiError(404, "unknown device")
+        raise NotFound("unknown device")
     for t in (C, S, A):
         conn.execute(t.delete().where(t.c.ns == ns, t.c.device_id == dev))
-    cp.emit(conn, events, {"ns": ns, "dev": dev, "kind": "deleted"})
+    events.emit(conn, changes.deleted(ns, dev))
 
 
 @router.delete("/api/v1/namespaces/{ns}/devices/{device_id}", response_model=Ok, responses=_ERR)
-async def delete_device(ns: str, device_id: str, request: Request, p: Principal = Depends(principal)) -> Ok:
+async def delete_device(ns: str, device_id: str, request: Request, p: Caller, cp: CP) -> Ok:
     """Forget a device: record, config history, shadows and alarms. Its tokens stop working. Admin."""
     require_ns(p, ns, request)
     require_role(p, "admin")
-    cp = _cp(request)
     await cp.write(_delete_device, cp, ns, device_id)
     return Ok()
 
@@ -207,12 +204,11 @@ _CFG = "/api/v1/namespaces/{ns}/devices/{device_id}/config"
 
 
 @router.get(_CFG, response_model=DeviceConfigOut, responses=_ERR)
-async def get_device_config(ns: str, device_id: str, request: Request,
-                            p: Principal = Depends(principal)) -> DeviceConfigOut:
+async def get_device_config(ns: str, device_id: str, request: Request, p: Caller, cp: CP) -> DeviceConfigOut:
     """Effective config, the device's own overrides, its group and the device's last report."""
     require_ns(p, ns, request)
     require_role(p, "viewer")
-    return await _cp(request).read(_device_config, ns, device_id)
+    return await cp.read(_device_config, ns, device_id)
 
 
 async def _set_overrides(request: Request, p: Principal, ns: str, dev: str, overrides: dict, patch: bool):
@@ -225,15 +221,14 @@ async def _set_overrides(request: Request, p: Principal, ns: str, dev: str, over
 
 
 @router.put(_CFG, response_model=DeviceConfigOut, responses={**_ERR, 422: {"model": ErrorBody}})
-async def put_device_config(ns: str, device_id: str, body: OverridesIn, request: Request,
-                            p: Principal = Depends(principal)) -> DeviceConfigOut:
+async def put_device_config(ns: str, device_id: str, body: OverridesIn, request: Request, p: Caller) -> DeviceConfigOut:
     """Replace the device's overrides. A result that fails the type's schema is refused (422) and not stored."""
     return await _set_overrides(request, p, ns, device_id, body.overrides, patch=False)
 
 
 @router.patch(_CFG, response_model=DeviceConfigOut, responses={**_ERR, 422: {"model": ErrorBody}})
 async def patch_device_config(ns: str, device_id: str, body: OverridesIn, request: Request,
-                              p: Principal = Depends(principal)) -> DeviceConfigOut:
+                              p: Caller) -> DeviceConfigOut:
     """Deep-merge into the device's overrides (null removes a key). Refused (422) if the result is invalid."""
     return await _set_overrides(request, p, ns, device_id, body.overrides, patch=True)
 
@@ -245,19 +240,18 @@ def _type_out(r) -> DeviceTypeOut:
 
 
 @router.get("/api/v1/device-types", response_model=DeviceTypeList, responses=_ERR)
-async def list_types(request: Request, p: Principal = Depends(principal)) -> DeviceTypeList:
+async def list_types(p: Caller, cp: CP) -> DeviceTypeList:
     """All device types with their JSON schema and default config."""
     require_role(p, "viewer")
-    rows = await _cp(request).read(lambda conn: list(conn.execute(sa.select(TY).order_by(TY.c.name)).mappings()))
+    rows = await cp.read(lambda conn: list(conn.execute(sa.select(TY).order_by(TY.c.name)).mappings()))
     return DeviceTypeList(device_types=[_type_out(r) for r in rows])
 
 
 @router.get("/api/v1/device-types/{name}", response_model=DeviceTypeOut, responses=_ERR)
-async def get_type(request: Request, name: str = Name, p: Principal = Depends(principal)) -> DeviceTypeOut:
+async def get_type(p: Caller, cp: CP, name: str = Name) -> DeviceTypeOut:
     """One device type."""
     require_role(p, "viewer")
-    row = await _cp(request).read(lambda conn: conn.execute(sa.select(TY).where(TY.c.name == name)).mappings()
-                                  .first())
+    row = await cp.read(lambda conn: conn.execute(sa.select(TY).where(TY.c.name == name)).mappings().first())
     if row is None:
         raise ApiError(404, "unknown device type")
     return _type_out(row)
@@ -281,8 +275,7 @@ def _put_type(conn, events, cp, name: str, body: DeviceTypeIn):
 
 @router.put("/api/v1/device-types/{name}", response_model=DeviceTypeOut,
             responses={**_ERR, 422: {"model": ErrorBody}})
-async def put_type(body: DeviceTypeIn, request: Request, name: str = Name,
-                   p: Principal = Depends(principal)) -> DeviceTypeOut:
+async def put_type(body: DeviceTypeIn, p: Caller, cp: CP, name: str = Name) -> DeviceTypeOut:
     """Create or replace a device type (schema + defaults); every device of the type gets a new config version if
     its effective config changes. Refused (422) if the schema is invalid, the defaults fail it, or any device's
     resulting config would. Global admin."""
@@ -290,7 +283,6 @@ async def put_type(body: DeviceTypeIn, request: Request, name: str = Name,
     if p.ns != ALL_NAMESPACES:
         raise ApiError(403, "device types are shared by all namespaces: needs an admin token with ns '*'")
     check_schema(body.json_schema)
-    cp = _cp(request)
     check_depth(body.defaults, cp.settings.max_doc_depth, "defaults")
     check_depth(body.json_schema, SCHEMA_DEPTH, "json_schema")
     return _type_out(await cp.write(_put_type, cp, name, body))
@@ -302,11 +294,11 @@ def _group_out(r) -> GroupOut:
 
 
 @router.get("/api/v1/namespaces/{ns}/groups", response_model=GroupList, responses=_ERR)
-async def list_groups(ns: str, request: Request, p: Principal = Depends(principal)) -> GroupList:
+async def list_groups(ns: str, request: Request, p: Caller, cp: CP) -> GroupList:
     """Groups of a namespace with their config overrides."""
     require_ns(p, ns, request)
     require_role(p, "viewer")
-    rows = await _cp(request).read(
+    rows = await cp.read(
         lambda conn: list(conn.execute(sa.select(G).where(G.c.ns == ns).order_by(G.c.name)).mappings()))
     return GroupList(groups=[_group_out(r) for r in rows])
 
@@ -324,19 +316,17 @@ def _put_group(conn, events, cp, ns, name, overrides):
 
 @router.put("/api/v1/namespaces/{ns}/groups/{name}", response_model=GroupOut,
             responses={**_ERR, 422: {"model": ErrorBody}})
-async def put_group(ns: str, body: GroupIn, request: Request, name: str = Name,
-                    p: Principal = Depends(principal)) -> GroupOut:
+async def put_group(ns: str, body: GroupIn, request: Request, p: Caller, cp: CP, name: str = Name) -> GroupOut:
     """Create or replace a group's config overrides; refused (422) if any member's config would be invalid. Admin."""
     require_ns(p, ns, request)
     require_role(p, "admin")
-    cp = _cp(request)
     check_depth(body.overrides, cp.settings.max_doc_depth, "overrides")
     return _group_out(await cp.write(_put_group, cp, ns, name, body.overrides))
 
 
 def _delete_group(conn, events, cp, ns, name):
     if conn.execute(G.delete().where(G.c.ns == ns, G.c.name == name)).rowcount != 1:
-        raise ApiError(404, "unknown group")
+        raise NotFound("unknown group")
     members = [r[0] for r in conn.execute(sa.select(D.c.device_id).where(D.c.ns == ns, D.c.group_name == name))]
     conn.execute(D.update().where(D.c.ns == ns, D.c.group_name == name).values(group_name=None))
     if members:
@@ -344,10 +334,9 @@ def _delete_group(conn, events, cp, ns, name):
 
 
 @router.delete("/api/v1/namespaces/{ns}/groups/{name}", response_model=Ok, responses=_ERR)
-async def delete_group(ns: str, request: Request, name: str = Name, p: Principal = Depends(principal)) -> Ok:
+async def delete_group(ns: str, request: Request, p: Caller, cp: CP, name: str = Name) -> Ok:
     """Delete a group; its members fall back to type defaults ⊕ their own overrides. Admin."""
     require_ns(p, ns, request)
     require_role(p, "admin")
-    cp = _cp(request)
     await cp.write(_delete_group, cp, ns, name)
     return Ok()

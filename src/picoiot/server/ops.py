@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .db import LATEST, applied_version
+from .deps import CP
 from .models import Health, Ready
 
 router = APIRouter(tags=["operations"])
@@ -22,9 +23,8 @@ async def health(response: Response) -> Health:
 
 
 @router.get("/ready", response_model=Ready, responses={503: {"model": Ready}})
-async def ready(request: Request) -> JSONResponse:
+async def ready(request: Request, cp: CP) -> JSONResponse:
     """The database is reachable and every migration is applied (503 otherwise)."""
-    cp = request.app.state.cp
     try:
         version = await _applied(cp)
         ok = version == LATEST
@@ -40,6 +40,6 @@ async def _applied(cp) -> int | None:
 
 
 @router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
-async def metrics(request: Request) -> Response:
+async def metrics(request: Request, cp: CP) -> Response:
     """Prometheus text exposition."""
-    return Response(generate_latest(request.app.state.cp.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(cp.metrics.registry), media_type=CONTENT_TYPE_LATEST)

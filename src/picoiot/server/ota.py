@@ -14,16 +14,20 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from nacl.exceptions import BadSignatureError
 from nacl.signing import VerifyKey
 from pydantic import BaseModel, Field
 
+from . import changes
+from .changes import Events
 from . import db as tables
-from .auth import Principal, device_ns, principal, require_ns, require_role
+from .auth import device_ns, own_device_ns, require_ns, require_role
 from .db import now_ms
+from .deps import CP, Caller
 from .errors import ApiError
 from .models import ErrorBody
+from .refusals import Conflict, Invalid, NotFound
 
 if TYPE_CHECKING:
     from .core import ControlPlane
@@ -64,39 +68,36 @@ class ReportIn(BaseModel):
     running: str | None = Field(None, max_length=32)
 
 
-def _cp(request: Request) -> "ControlPlane":
-    return request.app.state.cp
-
 
 def check_manifest(text: str) -> dict:
-    """The parsed manifest, or ApiError(422) naming what is wrong (same rules as the firmware)."""
+    """The parsed manifest, or Invalid naming what is wrong (same rules as the firmware)."""
     try:
         m = json.loads(text)
     except ValueError:
-        raise ApiError(422, "manifest is not JSON")
+        raise Invalid("manifest is not JSON")
     if not isinstance(m, dict) or not isinstance(m.get("version"), str) or not re.match(VERSION, m["version"]):
-        raise ApiError(422, "manifest: bad version", {"path": "version"})
+        raise Invalid("manifest: bad version", {"path": "version"})
     files = m.get("files")
     if not isinstance(files, list) or not 0 < len(files) <= MAX_FILES:
-        raise ApiError(422, f"manifest: files must be a list of 1-{MAX_FILES} entries", {"path": "files"})
+        raise Invalid(f"manifest: files must be a list of 1-{MAX_FILES} entries", {"path": "files"})
     seen = set()
     for i, f in enumerate(files):
         p = f.get("path") if isinstance(f, dict) else None
         if (not isinstance(p, str) or len(p) > 64 or not PATH_RE.match(p) or ".." in p or p.startswith("ota")
                 or p in seen):
-            raise ApiError(422, "manifest: bad path", {"path": f"files.{i}.path"})
+            raise Invalid("manifest: bad path", {"path": f"files.{i}.path"})
         if not isinstance(f.get("sha256"), str) or not re.match(HEX64, f["sha256"]):
-            raise ApiError(422, "manifest: bad sha256", {"path": f"files.{i}.sha256"})
+            raise Invalid("manifest: bad sha256", {"path": f"files.{i}.sha256"})
         size = f.get("size")
         if type(size) is not int or not 0 <= size <= MAX_FILE_BYTES:
-            raise ApiError(422, f"manifest: size must be 0-{MAX_FILE_BYTES}", {"path": f"files.{i}.size"})
+            raise Invalid(f"manifest: size must be 0-{MAX_FILE_BYTES}", {"path": f"files.{i}.size"})
         seen.add(p)
     return m
 
 
 # ---------------------------------------------------------------- publisher / operator side
 @router.put("/api/v1/namespaces/{ns}/ota/key", responses=_ERR)
-async def put_key(ns: str, body: KeyIn, request: Request, p: Principal = Depends(principal)) -> dict:
+async def put_key(ns: str, body: KeyIn, request: Request, p: Caller, cp: CP) -> dict:
     """Set the public key releases of this namespace must be signed with. Admin."""
     require_ns(p, ns, request)
     require_role(p, "admin")
@@ -104,12 +105,12 @@ async def put_key(ns: str, body: KeyIn, request: Request, p: Principal = Depends
     def put(conn, events):
         conn.execute(K.delete().where(K.c.ns == ns))
         conn.execute(K.insert().values(ns=ns, public_key=body.public_key, updated_ts=now_ms()))
-    await _cp(request).write(put)
+    await cp.write(put)
     return {"public_key": body.public_key}
 
 
 @router.put("/api/v1/namespaces/{ns}/ota/files/{sha256}", responses=_ERR)
-async def put_file(ns: str, sha256: str, request: Request, p: Principal = Depends(principal)) -> dict:
+async def put_file(ns: str, sha256: str, request: Request, p: Caller, cp: CP) -> dict:
     """Upload one release file (raw body, ≤ 64 KiB); its name is its sha256, checked. Admin."""
     require_ns(p, ns, request)
     require_role(p, "admin")
@@ -124,56 +125,56 @@ async def put_file(ns: str, sha256: str, request: Request, p: Principal = Depend
     def put(conn, events):
         if conn.execute(sa.select(F.c.size).where(F.c.ns == ns, F.c.sha256 == sha256)).first() is None:
             conn.execute(F.insert().values(ns=ns, sha256=sha256, size=len(data), data=data))
-    await _cp(request).write(put)
+    await cp.write(put)
     return {"sha256": sha256, "size": len(data)}
 
 
 def _publish(conn, events, ns: str, body: ReleaseIn, m: dict):
     key = conn.execute(sa.select(K.c.public_key).where(K.c.ns == ns)).scalar()
     if key is None:
-        raise ApiError(409, "no OTA public key set for this namespace (PUT …/ota/key)")
+        raise Conflict("no OTA public key set for this namespace (PUT …/ota/key)")
     try:
         VerifyKey(bytes.fromhex(key)).verify(body.manifest.encode(), bytes.fromhex(body.signature))
     except BadSignatureError:
-        raise ApiError(422, "bad signature", {"path": "signature"})
+        raise Invalid("bad signature", {"path": "signature"})
     for i, f in enumerate(m["files"]):
         size = conn.execute(sa.select(F.c.size).where(F.c.ns == ns, F.c.sha256 == f["sha256"])).scalar()
         if size is None:
-            raise ApiError(422, f"file not uploaded: {f['path']}", {"path": f"files.{i}.sha256"})
+            raise Invalid(f"file not uploaded: {f['path']}", {"path": f"files.{i}.sha256"})
         if size != f["size"]:
-            raise ApiError(422, f"size mismatch for {f['path']}", {"path": f"files.{i}.size"})
+            raise Invalid(f"size mismatch for {f['path']}", {"path": f"files.{i}.size"})
     old = conn.execute(sa.select(R.c.manifest, R.c.signature).where(R.c.ns == ns, R.c.version == m["version"])).first()
     if old is not None:
         if old[0] == body.manifest:
             return False  # the same release again (retry)
-        raise ApiError(409, f"release {m['version']} exists with another manifest")
+        raise Conflict(f"release {m['version']} exists with another manifest")
     conn.execute(R.insert().values(ns=ns, version=m["version"], manifest=body.manifest, signature=body.signature,
                                    created_ts=now_ms()))
     return True
 
 
 @router.post("/api/v1/namespaces/{ns}/ota/releases", status_code=201, responses=_ERR)
-async def publish(ns: str, body: ReleaseIn, request: Request, p: Principal = Depends(principal)) -> dict:
+async def publish(ns: str, body: ReleaseIn, request: Request, p: Caller, cp: CP) -> dict:
     """Store a signed release whose files are uploaded. Admin."""
     require_ns(p, ns, request)
     require_role(p, "admin")
     m = check_manifest(body.manifest)
-    created = await _cp(request).write(_publish, ns, body, m)
+    created = await cp.write(_publish, ns, body, m)
     return {"version": m["version"], "files": len(m["files"]), "created": created}
 
 
 @router.get("/api/v1/namespaces/{ns}/ota/releases", responses=_ERR)
-async def list_releases(ns: str, request: Request, p: Principal = Depends(principal)) -> dict:
+async def list_releases(ns: str, request: Request, p: Caller, cp: CP) -> dict:
     require_ns(p, ns, request)
     require_role(p, "viewer")
 
     def q(conn):
         return [{"version": r[0], "created_ts": r[1]} for r in
                 conn.execute(sa.select(R.c.version, R.c.created_ts).where(R.c.ns == ns).order_by(R.c.created_ts))]
-    return {"releases": await _cp(request).read(q)}
+    return {"releases": await cp.read(q)}
 
 
-def assignment_changed(cp: "ControlPlane", conn: sa.Connection, events: list, ns: str, kind: str, target: str) -> None:
+def assignment_changed(cp: "ControlPlane", conn: sa.Connection, events: Events, ns: str, kind: str, target: str) -> None:
     """Wake the held heartbeats of the devices an assignment concerns, in every process: the offer reaches a device
     at once, not at its next heartbeat. Other processes also learn that the namespace now has assignments (core.py
     listens for these events). One event per device of a group: assignments are rare, and a woken poll that finds
@@ -183,20 +184,20 @@ def assignment_changed(cp: "ControlPlane", conn: sa.Connection, events: list, ns
     else:
         devs = [r[0] for r in conn.execute(sa.select(D.c.device_id).where(D.c.ns == ns, D.c.group_name == target))]
     for dev in devs:
-        cp.emit(conn, events, {"ns": ns, "dev": dev, "kind": "ota"})
+        events.emit(conn, changes.ota(ns, dev))
 
 
 def _assign(conn, events, cp: "ControlPlane", ns: str, body: AssignIn):
     kind, target = ("device", body.device) if body.device else ("group", body.group)
     if kind == "device":
         if conn.execute(sa.select(D.c.device_id).where(D.c.ns == ns, D.c.device_id == target)).first() is None:
-            raise ApiError(404, "unknown device")
+            raise NotFound("unknown device")
     elif conn.execute(sa.select(tables.groups.c.name).where(tables.groups.c.ns == ns,
                                                             tables.groups.c.name == target)).first() is None:
-        raise ApiError(404, "unknown group")
+        raise NotFound("unknown group")
     if body.version is not None and conn.execute(
             sa.select(R.c.version).where(R.c.ns == ns, R.c.version == body.version)).first() is None:
-        raise ApiError(404, "unknown release", {"version": body.version})
+        raise NotFound("unknown release", {"version": body.version})
     conn.execute(AS.delete().where(AS.c.ns == ns, AS.c.kind == kind, AS.c.target == target))
     if body.version is not None:
         conn.execute(AS.insert().values(ns=ns, kind=kind, target=target, version=body.version, assigned_ts=now_ms()))
@@ -204,14 +205,14 @@ def _assign(conn, events, cp: "ControlPlane", ns: str, body: AssignIn):
 
 
 @router.put("/api/v1/namespaces/{ns}/ota/assignments", responses=_ERR)
-async def assign(ns: str, body: AssignIn, request: Request, p: Principal = Depends(principal)) -> dict:
+async def assign(ns: str, body: AssignIn, request: Request, p: Caller, cp: CP) -> dict:
     """Assign a release to one device or a group (a device's own assignment wins). Admin."""
     require_ns(p, ns, request)
     require_role(p, "admin")
     if (body.device is None) == (body.group is None):
         raise ApiError(422, "give exactly one of device, group", {"path": "device"})
-    await _cp(request).write(_assign, _cp(request), ns, body)
-    assignments_changed(_cp(request), ns)
+    await cp.write(_assign, cp, ns, body)
+    assignments_changed(cp, ns)
     return {"ok": True}
 
 
@@ -244,7 +245,7 @@ def _device_view(conn, ns: str, dev: str) -> dict | None:
 
 
 @router.get("/api/v1/namespaces/{ns}/ota/status", responses=_ERR)
-async def status(ns: str, request: Request, p: Principal = Depends(principal),
+async def status(ns: str, request: Request, p: Caller, cp: CP,
                  device: str | None = Query(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")) -> dict:
     """Per device: assigned release, running version, pending offer, last report."""
     require_ns(p, ns, request)
@@ -254,7 +255,7 @@ async def status(ns: str, request: Request, p: Principal = Depends(principal),
         ids = [device] if device else [r[0] for r in conn.execute(
             sa.select(D.c.device_id).where(D.c.ns == ns).order_by(D.c.device_id))]
         return [v for v in (_device_view(conn, ns, d) for d in ids) if v is not None]
-    devices = await _cp(request).read(q)
+    devices = await cp.read(q)
     if device and not devices:
         raise ApiError(404, "unknown device")
     return {"devices": devices}
@@ -268,10 +269,9 @@ async def pending_for(cp: "ControlPlane", ns: str, dev: str) -> str | None:
 
 
 @router.get("/api/v1/devices/{device_id}/ota", status_code=200, responses={**_ERR, 204: {"description": "none"}})
-async def offer(device_id: str, request: Request, p: Principal = Depends(principal)) -> Response:
+async def offer(device_id: str, request: Request, p: Caller, cp: CP) -> Response:
     """The release the device should install: `204` when none, else `{version, manifest_url, files_url}`."""
     ns = device_ns(p, device_id, "viewer")
-    cp = _cp(request)
     view = await cp.read(_device_view, ns, device_id)
     if view is None:
         raise ApiError(404, "unknown device")
@@ -284,30 +284,30 @@ async def offer(device_id: str, request: Request, p: Principal = Depends(princip
 
 
 @router.get("/api/v1/devices/{device_id}/ota/releases/{version}/manifest", responses=_ERR)
-async def manifest(device_id: str, version: str, request: Request, p: Principal = Depends(principal),
+async def manifest(device_id: str, version: str, p: Caller, cp: CP,
                    raw: bool = Query(False)) -> Any:
     """The signed manifest text and its signature (the device verifies the exact text). raw: the manifest's exact
     bytes as the body (itself a JSON object) and the signature in `X-Manifest-Signature`, so that a device holds the
     manifest once instead of parsing it out of a document."""
     ns = device_ns(p, device_id, "viewer")
-    row = await _cp(request).read(lambda conn: conn.execute(
+    row = await cp.read(lambda conn: conn.execute(
         sa.select(R.c.manifest, R.c.signature).where(R.c.ns == ns, R.c.version == version)).first())
     if row is None:
         raise ApiError(404, "unknown release")
     if p.is_device:
         from .rollouts import note_download  # a rollout follows its devices' progress (rollouts.py)
-        await _cp(request).write(note_download, ns, device_id, version)
+        await cp.write(note_download, ns, device_id, version)
     if raw:
         return Response(row[0].encode(), media_type="application/json", headers={"X-Manifest-Signature": row[1]})
     return {"version": version, "manifest": row[0], "signature": row[1]}
 
 
 @router.get("/api/v1/devices/{device_id}/ota/files/{sha256}", responses=_ERR)
-async def file_chunk(device_id: str, sha256: str, request: Request, p: Principal = Depends(principal),
+async def file_chunk(device_id: str, sha256: str, p: Caller, cp: CP,
                      offset: int = Query(0, ge=0), length: int = Query(MAX_CHUNK, ge=1, le=MAX_CHUNK)) -> Response:
     """Bytes [offset, offset+length) of a release file (a device downloads in small requests)."""
     ns = device_ns(p, device_id, "viewer")
-    row = await _cp(request).read(lambda conn: conn.execute(
+    row = await cp.read(lambda conn: conn.execute(
         sa.select(F.c.data).where(F.c.ns == ns, F.c.sha256 == sha256)).first())
     if row is None:
         raise ApiError(404, "unknown file")
@@ -319,19 +319,17 @@ async def file_chunk(device_id: str, sha256: str, request: Request, p: Principal
 
 
 @router.post("/api/v1/devices/{device_id}/ota/report", responses=_ERR)
-async def report(device_id: str, body: ReportIn, request: Request, p: Principal = Depends(principal)) -> dict:
+async def report(device_id: str, body: ReportIn, p: Caller, cp: CP) -> dict:
     """The device's install result: installed, rolled_back (with the version it runs again) or failed."""
-    if not p.is_device:
-        raise ApiError(403, "only devices report OTA results")
-    ns = device_ns(p, device_id, "admin")
+    ns = own_device_ns(p, device_id, "report OTA results")
 
     def put(conn, events):
         if conn.execute(sa.select(D.c.device_id).where(D.c.ns == ns, D.c.device_id == device_id)).first() is None:
-            raise ApiError(404, "unknown device")
+            raise NotFound("unknown device")
         conn.execute(REP.delete().where(REP.c.ns == ns, REP.c.device_id == device_id))
         conn.execute(REP.insert().values(ns=ns, device_id=device_id, version=body.version, status=body.status,
                                          reason=body.reason, running=body.running, ts=now_ms()))
-    await _cp(request).write(put)
+    await cp.write(put)
     return {"ok": True}
 
 

@@ -14,17 +14,16 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import sqlalchemy as sa
 from packaging.version import InvalidVersion, Version
 
+from . import changes
+from .changes import Events
 from . import db as tables
 from .db import now_ms
-from .errors import ApiError
-
-if TYPE_CHECKING:
-    from .core import Events
+from .refusals import Conflict, Invalid, NotFound
 
 RO, RD, RL = tables.rollouts, tables.rollout_devices, tables.rollout_locks
 AS, REP, D, R = tables.ota_assignments, tables.ota_reports, tables.devices, tables.ota_releases
@@ -59,23 +58,23 @@ def downgrade_reason(running: str | None, target: str) -> str | None:
 
 def check_stages(stages: list[dict]) -> None:
     """Stages are cumulative: `devices` (an absolute count, only before any percent) or `percent` (of the target,
-    strictly increasing), the last one 100 %. ApiError(422) naming the field."""
+    strictly increasing), the last one 100 %. Invalid naming the field."""
     last_pct = 0.0
     for i, s in enumerate(stages):
         if "percent" in s and s.get("percent") is not None:
             p = s["percent"]
             if not last_pct < p <= 100:
-                raise ApiError(422, "stage percentages must increase up to 100", {"path": f"stages.{i}.percent"})
+                raise Invalid("stage percentages must increase up to 100", {"path": f"stages.{i}.percent"})
             last_pct = p
         elif s.get("devices") is not None:
             if last_pct:
-                raise ApiError(422, "a device-count stage must come before the percentage stages",
-                               {"path": f"stages.{i}.devices"})
+                raise Invalid("a device-count stage must come before the percentage stages",
+                              {"path": f"stages.{i}.devices"})
         else:
-            raise ApiError(422, "a stage needs percent or devices", {"path": f"stages.{i}"})
+            raise Invalid("a stage needs percent or devices", {"path": f"stages.{i}"})
     if last_pct != 100:
-        raise ApiError(422, "stage percentages do not add up: the last stage must be 100",
-                       {"path": f"stages.{len(stages) - 1}.percent"})
+        raise Invalid("stage percentages do not add up: the last stage must be 100",
+                      {"path": f"stages.{len(stages) - 1}.percent"})
 
 
 def stage_sizes(stages: list[dict], n: int) -> list[int]:
@@ -99,14 +98,14 @@ def resolve_target(conn: sa.Connection, ns: str, target: dict) -> list[str]:
     if target.get("group") is not None:
         g = tables.groups
         if conn.execute(sa.select(g.c.name).where(g.c.ns == ns, g.c.name == target["group"])).first() is None:
-            raise ApiError(404, "unknown group", {"path": "target.group"})
+            raise NotFound("unknown group", {"path": "target.group"})
         q = q.where(D.c.group_name == target["group"])
     elif target.get("devices") is not None:
         wanted = list(dict.fromkeys(target["devices"]))
         found = {r[0] for r in conn.execute(q.where(D.c.device_id.in_(wanted)))}
         missing = [d for d in wanted if d not in found]
         if missing:
-            raise ApiError(404, "unknown device", {"path": "target.devices", "devices": missing[:20]})
+            raise NotFound("unknown device", {"path": "target.devices", "devices": missing[:20]})
         return wanted
     return [r[0] for r in conn.execute(q)]
 
@@ -155,7 +154,7 @@ def _offer_stages(conn: sa.Connection, events: Events, r: dict, upto: int, now: 
         RD.c.rollout_id == r["id"], RD.c.stage <= upto, RD.c.status == "pending", RD.c.offered_ts.is_(None))).all()
     for dev, version in rows:
         _assign(conn, r["ns"], dev, version, now)
-        events.emit(conn, {"ns": r["ns"], "dev": dev, "kind": "ota"})
+        events.emit(conn, changes.ota(r["ns"], dev))
     if rows:
         conn.execute(RD.update().where(RD.c.rollout_id == r["id"], RD.c.stage <= upto, RD.c.status == "pending",
                                        RD.c.offered_ts.is_(None)).values(offered_ts=now, status_ts=now))
@@ -170,19 +169,19 @@ def _release_exists(conn: sa.Connection, ns: str, version: str) -> bool:
     return conn.execute(sa.select(R.c.version).where(R.c.ns == ns, R.c.version == version)).first() is not None
 
 
-def create(conn: sa.Connection, events: list, ns: str, spec: dict, by: str) -> dict:
+def create(conn: sa.Connection, events: Events, ns: str, spec: dict, by: str) -> dict:
     """spec: {version, target: {namespace|group|devices}, stages, failure_threshold, allow_downgrade}."""
     version = spec["version"]
     if not _release_exists(conn, ns, version):
-        raise ApiError(404, "unknown release", {"path": "version", "version": version})
+        raise NotFound("unknown release", {"path": "version", "version": version})
     check_stages(spec["stages"])
     devs = resolve_target(conn, ns, spec["target"])
     if not devs:
-        raise ApiError(422, "the target holds no device", {"path": "target"})
+        raise Invalid("the target holds no device", {"path": "target"})
     busy = conn.execute(sa.select(RL.c.device_id, RL.c.rollout_id).where(RL.c.ns == ns, RL.c.device_id.in_(devs))
                         .limit(20)).all()
     if busy:
-        raise ApiError(409, "device already in an active rollout",
+        raise Conflict("device already in an active rollout",
                        {"path": "target", "devices": {d: rid for d, rid in busy}})
     now = now_ms()
     rid = conn.execute(RO.insert().values(
@@ -216,7 +215,7 @@ def _load(conn: sa.Connection, ns: str, rid: int, lock: bool = True) -> dict:
     q = sa.select(RO).where(RO.c.ns == ns, RO.c.id == rid)
     row = conn.execute(q.with_for_update() if lock else q).mappings().first()
     if row is None:
-        raise ApiError(404, "unknown rollout")
+        raise NotFound("unknown rollout")
     return dict(row)
 
 
@@ -290,7 +289,7 @@ def _evaluate(conn: sa.Connection, events: Events, r: dict, now: int) -> None:
         _offer_stages(conn, events, r, r["stage"], now)
 
 
-def tick(conn: sa.Connection, events: list, now: int | None = None) -> set[str]:
+def tick(conn: sa.Connection, events: Events, now: int | None = None) -> set[str]:
     """One evaluation of every active rollout; returns their namespaces. Rows another process is evaluating are
     skipped (PostgreSQL SKIP LOCKED; SQLite's writer lock already serialises)."""
     now = now or now_ms()
@@ -301,7 +300,7 @@ def tick(conn: sa.Connection, events: list, now: int | None = None) -> set[str]:
     return {r["ns"] for r in active}
 
 
-def note_download(conn: sa.Connection, events: list, ns: str, dev: str, version: str) -> None:
+def note_download(conn: sa.Connection, events: Events, ns: str, dev: str, version: str) -> None:
     """The device fetched the manifest of the release its rollout offered: it is downloading."""
     now = now_ms()
     conn.execute(RD.update().where(RD.c.ns == ns, RD.c.device_id == dev, RD.c.version == version,
@@ -312,10 +311,10 @@ def note_download(conn: sa.Connection, events: list, ns: str, dev: str, version:
 
 
 # ---------------------------------------------------------------- operators' actions
-def pause(conn: sa.Connection, events: list, ns: str, rid: int, reason: str) -> dict:
+def pause(conn: sa.Connection, events: Events, ns: str, rid: int, reason: str) -> dict:
     r = _load(conn, ns, rid)
     if r["state"] not in ACTIVE:
-        raise ApiError(409, f"rollout is {r['state']}", {"state": r["state"]})
+        raise Conflict(f"rollout is {r['state']}", {"state": r["state"]})
     now = now_ms()
     _refresh_devices(conn, r, now)
     if r["state"] == "running":
@@ -324,17 +323,17 @@ def pause(conn: sa.Connection, events: list, ns: str, rid: int, reason: str) -> 
     return detail(conn, ns, rid)
 
 
-def resume(conn: sa.Connection, events: list, ns: str, rid: int, version: str | None) -> dict:
+def resume(conn: sa.Connection, events: Events, ns: str, rid: int, version: str | None) -> dict:
     """Run again. With a (fixed) release: devices of the started stages that failed, rolled back or committed the
     old one are taken to the new one; a device is never offered again the release it rolled back."""
     r = _load(conn, ns, rid)
     if r["state"] not in ACTIVE:
-        raise ApiError(409, f"rollout is {r['state']}", {"state": r["state"]})
+        raise Conflict(f"rollout is {r['state']}", {"state": r["state"]})
     now = now_ms()
     _refresh_devices(conn, r, now)
     if version is not None and version != r["version"]:
         if not _release_exists(conn, ns, version):
-            raise ApiError(404, "unknown release", {"path": "version", "version": version})
+            raise NotFound("unknown release", {"path": "version", "version": version})
         devs = [x[0] for x in conn.execute(sa.select(RD.c.device_id).where(RD.c.rollout_id == rid))]
         running = _running(conn, ns, devs)
         for dev, status in conn.execute(sa.select(RD.c.device_id, RD.c.status).where(RD.c.rollout_id == rid)).all():
@@ -352,10 +351,10 @@ def resume(conn: sa.Connection, events: list, ns: str, rid: int, version: str | 
     return detail(conn, ns, rid)
 
 
-def abort(conn: sa.Connection, events: list, ns: str, rid: int, reason: str) -> dict:
+def abort(conn: sa.Connection, events: Events, ns: str, rid: int, reason: str) -> dict:
     r = _load(conn, ns, rid)
     if r["state"] not in ACTIVE:
-        raise ApiError(409, f"rollout is {r['state']}", {"state": r["state"]})
+        raise Conflict(f"rollout is {r['state']}", {"state": r["state"]})
     now = now_ms()
     _refresh_devices(conn, r, now)
     _withdraw(conn, r, now)

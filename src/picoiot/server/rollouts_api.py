@@ -1,18 +1,16 @@
 """Operators' rollout API (docs/ota.md, *Rollouts*): a thin layer over rollouts.py."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi import APIRouter, Path, Query, Request
 from pydantic import Field, model_validator
 
 from . import rollouts
-from .auth import Principal, principal, require_ns, require_role
+from .auth import Principal, require_ns, require_role
+from .deps import CP, Caller
 from .models import INT32, BaseModel, ErrorBody
 from .ota import VERSION, assignments_changed
-
-if TYPE_CHECKING:
-    from .core import ControlPlane
 
 router = APIRouter(tags=["rollouts"])
 _ERR: dict[int | str, dict[str, Any]] = {s: {"model": ErrorBody} for s in (400, 401, 403, 404, 409, 422)}
@@ -61,9 +59,6 @@ class ResumeIn(BaseModel):
     version: str | None = Field(None, pattern=VERSION, description="a fixed release to continue with")
 
 
-def _cp(request: Request) -> "ControlPlane":
-    return request.app.state.cp
-
 
 def _guard(p: Principal, ns: str, request: Request, role: str) -> None:
     require_ns(p, ns, request)
@@ -71,55 +66,55 @@ def _guard(p: Principal, ns: str, request: Request, role: str) -> None:
 
 
 @router.post(BASE, status_code=201, responses=_ERR)
-async def create(ns: str, body: RolloutIn, request: Request, p: Principal = Depends(principal)) -> dict:
+async def create(ns: str, body: RolloutIn, request: Request, p: Caller, cp: CP) -> dict:
     """Start a staged rollout of a release to a namespace, a group or a list of devices. Admin."""
     _guard(p, ns, request, "admin")
     spec = body.model_dump()
     spec["target"] = {k: v for k, v in spec["target"].items() if v not in (None, False)}
     spec["stages"] = [{k: v for k, v in s.items() if v is not None} for s in spec["stages"]]
-    out = await _cp(request).write(rollouts.create, ns, spec, p.sub)
-    assignments_changed(_cp(request), ns)
+    out = await cp.write(rollouts.create, ns, spec, p.sub)
+    assignments_changed(cp, ns)
     return out
 
 
 @router.get(BASE, responses=_ERR)
-async def list_(ns: str, request: Request, p: Principal = Depends(principal),
+async def list_(ns: str, request: Request, p: Caller, cp: CP,
                 state: str | None = Query(None, pattern="^(running|paused|aborted|completed)$")) -> dict:
     _guard(p, ns, request, "viewer")
-    return {"rollouts": await _cp(request).read(rollouts.list_rollouts, ns, state)}
+    return {"rollouts": await cp.read(rollouts.list_rollouts, ns, state)}
 
 
 @router.get(BASE + "/{rid}", responses=_ERR)
-async def get(ns: str, request: Request, rid: int = Path(ge=1, le=INT32), p: Principal = Depends(principal)) -> dict:
+async def get(ns: str, request: Request, p: Caller, cp: CP, rid: int = Path(ge=1, le=INT32)) -> dict:
     """The rollout, its stages (device counts per status) and every device's status and reason."""
     _guard(p, ns, request, "viewer")
-    return await _cp(request).read(rollouts.detail, ns, rid)
+    return await cp.read(rollouts.detail, ns, rid)
 
 
 @router.post(BASE + "/{rid}/pause", responses=_ERR)
-async def pause(ns: str, request: Request, body: ReasonIn | None = None, rid: int = Path(ge=1, le=INT32),
-                p: Principal = Depends(principal)) -> dict:
+async def pause(ns: str, request: Request, p: Caller, cp: CP, body: ReasonIn | None = None,
+                rid: int = Path(ge=1, le=INT32)) -> dict:
     _guard(p, ns, request, "admin")
     reason = (body.reason if body else "") or f"paused by {p.sub}"
-    out = await _cp(request).write(rollouts.pause, ns, rid, reason)
-    assignments_changed(_cp(request), ns)
+    out = await cp.write(rollouts.pause, ns, rid, reason)
+    assignments_changed(cp, ns)
     return out
 
 
 @router.post(BASE + "/{rid}/resume", responses=_ERR)
-async def resume(ns: str, request: Request, body: ResumeIn | None = None, rid: int = Path(ge=1, le=INT32),
-                 p: Principal = Depends(principal)) -> dict:
+async def resume(ns: str, request: Request, p: Caller, cp: CP, body: ResumeIn | None = None,
+                 rid: int = Path(ge=1, le=INT32)) -> dict:
     _guard(p, ns, request, "admin")
-    out = await _cp(request).write(rollouts.resume, ns, rid, body.version if body else None)
-    assignments_changed(_cp(request), ns)
+    out = await cp.write(rollouts.resume, ns, rid, body.version if body else None)
+    assignments_changed(cp, ns)
     return out
 
 
 @router.post(BASE + "/{rid}/abort", responses=_ERR)
-async def abort(ns: str, request: Request, body: ReasonIn | None = None, rid: int = Path(ge=1, le=INT32),
-                p: Principal = Depends(principal)) -> dict:
+async def abort(ns: str, request: Request, p: Caller, cp: CP, body: ReasonIn | None = None,
+                rid: int = Path(ge=1, le=INT32)) -> dict:
     _guard(p, ns, request, "admin")
     reason = (body.reason if body else "") or f"aborted by {p.sub}"
-    out = await _cp(request).write(rollouts.abort, ns, rid, reason)
-    assignments_changed(_cp(request), ns)
+    out = await cp.write(rollouts.abort, ns, rid, reason)
+    assignments_changed(cp, ns)
     return out

@@ -1,25 +1,23 @@
-"""StateServer: named shadows per (namespace, device) with AWS IoT shadow semantics."""
+"""StateServer's data: named shadows per (namespace, device) with AWS IoT shadow semantics (routes: state_api.py)."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
-from fastapi import APIRouter, Depends, Path, Query, Request
 
+from . import changes
+from .changes import Events
 from . import db as tables
-from .auth import Principal, principal, require_ns, require_role
 from .config import latest
 from .db import now_ms
-from .documents import check_limits, delta, depth, merge, stamp
-from .errors import ApiError
-from .longpoll import wait_for_change
-from .models import ConflictBody, ErrorBody, ShadowNames, ShadowOut, ShadowUpdateIn
+from .documents import check_limits, delta, merge, stamp
+from .models import ShadowUpdateIn
+from .refusals import Conflict, Invalid, NotFound
 
 if TYPE_CHECKING:
     from .core import ControlPlane
 
 S, D = tables.shadows, tables.devices
-ShadowName = Path(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
 
 
 def render(row, ns: str | None = None) -> dict[str, Any]:
@@ -41,7 +39,7 @@ def read_shadow(conn: sa.Connection, ns: str, dev: str, name: str) -> dict[str, 
     """A shadow nobody wrote yet reads as empty at version 0 (the device's first GET after provisioning)."""
     row = conn.execute(sa.select(S).where(S.c.ns == ns, S.c.device_id == dev, S.c.name == name)).mappings().first()
     if row is None and not _device_exists(conn, ns, dev):
-        raise ApiError(404, "unknown device")
+        raise NotFound("unknown device")
     return render(row)
 
 
@@ -70,20 +68,20 @@ def check_desired(conn: sa.Connection, ns: str, dev: str, desired: dict[str, Any
             errors.append({"path": f"state.desired.{key}", "message": 'must be "on", "off", true or false'})
     if errors:
         first = errors[0]
-        raise ApiError(422, f"{first['path']}: {first['message']}",
-                       {"path": first["path"], "message": first["message"], "errors": errors[:16]})
+        raise Invalid(f"{first['path']}: {first['message']}",
+                      {"path": first["path"], "message": first["message"], "errors": errors[:16]})
 
 
-def update_shadow(conn: sa.Connection, events: list, cp: "ControlPlane", ns: str, dev: str, name: str,
+def update_shadow(conn: sa.Connection, events: Events, cp: "ControlPlane", ns: str, dev: str, name: str,
                   body: ShadowUpdateIn) -> dict[str, Any]:
     st = cp.settings
     row = conn.execute(sa.select(S).where(S.c.ns == ns, S.c.device_id == dev, S.c.name == name)
                        .with_for_update()).mappings().first()
     if row is None and not _device_exists(conn, ns, dev):
-        raise ApiError(404, "unknown device")
+        raise NotFound("unknown device")
     current = row["version"] if row else 0
     if body.version is not None and body.version != current:
-        raise ApiError(409, "version conflict", version=current)
+        raise Conflict("version conflict", version=current)
     if body.state.desired and name == "default":  # the shadow the firmware acts on (protocol §4)
         check_desired(conn, ns, dev, body.state.desired)
     desired = dict(row["desired"]) if row else {}
@@ -107,87 +105,13 @@ def update_shadow(conn: sa.Connection, events: list, cp: "ControlPlane", ns: str
         n = conn.execute(S.update().where(S.c.ns == ns, S.c.device_id == dev, S.c.name == name,
                                           S.c.version == current).values(**values)).rowcount
         if n != 1:  # only without row locks (never on PostgreSQL/SQLite as configured), but never lose an update
-            raise ApiError(409, "version conflict", version=current + 1)
-    cp.emit(conn, events, {"ns": ns, "dev": dev, "kind": "state", "name": name, "version": version})
+            raise Conflict("version conflict", version=current + 1)
+    events.emit(conn, changes.state(ns, dev, name, version))
     return render(values)
 
 
 def shadow_names(conn: sa.Connection, ns: str, dev: str) -> list[str]:
     if not _device_exists(conn, ns, dev):
-        raise ApiError(404, "unknown device")
+        raise NotFound("unknown device")
     return [r[0] for r in conn.execute(sa.select(S.c.name).where(S.c.ns == ns, S.c.device_id == dev)
                                        .order_by(S.c.name))]
-
-
-def _only_nulls(d: Any) -> bool:
-    if isinstance(d, dict):
-        return all(v is None or _only_nulls(v) for v in d.values()) and bool(d)
-    return False
-
-
-def check_writer(p: Principal, dev: str, body: ShadowUpdateIn) -> None:
-    """Devices write `reported` (and may clear `desired` fields with null); operators write `desired`."""
-    s = body.state
-    if s.desired is None and s.reported is None:
-        raise ApiError(400, "nothing to update: give state.desired or state.reported")
-    if p.is_device:
-        if p.sub != dev:
-            raise ApiError(404, "unknown device")
-        if s.desired is not None and not _only_nulls(s.desired):
-            raise ApiError(403, "devices write state.reported (and may only clear state.desired fields)")
-        return
-    require_role(p, "operator")
-    if s.reported is not None and not p.at_least("admin"):
-        raise ApiError(403, "operators write state.desired; state.reported is the device's")
-
-
-_ERR: dict[int | str, dict[str, Any]] = {s: {"model": ErrorBody} for s in (400, 401, 403, 404, 413)}
-router = APIRouter(tags=["state"])
-_PATH = "/api/v1/namespaces/{ns}/devices/{device_id}/shadows"
-
-
-def _access(request: Request, p: Principal, ns: str, dev: str) -> None:
-    require_ns(p, ns, request)
-    if p.is_device:
-        if p.sub != dev:
-            raise ApiError(404, "unknown device")
-    else:
-        require_role(p, "viewer")
-
-
-@router.get(_PATH + "/{name}", response_model=ShadowOut, responses=_ERR)
-async def get_shadow(ns: str, device_id: str, request: Request, name: str = ShadowName,
-                     p: Principal = Depends(principal), version: int | None = Query(None, ge=0, le=2**31 - 1),
-                     wait: float | None = Query(None, ge=0, le=86400)) -> dict[str, Any]:
-    """The full shadow document. `?version=N&wait=S` blocks until the version differs from N (or S passes)."""
-    _access(request, p, ns, device_id)
-    cp: ControlPlane = request.app.state.cp
-
-    async def fetch():
-        return await cp.read(read_shadow, ns, device_id, name)
-
-    if wait and version is not None:
-        return await wait_for_change(cp, ns, device_id, min(wait, cp.settings.max_state_wait_s), "state", fetch,
-                                     lambda d: d["version"] != version)
-    return await fetch()
-
-
-@router.post(_PATH + "/{name}", response_model=ShadowOut,
-             responses={**_ERR, 409: {"model": ConflictBody, "description": "stale version"}})
-async def post_shadow(ns: str, device_id: str, body: ShadowUpdateIn, request: Request, name: str = ShadowName,
-                      p: Principal = Depends(principal)) -> dict[str, Any]:
-    """Partial update (deep merge, null deletes); with `version`, only if the shadow is still at that version."""
-    require_ns(p, ns, request)
-    check_writer(p, device_id, body)
-    st = request.app.state.cp.settings
-    for section in (body.state.desired, body.state.reported):
-        if section is not None and depth(section) > st.max_doc_depth:
-            raise ApiError(400, "document too deep", {"depth": depth(section), "max_depth": st.max_doc_depth})
-    return await request.app.state.cp.write(update_shadow, request.app.state.cp, ns, device_id, name, body)
-
-
-@router.get(_PATH, response_model=ShadowNames, responses=_ERR)
-async def list_shadows(ns: str, device_id: str, request: Request, p: Principal = Depends(principal)) -> ShadowNames:
-    """Names of the device's shadows."""
-    _access(request, p, ns, device_id)
-    return ShadowNames(shadows=await request.app.state.cp.read(shadow_names, ns, device_id))

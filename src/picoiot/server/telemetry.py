@@ -23,7 +23,7 @@ from prometheus_client.core import GaugeMetricFamily
 
 from . import db as tables
 from .db import now_ms
-from .errors import ApiError
+from .refusals import Busy, Invalid, Throttled
 
 if TYPE_CHECKING:
     from .core import ControlPlane
@@ -136,21 +136,20 @@ class Telemetry:
                 if strict:
                     if len(items) > 1:
                         self.refuse("batch_refused", len(items) - 1)
-                    raise ApiError(422, "invalid reading", {"index": e.index, "reason": e.reason,
-                                                            "message": e.message}) from None
+                    raise Invalid("invalid reading", {"index": e.index, "reason": e.reason,
+                                                      "message": e.message}) from None
         if not good:
             return 0
         if len(self._buf) + self._inflight + len(good) > st.telemetry_max_buffer:
             self.refuse("overload", len(good))
             if strict:
-                raise ApiError(503, "telemetry buffer full, retry later", headers={"Retry-After": "1"})
+                raise Busy("telemetry buffer full, retry later", retry_after_s=1)
             return 0
         if not self._allow(ns, dev, len(good), time.monotonic()):
             self.refuse("rate_limited", len(good))
             if strict:
-                raise ApiError(429, "too many readings from this device",
-                               {"rate_per_s": st.telemetry_rate, "burst": st.telemetry_burst},
-                               headers={"Retry-After": "1"})
+                raise Throttled("too many readings from this device",
+                                {"rate_per_s": st.telemetry_rate, "burst": st.telemetry_burst}, retry_after_s=1)
             return 0
         if new_fields:
             self.fields.setdefault((ns, dev), set()).update(new_fields)

@@ -1,37 +1,28 @@
 """Telemetry routes (thin: the work is in telemetry.py): a device's batch of readings, and the history query."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Query, Request
 
-from .auth import Principal, device_ns, principal, require_ns, require_role
+from .auth import own_device_ns, require_ns, require_role
 from .db import now_ms
+from .deps import CP, Caller
 from .errors import ApiError
 from .models import ErrorBody, TelemetryAccepted, TelemetryIn, TelemetryLatest, TelemetrySeries
 from .telemetry import FIELD_RE, latest_from_db, query
-
-if TYPE_CHECKING:
-    from .core import ControlPlane
 
 router = APIRouter(tags=["telemetry"])
 _ERR: dict[int | str, dict[str, Any]] = {s: {"model": ErrorBody} for s in (400, 401, 403, 404, 422, 429, 503)}
 
 
-def _cp(request: Request) -> "ControlPlane":
-    return request.app.state.cp
-
 
 @router.post("/api/v1/devices/{device_id}/telemetry", response_model=TelemetryAccepted, status_code=202,
              responses=_ERR)
-async def post_telemetry(device_id: str, body: TelemetryIn, request: Request,
-                         p: Principal = Depends(principal)) -> TelemetryAccepted:
+async def post_telemetry(device_id: str, body: TelemetryIn, p: Caller, cp: CP) -> TelemetryAccepted:
     """A device's batch of readings (at most 1,000). Accepted readings are written within `telemetry_flush_s`.
     A sensors device usually sends its readings on the heartbeat instead (`t`, docs/protocol.md)."""
-    if not p.is_device:
-        raise ApiError(403, "only devices send telemetry")
-    ns = device_ns(p, device_id, "admin")
-    cp = _cp(request)
+    ns = own_device_ns(p, device_id, "send telemetry")
     if await cp.versions_of(ns, device_id) is None:
         raise ApiError(404, "unknown device")
     items = []
@@ -49,7 +40,7 @@ _TS = dict(ge=0, le=2**53)
 
 
 @router.get(_T, response_model=TelemetrySeries, responses=_ERR)
-async def get_telemetry(ns: str, device_id: str, request: Request, p: Principal = Depends(principal),
+async def get_telemetry(ns: str, device_id: str, request: Request, p: Caller, cp: CP,
                         field: str = Query(..., min_length=1, max_length=32, pattern=FIELD_RE.pattern),
                         since: int | None = Query(None, description="ms since the epoch; default until − 1 h", **_TS),
                         until: int | None = Query(None, description="ms since the epoch (exclusive); default now",
@@ -62,7 +53,6 @@ async def get_telemetry(ns: str, device_id: str, request: Request, p: Principal 
     bucketed by `step`."""
     require_ns(p, ns, request)
     require_role(p, "viewer")
-    cp = _cp(request)
     now = now_ms()
     until = now if until is None else until
     since = until - 3600_000 if since is None else since
@@ -73,11 +63,10 @@ async def get_telemetry(ns: str, device_id: str, request: Request, p: Principal 
 
 
 @router.get(_T + "/latest", response_model=TelemetryLatest, responses=_ERR)
-async def get_latest(ns: str, device_id: str, request: Request, p: Principal = Depends(principal)) -> TelemetryLatest:
+async def get_latest(ns: str, device_id: str, request: Request, p: Caller, cp: CP) -> TelemetryLatest:
     """The newest reading of each field (live values)."""
     require_ns(p, ns, request)
     require_role(p, "viewer")
-    cp = _cp(request)
     values = await cp.read(latest_from_db, ns, device_id, now_ms() - cp.settings.telemetry_raw_retention_s * 1000)
     for f, (ts, v) in cp.telemetry.latest_of(ns, device_id).items():
         if f not in values or values[f][0] <= ts:

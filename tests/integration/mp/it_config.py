@@ -73,16 +73,16 @@ async def main(ctl):
     srv = ctl.ask("config_show")
     assert srv["report"]["version"] == v4 and srv["report"]["status"] == "rejected", srv["report"]
 
-    # 5. beyond what the device accepts (its schema: failsafe_after_s <= 86400; the server sets no maximum)
-    v5 = ctl.ask("patch_config", overrides={"failsafe_after_s": 100000})["version"]
+    # 5. two relays on one pin: the server's schema leaves that to the device (docs/control-plane.md, Device types)
+    v5 = ctl.ask("patch_config", overrides={"relays": {"relay2": {"pin": 2, "pulse_sm": None}}})["version"]
     changed, reason = await cm.fetch(dev.http, url, dev.token, wait=30)
-    assert not changed and "failsafe_after_s" in reason, reason
+    assert not changed and "relays.relay2.pin" in reason and "already used" in reason, reason
     srv = ctl.ask("config_show")
     assert srv["report"]["version"] == v5 and srv["report"]["status"] == "rejected", srv["report"]
-    assert cm.config["failsafe_after_s"] == 0
+    assert cm.config["relays"]["relay2"]["pin"] == 3
 
     # 6. fixed by the operator → applied
-    v6 = ctl.ask("patch_config", overrides={"relays": {"relay2": {"pulse_sm": None, "max_on_s": 60}},
+    v6 = ctl.ask("patch_config", overrides={"relays": {"relay2": {"pin": 3, "max_on_s": 60}},
                                             "failsafe_after_s": 30})["version"]
     changed, reason = await cm.fetch(dev.http, url, dev.token, wait=30)
     assert changed and cm.version == v6 and bank.describe("relay2")["max_on_s"] == 60, (reason, cm.version)

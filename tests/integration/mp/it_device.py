@@ -35,20 +35,21 @@ RELAYS_SCHEMA = {
     "time": {"servers": {"type": "list", "items": {"type": "str", "min": 1}, "max": 4},
              "interval_s": {"type": "int", "min": 16, "max": 86400}},
     "api": {"token_hashes": {"type": "list", "items": {"type": "str", "min": 64, "max": 64}, "max": 16},
+            "tokens": {"type": "list", "items": {"type": "dict"}, "max": 16},
             "rate_per_s": {"type": "number", "min": 0, "max": 1000},
             "burst": {"type": "int", "min": 1, "max": 1000}},
     "log": {"level": {"type": "str", "enum": ["debug", "info", "warning", "error", "critical"]}},
     "relays": {"*": _RELAY},
-    "failsafe_after_s": {"type": "number", "min": 0},
+    "failsafe_after_s": {"type": "number", "min": 0, "max": 86400},
 }
 RELAYS_DEFAULTS = {
     "heartbeat_interval_s": 10,
-    "time": {"servers": ["pool.ntp.org"], "interval_s": 3600},
+    "time": {"servers": [], "interval_s": 3600},
     "api": {"token_hashes": [], "rate_per_s": 5, "burst": 10},
     "log": {"level": "info"},
     "relays": {
-        "relay1": {"pin": 2, "active_low": False, "power_on": "off", "max_on_s": 0, "failsafe": "off"},
-        "relay2": {"pin": 3, "active_low": False, "power_on": "off", "max_on_s": 0, "failsafe": "off"},
+        "relay1": {"pin": 2, "active_low": False, "power_on": "off", "max_on_s": 0, "failsafe": "keep"},
+        "relay2": {"pin": 3, "active_low": False, "power_on": "off", "max_on_s": 0, "failsafe": "keep"},
     },
     "failsafe_after_s": 0,
 }

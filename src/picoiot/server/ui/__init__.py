@@ -12,13 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 
 from .. import audit
 from .. import db as tables
 from ..auth import SESSION_COOKIE, Principal, principal, require_ns, require_role, same_origin
 from ..db import now_ms
+from ..deps import CP, Caller
 from ..errors import ApiError
 from ..models import ErrorBody
 from . import session
@@ -98,7 +99,7 @@ async def _audit_login(request: Request, p: Principal, how: str, status: int) ->
 
 
 @router.post("/ui/login", responses=_ERR)
-async def login(request: Request) -> JSONResponse:
+async def login(request: Request, cp: CP) -> JSONResponse:
     """Sign in with an operator token ({"token": …}): sets the HttpOnly, SameSite=Strict session cookie."""
     if not same_origin(request):
         raise ApiError(403, "cross-origin request refused", {"origin": request.headers.get("origin")})
@@ -109,7 +110,6 @@ async def login(request: Request) -> JSONResponse:
     token = body.get("token") if isinstance(body, dict) else None
     if not isinstance(token, str) or not token.strip() or len(token) > 4096:
         raise ApiError(422, "invalid request", {"path": "token", "message": "a token is required"})
-    cp = request.app.state.cp
     p = session.from_token(cp.settings.secrets.signing_key, token.strip())
     response = JSONResponse({})
     response.body = response.render(_set_session(request, response, p))
@@ -119,9 +119,8 @@ async def login(request: Request) -> JSONResponse:
 
 
 @router.get("/ui/login", include_in_schema=False)
-async def login_link(request: Request, ticket: str = Query(..., max_length=4096)) -> Response:
+async def login_link(request: Request, cp: CP, ticket: str = Query(..., max_length=4096)) -> Response:
     """The one-time link the CLI prints (`picoiot ui-link`, `picoiot demo`): signs in and goes to the fleet."""
-    cp = request.app.state.cp
     p, jti, exp = session.read_ticket(cp.settings.secrets.signing_key, ticket)
     await cp.write(lambda conn, _e: session.redeem(conn, jti, exp))
     response = RedirectResponse("/ui/", status_code=303)
@@ -140,7 +139,7 @@ async def logout(request: Request) -> JSONResponse:
 
 
 @router.get("/ui/me", responses=_ERR)
-async def me(p: Principal = Depends(principal)) -> dict:
+async def me(p: Caller) -> dict:
     """Who the session is: the page shows only what this role can do (the API checks it anyway)."""
     return {"sub": p.sub, "namespace": p.ns, "role": p.role, "expires": p.exp}
 
@@ -173,8 +172,8 @@ def diff(a: Any, b: Any, path: str = "") -> list[dict]:
 
 
 @router.get("/api/v1/namespaces/{ns}/devices/{device_id}/config/diff", responses=_ERR)
-async def config_diff(ns: str, device_id: str, request: Request, p: Principal = Depends(principal)) -> dict:
+async def config_diff(ns: str, device_id: str, request: Request, p: Caller, cp: CP) -> dict:
     """The device's current config version and what changed from the previous one ([{path, before, after}])."""
     require_ns(p, ns, request)
     require_role(p, "viewer")
-    return await request.app.state.cp.read(config_versions, ns, device_id)
+    return await cp.read(config_versions, ns, device_id)
