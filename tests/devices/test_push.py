@@ -4,6 +4,7 @@ largest interval): its next heartbeat, config poll (60 s) and shadow resync (300
 waits allow, so only the long-poll can deliver the changes in time."""
 import os
 import signal
+import time
 
 import pytest
 
@@ -65,6 +66,9 @@ def test_a_flood_of_desired_changes_is_coalesced_to_the_newest(dev, cp):
         st = cp.shadow(dev.id)["state"]
         return _lamp(dev) == last and st["reported"].get("lamp") == last and "lamp" not in st["delta"]
     wait_until(settled, 30, "the device to apply and report the newest desired value")
+    # the pin log reaches the flash every 100 ms (pinlog_sim): wait for the switch to be in it, then for any more
+    wait_until(lambda: _lamp_switches(dev) > before, 10, "the switch in the pin log")
+    time.sleep(0.5)
     assert _lamp_switches(dev) == before + 1, "one switch, to the newest value"
 
 
