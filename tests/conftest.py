@@ -1,22 +1,54 @@
-"""The whole suite's scheduling under pytest-xdist (`./dev test` runs it with `-n 2 --dist loadgroup`).
+"""How the suite is shared between pytest-xdist workers (`./dev test` runs `-n 2`).
 
-Tests that share a module-scoped fixture (a module's simulated devices, the schemathesis suite's server per backend)
-run on one worker, in their file's order, so each such fixture starts once and the tests that follow one another in
-a module still do. Everything else is scheduled test by test. Per-worker isolation needs nothing more: each worker is
-a process with its own temporary directories, free ports, SQLite files and PostgreSQL schemas (support.pg names them
-by process)."""
+A test file whose tests share a module-scoped fixture (a module's simulated devices, the schemathesis suite's server),
+defined in the file or in a conftest.py above it, runs on one worker, in its own order: each such fixture starts once,
+and tests that follow one another in a module still do. Every other test is scheduled on its own. The biggest files go
+first (xdist orders units by their number of tests), so the single tests fill the end of the run.
+
+This is what `--dist loadgroup` with an `xdist_group` mark per module would do, but xdist 3.8 tells its scheduler the
+groups by editing test ids, which has no effect under pytest 9.2 (pytest-dev/pytest-xdist#1386): the groups are
+decided here, in the controlling process, from the files.
+
+Per-worker isolation needs nothing more: each worker is a process with its own temporary directories, free ports,
+SQLite files and PostgreSQL schemas (support.pg names them by process)."""
+import functools
+import re
+from pathlib import Path
+
 import pytest
 
+_MODULE_SCOPED = re.compile(r"""scope\s*=\s*["'](module|package)["']""")
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the marks
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        info = getattr(item, "_fixtureinfo", None)
-        if info is None:
-            continue
-        shared = sorted(name for name, defs in info.name2fixturedefs.items() if defs and defs[-1].scope == "module")
-        if not shared:
-            continue
-        spec = getattr(item, "callspec", None)
-        params = [f"{name}={spec.params[name]}" for name in shared if spec is not None and name in spec.params]
-        item.add_marker(pytest.mark.xdist_group("::".join([item.module.__name__, *params])))
+
+@functools.lru_cache(maxsize=None)
+def _declares_shared_fixtures(path: Path) -> bool:
+    try:
+        return bool(_MODULE_SCOPED.search(path.read_text(errors="replace")))
+    except OSError:
+        return False
+
+
+def shares_module_fixtures(test_file: Path, root: Path) -> bool:
+    """test_file, or a conftest.py between it and root, defines a module- or package-scoped fixture."""
+    if _declares_shared_fixtures(test_file):
+        return True
+    d = test_file.parent
+    while d != root and root in d.parents:
+        if _declares_shared_fixtures(d / "conftest.py"):
+            return True
+        d = d.parent
+    return False
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "load":  # an explicit --dist other than the default: as asked
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByModuleFixture(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            file = nodeid.split("::", 1)[0]
+            return file if shares_module_fixtures(config.rootpath / file, config.rootpath) else nodeid
+
+    return ByModuleFixture(config, log)
