@@ -11,33 +11,9 @@ decided here, in the controlling process, from the files.
 
 Per-worker isolation needs nothing more: each worker is a process with its own temporary directories, free ports,
 SQLite files and PostgreSQL schemas (support.pg names them by process)."""
-import functools
-import re
-from pathlib import Path
-
 import pytest
 
-_MODULE_SCOPED = re.compile(r"""scope\s*=\s*["'](module|package)["']""")
-
-
-@functools.lru_cache(maxsize=None)
-def _declares_shared_fixtures(path: Path) -> bool:
-    try:
-        return bool(_MODULE_SCOPED.search(path.read_text(errors="replace")))
-    except OSError:
-        return False
-
-
-def shares_module_fixtures(test_file: Path, root: Path) -> bool:
-    """test_file, or a conftest.py between it and root, defines a module- or package-scoped fixture."""
-    if _declares_shared_fixtures(test_file):
-        return True
-    d = test_file.parent
-    while d != root and root in d.parents:
-        if _declares_shared_fixtures(d / "conftest.py"):
-            return True
-        d = d.parent
-    return False
+from support.schedule import shares_module_fixtures
 
 
 @pytest.hookimpl(optionalhook=True)
