@@ -2,7 +2,8 @@
 
 A test file whose tests share a module-scoped fixture (a module's simulated devices, the schemathesis suite's server),
 defined in the file or in a conftest.py above it, runs on one worker, in its own order: each such fixture starts once,
-and tests that follow one another in a module still do. Every other test is scheduled on its own. The biggest files go
+and tests that follow one another in a module still do. Where that fixture is parametrised in the file (one server per
+database), each parameter is such a unit. Every other test is scheduled on its own. The biggest files go
 first (xdist orders units by their number of tests), so the single tests fill the end of the run.
 
 This is what `--dist loadgroup` with an `xdist_group` mark per module would do, but xdist 3.8 tells its scheduler the
@@ -13,7 +14,7 @@ Per-worker isolation needs nothing more: each worker is a process with its own t
 SQLite files and PostgreSQL schemas (support.pg names them by process)."""
 import pytest
 
-from support.schedule import shares_module_fixtures
+from support.schedule import unit
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -24,7 +25,6 @@ def pytest_xdist_make_scheduler(config, log):
 
     class ByModuleFixture(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            file = nodeid.split("::", 1)[0]
-            return file if shares_module_fixtures(config.rootpath / file, config.rootpath) else nodeid
+            return unit(nodeid, config.rootpath)
 
     return ByModuleFixture(config, log)

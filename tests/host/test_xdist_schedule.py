@@ -2,7 +2,7 @@
 (declared in the file or in a conftest.py above it) stay on one worker; the others are shared test by test."""
 from pathlib import Path
 
-from support.schedule import shares_module_fixtures
+from support.schedule import shares_module_fixtures, unit
 
 TESTS = Path(__file__).resolve().parents[1]
 
@@ -27,3 +27,14 @@ def test_the_suites_devices_stay_together_and_the_api_tests_spread():
     assert shares_module_fixtures(TESTS / "controlplane" / "test_schemathesis.py", root)  # one server per backend
     assert not shares_module_fixtures(TESTS / "controlplane" / "test_state.py", root)
     assert not shares_module_fixtures(TESTS / "integration" / "test_it_state.py", root)
+
+
+def test_a_parametrised_module_fixture_makes_a_unit_per_parameter(tmp_path):
+    (tmp_path / "test_st.py").write_text('@pytest.fixture(scope="module", params=["sqlite", pytest.param("pg")])\n'
+                                         'def live(request): ...\n')
+    (tmp_path / "test_dev.py").write_text('@pytest.fixture(scope="module")\ndef dev(): ...\n')
+    assert unit("test_st.py::test_a[sqlite]", tmp_path) == unit("test_st.py::test_b[sqlite]", tmp_path)
+    assert unit("test_st.py::test_a[sqlite]", tmp_path) != unit("test_st.py::test_a[pg]", tmp_path)
+    assert unit("test_dev.py::test_a[1]", tmp_path) == unit("test_dev.py::test_b[2]", tmp_path) == "test_dev.py"
+    (tmp_path / "test_api.py").write_text("def test_a(): ...\n")
+    assert unit("test_api.py::test_a", tmp_path) == "test_api.py::test_a"
