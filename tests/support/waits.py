@@ -24,6 +24,6 @@ def metric(client: httpx.Client, name: str, labels: str = "", **by_label) -> flo
     """One sample of the server's /metrics, 0.0 when absent. Labels either as rendered (`'kind="heartbeat"'`) or as
     keywords in the order the server renders them (`kind="heartbeat"`)."""
     want = labels or ",".join(f'{k}="{v}"' for k, v in by_label.items())
-    pat = re.compile(re.escape(name) + (r"\{" + re.escape(want) + r"\}" if want else "") + r" (\S+)$", re.M)
+    pat = re.compile("^" + re.escape(name) + (r"\{" + re.escape(want) + r"\}" if want else "") + r" (\S+)$", re.M)
     m = pat.search(client.get("/metrics").text)
     return float(m.group(1)) if m else 0.0
