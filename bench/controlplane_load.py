@@ -51,12 +51,13 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections import Counter
 from pathlib import Path
 
-PG_URL = os.environ.get("PICOIOT_BENCH_PG") or os.environ.get("PICOIOT_TEST_PG") or \
-    "postgresql://postgres@127.0.0.1:5432/test"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from support import pg, servers  # noqa: E402  (the test harness: `picoiot server` as a subprocess)
+
+PG_URL = os.environ.get("PICOIOT_BENCH_PG") or pg.PG_URL
 NAMESPACE = "default"
 TARGET_RATE = 2000.0
 TARGET_P99_MS = 100.0
@@ -592,67 +593,35 @@ class CpuWatch:
 
 
 # ============================================================================================ server process
-class ServerProcess:
+class ServerProcess(servers.ServerProcess):
+    """`picoiot server` (tests/support), started at once, with the enrollment key the simulated fleet signs with."""
+
     def __init__(self, backend: str, workdir: Path, log_path: Path, launcher: str | None = None,
                  extra: tuple[str, ...] = (), schema: str | None = None, secrets_from: Path | None = None):
         """`schema`: join that PostgreSQL schema (another server's, left to it to drop); `secrets_from`: a data dir
         whose secrets (signing and enrollment keys) this server shares, so tokens and keys work on both."""
         self.backend = backend
-        self.data_dir = workdir / "data"
         self.owns_schema = schema is None
-        if secrets_from is not None:
-            self.data_dir.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(secrets_from / "secrets.json", self.data_dir / "secrets.json")
-        self.schema = schema or (f"bench_{os.getpid()}_{uuid.uuid4().hex[:8]}" if backend == "postgres" else None)
-        entry = [launcher] if launcher else ["-m", "picoiot.cli"]
-        cmd = [sys.executable, *entry, "server", "--host", "127.0.0.1", "--port", "0",
-               "--data-dir", str(self.data_dir), "--challenge-rate", "0", *extra]  # the whole fleet is one address
-        if backend == "postgres":
-            cmd += ["--db", PG_URL, "--db-schema", self.schema]
-        self.log = open(log_path, "wb")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
-        info = self.data_dir / "server.json"
-        deadline = time.monotonic() + 60
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"picoiot server exited with {self.proc.returncode}; see {log_path}")
-            try:
-                data = json.loads(info.read_text())
-                if data.get("pid") == self.proc.pid:
-                    self.url = data["url"]
-                    break
-            except (OSError, ValueError):
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"picoiot server did not start within 60 s; see {log_path}")
-            time.sleep(0.05)
-        secrets = json.loads((self.data_dir / "secrets.json").read_text())
-        self.enrollment_key = secrets["enrollment_keys"][NAMESPACE]
+        self.schema = schema or (pg.new_schema("bench") if backend == "postgres" else None)
+        self.launcher = launcher
+        super().__init__(workdir / "data", db=PG_URL if backend == "postgres" else None, db_schema=self.schema,
+                         fast=False, extra=("--challenge-rate", "0", *extra),  # the whole fleet is one address
+                         secrets_from=secrets_from, log=log_path)
+        self.start(60)
+        self.enrollment_key = self.settings.secrets.enrollment_key(NAMESPACE)
 
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
+    def argv(self) -> list[str]:
+        a = super().argv()
+        return [a[0], self.launcher, *a[3:]] if self.launcher else a  # the launcher instead of `-m picoiot.cli`
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.log.close()
+        super().stop()
+        self.client.close()
         if self.schema and self.owns_schema:
-            _drop_schema(self.schema)
-
-
-def _drop_schema(schema: str) -> None:
-    import psycopg
-    try:
-        with psycopg.connect(PG_URL, autocommit=True) as conn:
-            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-    except Exception as e:
-        print(f"warning: could not drop schema {schema}: {e}", file=sys.stderr)
+            try:
+                pg.drop_schema(self.schema, PG_URL)
+            except Exception as e:
+                print(f"warning: could not drop schema {self.schema}: {e}", file=sys.stderr)
 
 
 # ============================================================================================ orchestration

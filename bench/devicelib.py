@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import time
 from pathlib import Path
 
@@ -30,9 +29,11 @@ def percentile(values: list[float], p: float) -> float:
 
 
 class Device:
-    """One controller process (micropython, .mpy, -X heapsize=heap_k) with its local API on a free port."""
+    """One controller process (micropython, .mpy, -X heapsize=heap_k) with its local API on a free port: a
+    picoiot.procs.DeviceChild, as `picoiot sim` and the device tests run it."""
 
     def __init__(self, workdir: Path, kind: str, heap_k: int, config: dict | None = None):
+        from picoiot.procs import DeviceChild
         self.id = f"bench-{kind}"
         self.port = heaplib.free_port()
         dead = heaplib.free_port()  # nothing listens there: the control plane is away
@@ -42,46 +43,31 @@ class Device:
                     "flash_dir": str(workdir / "flash"), "config": config or {}}
         (workdir / "dev.json").write_text(json.dumps(settings))
         heaplib.bundle()
-        self.log = open(workdir / "device.log", "w+")
-        self.proc = subprocess.Popen([_mp(), "-X", f"heapsize={heap_k}K", "-m", "main_sim", str(workdir / "dev.json")],
-                                     stdout=self.log, stderr=subprocess.STDOUT, text=True, env=heaplib.mp_env(),
-                                     cwd=workdir, preexec_fn=_die_with_parent)
+        self.child = DeviceChild(workdir / "dev.json", heap=f"{heap_k}K", bundle=heaplib.BUILD,
+                                 log=workdir / "device.log")
+        self.child.restart_on_reset = False  # a reset during a measurement is a failure, not a reboot to wait for
+        self.child.start()
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and self.proc.poll() is None:
+        while time.monotonic() < deadline and self.alive():
             if "picoiot device " in self.output():
                 return
             time.sleep(0.05)
         out = self.stop()
         raise RuntimeError(f"{kind} device did not come up at {heap_k}K:\n{out[-3000:]}")
 
+    @property
+    def proc(self):
+        return self.child.proc
+
     def output(self) -> str:
-        self.log.seek(0)
-        return self.log.read()
+        return self.child.log.read_text(errors="replace")
 
     def alive(self) -> bool:
-        return self.proc.poll() is None
+        return self.child.poll() is None
 
     def stop(self) -> str:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        out = self.output()
-        self.log.close()
-        return out
-
-
-def _die_with_parent() -> None:
-    from picoiot.procs import _die_with_parent as die  # SIGTERM when the bench dies: no device left serving
-    die()
-
-
-def _mp() -> str:
-    from picoiot import paths
-    return str(paths.micropython_bin())
+        self.child.stop()
+        return self.output()
 
 
 def machine() -> str:

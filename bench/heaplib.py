@@ -18,6 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from picoiot import build, paths  # noqa: E402
+from picoiot.procs import free_port  # noqa: E402,F401  (the benches' name)
 
 BUILD = REPO / "build" / "bench"
 
@@ -63,12 +64,6 @@ def sim_image() -> Path:
 
 def image_k(img: Path) -> int:
     return -(-img.stat().st_size // 1024)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def mp_env(extra: dict | None = None) -> dict:

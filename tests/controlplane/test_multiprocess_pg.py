@@ -13,18 +13,14 @@ import hashlib
 import hmac
 import json
 import os
-import shutil
-import signal
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
 
-import httpx
 import pytest
 
 from cptest import PG_URL, drop_schema, require_pg
+from support.servers import ServerProcess
 
 pytestmark = pytest.mark.postgres
 
@@ -32,54 +28,13 @@ CLIENT_TIMEOUT = 60.0  # far below the 300 s waits: a long-poll that is not woke
 STARTUP_S = 60.0
 
 
-class ServerProc:
-    """`picoiot server` as a real subprocess on a free port; stops with SIGINT (SIGKILL if it hangs)."""
+class ServerProc(ServerProcess):
+    """`picoiot server` as a real subprocess on one PostgreSQL schema, started at once."""
 
-    def __init__(self, data_dir: Path, schema: str):
-        self.data_dir = data_dir
-        self.log_path = data_dir.parent / f"{data_dir.name}.log"
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "picoiot.cli", "server", "--db", PG_URL, "--db-schema", schema,
-             "--host", "127.0.0.1", "--port", "0", "--data-dir", str(data_dir)],
-            stdout=self._log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + STARTUP_S
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited ({self.proc.returncode}): {self.log()}")
-            try:
-                info = json.loads((data_dir / "server.json").read_text())
-                if info.get("pid") == self.proc.pid:
-                    self.url = info["url"]
-                    break
-            except (OSError, ValueError):
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"server did not start: {self.log()}")
-            time.sleep(0.05)
-        self.client = httpx.Client(base_url=self.url, timeout=CLIENT_TIMEOUT)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-2000:]
-
-    def metric(self, name: str, labels: str) -> float:
-        for line in self.client.get("/metrics").text.splitlines():
-            if line.startswith(f"{name}{{{labels}}} "):
-                return float(line.rsplit(" ", 1)[1])
-        return 0.0
-
-    def stop(self) -> None:
-        if getattr(self, "client", None) is not None:
-            self.client.close()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self._log.close()
+    def __init__(self, data_dir: Path, schema: str, secrets_from: Path | None = None):
+        super().__init__(data_dir, db=PG_URL, db_schema=schema, fast=False, secrets_from=secrets_from,
+                         log=data_dir.parent / f"{data_dir.name}.log", client_timeout=CLIENT_TIMEOUT)
+        self.start(STARTUP_S)
 
 
 @pytest.fixture
@@ -91,14 +46,12 @@ def pair(tmp_path):
     try:
         a = ServerProc(tmp_path / "a", schema)
         started.append(a)
-        (tmp_path / "b").mkdir(mode=0o700)
-        shutil.copy2(tmp_path / "a" / "secrets.json", tmp_path / "b" / "secrets.json")
-        b = ServerProc(tmp_path / "b", schema)
+        b = ServerProc(tmp_path / "b", schema, secrets_from=tmp_path / "a")
         started.append(b)
         yield a, b
     finally:
         for s in started:
-            s.stop()
+            s.close()
         drop_schema(schema)
 
 

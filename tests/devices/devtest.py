@@ -8,15 +8,16 @@ override, PICOIOT_TEST_RUNTIME=cpython runs the same tests on CPython.
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import httpx
 
 from picoiot import paths
-from picoiot.procs import DEFAULT_HEAP, DeviceChild, ServerChild, device_settings, provision_over_api
-from picoiot.server.auth import device_local_token, issue_token
+from picoiot.procs import DEFAULT_HEAP, DeviceChild, device_settings, free_port, provision_over_api
+from picoiot.server.auth import device_local_token
+from support.servers import ServerProcess
+from support.waits import wait_until  # noqa: F401  (the device tests' name)
 
 RUNTIME = os.environ.get("PICOIOT_TEST_RUNTIME", "micropython")
 # The default heaps of `picoiot demo`/`sim` (the measured need plus room, docs/benchmarks.md): these tests check
@@ -35,36 +36,15 @@ BASE_CONFIG: dict[str, Any] = {"heartbeat_interval_s": 1, "time": {"servers": []
                                "api": {"rate_per_s": 500, "burst": 500}}
 
 
-def wait_until(pred: Callable[[], Any], timeout: float = 30, what: str = "condition", interval: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(interval)
-
-
-class ControlPlane:
-    """The control plane as an operator sees it: a `picoiot server` subprocess plus an admin client."""
+class ControlPlane(ServerProcess):
+    """The control plane as an operator sees it: a `picoiot server` subprocess (with its SNTP responder) plus an
+    admin's clients."""
 
     def __init__(self, data_dir: Path):
-        self.child = ServerChild(data_dir, extra=("--sweep-interval", "0.2", "--heartbeat-flush", "0.2"))
-        self.url = self.child.url
-        self.data_dir = data_dir
+        super().__init__(data_dir, sntp=True)
 
-    def start(self) -> "ControlPlane":
-        self.child.start()
-        from picoiot.server.settings import Settings
-        self.secrets = Settings.from_data_dir(self.data_dir).secrets
-        return self
-
-    def stop(self) -> None:
-        self.child.stop()
-
-    def token(self, role: str = "admin") -> str:
-        return issue_token(self.secrets.signing_key, f"test-{role}", NS, role, 3600)
+    def token(self, role: str = "admin", ns: str = NS, sub: str | None = None, ttl: int = 3600) -> str:
+        return super().token(role, ns, sub or f"test-{role}", ttl)
 
     def api(self, role: str = "admin") -> httpx.Client:
         return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.token(role)}"}, timeout=20)
@@ -107,7 +87,6 @@ class Device:
                                  overrides=_merge(BASE_CONFIG, config or {}))
         assert key is not None, f"{dev_id} already enrolled"
         self.key = key["device_key"]
-        from picoiot.procs import free_port
         settings = device_settings(tmp / f"{dev_id}.json", key, kind, free_port(), tmp / f"{dev_id}.flash")
         entry = {"entry": "pinlog_sim", "extra_path": SCRIPTS if RUNTIME == "micropython" else MP_DIR} if pinlog else {}
         self.child = DeviceChild(settings, runtime=RUNTIME, heap=HEAP[kind], bundle=BUNDLE, log=tmp / f"{dev_id}.log",

@@ -12,20 +12,17 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
 from picoiot import build, paths
-from picoiot.server.auth import issue_token
-from picoiot.server.settings import Settings
+from picoiot.procs import free_port
 
 HERE = Path(__file__).resolve().parent
 MP_DIR = HERE / "mp"
@@ -42,6 +39,8 @@ BOTH_BACKENDS = pytest.mark.parametrize("backend", ["sqlite", pytest.param("post
 CP_TESTS = paths.REPO / "tests" / "controlplane"
 sys.path.insert(0, str(CP_TESTS))
 from cptest import wait_until  # noqa: E402
+from support.servers import ServerProcess  # noqa: E402,F401  (the conftest's and the tests' name)
+from support.waits import metric  # noqa: E402,F401
 
 
 def ensure_path() -> None:
@@ -59,89 +58,7 @@ def build_bundle() -> tuple[Path, Path]:
     return bundle, scripts
 
 
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def metric(client: httpx.Client, name: str, **labels) -> float:
-    """One sample of the server's /metrics (0 when absent)."""
-    text = client.get("/metrics").text
-    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    pat = re.compile(re.escape(name) + (r"\{" + re.escape(want) + r"\}" if want else "") + r" ([0-9.e+-]+)$", re.M)
-    m = pat.search(text)
-    return float(m.group(1)) if m else 0.0
-
-
 # ------------------------------------------------------------------------------------------------ servers
-def _die_with_parent() -> None:
-    """Linux: the server gets SIGTERM when the test process dies, so a killed test run leaves no server behind."""
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # pragma: no cover - not Linux/glibc
-        pass
-
-
-class ServerProcess:
-    """`picoiot server` (the real CLI) as a subprocess on fixed ports, so it can be stopped and started again on the
-    same address with the same data directory, the way an operator restarts the control plane."""
-
-    def __init__(self, data_dir: Path, db: str | None = None, db_schema: str | None = None,
-                 sntp: bool = False, extra: tuple[str, ...] = ()):
-        self.data_dir = data_dir
-        self.port = free_port()
-        self.sntp_port = free_port(socket.SOCK_DGRAM) if sntp else None
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.db_args = (["--db", db] if db else []) + (["--db-schema", db_schema] if db_schema else [])
-        self.args = [str(Path(sys.executable).parent / "picoiot"), "server", "--data-dir", str(data_dir),
-                     "--port", str(self.port), "--sweep-interval", "0.2", "--heartbeat-flush", "0.2",
-                     *self.db_args, *extra]
-        if sntp:
-            self.args += ["--sntp-port", str(self.sntp_port)]
-        self.proc: subprocess.Popen | None = None
-        self.client = httpx.Client(base_url=self.url, timeout=20)
-        self.log = data_dir / "server.log"
-
-    def start(self) -> "ServerProcess":
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        out = open(self.log, "ab")
-        self.proc = subprocess.Popen(self.args, stdout=out, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
-        out.close()
-        deadline = time.monotonic() + 30
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"picoiot server exited {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
-            try:
-                if self.client.get("/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("picoiot server did not start:\n" + self.log.read_text()[-3000:])
-            time.sleep(0.05)
-        self.settings = Settings.from_data_dir(self.data_dir)
-        return self
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.proc = None
-
-    def close(self) -> None:
-        self.stop()
-        self.client.close()
-
-    def token(self, role: str = "admin", ns: str = "default", sub: str = "tester", ttl: int = 300) -> str:
-        return issue_token(self.settings.secrets.signing_key, sub, ns, role, ttl)
-
-
 class LossyProxy:
     """A TCP relay to the control plane that can lose answers: with `drop_next` set, the next request is forwarded
     and fully processed by the server, but the client's connection is closed before the answer reaches it (a Wi-Fi
