@@ -20,7 +20,6 @@ _EHOSTUNREACH = const(113)
 #: The chip's reset-reason register, kept on the flash directory so that it survives the process ending with the reset.
 _RESET_REGISTER = ".sim_reset_register"
 
-
 _RTC_BOOT_EPOCH_S = const(1609459200)  # rp2 MicroPython sets the RTC to 2021-01-01 00:00:00 at boot
 
 
