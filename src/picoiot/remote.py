@@ -29,16 +29,17 @@ class Remote:
     """A session with one control plane, as one bearer token."""
 
     def __init__(self, url: str, token: str, timeout: float = 30):
-        import httpx
         self.base_url = url.rstrip("/")
-        self._http = httpx.Client(base_url=self.base_url, timeout=timeout,
-                                  headers={"Authorization": f"Bearer {token}", "User-Agent": USER_AGENT})
+        self._timeout = timeout
+        self._headers = {"Authorization": f"Bearer {token}", "User-Agent": USER_AGENT}
 
     def call(self, method: str, path: str, what: str = "", **kw) -> Any:
-        """The decoded JSON answer (None if empty); `what` names the step in a refusal of a multi-step command."""
+        """The decoded JSON answer (None if empty); `what` names the step in a refusal of a multi-step command.
+        A connection per call, closed with it: a command makes a few calls, and most callers never close a Remote."""
         import httpx
         try:
-            r = self._http.request(method, path, **kw)
+            with httpx.Client(base_url=self.base_url, timeout=self._timeout, headers=self._headers) as http:
+                r = http.request(method, path, **kw)
         except httpx.HTTPError as e:
             raise RemoteError(f"cannot reach the server at {self.base_url}: {type(e).__name__}") from None
         if r.status_code >= 400:
@@ -46,7 +47,7 @@ class Remote:
         return r.json() if r.content else None
 
     def close(self) -> None:
-        self._http.close()
+        """Nothing stays open between calls; kept so `with Remote(...)` reads as a session."""
 
     def __enter__(self) -> Remote:
         return self
