@@ -37,6 +37,7 @@ class ServerProcess(ServerChild):
         if secrets_from is not None:
             data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             shutil.copy2(Path(secrets_from) / "secrets.json", data_dir / "secrets.json")
+        self._client_timeout = client_timeout
         self.client = httpx.Client(base_url=self.url, timeout=client_timeout)
         self.settings: Settings | None = None
 
@@ -55,6 +56,14 @@ class ServerProcess(ServerChild):
     @property
     def secrets(self):
         return self.settings.secrets
+
+    def stop(self, *args, **kw):
+        rc = super().stop(*args, **kw)
+        # the client's pooled connections went to the stopped process: close them here (a socket the GC finds later
+        # fails whichever test is running then), and start again with a client that has none
+        self.client.close()
+        self.client = httpx.Client(base_url=self.url, timeout=self._client_timeout)
+        return rc
 
     def close(self) -> None:
         self.stop()
