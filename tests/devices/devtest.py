@@ -8,6 +8,7 @@ override, PICOIOT_TEST_RUNTIME=cpython runs the same tests on CPython.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -129,13 +130,22 @@ class Device:
         assert r.status_code == 200, r.text
         return {x["name"]: x["state"] for x in r.json()["relays"]}
 
-    def pinlog(self) -> dict:
-        """The simulated board's pin transitions {"events": [[ms, pin, level], ...], "dropped": n} (pinlog_sim)."""
+    def pinlog(self, timeout: float = 15) -> dict:
+        """The simulated board's pin transitions {"events": [[ms, pin, level], ...], "dropped": n} (pinlog_sim), as
+        written after this call began: so it holds every switch the device made before the call (the file is
+        rewritten every 100 ms; an older copy can miss the last switches and still look settled)."""
         import json
-        try:
-            return json.loads((self.child.flash_dir / "pinlog.json").read_text())
-        except (OSError, ValueError):
-            return {"events": [], "dropped": 0}
+        path = self.child.flash_dir / "pinlog.json"
+        asked = time.time()
+
+        def fresh():
+            try:
+                if path.stat().st_mtime > asked:
+                    return json.loads(path.read_text())
+            except (OSError, ValueError):
+                pass
+            return None
+        return wait_until(fresh, timeout, f"{self.id}'s pin log to be written after {asked:.3f}")
 
     def configure(self, overrides: dict, timeout: float = 30) -> int:
         """Change the device's config on the control plane and wait until the device runs that version."""
