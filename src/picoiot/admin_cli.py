@@ -60,7 +60,7 @@ def provision(device_id: str = typer.Argument(..., help="device id: 1–64 of [A
     from .server.errors import ApiError
     from .server.refusals import Refused
     from .server.models import ProvisionIn
-    from .server.operators import _provision
+    from .server import operators
 
     if not NAME_RE.match(device_id) or not NAME_RE.match(namespace):
         fail("device id and namespace: 1-64 characters of A-Z a-z 0-9 _ . -")
@@ -94,7 +94,8 @@ def provision(device_id: str = typer.Argument(..., help="device id: 1–64 of [A
         body = ProvisionIn(device_id=device_id, device_type=type_, group=group,
                            key_mode="individual" if individual else "derived")
         def enrol(conn):
-            k = _provision(conn, Events(cp.notifier), cp, namespace, body, settings.secrets.enrollment_key(namespace))
+            k = operators.provision(conn, Events(cp.notifier), cp, namespace, body,
+                                    settings.secrets.enrollment_key(namespace))
             _audit_cli(conn, namespace, "POST", f"/api/v1/namespaces/{namespace}/devices", "enrolment", device_id,
                        201, body.model_dump(mode="json"), {"device_id": device_id, "key_mode": body.key_mode})
             return k

@@ -10,7 +10,7 @@ from typing import Iterable
 import sqlalchemy as sa
 from fastapi import APIRouter, FastAPI
 
-from . import alarms, alerting_api, audit_api, config_api, discovery, events, heartbeat_api, operators, ops, ota
+from . import alarms, alerting_api, audit_api, config_api, discovery, events, heartbeat_api, operators_api, ops, ota
 from . import rollouts_api, state_api, telemetry_api, ui
 from . import db as tables
 from . import errors, openapi
@@ -35,7 +35,7 @@ SERVICES: dict[str, APIRouter] = {
     "ota": ota.router,
     "rollouts": rollouts_api.router,
     "alerting": alerting_api.router,
-    "operators": operators.router,
+    "operators": operators_api.router,
     "ops": ops.router,
     "telemetry": telemetry_api.router,
     "audit": audit_api.router,
