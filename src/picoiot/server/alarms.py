@@ -1,4 +1,5 @@
-"""Alarm ingestion and the operators' alarm API.
+"""Alarms' data: ingestion with dedup and episodes, the server's own alarms, list/filter, ack. Knows no HTTP (the
+routes are in alarms_api.py).
 
 Dedup key: (namespace, device, key). A device sends its *running* count for the current firing episode, so a retried
 batch carries the same numbers: the server keeps max(count) per episode, which makes retries idempotent. An episode
@@ -8,16 +9,12 @@ acknowledgement. count = sum of closed episodes' counts + the current episode's 
 from __future__ import annotations
 
 import sqlalchemy as sa
-from fastapi import APIRouter, Path, Query, Request
 
 from . import changes
 from .changes import Events
 from . import db as tables
-from .auth import require_device_or_role, require_ns, require_role
 from .db import now_ms
-from .deps import CP, Caller
-from .errors import ApiError
-from .models import INT32, AlarmBatchIn, AlarmBatchOut, AlarmIn, AlarmList, AlarmOut, ErrorBody
+from .models import AlarmIn, AlarmOut
 from .refusals import NotFound
 
 A = tables.alarms
@@ -134,39 +131,3 @@ def ack(conn: sa.Connection, events: Events, ns: str, alarm_id: int, by: str) ->
         row = conn.execute(sa.select(A).where(A.c.id == alarm_id)).mappings().first()
         events.local(changes.alarm(ns, row["device_id"]))  # live views (events.py)
     return to_out(row)
-
-
-_ERR = {401: {"model": ErrorBody}, 403: {"model": ErrorBody}, 404: {"model": ErrorBody}, 400: {"model": ErrorBody}}
-router = APIRouter(tags=["alarms"])
-
-
-
-@router.post("/api/v1/devices/{device_id}/alarms", response_model=AlarmBatchOut, responses=_ERR)
-async def post_alarms(device_id: str, body: AlarmBatchIn, p: Caller, cp: CP) -> AlarmBatchOut:
-    """A device reports a batch of alarms (dedup by key; retries are idempotent)."""
-    if not p.is_device:
-        raise ApiError(403, "only devices report alarms")
-    require_device_or_role(p, device_id, "admin")
-    n = await cp.write(ingest, p.ns, device_id, body.alarms)
-    return AlarmBatchOut(accepted=n)
-
-
-@router.get("/api/v1/namespaces/{ns}/alarms", response_model=AlarmList, responses=_ERR)
-async def get_alarms(ns: str, request: Request, p: Caller, cp: CP,
-                     state: str | None = Query(None, pattern="^(firing|resolved)$"),
-                     severity: str | None = Query(None, pattern="^(info|warning|error|critical)$"),
-                     device: str | None = Query(None, max_length=64), key: str | None = Query(None, max_length=128),
-                     acked: bool | None = None, limit: int = Query(200, ge=1, le=1000)) -> AlarmList:
-    """List alarms, newest first; filter by state, severity, device, key, acknowledged."""
-    require_ns(p, ns, request)
-    require_role(p, "viewer")
-    rows = await cp.read(list_alarms, ns, state, severity, device, key, acked, limit)
-    return AlarmList(alarms=rows)
-
-
-@router.post("/api/v1/namespaces/{ns}/alarms/{alarm_id}/ack", response_model=AlarmOut, responses=_ERR)
-async def ack_alarm(ns: str, request: Request, p: Caller, cp: CP, alarm_id: int = Path(ge=1, le=INT32)) -> AlarmOut:
-    """Acknowledge an alarm (operator). Idempotent; a new firing episode re-arms it."""
-    require_ns(p, ns, request)
-    require_role(p, "operator")
-    return await cp.write(ack, ns, alarm_id, p.sub)

@@ -10,8 +10,8 @@ from typing import Iterable
 import sqlalchemy as sa
 from fastapi import APIRouter, FastAPI
 
-from . import alarms, alerting_api, audit_api, config_api, discovery, events, heartbeat_api, operators_api, ops, ota
-from . import rollouts_api, state_api, telemetry_api, ui
+from . import alarms_api, alerting_api, audit_api, config_api, discovery, events_api, heartbeat_api, operators_api, ops
+from . import ota_api, rollouts_api, state_api, telemetry_api, ui
 from . import db as tables
 from . import errors, openapi
 from .admission import Admission
@@ -31,15 +31,15 @@ SERVICES: dict[str, APIRouter] = {
     "config": config_api.router,
     "state": state_api.router,
     "heartbeat": heartbeat_api.router,
-    "alarms": alarms.router,
-    "ota": ota.router,
+    "alarms": alarms_api.router,
+    "ota": ota_api.router,
     "rollouts": rollouts_api.router,
     "alerting": alerting_api.router,
     "operators": operators_api.router,
     "ops": ops.router,
     "telemetry": telemetry_api.router,
     "audit": audit_api.router,
-    "events": events.router,
+    "events": events_api.router,
     "ui": ui.router,
 }
 

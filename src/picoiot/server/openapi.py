@@ -84,7 +84,7 @@ def refine(doc: dict[str, Any]) -> dict[str, Any]:
     if "ShadowStateIn" in schemas:
         schemas["ShadowStateIn"]["anyOf"] = [{"required": [s], "properties": {s: {"type": "object"}}}
                                              for s in ("desired", "reported")]
-    # an OTA assignment names a device or a group, not both (ota.py: 422 otherwise)
+    # an OTA assignment names a device or a group, not both (ota_api.py: 422 otherwise)
     if "AssignIn" in schemas:
         schemas["AssignIn"]["anyOf"] = [{"required": [a], "properties": {a: {"type": "string"}, b: {"type": "null"}}}
                                         for a, b in (("device", "group"), ("group", "device"))]

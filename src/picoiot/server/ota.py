@@ -1,4 +1,5 @@
-"""OTA service (docs/ota.md): signed releases, assignment to devices/groups, the device's offer, manifest, files, reports.
+"""OTA's data (docs/ota.md): signed releases, assignment to devices/groups, the device's offer, manifest, files,
+reports, and the heartbeat's offer. Knows no HTTP (the routes are in ota_api.py).
 
 The server never signs: the publisher signs the manifest offline with Ed25519; the server checks the signature against
 the namespace's public key before it stores a release (so a bad upload is refused early), and the device checks it
@@ -7,14 +8,12 @@ again with the key in its own flash (the server is not trusted with code).
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import re
 import time
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
-from fastapi import APIRouter, Query, Request, Response
 from nacl.exceptions import BadSignatureError
 from nacl.signing import VerifyKey
 from pydantic import BaseModel, Field
@@ -22,18 +21,12 @@ from pydantic import BaseModel, Field
 from . import changes
 from .changes import Events
 from . import db as tables
-from .auth import device_ns, own_device_ns, require_ns, require_role
 from .db import now_ms
-from .deps import CP, Caller
-from .errors import ApiError
-from .models import ErrorBody
 from .refusals import Conflict, Invalid, NotFound
 
 if TYPE_CHECKING:
     from .core import ControlPlane
 
-router = APIRouter(tags=["ota"])
-_ERR: dict[int | str, dict[str, Any]] = {s: {"model": ErrorBody} for s in (400, 401, 403, 404, 409, 413, 422)}
 K, F, R, AS, REP, D = (tables.ota_keys, tables.ota_files, tables.ota_releases, tables.ota_assignments,
                        tables.ota_reports, tables.devices)
 HEX64 = r"^[0-9a-f]{64}$"
@@ -68,7 +61,6 @@ class ReportIn(BaseModel):
     running: str | None = Field(None, max_length=32)
 
 
-
 def check_manifest(text: str) -> dict:
     """The parsed manifest, or Invalid naming what is wrong (same rules as the firmware)."""
     try:
@@ -96,40 +88,20 @@ def check_manifest(text: str) -> dict:
 
 
 # ---------------------------------------------------------------- publisher / operator side
-@router.put("/api/v1/namespaces/{ns}/ota/key", responses=_ERR)
-async def put_key(ns: str, body: KeyIn, request: Request, p: Caller, cp: CP) -> dict:
-    """Set the public key releases of this namespace must be signed with. Admin."""
-    require_ns(p, ns, request)
-    require_role(p, "admin")
-
-    def put(conn, events):
-        conn.execute(K.delete().where(K.c.ns == ns))
-        conn.execute(K.insert().values(ns=ns, public_key=body.public_key, updated_ts=now_ms()))
-    await cp.write(put)
-    return {"public_key": body.public_key}
+def put_key(conn: sa.Connection, events: Events, ns: str, public_key: str) -> None:
+    conn.execute(K.delete().where(K.c.ns == ns))
+    conn.execute(K.insert().values(ns=ns, public_key=public_key, updated_ts=now_ms()))
 
 
-@router.put("/api/v1/namespaces/{ns}/ota/files/{sha256}", responses=_ERR)
-async def put_file(ns: str, sha256: str, request: Request, p: Caller, cp: CP) -> dict:
-    """Upload one release file (raw body, ≤ 64 KiB); its name is its sha256, checked. Admin."""
-    require_ns(p, ns, request)
-    require_role(p, "admin")
-    if not re.match(HEX64, sha256):
-        raise ApiError(400, "file name must be its sha256 (64 lowercase hex)")
-    data = await request.body()
-    if len(data) > MAX_FILE_BYTES:
-        raise ApiError(413, f"file larger than {MAX_FILE_BYTES} bytes")
-    if hashlib.sha256(data).hexdigest() != sha256:
-        raise ApiError(422, "sha256 mismatch", {"expected": sha256, "got": hashlib.sha256(data).hexdigest()})
-
-    def put(conn, events):
-        if conn.execute(sa.select(F.c.size).where(F.c.ns == ns, F.c.sha256 == sha256)).first() is None:
-            conn.execute(F.insert().values(ns=ns, sha256=sha256, size=len(data), data=data))
-    await cp.write(put)
-    return {"sha256": sha256, "size": len(data)}
+def put_file(conn: sa.Connection, events: Events, ns: str, sha256: str, data: bytes) -> None:
+    """Store a release file under its sha256 (checked by the caller); the same file again is a no-op."""
+    if conn.execute(sa.select(F.c.size).where(F.c.ns == ns, F.c.sha256 == sha256)).first() is None:
+        conn.execute(F.insert().values(ns=ns, sha256=sha256, size=len(data), data=data))
 
 
-def _publish(conn, events, ns: str, body: ReleaseIn, m: dict):
+def publish(conn: sa.Connection, events: Events, ns: str, body: ReleaseIn, m: dict) -> bool:
+    """Store a release whose manifest `m` (check_manifest) is signed with the namespace's key and whose files are
+    uploaded; False if the same release is already stored (a retry)."""
     key = conn.execute(sa.select(K.c.public_key).where(K.c.ns == ns)).scalar()
     if key is None:
         raise Conflict("no OTA public key set for this namespace (PUT …/ota/key)")
@@ -153,28 +125,12 @@ def _publish(conn, events, ns: str, body: ReleaseIn, m: dict):
     return True
 
 
-@router.post("/api/v1/namespaces/{ns}/ota/releases", status_code=201, responses=_ERR)
-async def publish(ns: str, body: ReleaseIn, request: Request, p: Caller, cp: CP) -> dict:
-    """Store a signed release whose files are uploaded. Admin."""
-    require_ns(p, ns, request)
-    require_role(p, "admin")
-    m = check_manifest(body.manifest)
-    created = await cp.write(_publish, ns, body, m)
-    return {"version": m["version"], "files": len(m["files"]), "created": created}
+def releases(conn: sa.Connection, ns: str) -> list[dict[str, Any]]:
+    return [{"version": r[0], "created_ts": r[1]} for r in
+            conn.execute(sa.select(R.c.version, R.c.created_ts).where(R.c.ns == ns).order_by(R.c.created_ts))]
 
 
-@router.get("/api/v1/namespaces/{ns}/ota/releases", responses=_ERR)
-async def list_releases(ns: str, request: Request, p: Caller, cp: CP) -> dict:
-    require_ns(p, ns, request)
-    require_role(p, "viewer")
-
-    def q(conn):
-        return [{"version": r[0], "created_ts": r[1]} for r in
-                conn.execute(sa.select(R.c.version, R.c.created_ts).where(R.c.ns == ns).order_by(R.c.created_ts))]
-    return {"releases": await cp.read(q)}
-
-
-def assignment_changed(cp: "ControlPlane", conn: sa.Connection, events: Events, ns: str, kind: str, target: str) -> None:
+def assignment_changed(conn: sa.Connection, events: Events, ns: str, kind: str, target: str) -> None:
     """Wake the held heartbeats of the devices an assignment concerns, in every process: the offer reaches a device
     at once, not at its next heartbeat. Other processes also learn that the namespace now has assignments (core.py
     listens for these events). One event per device of a group: assignments are rare, and a woken poll that finds
@@ -187,7 +143,7 @@ def assignment_changed(cp: "ControlPlane", conn: sa.Connection, events: Events, 
         events.emit(conn, changes.ota(ns, dev))
 
 
-def _assign(conn, events, cp: "ControlPlane", ns: str, body: AssignIn):
+def assign(conn: sa.Connection, events: Events, ns: str, body: AssignIn) -> None:
     kind, target = ("device", body.device) if body.device else ("group", body.group)
     if kind == "device":
         if conn.execute(sa.select(D.c.device_id).where(D.c.ns == ns, D.c.device_id == target)).first() is None:
@@ -201,22 +157,11 @@ def _assign(conn, events, cp: "ControlPlane", ns: str, body: AssignIn):
     conn.execute(AS.delete().where(AS.c.ns == ns, AS.c.kind == kind, AS.c.target == target))
     if body.version is not None:
         conn.execute(AS.insert().values(ns=ns, kind=kind, target=target, version=body.version, assigned_ts=now_ms()))
-    assignment_changed(cp, conn, events, ns, kind, target)
+    assignment_changed(conn, events, ns, kind, target)
 
 
-@router.put("/api/v1/namespaces/{ns}/ota/assignments", responses=_ERR)
-async def assign(ns: str, body: AssignIn, request: Request, p: Caller, cp: CP) -> dict:
-    """Assign a release to one device or a group (a device's own assignment wins). Admin."""
-    require_ns(p, ns, request)
-    require_role(p, "admin")
-    if (body.device is None) == (body.group is None):
-        raise ApiError(422, "give exactly one of device, group", {"path": "device"})
-    await cp.write(_assign, cp, ns, body)
-    assignments_changed(cp, ns)
-    return {"ok": True}
-
-
-def _device_view(conn, ns: str, dev: str) -> dict | None:
+def device_view(conn: sa.Connection, ns: str, dev: str) -> dict | None:
+    """Assigned release, running version, pending offer and last report of one device; None if it does not exist."""
     row = conn.execute(sa.select(D.c.group_name, D.c.firmware, D.c.heartbeat)
                        .where(D.c.ns == ns, D.c.device_id == dev)).first()
     if row is None:
@@ -244,93 +189,37 @@ def _device_view(conn, ns: str, dev: str) -> dict | None:
     return view
 
 
-@router.get("/api/v1/namespaces/{ns}/ota/status", responses=_ERR)
-async def status(ns: str, request: Request, p: Caller, cp: CP,
-                 device: str | None = Query(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")) -> dict:
-    """Per device: assigned release, running version, pending offer, last report."""
-    require_ns(p, ns, request)
-    require_role(p, "viewer")
-
-    def q(conn):
-        ids = [device] if device else [r[0] for r in conn.execute(
-            sa.select(D.c.device_id).where(D.c.ns == ns).order_by(D.c.device_id))]
-        return [v for v in (_device_view(conn, ns, d) for d in ids) if v is not None]
-    devices = await cp.read(q)
-    if device and not devices:
-        raise ApiError(404, "unknown device")
-    return {"devices": devices}
+def status(conn: sa.Connection, ns: str, device: str | None) -> list[dict]:
+    """device_view of one device, or of every device of the namespace."""
+    ids = [device] if device else [r[0] for r in conn.execute(
+        sa.select(D.c.device_id).where(D.c.ns == ns).order_by(D.c.device_id))]
+    return [v for v in (device_view(conn, ns, d) for d in ids) if v is not None]
 
 
 # ---------------------------------------------------------------- device side
 async def pending_for(cp: "ControlPlane", ns: str, dev: str) -> str | None:
     """The release version offered to the device, or None."""
-    view = await cp.read(_device_view, ns, dev)
+    view = await cp.read(device_view, ns, dev)
     return view["pending"] if view else None
 
 
-@router.get("/api/v1/devices/{device_id}/ota", status_code=200, responses={**_ERR, 204: {"description": "none"}})
-async def offer(device_id: str, request: Request, p: Caller, cp: CP) -> Response:
-    """The release the device should install: `204` when none, else `{version, manifest_url, files_url}`."""
-    ns = device_ns(p, device_id, "viewer")
-    view = await cp.read(_device_view, ns, device_id)
-    if view is None:
-        raise ApiError(404, "unknown device")
-    if not view["pending"]:
-        return Response(status_code=204)
-    base = f"{cp.base_url(request)}/api/v1/devices/{device_id}/ota"
-    body = {"version": view["pending"], "manifest_url": f"{base}/releases/{view['pending']}/manifest",
-            "files_url": f"{base}/files"}
-    return Response(json.dumps(body), media_type="application/json")
+def release(conn: sa.Connection, ns: str, version: str):
+    """(manifest text, signature) of a release, or None."""
+    return conn.execute(sa.select(R.c.manifest, R.c.signature).where(R.c.ns == ns, R.c.version == version)).first()
 
 
-@router.get("/api/v1/devices/{device_id}/ota/releases/{version}/manifest", responses=_ERR)
-async def manifest(device_id: str, version: str, p: Caller, cp: CP,
-                   raw: bool = Query(False)) -> Any:
-    """The signed manifest text and its signature (the device verifies the exact text). raw: the manifest's exact
-    bytes as the body (itself a JSON object) and the signature in `X-Manifest-Signature`, so that a device holds the
-    manifest once instead of parsing it out of a document."""
-    ns = device_ns(p, device_id, "viewer")
-    row = await cp.read(lambda conn: conn.execute(
-        sa.select(R.c.manifest, R.c.signature).where(R.c.ns == ns, R.c.version == version)).first())
-    if row is None:
-        raise ApiError(404, "unknown release")
-    if p.is_device:
-        from .rollouts import note_download  # a rollout follows its devices' progress (rollouts.py)
-        await cp.write(note_download, ns, device_id, version)
-    if raw:
-        return Response(row[0].encode(), media_type="application/json", headers={"X-Manifest-Signature": row[1]})
-    return {"version": version, "manifest": row[0], "signature": row[1]}
+def file_data(conn: sa.Connection, ns: str, sha256: str) -> bytes | None:
+    row = conn.execute(sa.select(F.c.data).where(F.c.ns == ns, F.c.sha256 == sha256)).first()
+    return None if row is None else bytes(row[0])
 
 
-@router.get("/api/v1/devices/{device_id}/ota/files/{sha256}", responses=_ERR)
-async def file_chunk(device_id: str, sha256: str, p: Caller, cp: CP,
-                     offset: int = Query(0, ge=0), length: int = Query(MAX_CHUNK, ge=1, le=MAX_CHUNK)) -> Response:
-    """Bytes [offset, offset+length) of a release file (a device downloads in small requests)."""
-    ns = device_ns(p, device_id, "viewer")
-    row = await cp.read(lambda conn: conn.execute(
-        sa.select(F.c.data).where(F.c.ns == ns, F.c.sha256 == sha256)).first())
-    if row is None:
-        raise ApiError(404, "unknown file")
-    data = bytes(row[0])
-    if offset > len(data):
-        raise ApiError(416, "offset beyond the end of the file", {"size": len(data)})
-    return Response(data[offset:offset + length], media_type="application/octet-stream",
-                    headers={"X-File-Size": str(len(data))})
-
-
-@router.post("/api/v1/devices/{device_id}/ota/report", responses=_ERR)
-async def report(device_id: str, body: ReportIn, p: Caller, cp: CP) -> dict:
-    """The device's install result: installed, rolled_back (with the version it runs again) or failed."""
-    ns = own_device_ns(p, device_id, "report OTA results")
-
-    def put(conn, events):
-        if conn.execute(sa.select(D.c.device_id).where(D.c.ns == ns, D.c.device_id == device_id)).first() is None:
-            raise NotFound("unknown device")
-        conn.execute(REP.delete().where(REP.c.ns == ns, REP.c.device_id == device_id))
-        conn.execute(REP.insert().values(ns=ns, device_id=device_id, version=body.version, status=body.status,
-                                         reason=body.reason, running=body.running, ts=now_ms()))
-    await cp.write(put)
-    return {"ok": True}
+def save_report(conn: sa.Connection, events: Events, ns: str, dev: str, body: ReportIn) -> None:
+    """The device's install result replaces its previous one."""
+    if conn.execute(sa.select(D.c.device_id).where(D.c.ns == ns, D.c.device_id == dev)).first() is None:
+        raise NotFound("unknown device")
+    conn.execute(REP.delete().where(REP.c.ns == ns, REP.c.device_id == dev))
+    conn.execute(REP.insert().values(ns=ns, device_id=dev, version=body.version, status=body.status,
+                                     reason=body.reason, running=body.running, ts=now_ms()))
 
 
 # ---------------------------------------------------------------- heartbeat hook

@@ -111,7 +111,7 @@ def resolve_target(conn: sa.Connection, ns: str, target: dict) -> list[str]:
 
 
 def _running(conn: sa.Connection, ns: str, devs: list[str]) -> dict[str, str | None]:
-    """What each device runs, by the OTA service's rule (ota._device_view): the last installed report, else the
+    """What each device runs, by the OTA service's rule (ota.device_view): the last installed report, else the
     version it rolled back to, else its heartbeat's / registration's firmware."""
     out: dict[str, str | None] = {}
     for i in range(0, len(devs), 500):
