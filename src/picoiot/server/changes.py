@@ -16,18 +16,23 @@ that build one, so its fields per kind are written down once:
 | `alarm` | — | alarm ingestion or ack (this process only) | dashboard |
 | `resync` | (no ns/dev) | the notifier, when events may have been missed | every cache (drop), every waiter |
 
-`Events` collects the changes of one write transaction (core.ControlPlane.write delivers them after commit).
+`Events` collects the changes of one write transaction (plane.Plane.write delivers them after commit).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     import sqlalchemy as sa
 
-    from .notifier import Notifier
-
 Change = dict[str, Any]
+
+
+class Notifies(Protocol):
+    """What `Events` needs of a notifier (notifier.Notifier, which builds `resync` here: this module does not
+    import it back)."""
+
+    def sql_notify(self, conn: "sa.Connection", event: Change) -> None: ...
 
 
 def config(ns: str, dev: str, version: int) -> Change:
@@ -81,7 +86,7 @@ class Events(list):
     """The changes one write transaction makes: `emit` for a change every process must hear of (NOTIFY on
     PostgreSQL now, local wake-up after commit), `local` for one only this process's live views need."""
 
-    def __init__(self, notifier: "Notifier") -> None:
+    def __init__(self, notifier: Notifies) -> None:
         super().__init__()
         self.notifier = notifier
 

@@ -1,21 +1,20 @@
-"""The control plane's shared parts (settings, database, notifier, caches, metrics) and the write helper."""
+"""The control plane of one process: the shared parts (plane.py) with the version cache, the token cache and the
+collaborators that keep state in memory (liveness, telemetry, the dashboard's hub, the OTA offer cache)."""
 from __future__ import annotations
 
-import asyncio
-from typing import Any, Callable, TypeVar
-
 import sqlalchemy as sa
-from sqlalchemy.exc import IntegrityError, OperationalError
 
 from . import db as tables
 from . import changes
-from .changes import Change, Events
-from .db import Database
-from .metrics import Metrics
-from .notifier import Notifier, make_notifier
+from .addrlimit import AddressLimiter
+from .auth import TokenCache
+from .changes import Change
+from .events import EventHub
+from .liveness import Liveness
+from .ota import assignments_changed
+from .plane import Plane
 from .settings import Settings
-
-T = TypeVar("T")
+from .telemetry import Telemetry
 
 
 class Versions:
@@ -103,58 +102,26 @@ def load_all_versions(conn: sa.Connection) -> list[tuple[str, str, int, int, int
     return [(r[0], r[1], int(r[2]), int(r[3] or 0), int(r[4])) for r in conn.execute(versions_query())]
 
 
-class ControlPlane:
+class ControlPlane(Plane):
     def __init__(self, settings: Settings):
-        self.settings = settings
-        self.db = Database(settings)
-        self.notifier: Notifier = make_notifier(settings.notifier, self.db.engine, settings.db_schema)
+        super().__init__(settings)
         self.versions = VersionCache()
         self.notifier.add_listener(self.versions.on_event)
-        self.metrics = Metrics()
-        from .auth import TokenCache
         self.tokens = TokenCache()
         self.metrics.token_verifications.set_function(lambda: self.tokens.verifications)
-        from .liveness import Liveness
         self.liveness = Liveness(self)
-        from .addrlimit import AddressLimiter
         #: registration challenges per client address (unauthenticated, and each one writes a nonce row)
         self.challenges = AddressLimiter(settings.challenges_per_address_per_s, settings.challenges_per_address_burst)
-        from .telemetry import Telemetry
         self.telemetry = Telemetry(self)
-        from .events import EventHub
         self.events = EventHub()  # the dashboard's live updates (events.py)
         self.notifier.add_listener(self.events.on_event)
         self.telemetry.listeners.append(self.events.on_telemetry)
         self.notifier.add_listener(lambda e: e["kind"] == "deleted" and self.telemetry.forget(e["ns"], e["dev"]))
-        from .ota import assignments_changed
         # before the woken long-polls read (listeners run first): an assignment made by another process must not be
         # hidden by this one's "no assignments in this namespace" cache
         self.notifier.add_listener(lambda e: e["kind"] == "ota" and assignments_changed(self, e["ns"]))
-        self.started_ms = 0
         #: cache entries (tokens + versions) when the heap was last frozen (app.refreeze_if_grown)
         self.frozen_entries = 0
-
-    async def write(self, fn: Callable[..., T], *args: Any, retries: int = 3) -> T:
-        """Run fn(conn, events, *args) in a transaction; deliver its events after commit.
-
-        A unique-key race between two writers (two processes inserting the same row) or a transient lock error is
-        retried: fn reads before it writes, so the retry sees the winner's row.
-        """
-        for attempt in range(retries):
-            events = Events(self.notifier)
-            try:
-                result = await self.db.run(fn, events, *args)
-            except (IntegrityError, OperationalError):
-                if attempt == retries - 1:
-                    raise
-                await asyncio.sleep(0.01 * (attempt + 1))
-                continue
-            self.notifier.deliver_all(events)
-            return result
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    async def read(self, fn: Callable[..., T], *args: Any) -> T:
-        return await self.db.run(fn, *args)
 
     async def warm_versions(self) -> int:
         """Fill the version cache from the database (start-up): the first heartbeats after a restart read no rows.

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -20,16 +20,14 @@ from .changes import Events
 from . import alarms as alarm_store
 from . import db as tables
 from .db import now_ms
-
-if TYPE_CHECKING:
-    from .core import ControlPlane
+from .plane import Plane
 
 log = logging.getLogger("picoiot.server")
 
 OFFLINE_KEY = "device_offline"
 
 
-def mark_alive(conn: sa.Connection, events: Events, cp: "ControlPlane", ns: str, dev: str, ts: int,
+def mark_alive(conn: sa.Connection, events: Events, cp: Plane, ns: str, dev: str, ts: int,
                hb: str | None) -> bool:
     """Write last_seen; if the device was offline, mark it online and resolve its offline alarm. False = no device."""
     d = tables.devices
@@ -73,7 +71,7 @@ def _flush_rows(conn: sa.Connection, batch: dict[tuple[str, str], tuple[int, str
         conn.exec_driver_sql(_FLUSH_SQLITE, [(ts, hb, ns, dev, ts) for (ns, dev), (ts, hb) in batch.items()])
 
 
-def _sweep(conn: sa.Connection, events: Events, cp: "ControlPlane", now: int, started: int) -> list[tuple[str, str]]:
+def _sweep(conn: sa.Connection, events: Events, cp: Plane, now: int, started: int) -> list[tuple[str, str]]:
     d = tables.devices
     # A device is offline when it was silent for its TTL *and* this server has been up for that TTL: after a server
     # outage the devices get a full TTL to come back before being called offline (consul#3569: false "offline").
@@ -107,7 +105,7 @@ def decoded(entry: tuple[int, str | None] | None) -> tuple[int, dict | None] | N
 
 
 class Liveness:
-    def __init__(self, cp: "ControlPlane"):
+    def __init__(self, cp: Plane):
         self.cp = cp
         # (ns, device) → (last_seen ms, heartbeat as JSON text): serialised on arrival so the flush only joins strings
         self._pending: dict[tuple[str, str], tuple[int, str | None]] = {}

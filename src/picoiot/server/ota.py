@@ -11,7 +11,7 @@ import asyncio
 import json
 import re
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import sqlalchemy as sa
 from nacl.exceptions import BadSignatureError
@@ -22,10 +22,8 @@ from . import changes
 from .changes import Events
 from . import db as tables
 from .db import now_ms
+from .plane import Plane
 from .refusals import Conflict, Invalid, NotFound
-
-if TYPE_CHECKING:
-    from .core import ControlPlane
 
 K, F, R, AS, REP, D = (tables.ota_keys, tables.ota_files, tables.ota_releases, tables.ota_assignments,
                        tables.ota_reports, tables.devices)
@@ -197,7 +195,7 @@ def status(conn: sa.Connection, ns: str, device: str | None) -> list[dict]:
 
 
 # ---------------------------------------------------------------- device side
-async def pending_for(cp: "ControlPlane", ns: str, dev: str) -> str | None:
+async def pending_for(cp: Plane, ns: str, dev: str) -> str | None:
     """The release version offered to the device, or None."""
     view = await cp.read(device_view, ns, dev)
     return view["pending"] if view else None
@@ -237,13 +235,13 @@ def _has_assignments(conn, ns: str) -> bool:
     return conn.execute(sa.select(AS.c.version).where(AS.c.ns == ns).limit(1)).first() is not None
 
 
-def assignments_changed(cp: "ControlPlane", ns: str) -> None:
+def assignments_changed(cp: Plane, ns: str) -> None:
     key = (id(cp), ns)
     _no_assignments.pop(key, None)
     _generation[key] = _generation.get(key, 0) + 1
 
 
-async def _refresh(cp: "ControlPlane", ns: str, key: tuple[int, str]) -> bool:
+async def _refresh(cp: Plane, ns: str, key: tuple[int, str]) -> bool:
     gen = _generation.get(key, 0)
     try:
         has = await cp.read(_has_assignments, ns)
@@ -259,7 +257,7 @@ def _retrieve(task: asyncio.Future) -> None:
         task.exception()  # a failed background refresh: the next heartbeat tries again
 
 
-async def heartbeat_pending(cp: "ControlPlane", ns: str, dev: str) -> str | None:
+async def heartbeat_pending(cp: Plane, ns: str, dev: str) -> str | None:
     """`pending.ota` of a heartbeat answer: the offered version or None.
 
     The hot path (no assignment anywhere in the namespace) costs one dict lookup. When that knowledge expires, one

@@ -15,7 +15,7 @@ import json
 import math
 import re
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import sqlalchemy as sa
 from prometheus_client import Counter
@@ -23,10 +23,8 @@ from prometheus_client.core import GaugeMetricFamily
 
 from . import db as tables
 from .db import now_ms
+from .plane import Plane
 from .refusals import Busy, Invalid, Throttled
-
-if TYPE_CHECKING:
-    from .core import ControlPlane
 
 FIELD_RE = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
 BUCKET_MS = 60_000
@@ -70,7 +68,7 @@ class TokenBucket:
 
 
 class Telemetry:
-    def __init__(self, cp: "ControlPlane"):
+    def __init__(self, cp: Plane):
         self.cp = cp
         st = cp.settings
         self._buf: list[tuple[str, str, str, int, float]] = []
