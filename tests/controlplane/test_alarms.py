@@ -130,3 +130,24 @@ def test_namespaces_do_not_see_each_others_alarms(server):
     assert r.status_code == 404 and r.json()["error"] == "unknown alarm"
     r = server.client.get(AL.format(ns="nope"), headers=server.auth("admin", "*"))
     assert r.status_code == 404 and r.json()["error"] == "unknown namespace"
+
+
+def test_only_the_device_itself_reports_its_alarms_as_on_the_other_device_routes(server):
+    # the one decision of auth.own_device_ns: an operator is 403, another device's path 404 (no existence leak), and
+    # a device token of every namespace 403 (the device routes name no namespace: it would have to guess one)
+    server.register("sens-1", device_type="sensors")
+    server.register("sens-2", device_type="sensors")
+    tokens = {"operator": server.token("admin"), "another device": server.token("device", sub="sens-2"),
+              "a device of every namespace": server.token("device", ns="*", sub="sens-1")}
+    bodies = {"alarms": {"alarms": [_a()]}, "heartbeat": {"seq": 1},
+              "telemetry": {"readings": [["temp", 1000, 21.5]]}}
+    for who, token in tokens.items():
+        answers = {route: server.client.post(f"/api/v1/devices/sens-1/{route}", json=body,
+                                             headers={"Authorization": f"Bearer {token}"})
+                   for route, body in bodies.items()}
+        statuses = {route: r.status_code for route, r in answers.items()}
+        assert statuses == dict.fromkeys(bodies, 404 if who == "another device" else 403), who
+        errors = {r.json()["error"].replace("report alarms", "…").replace("send heartbeats", "…")
+                  .replace("send telemetry", "…") for r in answers.values()}
+        assert len(errors) == 1, (who, errors)
+    assert _list(server) == []

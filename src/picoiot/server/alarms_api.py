@@ -4,9 +4,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Path, Query, Request
 
 from .alarms import ack, ingest, list_alarms
-from .auth import require_device_or_role, require_ns, require_role
+from .auth import own_device_ns, require_ns, require_role
 from .deps import CP, Caller
-from .errors import ApiError
 from .models import INT32, AlarmBatchIn, AlarmBatchOut, AlarmList, AlarmOut, ErrorBody
 
 _ERR = {401: {"model": ErrorBody}, 403: {"model": ErrorBody}, 404: {"model": ErrorBody}, 400: {"model": ErrorBody}}
@@ -16,10 +15,8 @@ router = APIRouter(tags=["alarms"])
 @router.post("/api/v1/devices/{device_id}/alarms", response_model=AlarmBatchOut, responses=_ERR)
 async def post_alarms(device_id: str, body: AlarmBatchIn, p: Caller, cp: CP) -> AlarmBatchOut:
     """A device reports a batch of alarms (dedup by key; retries are idempotent)."""
-    if not p.is_device:
-        raise ApiError(403, "only devices report alarms")
-    require_device_or_role(p, device_id, "admin")
-    n = await cp.write(ingest, p.ns, device_id, body.alarms)
+    ns = own_device_ns(p, device_id, "report alarms")
+    n = await cp.write(ingest, ns, device_id, body.alarms)
     return AlarmBatchOut(accepted=n)
 
 

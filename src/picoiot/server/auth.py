@@ -196,9 +196,9 @@ def device_ns(p: Principal, device_id: str, role: str) -> str:
 
 
 def own_device_ns(p: Principal, device_id: str, action: str) -> str:
-    """Namespace for what only a device does about itself (heartbeats, reports, telemetry): another device's path is
-    404, an operator 403 (`only devices {action}`). The FastAPI routes and the heartbeat fast path (hotpath.py) both
-    decide with this."""
+    """Namespace for what only a device does about itself (heartbeats, reports, telemetry, alarms): another device's
+    path is 404, an operator 403 (`only devices {action}`), a device token of every namespace 403. The FastAPI routes
+    and the heartbeat fast path (hotpath.py) all decide with this."""
     if not p.is_device:
         raise ApiError(403, f"only devices {action}")
     return device_ns(p, device_id, "admin")
