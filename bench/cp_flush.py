@@ -83,7 +83,7 @@ def run(db: str, rows: int, rounds: int) -> None:
                              for i, m in enumerate(models)}
                     fn = _old_flush
                 else:  # as JSON text (model_dump_json on arrival)
-                    batch = {("default", f"dev-{i:06d}"): (ts, m.model_dump_json(exclude_none=True))
+                    batch = {("default", f"dev-{i:06d}"): liveness.Beat(ts, m.model_dump_json(exclude_none=True))
                              for i, m in enumerate(models)}
                     fn = liveness._flush_rows
                 t1 = time.thread_time()  # the per-heartbeat serialisation is spread over the event loop: not counted

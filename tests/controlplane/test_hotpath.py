@@ -11,7 +11,7 @@ import sqlalchemy as sa
 
 from cptest import metric, wait_until
 from picoiot.server import db as tables
-from picoiot.server.liveness import _flush_rows
+from picoiot.server.liveness import Beat, _flush_rows
 from picoiot.server.models import HeartbeatOut
 
 ROUTE = "/api/v1/devices/{device_id}/heartbeat"
@@ -193,12 +193,12 @@ def test_flush_keeps_the_newest_last_seen_and_the_heartbeat_document(server):
 
     # heartbeats arrive as JSON text (serialised once, on arrival); the rows' order must not matter
     quoted = {"seq": 2, "firmware": 'q"uote\\ ü'}
-    write({("default", "fl-2"): (10**13 + 1, None), ("default", "fl-1"): (10**13, json.dumps(quoted))})
+    write({("default", "fl-2"): Beat(10**13 + 1, None), ("default", "fl-1"): Beat(10**13, json.dumps(quoted))})
     assert tuple(row("fl-1")) == (10**13, quoted)
     assert tuple(row("fl-2")) == (10**13 + 1, None)
-    write({("default", "fl-1"): (10**13 - 5, '{"seq":1}')})  # older than what is stored: ignored
+    write({("default", "fl-1"): Beat(10**13 - 5, '{"seq":1}')})  # older than what is stored: ignored
     assert tuple(row("fl-1")) == (10**13, quoted)
-    write({("default", "nobody"): (10**13, '{"seq":1}')})  # unknown devices: nothing written, no error
+    write({("default", "nobody"): Beat(10**13, '{"seq":1}')})  # unknown devices: nothing written, no error
 
 
 def test_startup_moves_the_long_lived_heap_out_of_the_collectors_sight(server):

@@ -43,6 +43,22 @@ def mark_alive(conn: sa.Connection, events: Events, cp: Plane, ns: str, dev: str
     return conn.execute(d.update().where(*where).values(**values)).rowcount == 1
 
 
+class Beat:
+    """A heartbeat this process holds until the flush writes it: when it arrived (ms since the epoch) and the
+    heartbeat as JSON text, serialised on arrival so that the flush only joins strings. One per device heard from
+    since the last flush (2,000+ at fleet scale), hence the slots."""
+
+    __slots__ = ("last_seen", "heartbeat")
+
+    def __init__(self, last_seen: int, heartbeat: str | None) -> None:
+        self.last_seen = last_seen
+        self.heartbeat = heartbeat
+
+    def decoded(self) -> dict | None:
+        """The heartbeat as a document (operators' reads overlay it on the stored row)."""
+        return None if self.heartbeat is None else json.loads(self.heartbeat)
+
+
 _FLUSH_PG = (
     "UPDATE devices AS d SET last_seen = v.ts::bigint, heartbeat = NULLIF(v.hb, 'null'::jsonb) "
     "FROM ROWS FROM (jsonb_array_elements_text(%(ns)s::jsonb), jsonb_array_elements_text(%(dev)s::jsonb), "
@@ -52,7 +68,7 @@ _FLUSH_SQLITE = ("UPDATE devices SET last_seen = ?, heartbeat = ? "
                  "WHERE ns = ? AND device_id = ? AND (last_seen IS NULL OR last_seen < ?)")
 
 
-def _flush_rows(conn: sa.Connection, batch: dict[tuple[str, str], tuple[int, str | None]]) -> None:
+def _flush_rows(conn: sa.Connection, batch: dict[tuple[str, str], Beat]) -> None:
     """Write each device's newest (last_seen, heartbeat JSON text); an older last_seen never overwrites a newer one.
 
     This runs every second with a row per device heard from (2,000+ at fleet scale) on a worker thread that shares
@@ -65,10 +81,11 @@ def _flush_rows(conn: sa.Connection, batch: dict[tuple[str, str], tuple[int, str
         keys, vals = list(batch), list(batch.values())
         conn.exec_driver_sql(_FLUSH_PG, {"ns": json.dumps([k[0] for k in keys]),
                                          "dev": json.dumps([k[1] for k in keys]),
-                                         "ts": json.dumps([v[0] for v in vals]),
-                                         "hb": "[" + ",".join([v[1] or "null" for v in vals]) + "]"})
+                                         "ts": json.dumps([b.last_seen for b in vals]),
+                                         "hb": "[" + ",".join([b.heartbeat or "null" for b in vals]) + "]"})
     else:
-        conn.exec_driver_sql(_FLUSH_SQLITE, [(ts, hb, ns, dev, ts) for (ns, dev), (ts, hb) in batch.items()])
+        conn.exec_driver_sql(_FLUSH_SQLITE, [(b.last_seen, b.heartbeat, ns, dev, b.last_seen)
+                                             for (ns, dev), b in batch.items()])
 
 
 def _sweep(conn: sa.Connection, events: Events, cp: Plane, now: int, started: int) -> list[tuple[str, str]]:
@@ -98,18 +115,11 @@ def _gauges(conn: sa.Connection) -> tuple[int, int, int]:
     return online, total, firing
 
 
-def decoded(entry: tuple[int, str | None] | None) -> tuple[int, dict | None] | None:
-    if entry is None:
-        return None
-    return entry[0], None if entry[1] is None else json.loads(entry[1])
-
-
 class Liveness:
     def __init__(self, cp: Plane):
         self.cp = cp
-        # (ns, device) → (last_seen ms, heartbeat as JSON text): serialised on arrival so the flush only joins strings
-        self._pending: dict[tuple[str, str], tuple[int, str | None]] = {}
-        self._flushing: dict[tuple[str, str], tuple[int, str | None]] = {}  # being written right now
+        self._pending: dict[tuple[str, str], Beat] = {}  # (ns, device) → its newest heartbeat not yet written
+        self._flushing: dict[tuple[str, str], Beat] = {}  # being written right now
         self._online: set[tuple[str, str]] = set()  # confirmed online in the database
         self._sweeps = 0
         cp.notifier.add_listener(self._on_event)
@@ -135,7 +145,7 @@ class Liveness:
         ts = now_ms()
         key = (ns, dev)
         if key in self._online and self.cp.settings.heartbeat_flush_s > 0:
-            self._pending[key] = (ts, hb)
+            self._pending[key] = Beat(ts, hb)
             return True
         ok = await self.cp.write(mark_alive, self.cp, ns, dev, ts, hb)
         if ok:
@@ -158,13 +168,13 @@ class Liveness:
             self._flushing = {}
         return len(batch)
 
-    def unflushed(self, ns: str, dev: str) -> tuple[int, dict | None] | None:
+    def unflushed(self, ns: str, dev: str) -> Beat | None:
         """The newest heartbeat not yet in the database, if any (operators' reads overlay it)."""
-        return decoded(self._pending.get((ns, dev)) or self._flushing.get((ns, dev)))
+        return self._pending.get((ns, dev)) or self._flushing.get((ns, dev))
 
-    def unflushed_all(self) -> dict[tuple[str, str], tuple[int, str | None]]:
-        """Every heartbeat not yet in the database, still as text (`decoded` it per row used): a device list
-        overlays them, taken before its read because a flush may finish meanwhile."""
+    def unflushed_all(self) -> dict[tuple[str, str], Beat]:
+        """Every heartbeat not yet in the database: a device list overlays them, taken before its read because a
+        flush may finish meanwhile."""
         return {**self._flushing, **self._pending}
 
     async def housekeeping(self) -> None:

@@ -15,7 +15,7 @@ from .config import device_row, latest, recompute, recompute_where, type_row
 from .db import now_ms
 from .devicetypes import validate_config
 from .discovery import ttl_for
-from .liveness import decoded
+from .liveness import Beat
 from .models import (ConfigReport, DeviceConfigOut, DeviceOut, DevicePatch, DeviceTypeIn, DeviceTypeOut, GroupOut,
                      ProvisionIn)
 from .refusals import Conflict, Invalid, NotFound
@@ -27,10 +27,10 @@ D, C, TY, G, S, A = (tables.devices, tables.device_configs, tables.device_types,
                      tables.alarms)
 
 
-def device_out(row, overlay: tuple[int, dict | None] | None = None) -> DeviceOut:
+def device_out(row, overlay: Beat | None = None) -> DeviceOut:
     last_seen, hb = row["last_seen"], row["heartbeat"]
     if overlay is not None:  # unflushed heartbeat held in memory by this process
-        last_seen, hb = max(last_seen or 0, overlay[0]), overlay[1] or hb
+        last_seen, hb = max(last_seen or 0, overlay.last_seen), overlay.decoded() or hb
     return DeviceOut(namespace=row["ns"], device_id=row["device_id"], device_type=row["device_type"],
                      group=row["group_name"], firmware=row["firmware"], capabilities=row["capabilities"] or [],
                      address=row["address"], reset_cause=row["reset_cause"], online=row["online"],
@@ -40,12 +40,11 @@ def device_out(row, overlay: tuple[int, dict | None] | None = None) -> DeviceOut
                      config_report=ConfigReport(**row["config_report"]) if row["config_report"] else None)
 
 
-def overlay(cp: "ControlPlane", row, before: dict[tuple[str, str], tuple[int, str | None]] | None = None
-            ) -> tuple[int, dict | None] | None:
+def overlay(cp: "ControlPlane", row, before: dict[tuple[str, str], Beat] | None = None) -> Beat | None:
     """The device's newest heartbeat this process holds unflushed: now, or in `before` (taken before the read, as a
     flush may finish meanwhile)."""
     key = (row["ns"], row["device_id"])
-    return cp.liveness.unflushed(*key) or (decoded(before.get(key)) if before else None)
+    return cp.liveness.unflushed(*key) or (before.get(key) if before else None)
 
 
 # ---------------------------------------------------------------- devices
