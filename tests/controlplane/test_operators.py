@@ -207,3 +207,14 @@ def test_services_mount_on_their_own(backend, tmp_path):
         s.stop()
         if schema:
             drop_schema(schema)
+
+
+def test_device_reads_overlay_the_heartbeat_this_process_holds_unflushed(server_factory):
+    s = server_factory(heartbeat_flush_s=3600, sweep_interval_s=3600)  # no flush during the test
+    d = s.register("relay-1")
+    assert s.client.post(d.services["heartbeat"], headers=d.headers, json={"seq": 7, "uptime": 70}).status_code == 200
+    assert s.sql(lambda c: c.exec_driver_sql("SELECT heartbeat FROM devices").scalar()) is None  # in memory only
+    one = s.client.get(f"{DEV}/relay-1", headers=s.auth("viewer")).json()
+    [listed] = s.client.get(DEV, headers=s.auth("viewer")).json()["devices"]
+    for rec in (one, listed):
+        assert rec["heartbeat"] == {"seq": 7, "uptime": 70} and rec["last_seen"] >= rec["registered_ts"]
