@@ -1,8 +1,10 @@
 """ServiceDiscovery: challenge, registration, nonces, keys, tokens (protocol §2)."""
+import time
+
 import jwt
 import sqlalchemy as sa
 
-from picoiot.server import db as tables
+from picoiot.server import db as tables, nonces
 from picoiot.server.auth import derive_device_key, issue_token
 
 from cptest import sign
@@ -78,11 +80,47 @@ def test_nonce_is_bound_to_the_device_id(server):
 
 
 def test_expired_nonce_is_refused(server):
-    nonce = _challenge(server, "relay-1")
-    n = tables.nonces
-    server.sql(lambda c: c.execute(n.update().where(n.c.nonce == nonce).values(expires_ts=1)))
+    # made as the challenge makes it, by this server's own key, two minutes ago with a 60 s lifetime
+    nonce = nonces.issue(server.settings.secrets.signing_key, "default", "relay-1", 60, now_s=time.time() - 120)
     r = _register(server, "relay-1", nonce, _key(server, "relay-1"))
     assert r.status_code == 401 and "expired" in r.json()["error"]
+
+
+def _nonce_rows(server) -> int:
+    return server.sql(lambda c: c.execute(sa.select(sa.func.count()).select_from(tables.nonces)).scalar())
+
+
+def test_a_challenge_writes_nothing_and_the_answer_records_its_nonce(server):
+    nonce = _challenge(server, "relay-1")
+    assert len(nonce) == 64 and _nonce_rows(server) == 0  # stateless: no row until it is answered
+    assert _register(server, "relay-1", nonce, _key(server, "relay-1")).status_code == 200
+    assert _nonce_rows(server) == 1  # used: a replay on any replica finds it
+
+
+def test_forged_or_altered_nonces_are_refused_and_leave_the_real_one_usable(server):
+    nonce = _challenge(server, "relay-1")
+    key = _key(server, "relay-1")
+    later = f"{int(nonce[:8], 16) + 3600:08x}" + nonce[8:]  # its expiry moved an hour on: the MAC no longer fits
+    foreign = nonces.issue("another-server's-key-" + "x" * 20, "default", "relay-1", 60)
+    for forged in (later, foreign, nonce[:-1] + ("0" if nonce[-1] != "0" else "1"), nonce.upper(), "0" * 32):
+        r = _register(server, "relay-1", forged, key)
+        assert r.status_code == 401 and r.json()["error"] == "unknown or expired nonce", forged
+    assert _nonce_rows(server) == 0  # never issued, so nothing to use up
+    assert _register(server, "relay-1", nonce, key).status_code == 200
+
+
+def test_a_nonce_answered_for_another_device_is_used_up(server):
+    nonce = _challenge(server, "relay-1")
+    assert _register(server, "relay-2", nonce, _key(server, "relay-2")).status_code == 401
+    r = _register(server, "relay-1", nonce, _key(server, "relay-1"))
+    assert r.status_code == 401 and r.json()["error"] == "unknown or expired nonce"
+
+
+def test_the_namespace_is_the_one_the_nonce_was_issued_in(server):
+    nonce = _challenge(server, "relay-1", ns="other")
+    r = _register(server, "relay-1", nonce, _key(server, "relay-1", ns="other"))  # no namespace, as the firmware
+    assert r.status_code == 200, r.text
+    assert r.json()["namespace"] == "other"
 
 
 def test_key_of_another_namespace_does_not_register(server):
