@@ -13,10 +13,11 @@ pytestmark = pytest.mark.postgres
 
 
 def _terminate(application_name: str) -> int:
+    """With a timeout, pg_terminate_backend returns once the backends have exited: their goodbye is in the sockets."""
     engine = sa.create_engine(PG_URL, poolclass=sa.pool.NullPool)
     try:
         with engine.begin() as c:
-            return c.execute(sa.text("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            return c.execute(sa.text("SELECT count(pg_terminate_backend(pid, 10000)) FROM pg_stat_activity "
                                      "WHERE application_name = :n"), {"n": application_name}).scalar()
     finally:
         engine.dispose()

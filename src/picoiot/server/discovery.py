@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from urllib.parse import urlsplit
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import sqlalchemy as sa
 from fastapi import APIRouter, Request
@@ -147,10 +147,17 @@ def _answered_nonce(cp: "ControlPlane", body: RegisterIn) -> tuple[str, int]:
         raise BadNonce()
     named = "namespace" in body.model_fields_set
     ns = nonces.namespace_of(st.signing_key, body.nonce, body.device_id,
-                             [body.namespace] if named else ["default", *st.namespaces()])
+                             (body.namespace,) if named else _default_first(st))
     if ns is None:
         raise _Misdirected(expires_ts)
     return ns, expires_ts
+
+
+def _default_first(st) -> Iterator[str]:
+    """The namespaces a nonce may name when the body names none (the firmware never does): "default" first, the
+    secrets' list (which checks the secrets file) only if it is not that one."""
+    yield "default"
+    yield from (ns for ns in st.namespaces() if ns != "default")
 
 
 class _Misdirected(BadNonce):
