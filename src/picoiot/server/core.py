@@ -117,7 +117,7 @@ class ControlPlane:
         from .liveness import Liveness
         self.liveness = Liveness(self)
         from .addrlimit import AddressLimiter
-        #: registration challenges per client address (unauthenticated, and each one writes a nonce row)
+        #: registration challenges per client address (unauthenticated: each one costs a signed nonce)
         self.challenges = AddressLimiter(settings.challenges_per_address_per_s, settings.challenges_per_address_burst)
         from .telemetry import Telemetry
         self.telemetry = Telemetry(self)

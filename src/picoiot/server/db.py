@@ -112,7 +112,7 @@ alarms = sa.Table(
     sa.Index("alarms_ns_state", "ns", "state"),
 )
 
-nonces = sa.Table(
+nonces = sa.Table(  # registration nonces already answered, until they expire (server/nonces.py: single use)
     "nonces", metadata,
     sa.Column("nonce", sa.String(64), primary_key=True),
     sa.Column("ns", sa.String(64), nullable=False),
