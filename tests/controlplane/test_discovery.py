@@ -1,7 +1,9 @@
 """ServiceDiscovery: challenge, registration, nonces, keys, tokens (protocol §2)."""
+import concurrent.futures
 import time
 
 import jwt
+import pytest
 import sqlalchemy as sa
 
 from picoiot.server import db as tables, nonces
@@ -216,3 +218,21 @@ def test_token_cache_still_enforces_expiry(server):
     r = server.client.post(d.services["heartbeat"], headers=d.headers, json={"seq": 2})
     assert r.status_code == 401 and r.json()["error"] == "token expired"
     assert d.token not in cache._seen
+
+
+@pytest.mark.postgres
+def test_a_nonce_is_used_once_across_servers_even_answered_at_both_at_once(pg_server_factory):
+    a, b = pg_server_factory(), pg_server_factory()  # one database, one set of secrets, two processes' worth of state
+    key = _key(a, "relay-1")
+    nonce = _challenge(a, "relay-1")  # issued by A, answered at B: nothing of it was stored at A
+    assert _register(b, "relay-1", nonce, key).status_code == 200
+    r = _register(a, "relay-1", nonce, key)
+    assert r.status_code == 401 and r.json()["error"] == "unknown or expired nonce"
+    nonce = _challenge(b, "relay-1")  # a wrong answer at A uses it up for B too
+    assert _register(a, "relay-1", nonce, "0" * 64).json()["error"] == "bad signature"
+    assert _register(b, "relay-1", nonce, key).json()["error"] == "unknown or expired nonce"
+    for _ in range(5):  # the same right answer sent to both at once: exactly one registers
+        nonce = _challenge(a, "relay-1")
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            codes = sorted(pool.map(lambda s: _register(s, "relay-1", nonce, key).status_code, (a, b)))
+        assert codes == [200, 401]

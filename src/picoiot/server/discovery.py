@@ -115,20 +115,31 @@ def _register(conn: sa.Connection, events: Events, cp: "ControlPlane", body: Reg
                                 group_override=(m["g_overrides"] or {}) if m is not None else None)
     hb = int(cfg.get("heartbeat_interval_s") or cp.settings.default_heartbeat_s)
     ttl = ttl_for(cp.settings, hb)
+    if t is None:
+        cv = fresh["config_version"]
+    elif m is not None and m["c_version"] is not None and m["c_config"] == cfg:
+        cv = m["c_version"]  # what store_if_changed would find, without reading it again
+    else:
+        cv = None  # stored (or found unchanged) after the device's row is written
     if row is None:
         conn.execute(D.insert().values(ns=ns, device_id=dev, created_ts=now, first_seen=now, ttl_s=ttl,
                                        config_overrides={}, config_version=0, **values))
     else:
         if row["first_seen"] is None:
             values["first_seen"] = now
-        conn.execute(D.update().where(D.c.ns == ns, D.c.device_id == dev).values(ttl_s=ttl, **values))
+        update = D.update().where(D.c.ns == ns, D.c.device_id == dev).values(ttl_s=ttl, **values)
+        if cv is not None:  # the usual re-registration: its event rides on the write of its row
+            event = changes.registered(ns, dev, ttl, int(cv), int(m["s_version"] or 0))
+            notify = cp.notifier.notify_column(event)
+            conn.execute(update if notify is None else update.returning(notify))
+            events.local(event)
+        else:
+            conn.execute(update)
         if not row["online"]:
             resolve_server_alarm(conn, ns, dev, OFFLINE_KEY, now)
-    if t is None:
-        cv = fresh["config_version"]
-    elif m is not None and m["c_version"] is not None and m["c_config"] == cfg:
-        cv = m["c_version"]  # what store_if_changed would find, without reading it again
-    else:
+        if cv is not None:
+            return cfg, ttl
+    if cv is None:
         cv = store_if_changed(conn, events, cp, ns, fresh, cfg, schema, check_unchanged=False)
     if m is not None:
         sv = m["s_version"]
