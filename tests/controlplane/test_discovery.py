@@ -9,7 +9,7 @@ import sqlalchemy as sa
 from picoiot.server import db as tables, nonces
 from picoiot.server.auth import derive_device_key, issue_token
 
-from cptest import sign
+from cptest import metric, sign
 
 
 def _challenge(server, dev, ns="default"):
@@ -236,3 +236,41 @@ def test_a_nonce_is_used_once_across_servers_even_answered_at_both_at_once(pg_se
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             codes = sorted(pool.map(lambda s: _register(s, "relay-1", nonce, key).status_code, (a, b)))
         assert codes == [200, 401]
+
+
+CHALLENGE = "/api/devices/challenge"
+
+
+def _challenges_by_path(c) -> tuple[float, float]:
+    return tuple(metric(c, "picoiot_fast_path_requests_total", f'outcome="{o}",route="{CHALLENGE}"')
+                 for o in ("served", "fallback"))
+
+
+def _head(r) -> dict:
+    return {k: v for k, v in r.headers.items() if k not in ("date", "server")}
+
+
+def test_the_challenge_fast_path_answers_as_the_route(server_factory):
+    s = server_factory(challenges_per_address_burst=4, challenges_per_address_per_s=0.001)
+    c = s.client
+
+    def both(doc):  # the fast path, then the FastAPI route (a query string, which the route ignores, sends it there)
+        served, fell = _challenges_by_path(c)
+        fast, slow = c.post(CHALLENGE, json=doc), c.post(CHALLENGE, params={"via": "app"}, json=doc)
+        assert _challenges_by_path(c) == (served + 1, fell + 1)
+        assert fast.status_code == slow.status_code and _head(fast) == _head(slow), (fast.text, slow.text)
+        return fast, slow
+
+    fast, slow = both({"device_id": "relay-1"})
+    assert fast.status_code == 200 and fast.json()["expires_in"] == slow.json()["expires_in"] == 60
+    for r in (fast, slow):  # either nonce registers
+        assert _register(s, "relay-1", r.json()["nonce"], _key(s, "relay-1")).status_code == 200
+    fast, slow = both({"device_id": "relay-1", "namespace": "nope"})
+    assert fast.status_code == 404 and fast.content == slow.content
+    fast, slow = both({"device_id": "relay-1"})  # the address's burst of 4 is spent
+    assert fast.status_code == 429 and fast.json()["error"] == slow.json()["error"]
+    assert fast.headers["retry-after"] == slow.headers["retry-after"]
+    served, fell = _challenges_by_path(c)  # what does not validate is the route's to answer
+    assert c.post(CHALLENGE, json={"device_id": "bad id"}).status_code == 422
+    assert c.post(CHALLENGE, content=b"{", headers={"content-type": "application/json"}).status_code == 400
+    assert _challenges_by_path(c) == (served, fell + 2)

@@ -19,7 +19,7 @@ from .deps import CP, Caller
 from .errors import ApiError
 from .liveness import OFFLINE_KEY
 from .models import ChallengeIn, ChallengeOut, ErrorBody, RegisterIn, RegisterOut, TokenOut
-from .refusals import Invalid, NotFound, Refused, Unauthenticated
+from .refusals import Invalid, NotFound, Refused, Throttled, Unauthenticated
 
 if TYPE_CHECKING:
     from .core import ControlPlane
@@ -191,19 +191,27 @@ _ERR: dict[int | str, dict[str, Any]] = {s: {"model": ErrorBody} for s in (400, 
 router = APIRouter(tags=["discovery"])
 
 
-@router.post("/api/devices/challenge", response_model=ChallengeOut, responses={**_ERR, 429: {"model": ErrorBody}})
+CHALLENGE_ROUTE = "/api/devices/challenge"
+
+
+def challenge_answer(cp: "ControlPlane", host: str, body: ChallengeIn) -> ChallengeOut:
+    """The challenge, for the route and for the fast path (hotpath.py): one decision, one answer."""
+    wait = cp.challenges.take(host)
+    if wait:
+        cp.metrics.registrations.labels("throttled").inc()
+        raise Throttled("too many registration challenges from this address", {"retry_after_s": round(wait, 1)},
+                        retry_after_s=max(1, int(wait + 0.999)))
+    if cp.settings.secrets.enrollment_key(body.namespace) is None:
+        raise NotFound("unknown namespace")
+    nonce = nonces.issue(cp.settings.secrets.signing_key, body.namespace, body.device_id, cp.settings.nonce_ttl_s)
+    return ChallengeOut(nonce=nonce, expires_in=cp.settings.nonce_ttl_s)
+
+
+@router.post(CHALLENGE_ROUTE, response_model=ChallengeOut, responses={**_ERR, 429: {"model": ErrorBody}})
 async def challenge(body: ChallengeIn, request: Request, cp: CP) -> ChallengeOut:
     """A single-use nonce bound to this device id, to be signed with the device key. Limited per client address
     (a burst, then a steady rate: `challenges_per_address_*`); beyond, 429 with Retry-After."""
-    wait = cp.challenges.take(request.client.host if request.client else "")
-    if wait:
-        cp.metrics.registrations.labels("throttled").inc()
-        raise ApiError(429, "too many registration challenges from this address", {"retry_after_s": round(wait, 1)},
-                       headers={"Retry-After": str(max(1, int(wait + 0.999)))})
-    if cp.settings.secrets.enrollment_key(body.namespace) is None:
-        raise ApiError(404, "unknown namespace")
-    nonce = nonces.issue(cp.settings.secrets.signing_key, body.namespace, body.device_id, cp.settings.nonce_ttl_s)
-    return ChallengeOut(nonce=nonce, expires_in=cp.settings.nonce_ttl_s)
+    return challenge_answer(cp, request.client.host if request.client else "", body)
 
 
 @router.post("/api/devices/register", response_model=RegisterOut, responses={**_ERR, 422: {"model": ErrorBody}})

@@ -1,6 +1,6 @@
-"""The two hottest requests — a device's heartbeat (plain or held as a long-poll) and `/health` — answered without
-FastAPI's per-request machinery (route scan over every path, dependency solving, exception middlewares, response
-classes).
+"""The hottest requests — a device's heartbeat (plain or held as a long-poll), `/health` and the registration
+challenge — answered without FastAPI's per-request machinery (route scan over every path, dependency solving,
+exception middlewares, response classes).
 
 Why: measured in-process, FastAPI's layers cost ≈ 200 µs of a heartbeat's ≈ 230 µs, and a fleet of 20,000 devices
 at a 10 s interval is 2,000 heartbeats/s on a 2-core box (docs/benchmarks.md, Control plane load); a device holding
@@ -11,6 +11,11 @@ version cache does not hold, a query string other than the long-poll's own param
 (`_poll`), an oversize body, any error while recording or waiting — is handed to the FastAPI app unchanged (the body
 read so far is replayed), so every error answer and the OpenAPI schema stay FastAPI's. What is done and answered is
 `heartbeat.beat`, the FastAPI route's own, and who may is decided by `auth.own_device_ns`, the route's own check.
+
+The challenge (half of every registration: a fleet re-registering after a restart is 20,000 of them) is served when
+its body is plain JSON that validates (else FastAPI answers, 400 or 422), by `discovery.challenge_answer`, the route's
+own; its refusals (429, 404) are answered here as the app's error handler renders them, since the address limiter
+has already counted the request.
 """
 from __future__ import annotations
 
@@ -23,10 +28,14 @@ from urllib.parse import parse_qsl
 
 from pydantic import ValidationError
 
+from fastapi.responses import JSONResponse
+
 from . import heartbeat
 from .auth import bearer_token, own_device_ns
-from .errors import ApiError
-from .models import HeartbeatIn
+from .discovery import CHALLENGE_ROUTE, challenge_answer
+from .errors import ApiError, from_refusal
+from .models import ChallengeIn, HeartbeatIn
+from .refusals import Refused
 
 if TYPE_CHECKING:
     from .core import ControlPlane
@@ -43,16 +52,18 @@ class _Fallback(Exception):
 class HotPath:
     """Pure ASGI middleware, outside the FastAPI app (inside admission control)."""
 
-    def __init__(self, app, cp: "ControlPlane", health: bool = True, heartbeats: bool = True):
+    def __init__(self, app, cp: "ControlPlane", health: bool = True, heartbeats: bool = True,
+                 challenges: bool = True):
         self.app = app
         self.cp = cp
-        self.health, self.heartbeats = health, heartbeats
+        self.health, self.heartbeats, self.challenges = health, heartbeats, challenges
         self.max_body = cp.settings.max_body_bytes
         self._health = json.dumps({"status": "ok"}).encode()
         self._pid = str(os.getpid()).encode()
         fp = cp.metrics.fast_path
         self._served_health = fp.labels("/health", "served")
         self._served_hb, self._fallback_hb = fp.labels(HEARTBEAT_ROUTE, "served"), fp.labels(HEARTBEAT_ROUTE, "fallback")
+        self._served_ch, self._fallback_ch = fp.labels(CHALLENGE_ROUTE, "served"), fp.labels(CHALLENGE_ROUTE, "fallback")
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http":
@@ -83,6 +94,25 @@ class HotPath:
                 self._fallback_hb.inc()
                 if chunks:
                     receive = _replay(chunks, receive, complete)
+            elif path == CHALLENGE_ROUTE and scope["method"] == "POST" and self.challenges:
+                start = time.perf_counter()
+                chunks, complete = await _read_body(receive, self.max_body)
+                body = _challenge_body(scope, b"".join(chunks)) if complete else None
+                if body is not None:
+                    client = scope.get("client")
+                    try:
+                        out = challenge_answer(self.cp, client[0] if client else "", body)
+                    except Refused as refused:  # as errors.install's handler answers it
+                        e = from_refusal(refused)
+                        response = JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+                    else:
+                        response = JSONResponse(out.model_dump())
+                    await response(scope, receive, send)
+                    self.cp.metrics.observe("POST", CHALLENGE_ROUTE, response.status_code, start)
+                    self._served_ch.inc()
+                    return
+                self._fallback_ch.inc()
+                receive = _replay(chunks, receive, complete)
         await self.app(scope, receive, send)
 
     async def _heartbeat(self, scope, device_id: str, raw: bytes, poll: tuple) -> bytes:
@@ -108,6 +138,21 @@ class HotPath:
             return await heartbeat.beat(cp, ns, device_id, body, entry, *poll)
         except Exception:  # gone meanwhile, database busy…: the FastAPI route redoes it and answers the error
             raise _Fallback from None
+
+
+def _challenge_body(scope, raw: bytes) -> ChallengeIn | None:
+    """The challenge's body as the route would receive it, or None when FastAPI is to parse (and answer) it: the
+    plainest form only — no query, `Content-Type: application/json`, a JSON object that validates."""
+    if scope["query_string"]:
+        return None
+    types = [v for k, v in scope["headers"] if k == b"content-type"]
+    if types != [b"application/json"]:
+        return None
+    try:
+        doc = json.loads(raw)
+        return ChallengeIn.model_validate(doc) if isinstance(doc, dict) else None
+    except (ValueError, ValidationError):
+        return None
 
 
 _NO_POLL = (None, None, None, None)
