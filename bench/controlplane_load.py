@@ -1013,14 +1013,19 @@ def run_fleet(args, workdir: Path) -> dict:
               f"Retry-After): {'met' if res['meets_target'] else 'MISSED'}", flush=True)
         return res
     finally:
-        if clients is not None:
-            clients.close()
-        for srv in (b, a2, a):
-            if srv is not None:
-                try:
-                    srv.stop()
-                except Exception as e:  # pragma: no cover - stopping the others matters more
-                    print(f"   ! stopping a server: {e}", file=sys.stderr)
+        _teardown(clients, b, a2, a)
+
+
+def _teardown(clients: Clients | None, *started: ServerProcess | None) -> None:
+    """Stop the client processes, then every server started (one failing to stop does not keep the others up)."""
+    if clients is not None:
+        clients.close()
+    for srv in started:
+        if srv is not None:
+            try:
+                srv.stop()
+            except Exception as e:  # pragma: no cover - stopping the others matters more
+                print(f"   ! stopping a server: {e}", file=sys.stderr)
 
 
 def _storm_phase(clients: Clients, server: ServerProcess, n: int, args, profile: Path | None = None) -> dict:
@@ -1095,19 +1100,14 @@ def run_storm(args, workdir: Path) -> dict:
             if prof is not None:
                 prof.parent.mkdir(parents=True, exist_ok=True)
             res["rounds"].append({"label": label, **_storm_phase(clients, srv, n, args, prof)})
-        for label, _ in launchers:
+        for label in sorted({r["label"] for r in res["rounds"]}):
             rs = [r for r in res["rounds"] if r["label"] == label]
-            if rs:
-                def row(key: str, fmt: str) -> str:
-                    return ", ".join(format(r[key], fmt) for r in rs)
-                print(f"   {label}: registrations/s {row('rate', '.0f')}; all registered in "
-                      f"{row('all_registered_s', '.1f')} s; server ms per registration "
-                      f"{row('server_ms_per_registration', '.1f')}", flush=True)
+            figures = [(key, ", ".join(format(r[key], fmt) for r in rs)) for key, fmt in
+                       (("rate", ".0f"), ("all_registered_s", ".1f"), ("server_ms_per_registration", ".1f"))]
+            print(f"   {label}: " + "; ".join(f"{k} {v}" for k, v in figures), flush=True)
         return res
     finally:
-        if clients is not None:
-            clients.close()
-        srv.stop()
+        _teardown(clients, srv)
 
 
 #: server counters printed per phase (deltas): they say which path the requests took
