@@ -233,12 +233,22 @@ def test_a_nonce_is_used_once_across_servers_even_answered_at_both_at_once(pg_se
         assert codes == [200, 401]
 
 
-CHALLENGE = "/api/devices/challenge"
+CHALLENGE, REGISTER = "/api/devices/challenge", "/api/devices/register"
 
 
-def _challenges_by_path(c) -> tuple[float, float]:
-    return tuple(metric(c, "picoiot_fast_path_requests_total", f'outcome="{o}",route="{CHALLENGE}"')
+def _by_path(c, route: str) -> tuple[float, float]:
+    return tuple(metric(c, "picoiot_fast_path_requests_total", f'outcome="{o}",route="{route}"')
                  for o in ("served", "fallback"))
+
+
+def _fast_and_slow(c, route: str, make) -> tuple:
+    """The same request (`make()` builds its body) through the fast path, then through the FastAPI route (a query
+    string, which the route ignores, sends it there): the same status and headers."""
+    served, fell = _by_path(c, route)
+    fast, slow = c.post(route, json=make()), c.post(route, params={"via": "app"}, json=make())
+    assert _by_path(c, route) == (served + 1, fell + 1)
+    assert fast.status_code == slow.status_code and _head(fast) == _head(slow), (fast.text, slow.text)
+    return fast, slow
 
 
 def _head(r) -> dict:
@@ -249,12 +259,8 @@ def test_the_challenge_fast_path_answers_as_the_route(server_factory):
     s = server_factory(challenges_per_address_burst=4, challenges_per_address_per_s=0.001)
     c = s.client
 
-    def both(doc):  # the fast path, then the FastAPI route (a query string, which the route ignores, sends it there)
-        served, fell = _challenges_by_path(c)
-        fast, slow = c.post(CHALLENGE, json=doc), c.post(CHALLENGE, params={"via": "app"}, json=doc)
-        assert _challenges_by_path(c) == (served + 1, fell + 1)
-        assert fast.status_code == slow.status_code and _head(fast) == _head(slow), (fast.text, slow.text)
-        return fast, slow
+    def both(doc):
+        return _fast_and_slow(c, CHALLENGE, lambda: doc)
 
     fast, slow = both({"device_id": "relay-1"})
     assert fast.status_code == 200 and fast.json()["expires_in"] == slow.json()["expires_in"] == 60
@@ -265,7 +271,32 @@ def test_the_challenge_fast_path_answers_as_the_route(server_factory):
     fast, slow = both({"device_id": "relay-1"})  # the address's burst of 4 is spent
     assert fast.status_code == 429 and fast.json()["error"] == slow.json()["error"]
     assert fast.headers["retry-after"] == slow.headers["retry-after"]
-    served, fell = _challenges_by_path(c)  # what does not validate is the route's to answer
+    served, fell = _by_path(c, CHALLENGE)  # what does not validate is the route's to answer
     assert c.post(CHALLENGE, json={"device_id": "bad id"}).status_code == 422
     assert c.post(CHALLENGE, content=b"{", headers={"content-type": "application/json"}).status_code == 400
-    assert _challenges_by_path(c) == (served, fell + 2)
+    assert _by_path(c, CHALLENGE) == (served, fell + 2)
+
+
+def test_the_register_fast_path_answers_as_the_route(server):
+    c, key = server.client, _key(server, "relay-1")
+
+    def answer(signed_with=key, **kw):
+        def make():
+            nonce = _challenge(server, "relay-1")
+            return {"device_id": "relay-1", "nonce": nonce, "signature": sign(signed_with, nonce, "relay-1"),
+                    "device_type": "relays", **kw}
+        return make
+
+    fast, slow = _fast_and_slow(c, REGISTER, answer(firmware="0.3.0"))
+    assert fast.status_code == 200
+    assert {**fast.json(), "token": "", "server_time": 0} == {**slow.json(), "token": "", "server_time": 0}
+    d = fast.json()
+    r = c.post(d["services"]["heartbeat"], headers={"Authorization": f"Bearer {d['token']}"}, json={"seq": 1})
+    assert r.status_code == 200, r.text
+    for make, status in ((answer("0" * 64), 401), (answer(device_type="toaster"), 422),
+                         (lambda: {"device_id": "relay-1", "nonce": "0" * 64, "signature": "0" * 64}, 401)):
+        fast, slow = _fast_and_slow(c, REGISTER, make)
+        assert fast.status_code == status and fast.content == slow.content
+    served, fell = _by_path(c, REGISTER)  # what does not validate is the route's to answer
+    assert c.post(REGISTER, json={"device_id": "relay-1", "nonce": "x", "signature": "nothex"}).status_code == 422
+    assert _by_path(c, REGISTER) == (served, fell + 1)

@@ -214,9 +214,18 @@ async def challenge(body: ChallengeIn, request: Request, cp: CP) -> ChallengeOut
     return challenge_answer(cp, request.client.host if request.client else "", body)
 
 
-@router.post("/api/devices/register", response_model=RegisterOut, responses={**_ERR, 422: {"model": ErrorBody}})
+REGISTER_ROUTE = "/api/devices/register"
+
+
+@router.post(REGISTER_ROUTE, response_model=RegisterOut, responses={**_ERR, 422: {"model": ErrorBody}})
 async def register(body: RegisterIn, request: Request, cp: CP) -> RegisterOut:
     """Answer the challenge: HMAC-SHA256(device_key, nonce|device_id) → token, service URLs, intervals."""
+    return await register_answer(cp, cp.base_url(request), body)
+
+
+async def register_answer(cp: "ControlPlane", base: str, body: RegisterIn) -> RegisterOut:
+    """The registration, for the route and for the fast path (hotpath.py): one decision, one answer. `base`: the URL
+    the device reached us at (or --public-url), for its service URLs."""
     ns, expires_ts = body.namespace, 0
     try:
         ns, expires_ts = _answered_nonce(cp, body)
@@ -231,7 +240,6 @@ async def register(body: RegisterIn, request: Request, cp: CP) -> RegisterOut:
     cp.metrics.registrations.labels("ok").inc()
     cp.liveness.known_online(ns, body.device_id)
     st = cp.settings
-    base = cp.base_url(request)
     dev = body.device_id
     # into the token cache as issued: the device's first heartbeats skip the JWT check (~0.5 ms on the loaded
     # 2-core box, per device, right when a fleet registers)
