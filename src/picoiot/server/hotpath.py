@@ -26,10 +26,8 @@ import time
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl
 
-from pydantic import ValidationError
-
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 
 from . import heartbeat
