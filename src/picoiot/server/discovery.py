@@ -51,8 +51,7 @@ class BadNonce(Unauthenticated):
 
 def _registration_query() -> sa.Select:
     """The device (locked), its type, its group's overrides, its latest stored config and its default shadow's
-    version: what `_register` used to read in five statements, in one round trip. Built once: SQLAlchemy compiles it
-    once per dialect."""
+    version: five reads in one round trip. Built once, so SQLAlchemy compiles it once per dialect."""
     latest = (sa.select(C.c.version).where(C.c.ns == D.c.ns, C.c.device_id == D.c.device_id)
               .order_by(C.c.version.desc()).limit(1))
     dtype = sa.func.coalesce(sa.bindparam("dtype", type_=sa.String), D.c.device_type)
