@@ -31,7 +31,13 @@ cache misses, JWT checks, offline transitions, 503s, heartbeats) — they show w
 ≥ 2,000 heartbeats/s sustained at p99 < 100 ms, and heartbeat capacity ≥ 0.6 × the no-op capacity.
 
 Every phase is bounded in time; the servers are stopped and the schema dropped whatever happens.
-`--profile DIR` records the server with py-spy during the heartbeat capacity phase and prints where the time went.
+`--profile DIR` records the server with py-spy during the heartbeat capacity phase (storm scenario: during each storm)
+and prints where the time went.
+
+    .venv/bin/python bench/controlplane_load.py --scenario storm --devices 2000 --storm-rounds 4 --ab-launcher OLD.py
+
+restarts the control plane 4 times, alternating this tree and OLD.py (a launcher running another tree), and measures
+each re-registration storm: time until all are registered, registrations/s, server CPU per registration.
 """
 from __future__ import annotations
 
@@ -684,7 +690,7 @@ def _profile_start(pid: int, duration: float, out: Path) -> subprocess.Popen | N
         print("  (--profile: py-spy not installed; pip install py-spy)")
         return None
     return subprocess.Popen([exe, "record", "--pid", str(pid), "--duration", str(int(duration)), "--rate", "250",
-                             "--format", "raw", "-o", str(out)],
+                             "--format", "raw", "--subprocesses", "-o", str(out)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
@@ -996,28 +1002,8 @@ def run_fleet(args, workdir: Path) -> dict:
                            extra=a_extra, schema=schema)
         a2.owns_schema = True
         clients.run("retarget", 30, url=a2.url)
-        t0 = time.time()
-        with CpuWatch(a2.pid, True) as cpu:
-            st = clients.run("storm", args.storm_limit + 60, spread=args.storm_spread, time_limit=args.storm_limit)
-        done = sorted(t for r in st for t in r["done"])
-        statuses: Counter = Counter()
-        bad_ra: Counter = Counter()
-        for r in st:
-            statuses.update(r["statuses"])
-            bad_ra.update(r["bad_retry_after"])
-        all_s = done[-1] - t0 if len(done) == n else float("nan")
-        five = {k: v for k, v in statuses.items() if k.split()[-1].startswith("5")}
-        res["storm"] = {"registered": len(done), "all_registered_s": all_s, "spread_s": args.storm_spread,
-                        "rate": len(done) / max(1e-9, (done[-1] - done[0])) if len(done) > 1 else 0.0,
-                        "statuses": dict(statuses), "5xx": five, "503_without_retry_after": dict(bad_ra),
-                        "server_cpu": cpu.server, "pg_cpu": cpu.pg, "machine_busy": cpu.machine}
-        S = res["storm"]
-        print(f"   re-registration storm after a restart (devices start within {args.storm_spread:g} s): "
-              f"{S['registered']}/{n} registered, all within {S['all_registered_s']:.1f} s, "
-              f"{S['rate']:.0f} registrations/s (first to last)")
-        print(f"      answers: {dict(sorted(statuses.items()))}; 503 without Retry-After: {dict(bad_ra) or 0}")
-        print(f"      CPU (cores): server {cpu.server:.2f}, postgres {cpu.pg:.2f}, whole machine "
-              f"{cpu.machine:.2f} of {os.cpu_count()}", flush=True)
+        S = res["storm"] = _storm_phase(clients, a2, n, args)
+        five, bad_ra = S["5xx"], S["503_without_retry_after"]
         res["meets_target"] = bool(L["wake_p99_ms"] < 250 and not L["not_woken"] and L["rate"] >= 0.98 * L["offered"]
                                    and L["hold_over_p99_ms"] < TARGET_P99_MS and S["registered"] == n
                                    and S["all_registered_s"] <= 60
@@ -1027,14 +1013,101 @@ def run_fleet(args, workdir: Path) -> dict:
               f"Retry-After): {'met' if res['meets_target'] else 'MISSED'}", flush=True)
         return res
     finally:
-        if clients is not None:
-            clients.close()
-        for srv in (b, a2, a):
-            if srv is not None:
-                try:
-                    srv.stop()
-                except Exception as e:  # pragma: no cover - stopping the others matters more
-                    print(f"   ! stopping a server: {e}", file=sys.stderr)
+        _teardown(clients, b, a2, a)
+
+
+def _teardown(clients: Clients | None, *started: ServerProcess | None) -> None:
+    """Stop the client processes, then every server started (one failing to stop does not keep the others up)."""
+    if clients is not None:
+        clients.close()
+    for srv in started:
+        if srv is not None:
+            try:
+                srv.stop()
+            except Exception as e:  # pragma: no cover - stopping the others matters more
+                print(f"   ! stopping a server: {e}", file=sys.stderr)
+
+
+def _storm_phase(clients: Clients, server: ServerProcess, n: int, args, profile: Path | None = None) -> dict:
+    """Every device registers again at once (the restart's storm), against `server`; prints and returns the figures.
+    `profile`: py-spy the server meanwhile into that file (for the whole of --storm-limit at most)."""
+    prof = _profile_start(server.pid, args.storm_limit, profile) if profile else None
+    t0 = time.time()
+    with CpuWatch(server.pid, True) as cpu:
+        st = clients.run("storm", args.storm_limit + 60, spread=args.storm_spread, time_limit=args.storm_limit)
+    if prof is not None:
+        prof.send_signal(signal.SIGINT)  # py-spy writes what it has on SIGINT
+        try:
+            prof.wait(30)
+        except subprocess.TimeoutExpired:
+            prof.kill()
+    done = sorted(t for r in st for t in r["done"])
+    statuses: Counter = Counter()
+    bad_ra: Counter = Counter()
+    for r in st:
+        statuses.update(r["statuses"])
+        bad_ra.update(r["bad_retry_after"])
+    all_s = done[-1] - t0 if len(done) == n else float("nan")
+    five = {k: v for k, v in statuses.items() if k.split()[-1].startswith("5")}
+    S = {"registered": len(done), "all_registered_s": all_s, "spread_s": args.storm_spread,
+         "rate": len(done) / max(1e-9, (done[-1] - done[0])) if len(done) > 1 else 0.0,
+         "statuses": dict(statuses), "5xx": five, "503_without_retry_after": dict(bad_ra),
+         "server_cpu": cpu.server, "pg_cpu": cpu.pg, "machine_busy": cpu.machine,
+         "server_ms_per_registration": cpu.server * cpu.wall / max(1, len(done)) * 1000,
+         "pg_ms_per_registration": cpu.pg * cpu.wall / max(1, len(done)) * 1000}
+    print(f"   re-registration storm after a restart (devices start within {args.storm_spread:g} s): "
+          f"{S['registered']}/{n} registered, all within {S['all_registered_s']:.1f} s, "
+          f"{S['rate']:.0f} registrations/s (first to last)")
+    print(f"      answers: {dict(sorted(statuses.items()))}; 503 without Retry-After: {dict(bad_ra) or 0}")
+    print(f"      CPU (cores): server {cpu.server:.2f}, postgres {cpu.pg:.2f}, whole machine "
+          f"{cpu.machine:.2f} of {os.cpu_count()}; per registration: server {S['server_ms_per_registration']:.1f} ms, "
+          f"postgres {S['pg_ms_per_registration']:.1f} ms; load avg {os.getloadavg()[0]:.1f}", flush=True)
+    if profile is not None:
+        S["profile"] = _profile_report(profile, top=30)
+        print("\n".join(S["profile"]), flush=True)
+    return S
+
+
+def run_storm(args, workdir: Path) -> dict:
+    """The re-registration storm alone (PostgreSQL): the fleet registers once, then, --storm-rounds times, the control
+    plane restarts and every device registers again at once. With --ab-launcher the restarts alternate between the
+    tree under test (A: this tree, or --server-launcher) and B, on the same schema and devices: an A/B in one
+    session, each round moments from the other."""
+    n = args.devices
+    extra = ("--workers", str(args.fleet_workers), "--ttl-slack", "900")
+    launchers = [("A", args.server_launcher)] + ([("B", args.ab_launcher)] if args.ab_launcher else [])
+    print(f"\n== storm: {n} devices, {args.storm_rounds} restart(s), {args.fleet_workers} worker process(es), "
+          f"PostgreSQL; " + ", ".join(f"{k}: {v or 'this tree'}" for k, v in launchers), flush=True)
+    srv = ServerProcess("postgres", workdir / "s", workdir / "server-0.log", args.server_launcher, extra=extra)
+    schema, clients = srv.schema, None
+    res: dict = {"backend": "postgres", "scenario": "storm", "devices": n, "rounds": []}
+    try:
+        clients = Clients(args.client_procs, srv, [f"storm-{i:06d}" for i in range(n)], args.timeout)
+        reg, res["register"] = _register_phase(clients, srv, True, args,
+                                               f"first registration ({args.register_concurrency} in flight)")
+        if reg["ok"] < n:
+            raise RuntimeError(f"only {reg['ok']} of {n} devices registered: {dict(reg['errors'])}")
+        for i in range(args.storm_rounds):
+            label, launcher = launchers[i % len(launchers)]
+            srv.owns_schema = False
+            srv.stop()
+            srv = ServerProcess("postgres", workdir / "s", workdir / f"server-{i + 1}.log", launcher, extra=extra,
+                                schema=schema)
+            srv.owns_schema = True
+            clients.run("retarget", 30, url=srv.url)
+            print(f"   round {i + 1}, {label} (pid {srv.pid}):", flush=True)
+            prof = Path(args.profile) / f"storm-{label}-{i + 1}.txt" if args.profile else None
+            if prof is not None:
+                prof.parent.mkdir(parents=True, exist_ok=True)
+            res["rounds"].append({"label": label, **_storm_phase(clients, srv, n, args, prof)})
+        for label in sorted({r["label"] for r in res["rounds"]}):
+            rs = [r for r in res["rounds"] if r["label"] == label]
+            figures = [(key, ", ".join(format(r[key], fmt) for r in rs)) for key, fmt in
+                       (("rate", ".0f"), ("all_registered_s", ".1f"), ("server_ms_per_registration", ".1f"))]
+            print(f"   {label}: " + "; ".join(f"{k} {v}" for k, v in figures), flush=True)
+        return res
+    finally:
+        _teardown(clients, srv)
 
 
 #: server counters printed per phase (deltas): they say which path the requests took
@@ -1133,14 +1206,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=10.0, help="per-request timeout, seconds")
     ap.add_argument("--profile", metavar="DIR", help="py-spy the server during the heartbeat capacity phase")
     ap.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
-    ap.add_argument("--scenario", choices=["load", "fleet"], default="load",
+    ap.add_argument("--scenario", choices=["load", "fleet", "storm"], default="load",
                     help="load: register, capacity, sustained heartbeats (above); fleet: held long-polls woken by an "
-                         "operator on a second process, then a restart and the re-registration storm (PostgreSQL)")
+                         "operator on a second process, then a restart and the re-registration storm (PostgreSQL); "
+                         "storm: only restarts and their re-registration storms (--storm-rounds, --ab-launcher)")
     ap.add_argument("--fleet-workers", type=int, default=2, help="fleet: server worker processes holding the polls")
     ap.add_argument("--fleet-writes", type=float, default=20.0, help="fleet: operator writes per second")
     ap.add_argument("--storm-spread", type=float, default=10.0,
                     help="fleet: the devices start re-registering within this many seconds of the restart")
-    ap.add_argument("--storm-limit", type=float, default=300.0, help="fleet: cap on the storm, seconds")
+    ap.add_argument("--storm-limit", type=float, default=300.0, help="fleet, storm: cap on one storm, seconds")
+    ap.add_argument("--storm-rounds", type=int, default=1, help="storm: restarts, each followed by a storm")
+    ap.add_argument("--ab-launcher", metavar="SCRIPT",
+                    help="storm: every other restart runs this launcher (B) instead of the tree under test (A)")
     ap.add_argument("--server-launcher", metavar="SCRIPT",
                     help="run this Python script instead of `-m picoiot.cli` (same arguments): A/B-test a patch")
     args = ap.parse_args(argv)
@@ -1152,14 +1229,14 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.client_procs} client process(es), {os.cpu_count()} CPUs, load avg {os.getloadavg()[0]:.2f}")
     results = []
     workdir = Path(tempfile.mkdtemp(prefix="picoiot-bench-"))
-    if args.scenario == "fleet":
+    if args.scenario in ("fleet", "storm"):
         try:
-            results.append(run_fleet(args, workdir))
+            results.append((run_fleet if args.scenario == "fleet" else run_storm)(args, workdir))
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             return 130
         except RuntimeError as e:
-            print(f"   ! fleet: {e}", file=sys.stderr)
+            print(f"   ! {args.scenario}: {e}", file=sys.stderr)
             return 1
         finally:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -59,6 +59,15 @@ def test_fleet_scenario_runs_long_polls_wakes_and_the_storm():
     assert "503 without Retry-After: 0" in out, out[-3000:]
 
 
+def test_storm_scenario_restarts_and_every_device_registers_again():
+    require_pg()
+    rc, out = _run("controlplane_load.py", "--scenario", "storm", "--devices", "30", "--client-procs", "1",
+                   "--storm-spread", "1", "--storm-limit", "60", "--storm-rounds", "2", "--register-concurrency", "8")
+    assert rc == 0, out[-3000:]
+    assert len(re.findall(r"re-registration storm .*: 30/30 registered, all within [\d.]+ s", out)) == 2, out[-3000:]
+    assert re.search(r"per registration: server [\d.]+ ms", out) and "503 without Retry-After: 0" in out, out[-3000:]
+
+
 def test_cloud_to_relay_bench_runs():
     # real micropython devices: the bench rotted once already (a simulator module moved) with nothing to notice it
     rc, out = _run("cloud_to_relay.py", "--devices", "2", "--rounds", "1", "--trials", "2", "--baseline-trials", "0")

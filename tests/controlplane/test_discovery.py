@@ -1,11 +1,15 @@
 """ServiceDiscovery: challenge, registration, nonces, keys, tokens (protocol §2)."""
+import concurrent.futures
+import time
+
 import jwt
+import pytest
 import sqlalchemy as sa
 
-from picoiot.server import db as tables
+from picoiot.server import db as tables, nonces
 from picoiot.server.auth import derive_device_key, issue_token
 
-from cptest import sign
+from cptest import metric, sign
 
 
 def _challenge(server, dev, ns="default"):
@@ -75,14 +79,45 @@ def test_nonce_is_bound_to_the_device_id(server):
     nonce = _challenge(server, "relay-1")
     r = _register(server, "relay-2", nonce, _key(server, "relay-2"))
     assert r.status_code == 401
+    # answered, if for another device: used up all the same
+    assert _register(server, "relay-1", nonce, _key(server, "relay-1")).json()["error"] == "unknown or expired nonce"
 
 
 def test_expired_nonce_is_refused(server):
-    nonce = _challenge(server, "relay-1")
-    n = tables.nonces
-    server.sql(lambda c: c.execute(n.update().where(n.c.nonce == nonce).values(expires_ts=1)))
+    # made as the challenge makes it, by this server's own key, two minutes ago with a 60 s lifetime
+    nonce = nonces.issue(server.settings.secrets.signing_key, "default", "relay-1", 60, now_s=time.time() - 120)
     r = _register(server, "relay-1", nonce, _key(server, "relay-1"))
     assert r.status_code == 401 and "expired" in r.json()["error"]
+
+
+def _nonce_rows(server) -> int:
+    return server.sql(lambda c: c.execute(sa.select(sa.func.count()).select_from(tables.nonces)).scalar())
+
+
+def test_a_challenge_writes_nothing_and_the_answer_records_its_nonce(server):
+    nonce = _challenge(server, "relay-1")
+    assert len(nonce) == 64 and _nonce_rows(server) == 0  # stateless: no row until it is answered
+    assert _register(server, "relay-1", nonce, _key(server, "relay-1")).status_code == 200
+    assert _nonce_rows(server) == 1  # used: a replay on any replica finds it
+
+
+def test_forged_or_altered_nonces_are_refused_and_leave_the_real_one_usable(server):
+    nonce = _challenge(server, "relay-1")
+    key = _key(server, "relay-1")
+    later = f"{int(nonce[:8], 16) + 3600:08x}" + nonce[8:]  # its expiry moved an hour on: the MAC no longer fits
+    foreign = nonces.issue("another-server's-key-" + "x" * 20, "default", "relay-1", 60)
+    for forged in (later, foreign, nonce[:-1] + ("0" if nonce[-1] != "0" else "1"), nonce.upper(), "0" * 32):
+        r = _register(server, "relay-1", forged, key)
+        assert r.status_code == 401 and r.json()["error"] == "unknown or expired nonce", forged
+    assert _nonce_rows(server) == 0  # never issued, so nothing to use up
+    assert _register(server, "relay-1", nonce, key).status_code == 200
+
+
+def test_the_namespace_is_the_one_the_nonce_was_issued_in(server):
+    nonce = _challenge(server, "relay-1", ns="other")
+    r = _register(server, "relay-1", nonce, _key(server, "relay-1", ns="other"))  # no namespace, as the firmware
+    assert r.status_code == 200, r.text
+    assert r.json()["namespace"] == "other"
 
 
 def test_key_of_another_namespace_does_not_register(server):
@@ -178,3 +213,90 @@ def test_token_cache_still_enforces_expiry(server):
     r = server.client.post(d.services["heartbeat"], headers=d.headers, json={"seq": 2})
     assert r.status_code == 401 and r.json()["error"] == "token expired"
     assert d.token not in cache._seen
+
+
+@pytest.mark.postgres
+def test_a_nonce_is_used_once_across_servers_even_answered_at_both_at_once(pg_server_factory):
+    a, b = pg_server_factory(), pg_server_factory()  # one database, one set of secrets, two processes' worth of state
+    key = _key(a, "relay-1")
+    nonce = _challenge(a, "relay-1")  # issued by A, answered at B: nothing of it was stored at A
+    assert _register(b, "relay-1", nonce, key).status_code == 200
+    r = _register(a, "relay-1", nonce, key)
+    assert r.status_code == 401 and r.json()["error"] == "unknown or expired nonce"
+    nonce = _challenge(b, "relay-1")  # a wrong answer at A uses it up for B too
+    assert _register(a, "relay-1", nonce, "0" * 64).json()["error"] == "bad signature"
+    assert _register(b, "relay-1", nonce, key).json()["error"] == "unknown or expired nonce"
+    for _ in range(5):  # the same right answer sent to both at once: exactly one registers
+        nonce = _challenge(a, "relay-1")
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            codes = sorted(pool.map(lambda s: _register(s, "relay-1", nonce, key).status_code, (a, b)))
+        assert codes == [200, 401]
+
+
+CHALLENGE, REGISTER = "/api/devices/challenge", "/api/devices/register"
+
+
+def _by_path(c, route: str) -> tuple[float, float]:
+    return tuple(metric(c, "picoiot_fast_path_requests_total", f'outcome="{o}",route="{route}"')
+                 for o in ("served", "fallback"))
+
+
+def _fast_and_slow(c, route: str, make) -> tuple:
+    """The same request (`make()` builds its body) through the fast path, then through the FastAPI route (a query
+    string, which the route ignores, sends it there): the same status and headers."""
+    served, fell = _by_path(c, route)
+    fast, slow = c.post(route, json=make()), c.post(route, params={"via": "app"}, json=make())
+    assert _by_path(c, route) == (served + 1, fell + 1)
+    assert fast.status_code == slow.status_code and _head(fast) == _head(slow), (fast.text, slow.text)
+    return fast, slow
+
+
+def _head(r) -> dict:
+    return {k: v for k, v in r.headers.items() if k not in ("date", "server")}
+
+
+def test_the_challenge_fast_path_answers_as_the_route(server_factory):
+    s = server_factory(challenges_per_address_burst=4, challenges_per_address_per_s=0.001)
+    c = s.client
+
+    def both(doc):
+        return _fast_and_slow(c, CHALLENGE, lambda: doc)
+
+    fast, slow = both({"device_id": "relay-1"})
+    assert fast.status_code == 200 and fast.json()["expires_in"] == slow.json()["expires_in"] == 60
+    for r in (fast, slow):  # either nonce registers
+        assert _register(s, "relay-1", r.json()["nonce"], _key(s, "relay-1")).status_code == 200
+    fast, slow = both({"device_id": "relay-1", "namespace": "nope"})
+    assert fast.status_code == 404 and fast.content == slow.content
+    fast, slow = both({"device_id": "relay-1"})  # the address's burst of 4 is spent
+    assert fast.status_code == 429 and fast.json()["error"] == slow.json()["error"]
+    assert fast.headers["retry-after"] == slow.headers["retry-after"]
+    served, fell = _by_path(c, CHALLENGE)  # what does not validate is the route's to answer
+    assert c.post(CHALLENGE, json={"device_id": "bad id"}).status_code == 422
+    assert c.post(CHALLENGE, content=b"{", headers={"content-type": "application/json"}).status_code == 400
+    assert _by_path(c, CHALLENGE) == (served, fell + 2)
+
+
+def test_the_register_fast_path_answers_as_the_route(server):
+    c, key = server.client, _key(server, "relay-1")
+
+    def answer(signed_with=key, **kw):
+        def make():
+            nonce = _challenge(server, "relay-1")
+            return {"device_id": "relay-1", "nonce": nonce, "signature": sign(signed_with, nonce, "relay-1"),
+                    "device_type": "relays", **kw}
+        return make
+
+    fast, slow = _fast_and_slow(c, REGISTER, answer(firmware="0.3.0"))
+    assert fast.status_code == 200
+    assert {**fast.json(), "token": "", "server_time": 0} == {**slow.json(), "token": "", "server_time": 0}
+    d = fast.json()
+    r = c.post(d["services"]["heartbeat"], headers={"Authorization": f"Bearer {d['token']}"}, json={"seq": 1})
+    assert r.status_code == 200, r.text
+    for make, status in ((answer("0" * 64), 401), (answer(device_type="toaster"), 422),
+                         (lambda: {"device_id": "relay-1", "nonce": "0" * 64, "signature": "0" * 64}, 401)):
+        fast, slow = _fast_and_slow(c, REGISTER, make)
+        assert fast.status_code == status and fast.content == slow.content
+    served, fell = _by_path(c, REGISTER)  # what does not validate is the route's to answer
+    assert c.post(REGISTER, json={"device_id": "relay-1", "nonce": "x", "signature": "nothex"}).status_code == 422
+    assert _by_path(c, REGISTER) == (served, fell + 1)

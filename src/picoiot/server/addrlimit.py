@@ -1,6 +1,7 @@
 """A token bucket per client address, for the unauthenticated endpoints that write (registration challenges).
 
-Each challenge writes a nonce row; without a bound one address could fill the table as fast as it can send. A device
+Each challenge costs a signed nonce (server/nonces.py) and each answer a used-nonce row; without a bound one address
+could keep the server signing as fast as it can send. A device
 asks for one challenge per registration, so a burst covers a fleet behind one NAT starting together, and the refill
 rate its steady re-registrations. Per process (several workers each keep their own buckets), in memory: losing the
 buckets on a restart only forgives a client.

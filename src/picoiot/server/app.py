@@ -156,7 +156,8 @@ def create_app(settings: Settings | None = None, services: Iterable[str] | None 
     app.add_middleware(MetricsAndLimits, metrics=cp.metrics, max_body=settings.max_body_bytes)
     mounted = set(services or SERVICES)
     # outside FastAPI's own layers, inside admission control; see hotpath.py
-    app.add_middleware(HotPath, cp=cp, health="ops" in mounted, heartbeats="heartbeat" in mounted)
+    app.add_middleware(HotPath, cp=cp, health="ops" in mounted, heartbeats="heartbeat" in mounted,
+                       registrations="discovery" in mounted)
     # outermost: a refused request costs as little as possible
     app.add_middleware(Admission, metrics=cp.metrics, max_requests=settings.max_requests_in_flight,
                        max_longpolls=settings.max_longpolls, max_registrations=settings.max_registrations_in_flight)

@@ -29,8 +29,8 @@ def signature_ok(device_key: str, nonce: str, device_id: str, signature: str) ->
     return hmac.compare_digest(expected.encode(), signature.lower().encode())
 
 
-def issue_token(signing_key: str, sub: str, ns: str, role: str, ttl_s: int) -> str:
-    now = int(time.time())
+def issue_token(signing_key: str, sub: str, ns: str, role: str, ttl_s: int, now: int | None = None) -> str:
+    now = int(time.time()) if now is None else now
     return jwt.encode({"sub": sub, "ns": ns, "role": role, "iat": now, "exp": now + int(ttl_s)},
                       signing_key, algorithm="HS256")
 
@@ -107,14 +107,19 @@ class TokenCache:
         p = self._seen.get(token)
         return p if p is not None and p.exp > time.time() else None
 
+    def issued(self, token: str, p: Principal) -> None:
+        """A token this server has just signed, with its claims: its first use skips the signature check (a device
+        heartbeats right after registering), without decoding what was just encoded."""
+        if len(self._seen) >= self.max_entries:
+            self._seen.clear()
+        self._seen[token] = p
+
     def principal(self, signing_key: str, token: str) -> Principal:
         p = self._seen.get(token)
         if p is None:
             self.verifications += 1
             p = decode(signing_key, token)
-            if len(self._seen) >= self.max_entries:
-                self._seen.clear()
-            self._seen[token] = p
+            self.issued(token, p)
         elif p.exp <= time.time():
             self._seen.pop(token, None)
             raise ApiError(401, "token expired", headers={"WWW-Authenticate": "Bearer"})

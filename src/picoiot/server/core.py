@@ -110,7 +110,7 @@ class ControlPlane(Plane):
         self.tokens = TokenCache()
         self.metrics.token_verifications.set_function(lambda: self.tokens.verifications)
         self.liveness = Liveness(self)
-        #: registration challenges per client address (unauthenticated, and each one writes a nonce row)
+        #: registration challenges per client address (unauthenticated: each one costs a signed nonce)
         self.challenges = AddressLimiter(settings.challenges_per_address_per_s, settings.challenges_per_address_burst)
         self.telemetry = Telemetry(self)
         self.events = EventHub()  # the dashboard's live updates (events.py)

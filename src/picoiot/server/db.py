@@ -1,6 +1,7 @@
 """Tables, engine, migrations. SQLAlchemy Core (no ORM): every query is visible and small."""
 from __future__ import annotations
 
+import select
 import time
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -111,7 +112,7 @@ alarms = sa.Table(
     sa.Index("alarms_ns_state", "ns", "state"),
 )
 
-nonces = sa.Table(
+nonces = sa.Table(  # registration nonces already answered, until they expire (server/nonces.py: single use)
     "nonces", metadata,
     sa.Column("nonce", sa.String(64), primary_key=True),
     sa.Column("ns", sa.String(64), nullable=False),
@@ -391,10 +392,29 @@ def make_engine(settings: Settings) -> sa.Engine:
             # SQLITE_BUSY without waiting for busy_timeout.
             conn.exec_driver_sql("BEGIN IMMEDIATE")
         return engine
-    connect_args: dict[str, Any] = {}
+    # named after its schema: an operator (or a test) can tell this server's connections apart in pg_stat_activity
+    connect_args: dict[str, Any] = {"application_name": f"picoiot {settings.db_schema or ''}".strip()[:63]}
     if settings.db_schema:
         connect_args["options"] = f"-csearch_path={settings.db_schema}"
-    return sa.create_engine(url, connect_args=connect_args, pool_size=10, max_overflow=20, pool_pre_ping=True)
+    engine = sa.create_engine(url, connect_args=connect_args, pool_size=10, max_overflow=20)
+    sa.event.listen(engine, "checkout", _drop_if_closed_by_server)
+    return engine
+
+
+def _drop_if_closed_by_server(dbapi_conn, _rec, _proxy) -> None:
+    """A pooled connection that PostgreSQL has closed (a restart, pg_terminate_backend, an idle timeout) is replaced
+    before use. An idle connection has nothing to read unless the server has sent its goodbye (a FATAL message, then
+    end of file), so one poll() of its socket tells, without the round trip that `pool_pre_ping` spends (a `SELECT 1`
+    before every transaction). DisconnectionError makes the pool discard it and
+    check out another."""
+    try:
+        fd = dbapi_conn.fileno()
+    except Exception:  # already closed on our side
+        raise sa.exc.DisconnectionError() from None
+    p = select.poll()
+    p.register(fd, select.POLLIN)
+    if p.poll(0):
+        raise sa.exc.DisconnectionError()
 
 
 def migrate(engine: sa.Engine, settings: Settings) -> int:

@@ -1,6 +1,6 @@
-"""The two hottest requests — a device's heartbeat (plain or held as a long-poll) and `/health` — answered without
-FastAPI's per-request machinery (route scan over every path, dependency solving, exception middlewares, response
-classes).
+"""The hottest requests — a device's heartbeat (plain or held as a long-poll), `/health` and the registration's
+challenge and answer — answered without FastAPI's per-request machinery (route scan over every path, dependency solving,
+exception middlewares, response classes).
 
 Why: measured in-process, FastAPI's layers cost ≈ 200 µs of a heartbeat's ≈ 230 µs, and a fleet of 20,000 devices
 at a 10 s interval is 2,000 heartbeats/s on a 2-core box (docs/benchmarks.md, Control plane load); a device holding
@@ -11,6 +11,11 @@ version cache does not hold, a query string other than the long-poll's own param
 (`_poll`), an oversize body, any error while recording or waiting — is handed to the FastAPI app unchanged (the body
 read so far is replayed), so every error answer and the OpenAPI schema stay FastAPI's. What is done and answered is
 `heartbeat.beat`, the FastAPI route's own, and who may is decided by `auth.own_device_ns`, the route's own check.
+
+A registration's two requests (a fleet re-registering after a restart is 20,000 of each) are served when the body is
+plain JSON that validates (else FastAPI answers, 400 or 422), by the routes' own `discovery.challenge_answer` and
+`register_answer`; their refusals (429, 404, 401, 422) are answered here as the app's error handler renders them,
+since by then the address limiter has counted the request, or the nonce is used up.
 """
 from __future__ import annotations
 
@@ -21,12 +26,16 @@ import time
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl
 
-from pydantic import ValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
 
 from . import heartbeat
 from .auth import bearer_token, own_device_ns
-from .errors import ApiError
-from .models import HeartbeatIn
+from .discovery import CHALLENGE_ROUTE, REGISTER_ROUTE, challenge_answer, register_answer
+from .errors import ApiError, from_refusal
+from .models import ChallengeIn, HeartbeatIn, RegisterIn
+from .refusals import Refused
 
 if TYPE_CHECKING:
     from .core import ControlPlane
@@ -43,16 +52,18 @@ class _Fallback(Exception):
 class HotPath:
     """Pure ASGI middleware, outside the FastAPI app (inside admission control)."""
 
-    def __init__(self, app, cp: "ControlPlane", health: bool = True, heartbeats: bool = True):
+    def __init__(self, app, cp: "ControlPlane", health: bool = True, heartbeats: bool = True,
+                 registrations: bool = True):
         self.app = app
         self.cp = cp
-        self.health, self.heartbeats = health, heartbeats
+        self.health, self.heartbeats, self.registrations = health, heartbeats, registrations
         self.max_body = cp.settings.max_body_bytes
         self._health = json.dumps({"status": "ok"}).encode()
         self._pid = str(os.getpid()).encode()
         fp = cp.metrics.fast_path
         self._served_health = fp.labels("/health", "served")
         self._served_hb, self._fallback_hb = fp.labels(HEARTBEAT_ROUTE, "served"), fp.labels(HEARTBEAT_ROUTE, "fallback")
+        self._registration_counters = {p: (fp.labels(p, "served"), fp.labels(p, "fallback")) for p in _REGISTRATION}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http":
@@ -83,7 +94,42 @@ class HotPath:
                 self._fallback_hb.inc()
                 if chunks:
                     receive = _replay(chunks, receive, complete)
+            elif path in _REGISTRATION and scope["method"] == "POST" and self.registrations:
+                start = time.perf_counter()
+                chunks, complete = await _read_body(receive, self.max_body)
+                body = _json_body(scope, b"".join(chunks), _REGISTRATION[path]) if complete else None
+                served, fallback = self._registration_counters[path]
+                if body is not None:
+                    try:
+                        response = await self._registration(scope, path, body)
+                    except _Fallback:
+                        pass
+                    else:
+                        await response(scope, receive, send)
+                        self.cp.metrics.observe("POST", path, response.status_code, start)
+                        served.inc()
+                        return
+                fallback.inc()
+                receive = _replay(chunks, receive, complete)
         await self.app(scope, receive, send)
+
+    async def _registration(self, scope, path: str, body):
+        """The route's answer (discovery.challenge_answer, register_answer), refusals rendered as errors.install's
+        handler renders them. Anything unexpected is handed to the route, which redoes it: a write that failed was
+        rolled back (as a device's retry would find it), and what follows the commit does no I/O."""
+        cp = self.cp
+        try:
+            if path == CHALLENGE_ROUTE:
+                client = scope.get("client")
+                out = challenge_answer(cp, client[0] if client else "", body)
+            else:
+                out = await register_answer(cp, cp.base_url(Request(scope)), body)
+        except Refused as refused:
+            e = from_refusal(refused)
+            return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+        except Exception:  # the database queue full, a lost connection…: the route answers it
+            raise _Fallback from None
+        return JSONResponse(out.model_dump(mode="json"))
 
     async def _heartbeat(self, scope, device_id: str, raw: bytes, poll: tuple) -> bytes:
         if not device_id or "/" in device_id:
@@ -108,6 +154,25 @@ class HotPath:
             return await heartbeat.beat(cp, ns, device_id, body, entry, *poll)
         except Exception:  # gone meanwhile, database busy…: the FastAPI route redoes it and answers the error
             raise _Fallback from None
+
+
+#: the registration's two requests served here, and the body each takes
+_REGISTRATION: dict[str, type[BaseModel]] = {CHALLENGE_ROUTE: ChallengeIn, REGISTER_ROUTE: RegisterIn}
+
+
+def _json_body(scope, raw: bytes, model: type[BaseModel]) -> BaseModel | None:
+    """The body as the route would receive it, or None when FastAPI is to parse (and answer) it: the plainest form
+    only — no query, `Content-Type: application/json`, a JSON object that validates."""
+    if scope["query_string"]:
+        return None
+    types = [v for k, v in scope["headers"] if k == b"content-type"]
+    if types != [b"application/json"]:
+        return None
+    try:
+        doc = json.loads(raw)
+        return model.model_validate(doc) if isinstance(doc, dict) else None
+    except (ValueError, ValidationError):
+        return None
 
 
 _NO_POLL = (None, None, None, None)

@@ -111,6 +111,11 @@ class Notifier:
     def sql_notify(self, conn: sa.Connection, event: dict) -> None:
         """Called inside the writer's transaction; only cross-process notifiers do anything here."""
 
+    def notify_column(self, event: dict) -> sa.ColumnElement | None:
+        """`sql_notify` as a column for a statement the writer runs anyway (`… RETURNING <it>`): one round trip less
+        (registration, discovery.py). None where there is nothing to send."""
+        return None
+
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
 
@@ -134,8 +139,10 @@ class PostgresNotifier(Notifier):
         self._thread: threading.Thread | None = None
 
     def sql_notify(self, conn: sa.Connection, event: dict) -> None:
-        conn.execute(sa.text("SELECT pg_notify(:ch, :payload)"),
-                     {"ch": self.channel, "payload": json.dumps(event, separators=(",", ":"))})
+        conn.execute(sa.select(self.notify_column(event)))
+
+    def notify_column(self, event: dict) -> sa.ColumnElement:
+        return sa.func.pg_notify(self.channel, json.dumps(event, separators=(",", ":")))
 
     async def start(self) -> None:
         await super().start()
