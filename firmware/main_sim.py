@@ -9,6 +9,7 @@
 # PICOIOT_NAMESPACE, PICOIOT_PORT, PICOIOT_HOST, PICOIOT_FLASH. When the local API listens it prints one line:
 #   picoiot device <id> listening on http://127.0.0.1:<port>
 # A simulated reset ends the process with status 75 (picosim.RESET_EXIT_CODE): restart it with the same flash.
+# Ctrl-C (SIGINT) ends the process at once, by the signal, as pulling a board's power would: the firmware survives that.
 import sys
 import os
 import json
@@ -96,17 +97,26 @@ async def run(s):
         await asyncio.sleep(3600)
 
 
-def main(argv=None):
+def main(argv=None, entry=None):
+    """The process: settings from argv, the simulated board on its flash, then entry(settings) (default run), a
+    coroutine that calls run(settings) (a test's or a bench's wrapper) until the process ends."""
+    # Ctrl-C: not a KeyboardInterrupt. The unix port raises it from inside its signal handler, at whatever C instruction
+    # the interpreter is at (MICROPY_ASYNC_KBD_INTR): half-way through a task switch it turned into a NameError or a
+    # StopIteration that asyncio logged and ran on from, and the device did not stop. CPython's asyncio.run cancels
+    # the tasks, then logs the connections the local API accepted meanwhile.
+    try:
+        from micropython import kbd_intr
+        kbd_intr(-1)  # the unix port: SIGINT back to the default action
+    except ImportError:  # CPython
+        import signal
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
     s = settings(sys.argv[1:] if argv is None else argv)
     import picosim as sim
     from iotlib.fsutil import makedirs
     makedirs(s["flash_dir"])
     sim.configure(flash_root=s["flash_dir"])
     from iotlib.compat import asyncio
-    try:
-        asyncio.run(run(s))
-    except KeyboardInterrupt:  # Ctrl-C on a device started by hand: a clean stop, not a traceback
-        print("picoiot device %s stopped" % s["device_id"])
+    asyncio.run((entry or run)(s))
 
 
 if __name__ == "__main__":

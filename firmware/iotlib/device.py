@@ -108,7 +108,8 @@ class Device(Heartbeat):
         return dict(COMMON_SCHEMA)
 
     def defaults(self):
-        return dict(COMMON_DEFAULTS)
+        from iotlib.config import copy
+        return copy(COMMON_DEFAULTS)  # deep: callers edit nested sections
 
     def setup_domain(self, config):
         """Create the domain objects from the boot config (relays at their power-on state, sensors)."""

@@ -297,15 +297,27 @@ def test_two_workers_on_postgres_share_the_port_and_wake_each_others_long_polls(
         secrets = json.loads((tmp_path / "d" / "secrets.json").read_text())
         admin = {"Authorization": "Bearer " + issue_token(secrets["signing_key"], "t", "default", "admin", 600)}
         key = derive_device_key(secrets["enrollment_keys"]["default"], "wk-1")
-        nonce = w1.post("/api/devices/challenge", json={"device_id": "wk-1"}).json()["nonce"]
-        r = w2.post("/api/devices/register", json={"device_id": "wk-1", "nonce": nonce,  # nonce from the other worker
-                                                  "signature": sign(key, nonce, "wk-1"), "device_type": "relays"})
-        assert r.status_code == 200, r.text
-        dev = {"Authorization": f"Bearer {r.json()['token']}"}
+        # worker 1's own stream of changes, open before the registration: it tells when worker 2's NOTIFY arrived
+        sse = _client_on(p.url, pid1, clients)
+        with sse.stream("GET", "/api/v1/namespaces/default/events", headers=admin) as events:
+            lines = events.iter_lines()
+            assert next(lines).startswith("retry:")  # subscribed
+            nonce = w1.post("/api/devices/challenge", json={"device_id": "wk-1"}).json()["nonce"]
+            r = w2.post("/api/devices/register", json={"device_id": "wk-1", "nonce": nonce,  # the other's nonce
+                                                      "signature": sign(key, nonce, "wk-1"), "device_type": "relays"})
+            assert r.status_code == 200, r.text
+            dev = {"Authorization": f"Bearer {r.json()['token']}"}
+            # a fleet behind a round-robin balancer: the first heartbeat may reach worker 1 before the NOTIFY does
+            # (it then reads the device from the database and answers as usual)
+            assert beat(w1, "wk-1", dev).status_code == 200
+            misses = metric(w1, "picoiot_version_cache_misses_total")
+            while not _is_event(next(lines), "wk-1", "device"):
+                pass
+        # once it has arrived, worker 1 holds the device's versions: no heartbeat on either worker reads them again
         for c in (w1, w2):
             assert beat(c, "wk-1", dev).status_code == 200
-        wait_until(lambda: metric(w1, "picoiot_version_cache_misses_total") == 0
-                   and metric(w2, "picoiot_version_cache_misses_total") == 0)
+        assert metric(w1, "picoiot_version_cache_misses_total") == misses
+        assert metric(w2, "picoiot_version_cache_misses_total") == 0
 
         for holder, pid, writer, level in ((w1, pid1, w2, "debug"), (w2, pid2, w1, "warning")):
             pending = beat(holder, "wk-1", dev).json()["pending"]
@@ -330,6 +342,22 @@ def test_two_workers_on_postgres_share_the_port_and_wake_each_others_long_polls(
         code = p.stop()
         drop_schema(schema)
     assert code == 0, p.log()
+
+
+def _is_event(line: str, dev: str, kind: str) -> bool:
+    e = json.loads(line.removeprefix("data: ")) if line.startswith("data: ") else {}
+    return e.get("dev") == dev and e.get("kind") == kind
+
+
+def _client_on(url: str, pid: int, clients: list[httpx.Client]) -> httpx.Client:
+    """A new keep-alive connection that worker `pid` accepted (the kernel spreads connections over the workers)."""
+    deadline = time.monotonic() + 60
+    while True:
+        assert time.monotonic() < deadline, f"no connection reached worker {pid}"
+        c = httpx.Client(base_url=url, timeout=60)
+        clients.append(c)
+        if int(c.get("/health").headers["x-picoiot-pid"]) == pid:
+            return c
 
 
 def _waiting(url: str, pid: int) -> float:

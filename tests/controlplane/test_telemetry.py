@@ -197,3 +197,18 @@ def test_a_device_cannot_invent_field_names_without_bound(server_factory):
     assert metric(server.client, "picoiot_telemetry_readings_total", 'outcome="too_many_fields"') == 2
     latest = server.client.get(TM.format(ns="default", dev="s1") + "/latest", headers=server.auth("viewer")).json()
     assert set(latest["values"]) == {"a", "b", "c"} and latest["values"]["b"][1] == 5.0
+
+
+def test_the_history_of_a_deleted_or_unknown_device_is_a_404_naming_it(server_factory):
+    server = server_factory(**FAST)
+    d = server.register("s1", device_type="sensors")
+    assert _post(server, d, [["temp", int(time.time() * 1000), 21.0]]).status_code == 202
+    wait_until(lambda: _count(server, tables.telemetry_raw) == 1)
+    assert server.client.delete("/api/v1/namespaces/default/devices/s1", headers=server.auth("admin")).status_code \
+        == 200
+    for dev in ("s1", "never-enrolled"):
+        for path in (TM, TM + "/latest"):
+            r = server.client.get(path.format(ns="default", dev=dev), headers=server.auth("viewer"),
+                                  params={"field": "temp"})
+            assert r.status_code == 404, (path, r.text)
+            assert r.json() == {"error": "unknown device", "detail": {"device_id": dev}}, (path, r.text)

@@ -156,31 +156,31 @@ def test_new_board_to_running_device_over_https(tls_cp, pki, tmp_path):
 
     dev = boot(flash, tmp_path / "board-1.log")
     try:
-        api = httpx.Client(base_url=dev.url, headers={"Authorization": f"Bearer {op_token}"}, timeout=10)
-        # registration over HTTPS, with the reset cause and the address the (simulated) WLAN has
-        rec = wait_until(lambda: (lambda d: d if d.get("online") else None)(
-            tls_cp.call("GET", "/api/v1/namespaces/default/devices/board-1", "viewer")), 60, "registration")
-        assert rec["reset_cause"] == "power_on"
-        assert rec["address"] == f"http://192.168.4.23:{dev.port}"
-        # a desired relay state, through the control plane, applied on the device
-        tls_cp.call("POST", "/api/v1/namespaces/default/devices/board-1/shadows/default", "operator",
-                    json={"state": {"desired": {"relay1": "on"}}})
-        wait_until(lambda: {r["name"]: r["state"] for r in api.get("/gpio").json()["relays"]}.get("relay1") == "on",
-                   30, "relay1 on")
-        # the RTC started at 2021: the device's alarm (SNTP fails here) must carry today's date on the server
-        alarm = wait_until(lambda: [a for a in tls_cp.call("GET", "/api/v1/namespaces/default/alarms", "viewer")
-                                    ["alarms"] if a["device_id"] == "board-1" and a["key"] == "timesync.failed"],
-                           60, "the device's timesync.failed alarm")[0]
-        now = time.time() * 1000
-        assert abs(alarm["first_ts"] - now) < 120_000, (alarm, now)
-        # ... and reported back through the state service, over HTTPS
-        wait_until(lambda: (tls_cp.call("GET", "/api/v1/namespaces/default/devices/board-1/shadows/default",
-                                        "viewer")["state"].get("reported") or {}).get("relay1") == "on",
-                   30, "relay1 reported on", interval=0.5)
-        info = api.get("/info").json()
-        assert info["registered"] is True and info["degraded"] is False and info["time_synced"] is False
-        assert info["config_version"] >= 1  # the config fetched over HTTPS
-        assert "sim-password" not in json.dumps(info) and doc["device_key"] not in json.dumps(info)
+        with httpx.Client(base_url=dev.url, headers={"Authorization": f"Bearer {op_token}"}, timeout=10) as api:
+            # registration over HTTPS, with the reset cause and the address the (simulated) WLAN has
+            rec = wait_until(lambda: (lambda d: d if d.get("online") else None)(
+                tls_cp.call("GET", "/api/v1/namespaces/default/devices/board-1", "viewer")), 60, "registration")
+            assert rec["reset_cause"] == "power_on"
+            assert rec["address"] == f"http://192.168.4.23:{dev.port}"
+            # a desired relay state, through the control plane, applied on the device
+            tls_cp.call("POST", "/api/v1/namespaces/default/devices/board-1/shadows/default", "operator",
+                        json={"state": {"desired": {"relay1": "on"}}})
+            wait_until(lambda: {r["name"]: r["state"] for r in api.get("/gpio").json()["relays"]}.get("relay1") == "on",
+                       30, "relay1 on")
+            # the RTC started at 2021: the device's alarm (SNTP fails here) must carry today's date on the server
+            alarm = wait_until(lambda: [a for a in tls_cp.call("GET", "/api/v1/namespaces/default/alarms", "viewer")
+                                        ["alarms"] if a["device_id"] == "board-1" and a["key"] == "timesync.failed"],
+                               60, "the device's timesync.failed alarm")[0]
+            now = time.time() * 1000
+            assert abs(alarm["first_ts"] - now) < 120_000, (alarm, now)
+            # ... and reported back through the state service, over HTTPS
+            wait_until(lambda: (tls_cp.call("GET", "/api/v1/namespaces/default/devices/board-1/shadows/default",
+                                            "viewer")["state"].get("reported") or {}).get("relay1") == "on",
+                       30, "relay1 reported on", interval=0.5)
+            info = api.get("/info").json()
+            assert info["registered"] is True and info["degraded"] is False and info["time_synced"] is False
+            assert info["config_version"] >= 1  # the config fetched over HTTPS
+            assert "sim-password" not in json.dumps(info) and doc["device_key"] not in json.dumps(info)
     finally:
         dev.stop()
     lines = [json.loads(ln) for ln in dev.log.read_text().splitlines() if ln.startswith("{")]
@@ -219,10 +219,10 @@ def test_bad_server_certificate_is_refused_and_the_device_keeps_serving(case, tl
             line = wait_until(lambda: [ln for ln in dev.log.read_text().splitlines()
                                        if "control plane unreachable" in ln], 60, "the refusal in the log")[0]
             assert "TLS" in line, line
-            api = httpx.Client(base_url=dev.url, headers={"Authorization": f"Bearer {op_token}"}, timeout=10)
-            info = wait_until(lambda: _info(api), 30, "the local API", interval=0.5)
-            assert info["registered"] is False and info["degraded"] is True
-            assert api.post("/gpio/relay1", json={"state": "on"}).status_code == 200
+            with httpx.Client(base_url=dev.url, headers={"Authorization": f"Bearer {op_token}"}, timeout=10) as api:
+                info = wait_until(lambda: _info(api), 30, "the local API", interval=0.5)
+                assert info["registered"] is False and info["degraded"] is True
+                assert api.post("/gpio/relay1", json={"state": "on"}).status_code == 200
         finally:
             dev.stop()
     finally:
@@ -251,21 +251,21 @@ def test_a_stalled_control_plane_puts_the_device_in_degraded_mode(tmp_path):
         flash = stage_bundle("relays", tmp_path / "flash", cache=BUNDLE, simulator=True)
         shutil.copy(settings, flash / "settings.json")
         dev = boot(flash, tmp_path / "dev.log")
-        api = httpx.Client(base_url=dev.url, headers={"Authorization": f"Bearer {op_token}"}, timeout=10)
-        wait_until(lambda: (lambda i: i and i["registered"] and not i["degraded"])(_info(api)), 60, "registered",
-                   interval=0.5)  # the local API's rate limit: 5/s
-        os.kill(cp.pid, signal.SIGSTOP)
-        try:
-            info = wait_until(lambda: (lambda i: i if i and i["degraded"] else None)(_info(api)), 20,
-                              "degraded while the control plane is stopped", interval=0.5)
-            assert info["registered"] is True  # still registered: only the answers are missing
-            ready = api.get("/ready").json()
-            assert ready.get("degraded") is True or ready.get("checks", {}).get("degraded") is True, ready
-        finally:
-            os.kill(cp.pid, signal.SIGCONT)
-        wait_until(lambda: (lambda i: i and not i["degraded"])(_info(api)), 30, "degraded cleared after SIGCONT",
-                   interval=0.5)
-        assert "heartbeat" in dev.log.read_text().split("degraded mode")[1].split("\n")[0]
+        with httpx.Client(base_url=dev.url, headers={"Authorization": f"Bearer {op_token}"}, timeout=10) as api:
+            wait_until(lambda: (lambda i: i and i["registered"] and not i["degraded"])(_info(api)), 60, "registered",
+                       interval=0.5)  # the local API's rate limit: 5/s
+            os.kill(cp.pid, signal.SIGSTOP)
+            try:
+                info = wait_until(lambda: (lambda i: i if i and i["degraded"] else None)(_info(api)), 20,
+                                  "degraded while the control plane is stopped", interval=0.5)
+                assert info["registered"] is True  # still registered: only the answers are missing
+                ready = api.get("/ready").json()
+                assert ready.get("degraded") is True or ready.get("checks", {}).get("degraded") is True, ready
+            finally:
+                os.kill(cp.pid, signal.SIGCONT)
+            wait_until(lambda: (lambda i: i and not i["degraded"])(_info(api)), 30, "degraded cleared after SIGCONT",
+                       interval=0.5)
+            assert "heartbeat" in dev.log.read_text().split("degraded mode")[1].split("\n")[0]
     finally:
         if dev is not None:
             dev.stop()

@@ -233,14 +233,14 @@ def test_html_in_names_and_alarm_text_is_shown_as_text(browser, cp):
     # the device's own protocol: register, then report an alarm with HTML in its text
     import hashlib
     import hmac
-    c = httpx.Client(base_url=cp.url, timeout=10)
-    nonce = c.post("/api/devices/challenge", json={"device_id": "dashboard-xss", "namespace": NS}).json()["nonce"]
-    sig = hmac.new(key["device_key"].encode(), f"{nonce}|dashboard-xss".encode(), hashlib.sha256).hexdigest()
-    reg = c.post("/api/devices/register", json={"device_id": "dashboard-xss", "namespace": NS, "nonce": nonce,
-                                                "signature": sig, "device_type": "sensors"}).json()
-    r = c.post(reg["services"]["alarms"], headers={"Authorization": f"Bearer {reg['token']}"},
-               json={"alarms": [{"key": "x", "severity": "error", "message": evil_msg}]})
-    assert r.status_code == 200
+    with httpx.Client(base_url=cp.url, timeout=10) as c:
+        nonce = c.post("/api/devices/challenge", json={"device_id": "dashboard-xss", "namespace": NS}).json()["nonce"]
+        sig = hmac.new(key["device_key"].encode(), f"{nonce}|dashboard-xss".encode(), hashlib.sha256).hexdigest()
+        reg = c.post("/api/devices/register", json={"device_id": "dashboard-xss", "namespace": NS, "nonce": nonce,
+                                                    "signature": sig, "device_type": "sensors"}).json()
+        r = c.post(reg["services"]["alarms"], headers={"Authorization": f"Bearer {reg['token']}"},
+                   json={"alarms": [{"key": "x", "severity": "error", "message": evil_msg}]})
+        assert r.status_code == 200
     cp.call("PATCH", f"/api/v1/namespaces/{NS}/devices/dashboard-xss", json={"group": evil_group})
     ctx, page = sign_in(browser, cp, "viewer")
     page.wait_for_selector(f"#fleet tr[data-device='dashboard-xss'] td:text-is('{evil_group}')")

@@ -131,11 +131,11 @@ def test_sigterm_answers_held_long_polls_at_once(tmp_path):
 
     srv = ServerChild(tmp_path / "cp")
     srv.start()
+    c = httpx.Client(base_url=srv.url, timeout=60)
     try:
         sec = Settings.from_data_dir(srv.data_dir).secrets
         key = provision_over_api(srv.url, issue_token(sec.signing_key, "t", "default", "admin", 600), "drain-1",
                                  "relays", "default")
-        c = httpx.Client(base_url=srv.url, timeout=60)
         nonce = c.post("/api/devices/challenge", json={"device_id": "drain-1"}).json()["nonce"]
         sig = hmac.new(key["device_key"].encode(), f"{nonce}|drain-1".encode(), hashlib.sha256).hexdigest()
         reg = c.post("/api/devices/register", json={"device_id": "drain-1", "nonce": nonce, "signature": sig,
@@ -167,4 +167,5 @@ def test_sigterm_answers_held_long_polls_at_once(tmp_path):
         assert out["r"].status_code == 200 and out["r"].json()["ack"] == 2, out["r"].text
         assert srv.proc.wait(30) == 0
     finally:
+        c.close()  # its pooled connection, else a socket the GC finds unclosed during a later test
         srv.stop()

@@ -24,7 +24,7 @@ from prometheus_client.core import GaugeMetricFamily
 from . import db as tables
 from .db import now_ms
 from .plane import Plane
-from .refusals import Busy, Invalid, Throttled
+from .refusals import Busy, Invalid, NotFound, Throttled
 
 FIELD_RE = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
 BUCKET_MS = 60_000
@@ -281,9 +281,17 @@ def plan(since: int, until: int, step: int | None, now: int, raw_retention_ms: i
     return "1m", -(-step // BUCKET_MS) * BUCKET_MS
 
 
+def _known(conn: sa.Connection, ns: str, dev: str) -> None:
+    """NotFound for a device not enrolled (or deleted): no history is not the same as no device."""
+    d = tables.devices
+    if conn.execute(sa.select(d.c.device_id).where(d.c.ns == ns, d.c.device_id == dev)).first() is None:
+        raise NotFound("unknown device", {"device_id": dev})
+
+
 def query(conn: sa.Connection, ns: str, dev: str, field: str, since: int, until: int, step: int | None,
           now: int, raw_retention_ms: int) -> dict[str, Any]:
     """Points [ts, mean, min, max, count] per step-wide bucket in [since, until), oldest first."""
+    _known(conn, ns, dev)
     source, step = plan(since, until, step, now, raw_retention_ms)
     st = sa.literal(step, sa.BigInteger)
     if source == "raw":
@@ -305,6 +313,7 @@ def query(conn: sa.Connection, ns: str, dev: str, field: str, since: int, until:
 def latest_from_db(conn: sa.Connection, ns: str, dev: str, since: int) -> dict[str, tuple[int, float]]:
     """The newest raw reading of each field since `since` (a device page opened on a process that has not
     ingested this device's readings itself)."""
+    _known(conn, ns, dev)
     rows = conn.execute(sa.select(R.c.field, R.c.ts, R.c.value)
                         .where(R.c.ns == ns, R.c.device_id == dev, R.c.ts >= since)
                         .order_by(R.c.ts.desc()).limit(2000)).all()

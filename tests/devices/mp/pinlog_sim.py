@@ -24,12 +24,4 @@ async def _main(s):
     await main_sim.run(s)
 
 
-def main(argv):
-    s = main_sim.settings(argv)
-    from iotlib.fsutil import makedirs
-    makedirs(s["flash_dir"])
-    sim.configure(flash_root=s["flash_dir"])
-    asyncio.run(_main(s))
-
-
-main(sys.argv[1:])
+main_sim.main(sys.argv[1:], _main)
