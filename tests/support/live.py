@@ -126,18 +126,18 @@ class InProcessServer(_Served):
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._thread.start()
-        self._to_app: asyncio.Queue = self._call(self._queue())
-        self._from_app: asyncio.Queue = self._call(self._queue())
+        self._to_app: asyncio.Queue = asyncio.Queue()  # bound to the loop that first waits on it: the server's
+        self._from_app: asyncio.Queue = asyncio.Queue()
         scope = {"type": "lifespan", "asgi": {"version": "3.0", "spec_version": "2.0"}, "state": {}}
         self._lifespan = asyncio.run_coroutine_threadsafe(self.app(scope, self._to_app.get, self._from_app.put),
                                                           self._loop)
-        self._lifespan_step("startup")
+        try:
+            self._lifespan_step("startup")
+        except BaseException:
+            self._end_loop()
+            raise
         self.client = httpx.Client(base_url=self.url, timeout=20,
                                    transport=_LoopTransport(self.app, self._loop))
-
-    @staticmethod
-    async def _queue() -> asyncio.Queue:
-        return asyncio.Queue()
 
     def _call(self, coro, timeout: float | None = 30):
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
@@ -156,10 +156,13 @@ class InProcessServer(_Served):
             self._lifespan_step("shutdown")
             self._lifespan.result(10)
         finally:
-            self._call(_cancel_all(), 10)
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(10)
-            self._loop.close()
+            self._end_loop()
+
+    def _end_loop(self) -> None:
+        self._call(_cancel_all(), 10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
 
 
 async def _cancel_all() -> None:
