@@ -1,11 +1,13 @@
 """Fixtures: the control plane, parametrised over SQLite and PostgreSQL.
 
 `server`/`server_factory` run the app in the test's process through ASGI (support.live.InProcessServer): no socket,
-and its lifespan — migration, LISTEN/NOTIFY, sweepers, the hot path — as under uvicorn. A test marked
-`real_server` gets the same app under a real uvicorn on 127.0.0.1 (LiveServer) instead: it needs a socket because
-something other than `server.client` reaches the server's URL (a subprocess, the OTA or `picoiot` client, a client
-with its own timeout or connection, a webhook the server calls back), or because it reads a streamed answer.
-Tests that start `picoiot server` as a process (test_cli.py, test_multiprocess_pg.py, ...) do not use these."""
+and its lifespan (migration, LISTEN/NOTIFY, sweepers) and middlewares (admission, the hot path) as under uvicorn.
+Outgoing calls are real: a webhook receiver is an HTTP server on 127.0.0.1 either way. A test marked `real_server`
+gets the same app under a real uvicorn on 127.0.0.1 (LiveServer) instead, because something other than
+`server.client` reaches the server's URL: `ota_cli` or the `picoiot` CLI, clients of their own holding connections or
+with their own timeouts (admission limits, a stalled receiver), or the hot path's tests (test_hotpath.py), which are
+about requests as a server hands them over. Tests that start `picoiot server` as a process (test_cli.py,
+test_multiprocess_pg.py, ...) and the schemathesis suite (its CLI is a subprocess) do not use these fixtures."""
 import os
 import sys
 
