@@ -1,4 +1,5 @@
-"""Helpers for the control-plane tests: a real uvicorn serving the control plane on 127.0.0.1 (in a thread), on SQLite and on PostgreSQL.
+"""Helpers for the control-plane tests: the control plane in the test's process (through ASGI, or under a real uvicorn
+on 127.0.0.1 in a thread; conftest.py says which), on SQLite and on PostgreSQL.
 
 Every test gets its own database: a fresh SQLite file, or a fresh PostgreSQL schema (unique per process and test,
 dropped afterwards), so concurrent runs on one PostgreSQL never see each other's rows or notifications. The harness
@@ -7,7 +8,7 @@ itself is tests/support (shared with the device and integration tests and the be
 from __future__ import annotations
 
 from support import waits
-from support.live import Device, LiveServer, make_settings, sign  # noqa: F401
+from support.live import Device, InProcessServer, LiveServer, make_settings, sign  # noqa: F401
 from support.pg import PG_URL, drop_schema, new_schema, pg_available, require_pg  # noqa: F401
 from support.waits import metric  # noqa: F401
 

@@ -61,7 +61,8 @@ class Receiver:
         self.httpd = ThreadingHTTPServer(("127.0.0.1", port), H)
         self.port = self.httpd.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}" + ("/hook" if kind == "webhook" else "")
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        # shutdown() waits for the serving loop's next look at its flag: every 0.05 s, not the default 0.5 s
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
         self.thread.start()
 
     def check(self, path: str, headers: dict, body: bytes) -> str | None:

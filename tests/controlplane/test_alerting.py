@@ -48,6 +48,7 @@ def _alarm(server, dev, key, severity, state="firing"):
     assert r.status_code == 200, r.text
 
 
+@pytest.mark.real_server
 def test_webhook_signed_firing_and_resolved_by_rule(server_factory, receivers, tmp_path):
     server = server_factory(**FAST)
     hook = receivers("webhook", secret=SECRET)
@@ -162,6 +163,7 @@ def test_retries_while_the_receiver_is_down_and_across_a_restart(server_factory,
     wait_until(lambda: notes()[0]["state"] == "delivered")
 
 
+@pytest.mark.real_server
 def test_a_slow_or_failing_receiver_never_blocks_heartbeats_or_the_api(server_factory, receivers):
     server = server_factory(**{**FAST, "alert_timeout_s": 20})
     hook = receivers("webhook", secret=SECRET)

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 PICOIOT = str(Path(sys.executable).parent / "picoiot")
 
 
@@ -33,6 +35,7 @@ def test_token_without_a_servers_data_dir_refuses_to_mint_from_a_new_secret(tmp_
     assert not (tmp_path / ".picoiot" / "secrets.json").exists()
 
 
+@pytest.mark.real_server
 def test_a_rejected_token_says_what_to_do(server, tmp_path):
     _one_line_error(_run(["devices", "list", "--url", server.url, "--token", "not-a-token"], tmp_path),
                     "401", "did not accept the token")

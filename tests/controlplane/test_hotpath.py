@@ -7,6 +7,7 @@ import gc
 import json
 
 import httpx
+import pytest
 import sqlalchemy as sa
 
 from cptest import metric, wait_until
@@ -15,6 +16,8 @@ from picoiot.server.liveness import Beat, _flush_rows
 from picoiot.server.models import HeartbeatOut
 
 ROUTE = "/api/v1/devices/{device_id}/heartbeat"
+# the fast path reads requests as a server hands them over (body chunks, kept-alive connections), so: a real uvicorn
+pytestmark = pytest.mark.real_server
 
 
 def served(c: httpx.Client, outcome: str = "served") -> float:

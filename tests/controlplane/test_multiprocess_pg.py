@@ -37,16 +37,18 @@ class ServerProc(ServerProcess):
         self.start(STARTUP_S)
 
 
-@pytest.fixture
-def pair(tmp_path):
-    """Servers A and B: one schema, one set of secrets (copied from A's data dir before B starts)."""
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """Servers A and B: one schema, one set of secrets (copied from A's data dir before B starts). Shared by the
+    module's tests, which each use a device of their own."""
     require_pg()
     schema = f"mp_{os.getpid()}_{uuid.uuid4().hex[:8]}"
     started: list[ServerProc] = []
+    where = tmp_path_factory.mktemp("pair")
     try:
-        a = ServerProc(tmp_path / "a", schema)
+        a = ServerProc(where / "a", schema)
         started.append(a)
-        b = ServerProc(tmp_path / "b", schema, secrets_from=tmp_path / "a")
+        b = ServerProc(where / "b", schema, secrets_from=where / "a")
         started.append(b)
         yield a, b
     finally:

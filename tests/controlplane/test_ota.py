@@ -7,6 +7,7 @@ import threading
 import sys
 from pathlib import Path
 
+import pytest
 from nacl.signing import SigningKey
 
 from picoiot import ota_cli
@@ -15,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "firmware"))
 from iotlib import ed25519  # noqa: E402  (the device's verifier checks what the server serves)
 
 OTA = "/api/v1/namespaces/default/ota"
+pytestmark = pytest.mark.real_server  # ota_cli publishes over HTTP to server.url
 
 
 def _release_dir(tmp_path: Path, tag: str) -> Path:

@@ -140,6 +140,7 @@ def _busy(r: httpx.Response, limit: str) -> None:
     assert r.json()["error"] == "server busy, retry later" and r.json()["detail"]["limit"] == limit
 
 
+@pytest.mark.real_server
 def test_beyond_the_request_limit_answers_503_and_long_polls_do_not_count(server_factory):
     srv = server_factory(max_requests_in_flight=2, max_longpolls=3)
     dev = srv.register("adm-1")
@@ -180,6 +181,7 @@ def test_beyond_the_request_limit_answers_503_and_long_polls_do_not_count(server
         pool.shutdown(wait=False, cancel_futures=True)
 
 
+@pytest.mark.real_server
 def test_beyond_the_registration_limit_answers_503_and_other_requests_go_on(server_factory):
     # a restarted control plane meets its whole fleet registering at once: the surplus is told to come back (503 +
     # Retry-After) instead of waiting in a queue until the devices' own timeouts cut it off

@@ -14,6 +14,7 @@ from picoiot import ota_cli
 
 RO = "/api/v1/namespaces/default/ota/rollouts"
 FAST = {"fleet_tick_s": 0.1}
+pytestmark = pytest.mark.real_server  # ota_cli publishes over HTTP to server.url
 
 
 def _publish(server, tmp_path: Path, version: str) -> None:

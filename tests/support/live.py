@@ -1,11 +1,17 @@
-"""The control plane under a real uvicorn in the test's own process, on 127.0.0.1 (a thread), on SQLite or
-PostgreSQL; and a device's registration against it.
+"""The control plane in the test's own process, on SQLite or PostgreSQL, and a device's registration against it:
+- `InProcessServer`: the app driven through ASGI, no socket: its lifespan (migration, LISTEN, sweepers) runs on an
+  event loop in a thread, and `client` is an httpx.Client whose transport calls the app on that loop;
+- `LiveServer`: the same app under a real uvicorn on 127.0.0.1 (a thread), for what needs a socket: other processes
+  or clients of their own reaching its URL, streamed answers, a connection's own behaviour.
 
-Every server gets its own database: a fresh SQLite file (a copy of one migrated per process), or a PostgreSQL schema
+Both have one interface (`url`, `client`, `cp`, `settings`, `stop`, `token`, `auth`, `sql`, `register`). Every
+server gets its own database: a fresh SQLite file (a copy of one migrated per process), or a PostgreSQL schema
 (support.pg)."""
 from __future__ import annotations
 
+import asyncio
 import atexit
+import concurrent.futures
 import hashlib
 import hmac
 import shutil
@@ -38,31 +44,17 @@ class Device:
         return {"Authorization": f"Bearer {self.token}"}
 
 
-class LiveServer:
-    """The app under uvicorn in a thread, on a free port; `client` is an httpx.Client on its base URL."""
+class _Served:
+    """What a test does with a started control plane, however it is reached: `client` talks to it."""
 
-    def __init__(self, settings: Settings, app=None):
-        import uvicorn
-        self.settings = settings
-        self.app = app if app is not None else create_app(settings)
-        self.cp = self.app.state.cp
-        self._server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning",
-                                                     access_log=False, lifespan="on"))
-        self._thread = threading.Thread(target=self._server.run, daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + 20
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("server did not start")
-            time.sleep(0.01)
-        port = self._server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        self.client = httpx.Client(base_url=self.url, timeout=20)
+    settings: Settings
+    app: object
+    cp: object
+    url: str
+    client: httpx.Client
 
     def stop(self) -> None:
-        self.client.close()
-        self._server.should_exit = True
-        self._thread.join(10)
+        raise NotImplementedError
 
     # --- helpers ---
     def token(self, role: str = "admin", ns: str = "default", sub: str = "tester", ttl: int = 300) -> str:
@@ -89,6 +81,121 @@ class LiveServer:
         assert r.status_code == 200, r.text
         out = r.json()
         return Device(device_id, out["namespace"], key, out["token"], out["services"], out["intervals"])
+
+
+class LiveServer(_Served):
+    """The app under uvicorn in a thread, on a free port; `client` is an httpx.Client on its base URL."""
+
+    def __init__(self, settings: Settings, app=None):
+        import uvicorn
+        self.settings = settings
+        self.app = app if app is not None else create_app(settings)
+        self.cp = self.app.state.cp
+        self._server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning",
+                                                     access_log=False, lifespan="on"))
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 20
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("server did not start")
+            time.sleep(0.01)
+        port = self._server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self.client = httpx.Client(base_url=self.url, timeout=20)
+
+    def stop(self) -> None:
+        self.client.close()
+        self._server.should_exit = True
+        self._thread.join(10)
+
+
+class InProcessServer(_Served):
+    """The app with no socket: its lifespan runs on an event loop in a thread, as under uvicorn, and `client` hands
+    each request to the app on that loop (httpx.ASGITransport). Requests from several threads run concurrently, so a
+    long-poll held in one thread is answered by a write from another. An exception in the app is a 500, as a server
+    answers; the client's read timeout bounds every request. Answers are whole, not streamed. `url` names no socket:
+    it is the base URL the app sees, so the URLs it advertises start with it."""
+
+    url = "http://127.0.0.1:9"  # port 9 (discard): anything that tries to connect to it is refused at once
+
+    def __init__(self, settings: Settings, app=None):
+        self.settings = settings
+        self.app = app if app is not None else create_app(settings)
+        self.cp = self.app.state.cp
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self._to_app: asyncio.Queue = asyncio.Queue()  # bound to the loop that first waits on it: the server's
+        self._from_app: asyncio.Queue = asyncio.Queue()
+        scope = {"type": "lifespan", "asgi": {"version": "3.0", "spec_version": "2.0"}, "state": {}}
+        self._lifespan = asyncio.run_coroutine_threadsafe(self.app(scope, self._to_app.get, self._from_app.put),
+                                                          self._loop)
+        try:
+            self._lifespan_step("startup")
+        except BaseException:
+            self._end_loop()
+            raise
+        self.client = httpx.Client(base_url=self.url, timeout=20,
+                                   transport=_LoopTransport(self.app, self._loop))
+
+    def _call(self, coro, timeout: float | None = 30):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def _lifespan_step(self, step: str) -> None:
+        self._call(self._to_app.put({"type": f"lifespan.{step}"}))
+        answer = self._call(self._from_app.get())
+        if answer["type"] != f"lifespan.{step}.complete":
+            raise RuntimeError(f"lifespan {step}: {answer}")
+
+    def stop(self) -> None:
+        self.client.close()
+        if not self._thread.is_alive():
+            return
+        try:
+            self._lifespan_step("shutdown")
+            self._lifespan.result(10)
+        finally:
+            self._end_loop()
+
+    def _end_loop(self) -> None:
+        self._call(_cancel_all(), 10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+
+
+async def _cancel_all() -> None:
+    """Whatever the test left running on the loop (a long-poll it never waited for) ends with the server."""
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await asyncio.get_running_loop().shutdown_asyncgens()
+
+
+class _LoopTransport(httpx.BaseTransport):
+    """A synchronous httpx transport that runs each request through the ASGI app on the server's loop."""
+
+    def __init__(self, app, loop: asyncio.AbstractEventLoop):
+        self._asgi = httpx.ASGITransport(app, raise_app_exceptions=False)
+        self._loop = loop
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        body = request.read()
+        future = asyncio.run_coroutine_threadsafe(self._send(request, body), self._loop)
+        timeout = request.extensions.get("timeout", {}).get("read")
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise httpx.ReadTimeout("no answer within the client's timeout", request=request) from None
+
+    async def _send(self, request: httpx.Request, body: bytes) -> httpx.Response:
+        sent = httpx.Request(request.method, request.url, headers=request.headers, content=body)
+        answer = await self._asgi.handle_async_request(sent)
+        raw = b"".join([chunk async for chunk in answer.stream])  # as sent: the client decodes any content-encoding
+        return httpx.Response(answer.status_code, headers=answer.headers, content=raw)
 
 
 def sign(key: str, nonce: str, device_id: str) -> str:
