@@ -77,7 +77,7 @@ def test_a_features_data_half_knows_no_http():
     # a feature split in two — `x.py` (data) and `x_api.py` (its router) — keeps FastAPI and Starlette to the router
     halves = sorted(p.with_name(p.name[:-len("_api.py")] + ".py") for p in SERVER.glob("*_api.py"))
     assert {p.stem for p in halves} >= {"config", "state", "rollouts", "telemetry", "alerting", "audit", "operators",
-                                        "alarms", "ota", "events"}
+                                        "alarms", "ota", "events", "discovery"}
     for path in halves:
         imported = {n.module or "" for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.ImportFrom)}
         imported |= {a.name for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Import)

@@ -10,7 +10,7 @@ from typing import Iterable
 import sqlalchemy as sa
 from fastapi import APIRouter, FastAPI
 
-from . import alarms_api, alerting_api, audit_api, config_api, discovery, events_api, heartbeat_api, operators_api, ops
+from . import alarms_api, alerting_api, audit_api, config_api, discovery_api, events_api, heartbeat_api, operators_api, ops
 from . import ota_api, rollouts_api, state_api, telemetry_api, ui
 from . import db as tables
 from . import errors, openapi
@@ -27,7 +27,7 @@ log = logging.getLogger("picoiot.server")
 
 #: every service's router, by name (create_app(services=[…]) mounts a subset)
 SERVICES: dict[str, APIRouter] = {
-    "discovery": discovery.router,
+    "discovery": discovery_api.router,
     "config": config_api.router,
     "state": state_api.router,
     "heartbeat": heartbeat_api.router,

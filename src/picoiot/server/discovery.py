@@ -1,4 +1,5 @@
-"""ServiceDiscovery: challenge → HMAC-signed registration → device JWT, service URLs and intervals; token refresh."""
+"""ServiceDiscovery's decisions and data: challenge → HMAC-signed registration → device JWT, service URLs and
+intervals; token issue. Answered by its routes (discovery_api.py) and by the fast path (hotpath.py); no HTTP here."""
 from __future__ import annotations
 
 import time
@@ -6,7 +7,6 @@ from urllib.parse import urlsplit
 from typing import TYPE_CHECKING, Any, Iterator
 
 import sqlalchemy as sa
-from fastapi import APIRouter, Request
 
 from . import changes, nonces
 from .changes import Events
@@ -15,10 +15,8 @@ from .alarms import resolve_server_alarm
 from .auth import DEVICE_ROLE, Principal, derive_device_key, issue_token, signature_ok
 from .config import effective, store_if_changed, type_row
 from .db import now_ms
-from .deps import CP, Caller
-from .errors import ApiError
 from .liveness import OFFLINE_KEY
-from .models import ChallengeIn, ChallengeOut, ErrorBody, RegisterIn, RegisterOut, TokenOut
+from .models import ChallengeIn, ChallengeOut, RegisterIn, RegisterOut
 from .refusals import Invalid, NotFound, Refused, Throttled, Unauthenticated
 
 if TYPE_CHECKING:
@@ -179,18 +177,11 @@ class _Misdirected(BadNonce):
         self.expires_ts = expires_ts
 
 
-def _device_token(cp: "ControlPlane", dev: str, ns: str) -> str:
+def device_token(cp: "ControlPlane", dev: str, ns: str) -> str:
     now, ttl = int(time.time()), cp.settings.token_ttl_s
     token = issue_token(cp.settings.secrets.signing_key, dev, ns, DEVICE_ROLE, ttl, now=now)
     cp.tokens.issued(token, Principal(sub=dev, ns=ns, role=DEVICE_ROLE, exp=now + ttl))
     return token
-
-
-_ERR: dict[int | str, dict[str, Any]] = {s: {"model": ErrorBody} for s in (400, 401, 404)}
-router = APIRouter(tags=["discovery"])
-
-
-CHALLENGE_ROUTE = "/api/devices/challenge"
 
 
 def challenge_answer(cp: "ControlPlane", host: str, body: ChallengeIn) -> ChallengeOut:
@@ -204,22 +195,6 @@ def challenge_answer(cp: "ControlPlane", host: str, body: ChallengeIn) -> Challe
         raise NotFound("unknown namespace")
     nonce = nonces.issue(cp.settings.secrets.signing_key, body.namespace, body.device_id, cp.settings.nonce_ttl_s)
     return ChallengeOut(nonce=nonce, expires_in=cp.settings.nonce_ttl_s)
-
-
-@router.post(CHALLENGE_ROUTE, response_model=ChallengeOut, responses={**_ERR, 429: {"model": ErrorBody}})
-async def challenge(body: ChallengeIn, request: Request, cp: CP) -> ChallengeOut:
-    """A single-use nonce bound to this device id, to be signed with the device key. Limited per client address
-    (a burst, then a steady rate: `challenges_per_address_*`); beyond, 429 with Retry-After."""
-    return challenge_answer(cp, request.client.host if request.client else "", body)
-
-
-REGISTER_ROUTE = "/api/devices/register"
-
-
-@router.post(REGISTER_ROUTE, response_model=RegisterOut, responses={**_ERR, 422: {"model": ErrorBody}})
-async def register(body: RegisterIn, request: Request, cp: CP) -> RegisterOut:
-    """Answer the challenge: HMAC-SHA256(device_key, nonce|device_id) → token, service URLs, intervals."""
-    return await register_answer(cp, cp.base_url(request), body)
 
 
 async def register_answer(cp: "ControlPlane", base: str, body: RegisterIn) -> RegisterOut:
@@ -242,7 +217,7 @@ async def register_answer(cp: "ControlPlane", base: str, body: RegisterIn) -> Re
     dev = body.device_id
     # into the token cache as issued: the device's first heartbeats skip the JWT check (~0.5 ms on the loaded
     # 2-core box, per device, right when a fleet registers)
-    token = _device_token(cp, dev, ns)
+    token = device_token(cp, dev, ns)
     hb = int(cfg.get("heartbeat_interval_s") or st.default_heartbeat_s)
     return RegisterOut(
         token=token, token_expires_in=st.token_ttl_s, namespace=ns, device_id=dev,
@@ -256,15 +231,3 @@ async def register_answer(cp: "ControlPlane", base: str, body: RegisterIn) -> Re
         intervals={"heartbeat": hb, "ttl": ttl, "config_poll": st.config_poll_s,
                    "time_sync": int((cfg.get("time") or {}).get("interval_s") or st.time_sync_s)},
         server_time=now_ms())
-
-
-@router.post("/api/devices/refresh", response_model=TokenOut, responses={**_ERR, 403: {"model": ErrorBody}})
-async def refresh(p: Caller, cp: CP) -> TokenOut:
-    """A fresh device token for a still-valid one (the device is still on record)."""
-    if not p.is_device:
-        raise ApiError(403, "device token required")
-    if await cp.versions_of(p.ns, p.sub) is None:
-        raise ApiError(401, "device no longer registered")
-    st = cp.settings
-    token = _device_token(cp, p.sub, p.ns)  # as at registration: no JWT check on the next heartbeat
-    return TokenOut(token=token, token_expires_in=st.token_ttl_s)

@@ -32,7 +32,8 @@ from starlette.requests import Request
 
 from . import heartbeat
 from .auth import bearer_token, own_device_ns
-from .discovery import CHALLENGE_ROUTE, REGISTER_ROUTE, challenge_answer, register_answer
+from .discovery import challenge_answer, register_answer
+from .discovery_api import CHALLENGE_ROUTE, REGISTER_ROUTE
 from .errors import ApiError, from_refusal
 from .models import ChallengeIn, HeartbeatIn, RegisterIn
 from .refusals import Refused
