@@ -198,3 +198,20 @@ def test_relay_schema_refuses_what_no_firmware_accepts(server):
     r = _patch(server, "relay-1", {"relays": {"relay2": None, "pump": {"pin": 5, "pulse_ms": 500,
                                                                         "interlock": "valves"}}})
     assert r.status_code == 200 and set(r.json()["config"]["relays"]) == {"relay1", "pump"}
+
+
+def test_the_config_diff_lists_the_leaves_changed_since_the_previous_version(server):
+    server.register("relay-1")
+    url = "/api/v1/namespaces/default/devices/relay-1/config/diff"
+    r = server.client.get(url, headers=server.auth("viewer"))
+    assert r.status_code == 200, r.text
+    assert r.json()["version"] == 1 and r.json()["previous_version"] is None
+    assert _patch(server, "relay-1", {"failsafe_after_s": 7, "relays": {"relay2": None}}).status_code == 200
+    body = server.client.get(url, headers=server.auth("viewer")).json()
+    assert body["version"] == 2 and body["previous_version"] == 1 and isinstance(body["created_ts"], int)
+    changed = {d["path"]: (d["before"], d["after"]) for d in body["diff"]}
+    assert changed.pop("failsafe_after_s")[1] == 7
+    assert changed == {"relays.relay2": (RELAYS_DEFAULTS["relays"]["relay2"], None)}, body["diff"]
+    # another namespace's operator sees nothing of it
+    r = server.client.get(url, headers=server.auth("viewer", ns="other"))
+    assert r.status_code in (403, 404) and r.json()["error"], r.text

@@ -120,3 +120,32 @@ def save_report(conn: sa.Connection, events: Events, ns: str, dev: str, body: Co
     n = conn.execute(D.update().where(D.c.ns == ns, D.c.device_id == dev).values(config_report=report)).rowcount
     if not n:
         raise NotFound("unknown device")
+
+
+def versions_diff(conn: sa.Connection, ns: str, dev: str) -> dict:
+    """The device's current config version and the leaves that changed from the previous one (the dashboard's
+    config diff)."""
+    c = C
+    rows = conn.execute(sa.select(c.c.version, c.c.config, c.c.created_ts).where(c.c.ns == ns, c.c.device_id == dev)
+                        .order_by(c.c.version.desc()).limit(2)).all()
+    cur = rows[0] if rows else None
+    prev = rows[1] if len(rows) > 1 else None
+    return {"version": cur[0] if cur else 0, "previous_version": prev[0] if prev else None,
+            "created_ts": cur[2] if cur else None,
+            "diff": diff(prev[1] if prev else {}, cur[1] if cur else {})}
+
+
+def diff(a: Any, b: Any, path: str = "") -> list[dict]:
+    """[{path, before, after}] of the leaves that differ between two JSON documents."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out: list[dict] = []
+        for k in sorted(set(a) | set(b), key=str):
+            sub = f"{path}.{k}" if path else str(k)
+            if k not in a:
+                out.append({"path": sub, "before": None, "after": b[k]})
+            elif k not in b:
+                out.append({"path": sub, "before": a[k], "after": None})
+            else:
+                out.extend(diff(a[k], b[k], sub))
+        return out
+    return [] if a == b else [{"path": path, "before": a, "after": b}]

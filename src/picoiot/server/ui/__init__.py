@@ -11,12 +11,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-import sqlalchemy as sa
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 
-from .. import audit
-from .. import db as tables
+from .. import audit, config
 from ..auth import SESSION_COOKIE, Principal, principal, require_ns, require_role, same_origin
 from ..db import now_ms
 from ..deps import CP, Caller
@@ -144,36 +142,9 @@ async def me(p: Caller) -> dict:
     return {"sub": p.sub, "namespace": p.ns, "role": p.role, "expires": p.exp}
 
 
-def config_versions(conn: sa.Connection, ns: str, dev: str) -> dict:
-    c = tables.device_configs
-    rows = conn.execute(sa.select(c.c.version, c.c.config, c.c.created_ts).where(c.c.ns == ns, c.c.device_id == dev)
-                        .order_by(c.c.version.desc()).limit(2)).all()
-    cur = rows[0] if rows else None
-    prev = rows[1] if len(rows) > 1 else None
-    return {"version": cur[0] if cur else 0, "previous_version": prev[0] if prev else None,
-            "created_ts": cur[2] if cur else None,
-            "diff": diff(prev[1] if prev else {}, cur[1] if cur else {})}
-
-
-def diff(a: Any, b: Any, path: str = "") -> list[dict]:
-    """[{path, before, after}] of the leaves that differ between two JSON documents."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        out: list[dict] = []
-        for k in sorted(set(a) | set(b), key=str):
-            sub = f"{path}.{k}" if path else str(k)
-            if k not in a:
-                out.append({"path": sub, "before": None, "after": b[k]})
-            elif k not in b:
-                out.append({"path": sub, "before": a[k], "after": None})
-            else:
-                out.extend(diff(a[k], b[k], sub))
-        return out
-    return [] if a == b else [{"path": path, "before": a, "after": b}]
-
-
 @router.get("/api/v1/namespaces/{ns}/devices/{device_id}/config/diff", responses=_ERR)
 async def config_diff(ns: str, device_id: str, request: Request, p: Caller, cp: CP) -> dict:
     """The device's current config version and what changed from the previous one ([{path, before, after}])."""
     require_ns(p, ns, request)
     require_role(p, "viewer")
-    return await cp.read(config_versions, ns, device_id)
+    return await cp.read(config.versions_diff, ns, device_id)
