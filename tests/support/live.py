@@ -47,11 +47,13 @@ class Device:
 class _Served:
     """What a test does with a started control plane, however it is reached: `client` talks to it."""
 
-    settings: Settings
-    app: object
-    cp: object
     url: str
     client: httpx.Client
+
+    def __init__(self, settings: Settings, app=None):
+        self.settings = settings
+        self.app = app if app is not None else create_app(settings)
+        self.cp = self.app.state.cp
 
     def stop(self) -> None:
         raise NotImplementedError
@@ -88,9 +90,7 @@ class LiveServer(_Served):
 
     def __init__(self, settings: Settings, app=None):
         import uvicorn
-        self.settings = settings
-        self.app = app if app is not None else create_app(settings)
-        self.cp = self.app.state.cp
+        super().__init__(settings, app)
         self._server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning",
                                                      access_log=False, lifespan="on"))
         self._thread = threading.Thread(target=self._server.run, daemon=True)
@@ -120,9 +120,7 @@ class InProcessServer(_Served):
     url = "http://127.0.0.1:9"  # port 9 (discard): anything that tries to connect to it is refused at once
 
     def __init__(self, settings: Settings, app=None):
-        self.settings = settings
-        self.app = app if app is not None else create_app(settings)
-        self.cp = self.app.state.cp
+        super().__init__(settings, app)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._thread.start()

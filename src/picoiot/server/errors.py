@@ -31,6 +31,10 @@ class ApiError(Exception):
         out.update(self.extra)
         return out
 
+    def response(self) -> JSONResponse:
+        """The answer, as the app's handler and the fast path (hotpath.py) both render it."""
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
 
 #: the HTTP status of each refusal of the data layer (refusals.py): the one place the two meet
 STATUS: dict[type[Refused], int] = {Malformed: 400, Unauthenticated: 401, Forbidden: 403, NotFound: 404, Conflict: 409,
@@ -44,7 +48,7 @@ def from_refusal(e: Refused) -> ApiError:
 
 
 def error_response(status: int, error: str, detail: Any = None, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(ApiError(status, error, detail).body(), status_code=status, headers=headers)
+    return ApiError(status, error, detail, headers=headers).response()
 
 
 def _loc_path(loc: tuple) -> str:
@@ -56,12 +60,11 @@ def _loc_path(loc: tuple) -> str:
 def install(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_req: Request, exc: ApiError):
-        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+        return exc.response()
 
     @app.exception_handler(Refused)
     async def _refused(_req: Request, exc: Refused):
-        err = from_refusal(exc)
-        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+        return from_refusal(exc).response()
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_req: Request, exc: RequestValidationError):

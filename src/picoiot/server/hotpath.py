@@ -126,8 +126,7 @@ class HotPath:
             else:
                 out = await register_answer(cp, cp.base_url(Request(scope)), body)
         except Refused as refused:
-            e = from_refusal(refused)
-            return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+            return from_refusal(refused).response()
         except Exception:  # the database queue full, a lost connection…: the route answers it
             raise _Fallback from None
         return JSONResponse(out.model_dump(mode="json"))
